@@ -1,0 +1,51 @@
+"""Plumbing shared by the command modules: config resolution and error reporting.
+
+Commands stay thin: resolve the config (file <- --set <- flags), call one
+``run(cfg)``, and turn expected errors into a one-line message with exit 1.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import click
+
+from common.config import Config, ConfigError, load_config
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    path: str | None
+    assignments: tuple[str, ...]
+
+
+def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -> Config:
+    """pipeline.toml (or --config) <- --set TABLE.KEY=VALUE <- command flags (None = not given)."""
+    src: ConfigSource = ctx.find_root().obj or ConfigSource(None, ())
+    overrides: dict[str, object] = {}
+    for item in src.assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--set {item!r}: expected TABLE.KEY=VALUE")
+        overrides[key.strip()] = value.strip()
+    overrides.update({k: v for k, v in (flags or {}).items() if v is not None and v != ()})
+    with user_errors():
+        return load_config(src.path, overrides)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Expected failures (bad input, bad config) -> message + exit 1, no traceback.
+
+    Every error type of this project derives from ValueError (ConfigError,
+    ManifestError, CacheError, WeightsError, ImageError, ...); OSErrors (missing
+    file, permission, disk full) are the user's to fix too.
+    """
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted; rerun the same command to resume") from None

@@ -1,0 +1,312 @@
+"""Typed configuration: one frozen dataclass per table of ``pipeline.toml``.
+
+The dataclass defaults below are *the* defaults; ``pipeline.toml`` restates every
+one of them with a comment (``tests/test_config.py`` checks the two agree), so a
+user can read the file to learn every knob and edit it without reading code.
+
+Loading order: dataclass defaults <- the TOML file <- ``--set table.key=value``
+and command flags. Unknown tables/keys and wrong types fail with a message that
+names the key; nothing is silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = REPO_ROOT / "pipeline.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # applied on CUDA only
+    compile: bool = False  # torch.compile the student
+    seed: int = 0
+    num_workers: int = 2  # decode workers (torch loader) / DALI threads
+    progress: bool = True  # progress bars on long work
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    manifest: str = ""  # training manifest (Parquet from `pipeline manifest build`)
+    val_manifest: str = ""  # validation manifest
+    data_root: str = ""  # overrides the image root recorded in the manifests
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    num_crops: int = 8  # C: crops cached per image
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    flip_p: float = 0.5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherCacheConfig:
+    teachers: tuple[str, ...] = ("senet154", "resnest269")
+    teacher_weights: tuple[str, ...] = ()  # "NAME=PATH" (safetensors or state dict)
+    input_sizes: tuple[str, ...] = ()  # "NAME=SIZE" overrides of a teacher's input size
+    pretrained: bool = True  # timm hub weights for teachers without a weights file
+    out: str = ""  # cache directory
+    topk: int = 10
+    temperature: float = 1.0
+    batch_size: int = 64  # crops per teacher forward pass
+    images_per_shard: int = 1024
+    loader: str = "auto"  # auto (DALI if importable) | dali | torch
+    evaluate_manifest: str = ""  # measure teachers on this manifest before caching
+    min_top1_over_chance: float = 2.0  # stop if a teacher's top-1 < this x chance
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    epochs: int = 180
+    batch_size: int = 256
+    eval_batch_size: int = 256
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "step"  # step | cosine
+    lr_decay_epochs: tuple[int, ...] = (80, 160)  # step schedule milestones
+    lr_decay_factor: float = 0.1
+    warmup_epochs: int = 0
+    loader: str = "auto"  # auto | dali | torch
+    img_size: int = 0  # 0: the model's own default input size
+    log_every: int = 50  # steps between loss logs
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    student: str = "resnet50"
+    student_weights: str = ""  # local checkpoint/safetensors to start from
+    pretrained: bool = False  # timm hub weights for the student
+    cache: str = ""
+    out: str = ""
+    discriminator: bool = True
+    disc_lr: float = 1e-4
+    crops_per_image: int = 1  # m crops per decoded image (FKD multi-crop)
+    cutmix_prob: float = 0.0
+    cutmix_alpha: float = 1.0
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "resnet50"
+    weights: str = ""
+    pretrained: bool = False
+    out: str = ""
+    label_smoothing: float = 0.0
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "runs/demo"
+    data_dir: str = "data/fashion-mnist"
+    source_dir: str = "/usr/share/datasets/fashion-mnist"
+    train_images: int = 6000  # subset of the 60,000 training images
+    val_images: int = 2000  # subset of the 10,000 test images
+    img_size: int = 32
+    teachers: tuple[str, ...] = ("resnet18", "test_efficientnet")
+    teacher_epochs: int = 4
+    student: str = "test_resnet"
+    student_epochs: int = 4
+    num_crops: int = 4
+    batch_size: int = 128
+    lr: float = 0.05
+
+
+@dataclass(frozen=True)
+class Config:
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropConfig = field(default_factory=CropConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    def replace(self, **overrides: Any) -> "Config":
+        """``cfg.replace(**{"optim.epochs": 3})`` -> a new validated Config."""
+        return apply_overrides(self, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+_TABLE_TYPES = typing.get_type_hints(Config)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against ``annotation`` and normalise it (lists -> tuples)."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        args = typing.get_args(annotation)
+        if isinstance(value, str) and len(args) == 2 and args[1] is Ellipsis:
+            # "a,b,c" from a command-line flag
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+            if args[0] is not str:
+                value = [_parse_scalar(v) for v in value]
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    elif isinstance(annotation, types.UnionType):
+        for a in typing.get_args(annotation):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+    else:  # pragma: no cover - only reached if a new field type is added
+        raise TypeError(f"config field {key}: unsupported annotation {annotation!r}")
+    expected = getattr(annotation, "__name__", None) or str(annotation)
+    if origin is tuple:
+        expected = "a list " + str(annotation).replace("tuple", "")
+    raise ConfigError(f"config key '{key}': expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse a command-line value the way TOML would; fall back to the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _build_table(table: str, values: dict[str, Any], base: Any, source: str) -> Any:
+    cls = type(base)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    updates = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: unknown key '{table}.{key}'. Known keys in [{table}]: {', '.join(sorted(known))}"
+            )
+        updates[key] = _coerce(value, hints[key], f"{table}.{key}")
+    table_cfg = dataclasses.replace(base, **updates)
+    _validate_table(table, table_cfg)
+    return table_cfg
+
+
+def _validate_table(table: str, t: Any) -> None:
+    def need(cond: bool, key: str, what: str) -> None:
+        if not cond:
+            raise ConfigError(f"config key '{table}.{key}' = {getattr(t, key)!r}: {what}")
+
+    if table == "runtime":
+        need(t.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "use auto, fp32, bf16 or fp16")
+        need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "device", "use auto, cpu, cuda or cuda:N")
+        need(t.num_workers >= 0, "num_workers", "must be >= 0")
+    elif table == "crops":
+        need(t.num_crops >= 1, "num_crops", "must be >= 1")
+        need(0 < t.scale[0] <= t.scale[1] <= 1, "scale", "need 0 < min <= max <= 1")
+        need(0 < t.ratio[0] <= t.ratio[1], "ratio", "need 0 < min <= max")
+        need(0 <= t.flip_p <= 1, "flip_p", "must be in [0, 1]")
+        need(t.seed >= 0, "seed", "must be >= 0")
+    elif table == "teacher_cache":
+        need(t.topk >= 1, "topk", "must be >= 1")
+        need(t.temperature > 0, "temperature", "must be > 0")
+        need(t.batch_size >= 1, "batch_size", "must be >= 1")
+        need(t.images_per_shard >= 1, "images_per_shard", "must be >= 1")
+        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
+        for key in ("teacher_weights", "input_sizes"):
+            for item in getattr(t, key):
+                need("=" in item, key, f"entry {item!r} must look like NAME=VALUE")
+    elif table == "optim":
+        need(t.epochs >= 1, "epochs", "must be >= 1")
+        need(t.batch_size >= 1, "batch_size", "must be >= 1")
+        need(t.lr > 0, "lr", "must be > 0")
+        need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
+        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
+        need(t.img_size >= 0, "img_size", "must be >= 0 (0 = model default)")
+    elif table == "distill":
+        need(t.disc_lr > 0, "disc_lr", "must be > 0")
+        need(t.crops_per_image >= 1, "crops_per_image", "must be >= 1")
+        need(0 <= t.cutmix_prob <= 1, "cutmix_prob", "must be in [0, 1]")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "override") -> Config:
+    """Apply ``{"table.key": value}`` overrides; string values are parsed as TOML literals."""
+    grouped: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        table, _, key = dotted.partition(".")
+        if table not in _TABLE_TYPES or not key:
+            raise ConfigError(
+                f"{source}: '{dotted}' is not a config key; use TABLE.KEY with TABLE one of {', '.join(_TABLE_TYPES)}"
+            )
+        if isinstance(value, str):
+            hint = typing.get_type_hints(_TABLE_TYPES[table]).get(key)
+            if hint is not str:
+                value = _parse_scalar(value) if hint is not None and typing.get_origin(hint) is not tuple else value
+        grouped.setdefault(table, {})[key] = value
+    updates = {t: _build_table(t, vals, getattr(cfg, t), source) for t, vals in grouped.items()}
+    return dataclasses.replace(cfg, **updates)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- TOML file (``path``, default: the repo's pipeline.toml) <- overrides."""
+    cfg = Config()
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax at the position given") from None
+        flat: dict[str, Any] = {}
+        for table, values in data.items():
+            if table not in _TABLE_TYPES or not isinstance(values, dict):
+                raise ConfigError(f"{path}: unknown table [{table}]; known tables: {', '.join(_TABLE_TYPES)}")
+            for key, value in values.items():
+                flat[f"{table}.{key}"] = value
+        cfg = apply_overrides(cfg, flat, source=str(path))
+    elif path != DEFAULT_CONFIG_PATH:
+        raise ConfigError(f"config file {path} does not exist; pass an existing --config or omit it")
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """JSON-ready dict of the resolved config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def parse_assignments(items: tuple[str, ...] | list[str], key: str) -> dict[str, str]:
+    """``("a=x", "b=y")`` -> ``{"a": "x", "b": "y"}``; used for NAME=VALUE lists."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(f"config key '{key}': entry {item!r} must look like NAME=VALUE")
+        out[name.strip()] = value.strip()
+    return out

@@ -1,0 +1,133 @@
+"""Seeded, counter-based RandomResizedCrop boxes: a pure function of its inputs.
+
+Stage 1 draws the crops the teachers see; stage 2 replays them. Both must get
+the same box for (seed, image_id, crop_index) on any machine, in any process,
+whatever else is in the batch -- so no global RNG and no sequential state: every
+random number is a hash of (seed, image_id, crop_index, draw number).
+
+The algorithm is torchvision's ``RandomResizedCrop.get_params`` (10 tries of
+area scale x log-uniform aspect ratio, then a centre crop clamped to the ratio
+range), evaluated for all tries at once so that whole arrays of images are
+handled without a Python loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+TRIES = 10
+# Draw numbers: each random quantity gets its own stream so that changing one
+# (e.g. flip_p) never shifts another.
+_AREA, _RATIO, _TOP, _LEFT, _FLIP = 0, TRIES, 2 * TRIES, 3 * TRIES, 4 * TRIES
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+class Boxes(NamedTuple):
+    """Integer crop boxes in the (EXIF-oriented) image frame, plus the mirror flag."""
+
+    x: np.ndarray  # int32, left
+    y: np.ndarray  # int32, top
+    w: np.ndarray  # int32
+    h: np.ndarray  # int32
+    flip: np.ndarray  # uint8, 1 = mirror horizontally
+
+    def as_array(self) -> np.ndarray:
+        """(..., 4) int32 array of x, y, w, h: the layout stored in the cache."""
+        return np.stack([self.x, self.y, self.w, self.h], axis=-1).astype(np.int32)
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    z = (z + np.uint64(0x9E3779B97F4A7C15)) & _M64
+    z = ((z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+    z = ((z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+    return z ^ (z >> np.uint64(31))
+
+
+def _uniform(seed: int, image_id: np.ndarray, crop_index: np.ndarray, draw: int) -> np.ndarray:
+    """U[0, 1) doubles from a hash chain over the counters (53 random bits)."""
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.full(image_id.shape, seed, dtype=np.uint64))
+        h = _splitmix64(h ^ image_id.astype(np.uint64))
+        h = _splitmix64(h ^ crop_index.astype(np.uint64))
+        h = _splitmix64(h ^ np.uint64(draw))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def boxes(
+    seed: int,
+    image_id,
+    crop_index,
+    width,
+    height,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+    flip_p: float = 0.5,
+) -> Boxes:
+    """RandomResizedCrop boxes for broadcastable arrays of images and crop indices.
+
+    ``image_id``, ``crop_index``, ``width`` and ``height`` are integers or arrays
+    that broadcast together; the result has their broadcast shape.
+    """
+    image_id, crop_index, width, height = np.broadcast_arrays(
+        np.asarray(image_id, dtype=np.int64),
+        np.asarray(crop_index, dtype=np.int64),
+        np.asarray(width, dtype=np.int64),
+        np.asarray(height, dtype=np.int64),
+    )
+    if np.any(image_id < 0) or np.any(crop_index < 0):
+        raise ValueError("image_id and crop_index must be >= 0")
+    if np.any(width < 1) or np.any(height < 1):
+        raise ValueError("width and height must be >= 1")
+    shape = image_id.shape
+    u = lambda draw: _uniform(seed, image_id, crop_index, draw)  # noqa: E731
+
+    area = (width * height).astype(np.float64)
+    log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
+
+    # Evaluate all tries; keep the first that fits (torchvision returns on the first).
+    chosen = np.zeros(shape, dtype=bool)
+    x = np.zeros(shape, dtype=np.int64)
+    y = np.zeros(shape, dtype=np.int64)
+    w = np.zeros(shape, dtype=np.int64)
+    h = np.zeros(shape, dtype=np.int64)
+    for t in range(TRIES):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u(_AREA + t))
+        aspect = np.exp(log_r0 + (log_r1 - log_r0) * u(_RATIO + t))
+        tw = np.round(np.sqrt(target_area * aspect)).astype(np.int64)
+        th = np.round(np.sqrt(target_area / aspect)).astype(np.int64)
+        ok = ~chosen & (tw > 0) & (tw <= width) & (th > 0) & (th <= height)
+        # randint(0, n) as floor(u * n): uniform over 0..n-1
+        ty = np.floor(u(_TOP + t) * (height - th + 1)).astype(np.int64)
+        tx = np.floor(u(_LEFT + t) * (width - tw + 1)).astype(np.int64)
+        x, y, w, h = (np.where(ok, new, old) for new, old in ((tx, x), (ty, y), (tw, w), (th, h)))
+        chosen |= ok
+
+    # Fallback: centre crop, clamped to the ratio range (torchvision's rule).
+    in_ratio = width / height
+    fw = np.where(in_ratio < ratio[0], width, np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width))
+    fh = np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height)
+    fw = np.clip(fw.astype(np.int64), 1, width)
+    fh = np.clip(fh.astype(np.int64), 1, height)
+    fx, fy = (width - fw) // 2, (height - fh) // 2
+    x, y, w, h = (np.where(chosen, a, b) for a, b in ((x, fx), (y, fy), (w, fw), (h, fh)))
+
+    flip = (u(_FLIP) < flip_p).astype(np.uint8)
+    return Boxes(x.astype(np.int32), y.astype(np.int32), w.astype(np.int32), h.astype(np.int32), flip)
+
+
+def image_boxes(seed: int, image_ids, widths, heights, num_crops: int, **policy) -> Boxes:
+    """All ``num_crops`` boxes of each image: arrays of shape (len(image_ids), num_crops)."""
+    image_ids = np.asarray(image_ids, dtype=np.int64)[:, None]
+    crop_index = np.arange(num_crops, dtype=np.int64)[None, :]
+    return boxes(
+        seed, image_ids, crop_index, np.asarray(widths)[:, None], np.asarray(heights)[:, None], **policy
+    )
+
+
+def centre_box(width: int, height: int, crop_pct: float = 0.875) -> tuple[int, int, int, int]:
+    """The square centre crop used for evaluation: side = crop_pct * shorter side."""
+    side = max(1, int(round(min(width, height) * crop_pct)))
+    return (width - side) // 2, (height - side) // 2, side, side

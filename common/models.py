@@ -1,0 +1,183 @@
+"""Model registry: timm names, MEAL V2 aliases, safe weight loading, preprocessing.
+
+Preprocessing is derived from the model (timm's pretrained config), never
+hard-coded: each teacher sees crops at its own input size, interpolation and
+mean/std, and the student at its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+# The teachers of the MEAL V2 paper, by their short names -> timm weights tags.
+ALIASES: dict[str, str] = {
+    "senet154": "senet154.gluon_in1k",
+    "resnest269": "resnest269e.in1k",
+    "resnest269e": "resnest269e.in1k",
+    "resnet152s": "resnet152s.gluon_in1k",
+    # the 380 px recipe of MEAL V2 uses EfficientNet-B4 teachers
+    "efficientnet_b4": "tf_efficientnet_b4.ns_jft_in1k",
+    "efficientnet_b4_ap": "tf_efficientnet_b4.ap_in1k",
+    "efficientnet_b4_aa": "tf_efficientnet_b4.aa_in1k",
+}
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unsafe or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its pixels: the contract between a crop and a forward pass."""
+
+    input_size: int
+    interpolation: str  # bilinear | bicubic | nearest
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_pct: float  # evaluation centre crop: side = crop_pct * shorter side
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocess":
+        return cls(
+            input_size=int(d["input_size"]),
+            interpolation=str(d["interpolation"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            crop_pct=float(d["crop_pct"]),
+        )
+
+
+def resolve_name(name: str) -> str:
+    """Short alias -> timm name with weights tag; timm names pass through."""
+    return ALIASES.get(name, name)
+
+
+def preprocess_for(model: nn.Module, input_size: int | None = None) -> Preprocess:
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = int(input_size) if input_size else int(cfg["input_size"][-1])
+    return Preprocess(
+        input_size=size,
+        interpolation=str(cfg.get("interpolation", "bilinear")),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+    )
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a state dict without executing code; returns (state_dict, metadata).
+
+    Accepts safetensors, a plain state dict, or this project's checkpoints
+    (``{"model": state_dict, "meta": {...}}``). ``module.`` (DataParallel/DDP)
+    and ``_orig_mod.`` (torch.compile) prefixes are stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; check the path given to --*-weights")
+    meta: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            raw_meta = f.metadata() or {}
+        if "meta" in raw_meta:
+            meta = json.loads(raw_meta["meta"])
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # unpickling refused or corrupt file
+            raise WeightsError(
+                f"{path}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                "Only safetensors files and plain tensor state dicts are accepted."
+            ) from None
+        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+            meta = obj.get("meta") or {}
+            obj = obj["model"]
+        elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise WeightsError(f"{path}: not a state dict of tensors")
+        state = obj
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    return state, meta
+
+
+def _strip_prefixes(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    input_size: int | None = None,
+) -> tuple[nn.Module, Preprocess]:
+    """Build a timm model and its preprocessing.
+
+    ``weights`` (a local file) wins over ``pretrained`` (timm hub weights). A
+    checkpoint written by this project carries its own preprocessing, which is
+    used unless ``input_size`` overrides the size.
+    """
+    timm_name = resolve_name(name)
+    meta: dict[str, Any] = {}
+    state = None
+    if weights:
+        state, meta = read_weights(weights)
+        pretrained = False
+    try:
+        model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise WeightsError(f"unknown model {name!r}: not a timm model name nor one of {sorted(ALIASES)}") from None
+        raise
+    except Exception as e:
+        if pretrained:
+            raise WeightsError(
+                f"could not fetch pretrained weights for {timm_name!r} ({type(e).__name__}: {e}). "
+                f"Without internet, pass a local file: --teacher-weights {name}=PATH (or --student-weights PATH)"
+            ) from None
+        raise
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise WeightsError(
+                f"{weights}: does not fit {timm_name} with {num_classes} classes "
+                f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]}). "
+                "Check the model name and the number of classes."
+            )
+    pre = preprocess_for(model, input_size)
+    if "preprocess" in meta:
+        pre = Preprocess.from_dict(meta["preprocess"])
+        if input_size:
+            pre = replace(pre, input_size=int(input_size))
+    return model, pre
+
+
+def checkpoint_num_classes(path: str | Path) -> int | None:
+    """Number of classes recorded in one of this project's checkpoints, if any."""
+    _, meta = read_weights(path)
+    n = meta.get("num_classes")
+    return int(n) if n is not None else None
