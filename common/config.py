@@ -125,6 +125,7 @@ class DemoConfig:
     student: str = "test_resnet"
     student_epochs: int = 4
     num_crops: int = 4
+    crop_scale: tuple[float, float] = (0.35, 1.0)  # milder than ImageNet's: 28 px garments
     batch_size: int = 128
     lr: float = 0.05
 

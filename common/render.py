@@ -1,0 +1,61 @@
+"""Turn (image, box, flip) into the pixels a model sees -- the pure-PyTorch path.
+
+Stage 1 renders each cached crop at every teacher's input size; stage 2 renders
+the same box at the student's size. Keeping the geometry in one place is what
+makes "the student sees the teacher's view" true. The DALI loaders implement the
+same contract (ROI decode, resize, mirror) and are tested against this one.
+
+Pixels stay uint8 until they are on the compute device: 4x less host memory and
+host-to-device traffic than float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.images import open_image
+
+_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "linear": "bilinear", "cubic": "bicubic"}
+
+
+def decode(path) -> torch.Tensor:
+    """uint8 [3, H, W], RGB, EXIF orientation applied (the manifest's frame)."""
+    img = open_image(path)
+    arr = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def resize_mode(interpolation: str) -> str:
+    try:
+        return _MODES[interpolation]
+    except KeyError:
+        raise ValueError(f"unknown interpolation {interpolation!r}; use one of {sorted(_MODES)}") from None
+
+
+def render_crops(image: torch.Tensor, boxes, flips, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Crops of one decoded image: uint8 [n, 3, size, size].
+
+    ``boxes`` is (n, 4) integer x, y, w, h; ``flips`` (n,) 0/1. Antialiased
+    resizing, as DALI's resize does, so both paths agree closely.
+    """
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    flips = np.asarray(flips).reshape(-1)
+    mode = resize_mode(interpolation)
+    out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
+    for i, (x, y, w, h) in enumerate(boxes):
+        crop = image[:, y : y + h, x : x + w].unsqueeze(0).float()
+        kwargs = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+        resized = F.interpolate(crop, size=(size, size), mode=mode, **kwargs)[0]
+        if flips[i]:
+            resized = resized.flip(-1)
+        out[i] = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def normalize(batch: torch.Tensor, mean, std, device=None, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> float32 normalised on ``device`` (mean/std in 0..1 units)."""
+    batch = batch.to(device, non_blocking=True) if device is not None else batch
+    m = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    return ((batch.float() - m) / s).contiguous(memory_format=memory_format)

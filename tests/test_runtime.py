@@ -1,0 +1,39 @@
+"""common/runtime.py: device, precision and rank are decided once, from config and env."""
+import pytest
+import torch
+
+from common.config import RuntimeConfig
+from common.runtime import build_runtime
+
+
+def test_cpu_defaults_to_fp32_without_autocast(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rt = build_runtime(RuntimeConfig())
+    assert rt.device.type == "cpu" and rt.dtype == torch.float32
+    assert not rt.use_autocast and not rt.channels_last
+    assert not rt.grad_scaler().is_enabled()
+
+
+def test_bf16_on_cpu_autocasts_without_a_scaler():
+    rt = build_runtime(RuntimeConfig(device="cpu", precision="bf16"))
+    with rt.autocast():
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16
+    assert not rt.grad_scaler().is_enabled()
+
+
+def test_fp16_and_cuda_refused_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="fp16"):
+        build_runtime(RuntimeConfig(device="cpu", precision="fp16"))
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        build_runtime(RuntimeConfig(device="cuda"))
+
+
+def test_rank_and_world_from_torchrun_env(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rt = build_runtime(RuntimeConfig(device="cpu"), init_distributed=False)
+    assert (rt.rank, rt.world_size, rt.local_rank) == (3, 4, 1)
+    assert rt.distributed and not rt.is_main and not rt.progress
