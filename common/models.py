@@ -161,7 +161,14 @@ def create_model(
             ) from None
         raise
     if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatch, e.g. a classifier for another class count
+            raise WeightsError(
+                f"{weights}: does not fit {timm_name} with {num_classes} classes "
+                f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
+                "Check the model name and the number of classes."
+            ) from None
         if missing or unexpected:
             raise WeightsError(
                 f"{weights}: does not fit {timm_name} with {num_classes} classes "

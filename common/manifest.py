@@ -1,0 +1,355 @@
+"""The image manifest: one Parquet file that pins down a dataset.
+
+Both stages read images through a manifest, never by walking a directory, so
+the teacher cache and the student run agree on which image ``image_id`` 17 is.
+Layout (format ``meal-v2-manifest``, version 1), one row per image:
+
+    image_id int64   dense 0..N-1, rows stored in this order
+    path     string  relative POSIX path under the root (no ``..``, not absolute)
+    label    int32   class index, -1 = unlabeled
+    width    int32   after EXIF orientation
+    height   int32   after EXIF orientation
+    bytes    int64   file size
+    sha256   string  hex digest of the file
+
+Schema metadata (UTF-8 keys, every value JSON-encoded): ``meal.format``,
+``meal.version``, ``meal.class_names``, ``meal.root`` (absolute root at build
+time; overridable on load), ``meal.description``, ``meal.hash_algorithm`` and
+``meal.content_hash``.
+
+The content hash covers (image_id, path, label, sha256) and the class names,
+not the root, sizes or description: it names the dataset, wherever it lives.
+It is recomputed on every load, so a hand-edited manifest is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, NamedTuple, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+MANIFEST_FORMAT = "meal-v2-manifest"
+MANIFEST_VERSION = 1
+HASH_ALGORITHM = "sha256"
+
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("path", pa.string()),
+        ("label", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+# Vectorised form of check_relative_path (RE2 syntax), so loading 1M+ paths stays fast.
+_UNSAFE_PATH_REGEX = r"^$|\x00|\\|^/|//|/$|(^|/)\.\.?(/|$)"
+_BUILD_HINT = "build one with `pipeline manifest build ROOT --out M.parquet`"
+_REBUILD_HINT = "rebuild it with `pipeline manifest build`"
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, malformed or inconsistent; the message says how to fix it."""
+
+
+class ManifestRow(NamedTuple):
+    """One image as the builder found it; ``image_id`` is its position in the list."""
+
+    path: str
+    label: int
+    width: int
+    height: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, eq=False)
+class Manifest:
+    """A loaded, verified manifest. Arrays are indexed by ``image_id``."""
+
+    path: Path
+    root: Path
+    class_names: tuple[str, ...]
+    content_hash: str
+    description: str
+    image_ids: np.ndarray  # int64, == arange(N)
+    paths: list[str]
+    labels: np.ndarray  # int32, -1 = unlabeled
+    widths: np.ndarray  # int32
+    heights: np.ndarray  # int32
+    file_bytes: np.ndarray  # int64
+
+    @property
+    def num_images(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def abspath(self, image_id: int) -> Path:
+        return self.root / self.paths[image_id]
+
+
+def check_relative_path(path: str) -> str | None:
+    """Why ``path`` is not a safe, canonical relative POSIX path, or None if it is.
+
+    Canonical (no ``.``, empty or ``..`` parts) so one file has one spelling
+    and the content hash cannot differ for the same dataset; relative so the
+    root can move; no NUL because the hash separates paths with it.
+    """
+    if not path:
+        return "empty path"
+    if "\0" in path:
+        return "contains a NUL character"
+    if "\\" in path:
+        return "contains a backslash (paths are POSIX, '/'-separated)"
+    if path.startswith("/"):
+        return "absolute path (paths are relative to the root)"
+    parts = path.split("/")
+    if ".." in parts:
+        return "contains '..' (paths must stay under the root)"
+    if any(part in ("", ".") for part in parts):
+        return "not normalised (empty or '.' components)"
+    return None
+
+
+def content_hash(table: pa.Table) -> str:
+    """Deterministic sha256 of the dataset's identity (see module docstring).
+
+    Encoding: a JSON header (format, version, class names, row count), then
+    image_ids as little-endian int64, labels as little-endian int32, the
+    paths joined by NUL and the 64-char hex digests concatenated; rows in
+    image_id order. Fixed widths plus the row count make it unambiguous.
+    """
+    class_names = _read_metadata(table.schema, "class_names", source="table")
+    order = np.argsort(table.column("image_id").to_numpy(), kind="stable")
+    table = table.take(pa.array(order))
+    return _hash_columns(
+        class_names,
+        table.column("image_id").to_numpy().astype("<i8"),
+        table.column("label").to_numpy().astype("<i4"),
+        table.column("path").to_pylist(),
+        table.column("sha256").to_pylist(),
+    )
+
+
+def _hash_columns(
+    class_names: Sequence[str],
+    image_ids: np.ndarray,
+    labels: np.ndarray,
+    paths: Sequence[str],
+    digests: Sequence[str],
+) -> str:
+    header = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "hash_algorithm": HASH_ALGORITHM,
+        "class_names": list(class_names),
+        "num_images": len(paths),
+    }
+    h = hashlib.sha256()
+    h.update(json.dumps(header, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    h.update(np.ascontiguousarray(image_ids, dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
+    h.update("\0".join(paths).encode("utf-8"))
+    h.update("".join(digests).encode("ascii"))
+    return h.hexdigest()
+
+
+def write_manifest(
+    rows: Iterable[ManifestRow],
+    class_names: Sequence[str],
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    description: str = "",
+) -> str:
+    """Write ``rows`` (in image_id order) to ``out`` atomically; return the content hash.
+
+    Atomic (temp file + ``os.replace``) so a crash never leaves a half-written
+    manifest that a later stage would trust.
+    """
+    rows = list(rows)
+    class_names = [str(c) for c in class_names]
+    for i, row in enumerate(rows):
+        problem = check_relative_path(row.path)
+        if problem:
+            raise ManifestError(f"row {i}: path {row.path!r}: {problem}")
+        if not -1 <= row.label < len(class_names):
+            raise ManifestError(f"row {i} ({row.path}): label {row.label} outside -1..{len(class_names) - 1}")
+    duplicates = _first_duplicate([r.path for r in rows])
+    if duplicates:
+        raise ManifestError(f"path {duplicates!r} appears twice")
+    columns = {
+        "image_id": pa.array(np.arange(len(rows), dtype=np.int64)),
+        "path": pa.array([r.path for r in rows], pa.string()),
+        "label": pa.array([r.label for r in rows], pa.int32()),
+        "width": pa.array([r.width for r in rows], pa.int32()),
+        "height": pa.array([r.height for r in rows], pa.int32()),
+        "bytes": pa.array([r.bytes for r in rows], pa.int64()),
+        "sha256": pa.array([r.sha256 for r in rows], pa.string()),
+    }
+    table = pa.table(columns, schema=SCHEMA)
+    digest = _hash_columns(
+        class_names,
+        columns["image_id"].to_numpy(),
+        columns["label"].to_numpy(),
+        [r.path for r in rows],
+        [r.sha256 for r in rows],
+    )
+    metadata = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "class_names": class_names,
+        "root": str(Path(root).absolute()),
+        "description": description,
+        "hash_algorithm": HASH_ALGORITHM,
+        "content_hash": digest,
+    }
+    table = table.replace_schema_metadata(
+        {f"meal.{k}".encode(): json.dumps(v, ensure_ascii=False).encode("utf-8") for k, v in metadata.items()}
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> Manifest:
+    """Read and verify a manifest.
+
+    ``data_root`` replaces the recorded root (the images moved); None or ""
+    (the config default) keeps the recorded one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise ManifestError(f"manifest {path} {what}: {_BUILD_HINT}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"manifest {path} is not a readable Parquet file ({e}): {_BUILD_HINT}") from e
+
+    fmt = _read_metadata(table.schema, "format", source=path)
+    if fmt != MANIFEST_FORMAT:
+        raise ManifestError(f"{path} is a {fmt!r} file, not a {MANIFEST_FORMAT!r}: {_BUILD_HINT}")
+    version = _read_metadata(table.schema, "version", source=path)
+    if version != MANIFEST_VERSION:
+        raise ManifestError(
+            f"manifest {path} has format version {version!r}; this tool reads version {MANIFEST_VERSION}: "
+            f"{_REBUILD_HINT}, or use the tool version that wrote it"
+        )
+    algorithm = _read_metadata(table.schema, "hash_algorithm", source=path)
+    if algorithm != HASH_ALGORITHM:
+        raise ManifestError(f"manifest {path} uses hash algorithm {algorithm!r}; only {HASH_ALGORITHM!r} is supported")
+    class_names = _read_metadata(table.schema, "class_names", source=path)
+    if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+        raise ManifestError(f"manifest {path}: meal.class_names must be a JSON list of strings")
+    recorded_root = _read_metadata(table.schema, "root", source=path)
+    recorded_hash = _read_metadata(table.schema, "content_hash", source=path)
+    description = _read_metadata(table.schema, "description", source=path)
+
+    table = _conform_columns(table, path)
+    image_ids = table.column("image_id").to_numpy()
+    order = np.argsort(image_ids, kind="stable")
+    if not np.array_equal(image_ids[order], np.arange(len(image_ids))):
+        raise ManifestError(f"manifest {path}: image_id must be dense 0..{len(image_ids) - 1} without repeats")
+    if not np.array_equal(order, np.arange(len(order))):
+        table = table.take(pa.array(order))
+    unsafe = np.flatnonzero(
+        pc.match_substring_regex(table.column("path"), _UNSAFE_PATH_REGEX).to_numpy(zero_copy_only=False)
+    )
+    if unsafe.size:
+        image_id = int(unsafe[0])
+        rel = table.column("path")[image_id].as_py()
+        raise ManifestError(
+            f"manifest {path}: image {image_id} path {rel!r}: {check_relative_path(rel)}; {_REBUILD_HINT}"
+        )
+    paths = table.column("path").to_pylist()
+    labels = table.column("label").to_numpy()
+    bad = np.flatnonzero((labels < -1) | (labels >= len(class_names)))
+    if bad.size:
+        raise ManifestError(
+            f"manifest {path}: image {int(bad[0])} has label {int(labels[bad[0]])} "
+            f"outside -1..{len(class_names) - 1}"
+        )
+    digests = table.column("sha256").to_pylist()
+    actual_hash = _hash_columns(class_names, np.arange(len(paths)), labels, paths, digests)
+    if actual_hash != recorded_hash:
+        raise ManifestError(
+            f"manifest {path} was edited after it was built: content hash {actual_hash} "
+            f"!= recorded {recorded_hash}; {_REBUILD_HINT}"
+        )
+    root = Path(data_root or recorded_root).expanduser().absolute()
+    return Manifest(
+        path=path,
+        root=root,
+        class_names=tuple(class_names),
+        content_hash=recorded_hash,
+        description=description,
+        image_ids=np.arange(len(paths), dtype=np.int64),
+        paths=paths,
+        labels=labels.astype(np.int32),
+        widths=table.column("width").to_numpy().astype(np.int32),
+        heights=table.column("height").to_numpy().astype(np.int32),
+        file_bytes=table.column("bytes").to_numpy().astype(np.int64),
+    )
+
+
+def _conform_columns(table: pa.Table, path: Path) -> pa.Table:
+    """Check every column is present, null-free and losslessly castable to SCHEMA."""
+    columns = []
+    for field in SCHEMA:
+        if field.name not in table.column_names:
+            raise ManifestError(f"manifest {path} lacks column {field.name!r}: {_REBUILD_HINT}")
+        column = table.column(field.name)
+        if column.null_count:
+            raise ManifestError(f"manifest {path}: column {field.name!r} has {column.null_count} null value(s)")
+        try:
+            columns.append(column.cast(field.type, safe=True).combine_chunks())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ManifestError(
+                f"manifest {path}: column {field.name!r} has type {column.type}, expected {field.type} ({e})"
+            ) from e
+    digests = columns[SCHEMA.get_field_index("sha256")]
+    bad = np.flatnonzero(~pc.match_substring_regex(digests, r"^[0-9a-f]{64}$").to_numpy(zero_copy_only=False))
+    if bad.size:
+        raise ManifestError(
+            f"manifest {path}: image {int(bad[0])} sha256 {digests[int(bad[0])].as_py()!r} "
+            "is not a 64-char lowercase hex digest"
+        )
+    return pa.Table.from_arrays(columns, schema=SCHEMA)
+
+
+def _read_metadata(schema: pa.Schema, key: str, source: object):
+    metadata = schema.metadata or {}
+    raw = metadata.get(f"meal.{key}".encode())
+    if raw is None:
+        raise ManifestError(f"{source} is not a MEAL V2 manifest (no meal.{key} metadata): {_BUILD_HINT}")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{source}: metadata meal.{key} is not valid JSON ({e})") from e
+
+
+def _first_duplicate(items: Iterable[str]) -> str | None:
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None

@@ -1,0 +1,149 @@
+"""Fashion-MNIST (IDX files) -> PNG ImageFolder trees for the demo.
+
+The pipeline reads images through manifests of ImageFolder trees, so the demo
+dataset is turned into one rather than given a special loader: the demo then
+exercises exactly the path a real dataset takes.
+
+Output: ``OUT/train/<class>/<index>.png`` and ``OUT/test/...``; ``index`` is
+the image's position in the IDX file, zero-padded so path order is file order.
+A split is written into a temporary folder and renamed into place after its
+completion marker (``.complete.json``, hidden so manifest builds ignore it), so
+an interrupted run never leaves a tree that looks complete.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLASS_NAMES = (
+    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
+)  # fmt: skip
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MARKER = ".complete.json"
+_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+_INSTALL_HINT = "install it with `apt-get install -y dataset-fashion-mnist`"
+
+
+class FashionMnistError(ValueError):
+    """The Fashion-MNIST source files are missing or malformed."""
+
+
+def prepare_fashion_mnist(
+    source_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> tuple[Path, Path]:
+    """Write the train and test ImageFolder trees; return (train_root, test_root).
+
+    A limit keeps a class-balanced, deterministic subset: the first
+    ``limit // 10`` images of each class in file order (the remainder goes to
+    the lowest class indices). A split already complete with the same source
+    and limit is left alone.
+    """
+    source_dir, out_dir = Path(source_dir), Path(out_dir)
+    roots = []
+    for split, limit in (("train", train_limit), ("test", test_limit)):
+        if limit is not None and limit < len(CLASS_NAMES):
+            raise FashionMnistError(f"{split} limit {limit} is below one image per class ({len(CLASS_NAMES)})")
+        images_file, labels_file = (_find(source_dir, name) for name in SPLIT_FILES[split])
+        roots.append(_write_split(out_dir / split, images_file, labels_file, limit))
+    return roots[0], roots[1]
+
+
+def _find(source_dir: Path, name: str) -> Path:
+    for candidate in (source_dir / name, source_dir / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise FashionMnistError(f"Fashion-MNIST not found in {source_dir} (no {name}[.gz]): {_INSTALL_HINT}")
+
+
+def _write_split(split_dir: Path, images_file: Path, labels_file: Path, limit: int | None) -> Path:
+    identity = {
+        "images": images_file.name,
+        "labels": labels_file.name,
+        "images_bytes": images_file.stat().st_size,
+        "labels_bytes": labels_file.stat().st_size,
+        "limit": limit,
+    }
+    if _read_marker(split_dir).get("source") == identity:
+        return split_dir
+
+    images = read_idx(images_file, _IMAGES_MAGIC)
+    labels = read_idx(labels_file, _LABELS_MAGIC)
+    if images.shape[0] != labels.shape[0]:
+        raise FashionMnistError(
+            f"{images_file} holds {images.shape[0]} images but {labels_file} holds {labels.shape[0]} labels"
+        )
+    if labels.size and labels.max() >= len(CLASS_NAMES):
+        raise FashionMnistError(f"{labels_file}: label {labels.max()} outside 0..{len(CLASS_NAMES) - 1}")
+    selected = balanced_subset(labels, limit)
+
+    tmp = split_dir.with_name(f".{split_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in CLASS_NAMES:
+        (tmp / name).mkdir(parents=True)
+    width = max(5, len(str(images.shape[0] - 1)))
+    for index in selected:
+        Image.fromarray(images[index]).save(tmp / CLASS_NAMES[labels[index]] / f"{index:0{width}d}.png")
+    marker = {"source": identity, "num_images": len(selected), "class_names": list(CLASS_NAMES)}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    if split_dir.exists():
+        shutil.rmtree(split_dir)
+    os.replace(tmp, split_dir)
+    return split_dir
+
+
+def _read_marker(split_dir: Path) -> dict:
+    try:
+        return json.loads((split_dir / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Indices of the first ``limit // 10`` images of each class (+1 for the first ``limit % 10``)."""
+    if limit is None or limit >= labels.size:
+        return np.arange(labels.size)
+    per_class, extra = divmod(limit, len(CLASS_NAMES))
+    chosen = [
+        np.flatnonzero(labels == c)[: per_class + (1 if c < extra else 0)] for c in range(len(CLASS_NAMES))
+    ]
+    return np.sort(np.concatenate(chosen))
+
+
+def read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped), checking its magic number and size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise FashionMnistError(f"{path}: cannot read ({e}); reinstall: {_INSTALL_HINT}") from e
+    if len(data) < 4:
+        raise FashionMnistError(f"{path}: too short to be an IDX file ({len(data)} bytes)")
+    magic = int.from_bytes(data[:4], "big")
+    if magic != expected_magic:
+        raise FashionMnistError(f"{path}: IDX magic number {magic:#010x}, expected {expected_magic:#010x}")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise FashionMnistError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise FashionMnistError(
+            f"{path}: {len(data)} bytes, but an IDX array of shape {shape} needs {expected}; the file is damaged"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
