@@ -293,8 +293,10 @@ class CacheReader:
             "topk_index": np.empty((len(image_ids), self.topk), index_dtype(self.num_classes)),
             "topk_prob": np.empty((len(image_ids), self.topk), np.float16),
         }
-        for s in np.unique(shard_ids):
-            sel = np.flatnonzero(shard_ids == s)
+        # Group by shard with one sort (O(n log n)), not one scan per shard.
+        order = np.argsort(shard_ids, kind="stable")
+        shards, starts = np.unique(shard_ids[order], return_index=True)
+        for s, sel in zip(shards, np.split(order, starts[1:])):
             data = self.read_shard(int(s))
             rows, cols = image_ids[sel] - s * ips, crop_ids[sel]
             for name in DATA_ARRAYS:

@@ -169,11 +169,15 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
     elif origin is tuple:
         args = typing.get_args(annotation)
-        if isinstance(value, str) and len(args) == 2 and args[1] is Ellipsis:
-            # "a,b,c" from a command-line flag
-            value = [v for v in (s.strip() for s in value.split(",")) if v]
-            if args[0] is not str:
-                value = [_parse_scalar(v) for v in value]
+        if isinstance(value, str):
+            # from a command line: "[0.5, 1.0]" (TOML) or "a,b,c"
+            parsed = _parse_scalar(value) if value.lstrip().startswith("[") else None
+            if isinstance(parsed, list):
+                value = parsed
+            else:
+                value = [v for v in (s.strip() for s in value.split(",")) if v]
+                if args[0] is not str:
+                    value = [_parse_scalar(v) for v in value]
         if isinstance(value, (list, tuple)):
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))

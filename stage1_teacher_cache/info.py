@@ -1,0 +1,118 @@
+"""`pipeline cache info`: what a teacher cache holds, read from its JSON attributes only."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from common.cache_format import CacheReader
+
+
+def bytes_on_disk(path: str) -> int | None:
+    """Total file size under a local cache directory (None for remote URLs)."""
+    if "://" in path:
+        return None
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            break
+    return f"{n:,.1f} {unit}"
+
+
+def cache_info(path: str) -> dict[str, Any]:
+    """JSON-ready description of a cache, complete or not."""
+    reader = CacheReader(path, require_complete=False)
+    a = reader.attrs
+    evaluation = a.get("teacher_eval") or {}
+    files = a.get("teacher_files") or {}
+    teachers = [
+        dict(t, file=files.get(t["name"]), eval=(evaluation.get("teachers") or {}).get(t["name"]))
+        for t in a["teachers"]
+    ]
+    complete = reader.complete
+    L = reader.layout
+    size = bytes_on_disk(path)
+    total_crops = L.num_images * L.num_crops
+    return {
+        "path": str(path),
+        "format": a["format"],
+        "version": a["version"],
+        "tool_version": a.get("tool_version"),
+        "created_at": a.get("created_at"),
+        "manifest": dict(a["manifest"], path=a.get("manifest_path")),
+        "num_classes": a["num_classes"],
+        "class_names": a.get("class_names"),
+        "teachers": teachers,
+        "ensemble": a["ensemble"],
+        "compute": a.get("compute"),
+        "ensemble_eval": evaluation.get("ensemble"),
+        "eval_manifest": evaluation.get("manifest"),
+        "crops": a["crops"],
+        "storage": a["storage"],
+        "shards": {
+            "complete": int(complete.sum()),
+            "total": int(len(complete)),
+            "incomplete": [int(s) for s in (~complete).nonzero()[0]],
+        },
+        "bytes_on_disk": size,
+        "bytes_per_crop": float(size / total_crops) if size is not None and complete.all() and total_crops else None,
+    }
+
+
+def format_cache_info(info: dict[str, Any]) -> str:
+    m, c, s, sh = info["manifest"], info["crops"], info["storage"], info["shards"]
+    names = info["class_names"] or []
+    shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+    lines = [
+        f"cache         {info['path']}",
+        f"format        {info['format']} v{info['version']} (tool {info['tool_version']}, created {info['created_at']})",
+        f"manifest      {m['hash']} ({m['num_images']:,} images) {m.get('path') or ''}".rstrip(),
+        f"classes       {info['num_classes']:,}" + (f": {shown}" if shown else ""),
+        "teachers:",
+    ]
+    for t in info["teachers"]:
+        p = t["preprocess"]
+        weights = t["weights"] + (f" {t['file']}" if t.get("file") else "")
+        if t.get("weights_sha256"):
+            weights += f" sha256 {t['weights_sha256'][:16]}..."
+        ev = t.get("eval")
+        score = f"val top-1 {ev['top1']:.2%} top-5 {ev['top5']:.2%}" if ev else "not evaluated"
+        lines += [
+            f"  {t['name']} ({t['timm_name']}, {t['params'] / 1e6:.1f}M params): {p['input_size']} px {p['interpolation']}, "
+            f"mean {_fmt3(p['mean'])} std {_fmt3(p['std'])}, crop_pct {p['crop_pct']:g}",
+            f"    weights {weights}; {score}",
+        ]
+    e = info["ensemble"]
+    ensemble = f"{e['rule']}, temperature {e['temperature']:g}"
+    if info.get("ensemble_eval"):
+        ensemble += f"; val top-1 {info['ensemble_eval']['top1']:.2%} top-5 {info['ensemble_eval']['top5']:.2%}"
+    compute = info.get("compute")
+    lines += [
+        f"ensemble      {ensemble}",
+        f"computed on   {compute['device']} {compute['dtype']}, {compute['world_size']} process(es)" if compute
+        else "computed on   unknown",
+        f"crops         {c['num_crops']} per image, {c['algorithm']}, scale {_fmt(c['scale'])}, "
+        f"ratio {_fmt(c['ratio'])}, flip p {c['flip_p']:g}, seed {c['seed']}",
+        f"storage       top-{s['k']} {s['index_dtype']}/{s['prob_dtype']}, residual {s['residual']}, "
+        f"{s['images_per_shard']:,} images per shard",
+        f"complete      {sh['complete']}/{sh['total']} shards"
+        + (f" (incomplete e.g. {sh['incomplete'][:10]})" if sh["incomplete"] else ""),
+        f"on disk       {human_bytes(info['bytes_on_disk'])}"
+        + (f" ({info['bytes_per_crop']:.1f} bytes per crop)" if info["bytes_per_crop"] else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(values) -> str:
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def _fmt3(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"

@@ -1,0 +1,233 @@
+"""`pipeline teacher-cache`: run the teacher ensemble once over every cached crop.
+
+The shard (``images_per_shard`` images) is the unit of work, of resume and of
+parallelism: a rank computes a whole shard in memory and writes it in one
+call, whose completion record is the commit point. Rerunning the command skips
+complete shards; a kill loses only the shards in flight. Under torchrun rank r
+takes shards s with s % world_size == r, so hosts never share a Zarr chunk.
+
+Everything a shard's numbers depend on (manifest, teachers, crop policy and
+seed, temperature, k, shard size) is recorded in the cache's identity
+attributes, and a run with different inputs is refused -- that is what makes a
+resumed cache equal to one built in a single run.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common.cache_format import CacheWriter, index_dtype
+from common.config import Config, ConfigError, CropConfig
+from common.crops import Boxes, image_boxes
+from common.manifest import Manifest, load_manifest
+from common.runtime import Runtime, build_runtime
+from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
+from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers, format_eval_table
+from stage1_teacher_cache.info import bytes_on_disk, human_bytes
+from stage1_teacher_cache.teachers import Teacher, load_teachers
+from stage1_teacher_cache.views import batches, make_renderer, prefetch
+
+CROP_ALGORITHM = "torchvision.RandomResizedCrop/counter-hash-v1"
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    tc = cfg.teacher_cache
+    if not cfg.data.manifest:
+        raise ConfigError("no training manifest: pass --manifest M (or set data.manifest)")
+    if not tc.out:
+        raise ConfigError("no cache directory: pass --out CACHE (or set teacher_cache.out)")
+    runtime = build_runtime(cfg.runtime)
+    manifest = load_manifest(cfg.data.manifest, data_root=cfg.data.data_root or None)
+    k = kept_classes(tc.topk, manifest.num_classes)
+    teachers = load_teachers(tc, manifest.num_classes, runtime, seed=cfg.runtime.seed)
+
+    evaluation = None
+    if tc.evaluate_manifest and runtime.is_main:
+        evaluation = check_before_caching(cfg, manifest, teachers, runtime)
+
+    writer = open_cache(tc.out, cache_attrs(cfg, manifest, teachers, k, evaluation, runtime), runtime)
+    if evaluation is not None:
+        writer.group.attrs.update({"teacher_eval": evaluation})  # also when resuming an existing cache
+    complete = writer.complete_shards()
+    mine = [s for s in range(len(complete)) if s % runtime.world_size == runtime.rank]
+    todo = [s for s in mine if not complete[s]]
+
+    C = cfg.crops.num_crops
+    group = max(1, tc.batch_size // C)  # images per render call: about one forward batch
+    render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], C, group)
+
+    def render_jobs() -> Iterator[tuple[list[Path], list[np.ndarray], np.ndarray]]:
+        for shard in todo:
+            start, stop = writer.shard_range(shard)
+            b = shard_boxes(cfg.crops, manifest, start, stop)
+            xywh = b.as_array()
+            for lo in range(0, stop - start, group):
+                rows = slice(lo, lo + group)
+                paths = [manifest.abspath(i) for i in range(start + lo, min(start + lo + group, stop))]
+                yield paths, [xywh[rows]] * len(teachers), b.flip[rows]
+
+    # One iterator over every shard of this rank, so rendering runs ahead across shard boundaries.
+    views = prefetch(lambda job: render(*job), render_jobs(), runtime.num_workers, depth=2 * runtime.num_workers + 2)
+    total_images = sum(_shard_size(writer, s) for s in todo)
+    bar = tqdm(total=total_images, desc=f"teacher cache (rank {runtime.rank})" if runtime.distributed
+               else "teacher cache", unit="img", disable=not (runtime.progress and todo), smoothing=0.05)
+    started = time.perf_counter()
+    with bar:
+        for shard in todo:
+            start, stop = writer.shard_range(shard)
+            b = shard_boxes(cfg.crops, manifest, start, stop)
+            shard_views = _progress(itertools.islice(views, -(-(stop - start) // group)), bar, C, started)
+            index, prob = shard_targets(shard_views, teachers, runtime, tc.batch_size, tc.temperature, k)
+            writer.write_shard(shard, b.as_array(), b.flip, index, prob)
+
+    summary = summarize(writer, runtime, tc.out, shards_written=len(todo), skipped=len(mine) - len(todo),
+                        images=total_images, crops=total_images * C, started=started)
+    summary["teacher_eval"] = evaluation
+    if runtime.is_main:
+        print(format_summary(summary))
+    return summary
+
+
+def shard_targets(views: Iterable[list[torch.Tensor]], teachers: list[Teacher], runtime: Runtime,
+                  batch_size: int, temperature: float, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of the ensemble for every crop of a shard, image-major: (index, prob) [n * C, k]."""
+    index, prob = [], []
+    for batch in batches(views, batch_size):
+        i, p = ensemble_topk(teacher_probs(teachers, batch, runtime, temperature), k)
+        index.append(i)
+        prob.append(p)
+    return np.concatenate(index), np.concatenate(prob)
+
+
+def kept_classes(topk: int, num_classes: int) -> int:
+    """k is capped at the class count: keeping every class is lossless, more is impossible."""
+    if topk > num_classes:
+        print(f"note: topk {topk} > {num_classes} classes; keeping all {num_classes}", file=sys.stderr)
+    return min(topk, num_classes)
+
+
+def shard_boxes(crops: CropConfig, manifest: Manifest, start: int, stop: int) -> Boxes:
+    """The crops of images start..stop-1: a pure function of the seed, so stage 2 can replay them."""
+    ids = np.arange(start, stop)
+    return image_boxes(crops.seed, ids, manifest.widths[ids], manifest.heights[ids], crops.num_crops,
+                       scale=crops.scale, ratio=crops.ratio, flip_p=crops.flip_p)
+
+
+def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], runtime: Runtime) -> dict:
+    """Evaluate the teachers on the validation manifest; stop if one is near chance."""
+    tc = cfg.teacher_cache
+    val = load_manifest(tc.evaluate_manifest, data_root=cfg.data.data_root or None)
+    if val.class_names != train.class_names:
+        raise ConfigError(
+            f"evaluation manifest {val.path} has classes {list(val.class_names)[:5]}... but the training manifest "
+            f"has {list(train.class_names)[:5]}...; both must list the same classes in the same order"
+        )
+    render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], 1, tc.batch_size)
+    result = evaluate_teachers(teachers, val, runtime, render, tc.batch_size, tc.temperature)
+    print(format_eval_table(result))
+    check_teachers(result, tc.min_top1_over_chance)
+    return result
+
+
+def cache_attrs(cfg: Config, manifest: Manifest, teachers: list[Teacher], k: int, evaluation: dict | None,
+                runtime: Runtime) -> dict[str, Any]:
+    """Group attributes. Only the keys in cache_format.IDENTITY_KEYS must match to resume or append,
+    so everything that may legitimately differ between runs (paths, times, eval numbers, the full
+    config) lives outside them."""
+    crops = cfg.crops
+    attrs = {
+        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
+        "num_classes": manifest.num_classes,
+        "teachers": [t.identity() for t in teachers],
+        "ensemble": {"rule": RULE, "temperature": cfg.teacher_cache.temperature},
+        "crops": {
+            "algorithm": CROP_ALGORITHM,
+            "num_crops": crops.num_crops,
+            "scale": list(crops.scale),
+            "ratio": list(crops.ratio),
+            "flip_p": crops.flip_p,
+            "seed": crops.seed,
+        },
+        "storage": {
+            "k": k,
+            "images_per_shard": cfg.teacher_cache.images_per_shard,
+            "residual": "uniform",
+            "index_dtype": index_dtype(manifest.num_classes).name,
+            "prob_dtype": "float16",
+        },
+        # not identity:
+        "manifest_path": str(manifest.path.absolute()),
+        "class_names": list(manifest.class_names),
+        "teacher_files": {t.name: t.weights_path for t in teachers if t.weights_path},
+        "teacher_eval": evaluation,
+        # The creator's; bf16 on a GPU and fp32 on a CPU give slightly different probabilities,
+        # so hosts that share a cache should share a precision.
+        "compute": {"device": runtime.device.type, "dtype": str(runtime.dtype).removeprefix("torch."),
+                    "world_size": runtime.world_size},
+        "config": cfg.to_dict(),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return json.loads(json.dumps(attrs))  # tuples -> lists, as they read back from JSON
+
+
+def open_cache(path: str, attrs: dict[str, Any], runtime: Runtime) -> CacheWriter:
+    """Rank 0 creates (or checks) the cache before any other rank opens it."""
+    writer = CacheWriter(path, attrs) if runtime.is_main else None
+    runtime.barrier()
+    return writer or CacheWriter(path, attrs)
+
+
+def _shard_size(writer: CacheWriter, shard: int) -> int:
+    start, stop = writer.shard_range(shard)
+    return stop - start
+
+
+def _progress(groups: Iterable[list[torch.Tensor]], bar: tqdm, crops_per_image: int, started: float) -> Iterator:
+    for views in groups:
+        yield views
+        bar.update(len(views[0]) // crops_per_image)
+        bar.set_postfix_str(f"{bar.n * crops_per_image / (time.perf_counter() - started):.1f} crops/s", refresh=False)
+
+
+def summarize(writer: CacheWriter, runtime: Runtime, path: str, *, shards_written: int, skipped: int,
+              images: int, crops: int, started: float) -> dict[str, Any]:
+    counts = torch.tensor([shards_written, skipped, images, crops], dtype=torch.int64, device=runtime.device)
+    if runtime.distributed and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)  # totals over ranks; also waits for every rank's last shard
+    shards_written, skipped, images, crops = counts.tolist()
+    seconds = time.perf_counter() - started  # after the reduce: the wall time of the slowest rank
+    complete = writer.complete_shards()
+    cached_crops = sum(_shard_size(writer, s) for s in np.flatnonzero(complete)) * writer.layout.num_crops
+    size = bytes_on_disk(path)
+    return {
+        "cache": path,
+        "shards_written": shards_written,
+        "shards_skipped": skipped,
+        "shards_complete": int(complete.sum()),
+        "shards_total": int(len(complete)),
+        "images": images,
+        "crops": crops,
+        "seconds": seconds,
+        "crops_per_s": crops / seconds if seconds > 0 else 0.0,
+        "bytes_on_disk": size,
+        "bytes_per_crop": float(size / cached_crops) if size is not None and cached_crops else None,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    per_crop = f"{s['bytes_per_crop']:.1f} B/crop" if s["bytes_per_crop"] is not None else "n/a B/crop"
+    return (
+        f"teacher cache {s['cache']}: wrote {s['shards_written']} shard(s) ({s['shards_skipped']} already complete), "
+        f"{s['images']:,} images, {s['crops']:,} crops in {s['seconds']:.1f} s ({s['crops_per_s']:,.1f} crops/s)\n"
+        f"{s['shards_complete']}/{s['shards_total']} shards complete; "
+        f"{human_bytes(s['bytes_on_disk'])} on disk, {per_crop}"
+    )

@@ -1,0 +1,166 @@
+"""Run directories and checkpoints.
+
+A run directory holds::
+
+    config.json    the resolved config (rewritten on resume)
+    metrics.jsonl  one line per epoch (metrics.py)
+    last.pt        everything needed to continue: student, discriminator, both
+                   optimizers, grad scaler, completed epochs, best top-1
+    best.pt        the student alone with its metadata (model name, classes,
+                   preprocessing) -- what `pipeline evaluate` and stage 1's
+                   ``--teacher-weights NAME=RUN/best.pt`` read
+
+Both checkpoints have the ``{"model": state_dict, "meta": {...}}`` shape that
+``common.models.read_weights`` understands, so last.pt works as weights too.
+They are written atomically (a crash mid-write leaves the previous file) and
+hold only tensors and plain Python values, so they load with
+``weights_only=True``. No RNG state is saved: everything random (loader order,
+crops, CutMix, dropout) is seeded from (seed, epoch, step).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from common.atomic import atomic_torch_save, atomic_write_json
+
+
+class RunError(ValueError):
+    """A run directory, checkpoint or input does not fit the requested run."""
+
+
+# Keys that may change between a run and its resumption: they do not change
+# the math (device placement, logging, workers) or are the reason to resume
+# (more epochs, the resume flag itself, a relocated image root).
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "runtime.device",
+        "runtime.compile",
+        "runtime.num_workers",
+        "runtime.progress",
+        "data.data_root",
+        "optim.epochs",
+        "optim.eval_batch_size",
+        "optim.log_every",
+        "distill.resume",
+        "train.resume",
+    }
+)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def flatten_config(cfg: dict[str, Any], tables: tuple[str, ...]) -> dict[str, Any]:
+    return {f"{t}.{k}": v for t in tables for k, v in cfg.get(t, {}).items()}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], tables: tuple[str, ...]) -> list[str]:
+    """``"table.key: run has X, now Y"`` for every relevant key that changed."""
+    old, new = flatten_config(saved, tables), flatten_config(current, tables)
+    return [
+        f"{key}: run has {old.get(key)!r}, now {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)
+    ]
+
+
+def prepare_run_dir(out: str | Path, cfg: dict[str, Any], resume: bool, tables: tuple[str, ...], write: bool) -> Path:
+    """Check ``out`` against the request, then (if ``write``) record the resolved config.
+
+    A fresh run refuses a directory that already holds one (no silent
+    overwrite of someone's checkpoints); a resumed run refuses a config that
+    differs in any key that changes the result, naming the keys.
+    """
+    run_dir = Path(out)
+    last, config_path = run_dir / "last.pt", run_dir / "config.json"
+    if resume:
+        if not last.is_file():
+            raise RunError(f"cannot resume: {last} does not exist; start the run without --resume")
+        if not config_path.is_file():
+            raise RunError(f"cannot resume: {config_path} is missing; was {run_dir} written by `pipeline`?")
+        diffs = config_differences(json.loads(config_path.read_text()), cfg, tables)
+        if diffs:
+            raise RunError(
+                f"cannot resume {run_dir}: it was made with a different config:\n  - "
+                + "\n  - ".join(diffs)
+                + "\nRerun with the run's values, or start a new run with another --out."
+            )
+    elif last.exists():
+        raise RunError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it, or choose another --out")
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config_path, cfg)
+    return run_dir
+
+
+def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Model-only checkpoint: ``{"model": state_dict, "meta": meta}``."""
+    atomic_torch_save(path, {"model": unwrap(model).state_dict(), "meta": meta})
+
+
+def save_training_state(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    meta: dict[str, Any],
+    discriminator: nn.Module | None,
+    optimizers: dict[str, torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    best_top1: float,
+) -> None:
+    """last.pt: ``epoch`` is the number of completed epochs (where a resume starts)."""
+    atomic_torch_save(
+        path,
+        {
+            "model": unwrap(model).state_dict(),
+            "meta": meta,
+            "discriminator": unwrap(discriminator).state_dict() if discriminator is not None else None,
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "scaler": scaler.state_dict(),
+            "epoch": epoch,
+            "best_top1": best_top1,
+        },
+    )
+
+
+def load_training_state(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    discriminator: nn.Module | None,
+    optimizers: dict[str, torch.optim.Optimizer],
+    scaler: torch.amp.GradScaler,
+) -> dict[str, Any]:
+    """Restore last.pt into the given objects; returns its ``epoch``, ``best_top1`` and ``meta``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RunError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "optimizers" not in state or "epoch" not in state:
+        raise RunError(f"{path}: not a training checkpoint written by `pipeline distill/train`")
+    if (state["discriminator"] is None) != (discriminator is None):
+        raise RunError(f"{path}: the run was made with discriminator={state['discriminator'] is not None}")
+    if set(state["optimizers"]) != set(optimizers):
+        raise RunError(f"{path}: holds optimizers {sorted(state['optimizers'])}, this run has {sorted(optimizers)}")
+    unwrap(model).load_state_dict(state["model"])
+    if discriminator is not None:
+        unwrap(discriminator).load_state_dict(state["discriminator"])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    if state["scaler"]:  # empty when loss scaling is off (anything but fp16)
+        scaler.load_state_dict(state["scaler"])
+    return {"epoch": int(state["epoch"]), "best_top1": float(state["best_top1"]), "meta": state["meta"]}

@@ -1,0 +1,126 @@
+"""`pipeline distill`, `pipeline train`, `pipeline evaluate`: thin shells over run_*().
+
+Every flag is a config key (named in its help); a flag that is not given
+leaves the value from pipeline.toml / --set untouched.
+"""
+from __future__ import annotations
+
+import click
+
+from common.cli_support import resolve_config, user_errors
+
+# Options shared by distill and train: flag -> (config key, click settings).
+_LOOP_OPTIONS = {
+    "--manifest": ("data.manifest", dict(type=click.Path(dir_okay=False), help="Training manifest.")),
+    "--val-manifest": ("data.val_manifest", dict(type=click.Path(dir_okay=False), help="Validation manifest (scored every epoch).")),
+    "--data-root": ("data.data_root", dict(type=click.Path(file_okay=False), help="Image root replacing the manifests' recorded root.")),
+    "--epochs": ("optim.epochs", dict(type=int, help="Total epochs (raise it with --resume to train longer).")),
+    "--batch-size": ("optim.batch_size", dict(type=int, help="Training batch size per process.")),
+    "--eval-batch-size": ("optim.eval_batch_size", dict(type=int, help="Validation batch size per process.")),
+    "--lr": ("optim.lr", dict(type=float, help="Student learning rate (SGD, momentum optim.momentum).")),
+    "--weight-decay": ("optim.weight_decay", dict(type=float, help="Student weight decay (MEAL V2: 0).")),
+    "--schedule": ("optim.schedule", dict(type=click.Choice(["step", "cosine"]), help="Learning-rate schedule.")),
+    "--lr-decay-epochs": ("optim.lr_decay_epochs", dict(metavar="E1,E2,...", help="Step schedule milestones.")),
+    "--lr-decay-factor": ("optim.lr_decay_factor", dict(type=float, help="Step schedule factor per milestone.")),
+    "--warmup-epochs": ("optim.warmup_epochs", dict(type=int, help="Linear warmup from lr/10 over these epochs.")),
+    "--img-size": ("optim.img_size", dict(type=int, help="Input size (0: the model's default).")),
+    "--loader": ("optim.loader", dict(type=click.Choice(["auto", "dali", "torch"]), help="Data loader.")),
+    "--log-every": ("optim.log_every", dict(type=int, help="Steps between loss logs.")),
+    "--device": ("runtime.device", dict(help="auto | cpu | cuda | cuda:N.")),
+    "--precision": ("runtime.precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast dtype.")),
+    "--seed": ("runtime.seed", dict(type=int, help="Seed of initialisation, shuffling and CutMix.")),
+    "--num-workers": ("runtime.num_workers", dict(type=int, help="Decode workers / DALI threads.")),
+    "--compile/--no-compile": ("runtime.compile", dict(default=None, help="torch.compile the student.")),
+    "--progress/--no-progress": ("runtime.progress", dict(default=None, help="Progress bar (off: one line per epoch).")),
+}
+
+_DISTILL_OPTIONS = {
+    "--student": ("distill.student", dict(help="Student timm model name.")),
+    "--cache": ("distill.cache", dict(help="Teacher cache from `pipeline teacher-cache`.")),
+    "--out": ("distill.out", dict(type=click.Path(file_okay=False), help="Run directory.")),
+    "--student-weights": ("distill.student_weights", dict(type=click.Path(dir_okay=False), help="Start from this local file.")),
+    "--pretrained": ("distill.pretrained", dict(is_flag=True, flag_value=True, default=None, help="Start from timm hub weights.")),
+    "--disc-lr": ("distill.disc_lr", dict(type=float, help="The discriminator's own learning rate.")),
+    "--no-discriminator": ("distill.discriminator", dict(is_flag=True, flag_value=False, default=None, help="Ablate the discriminator (KL only).")),
+    "--crops-per-image": ("distill.crops_per_image", dict(type=int, help="Cached crops per decoded image (FKD multi-crop).")),
+    "--cutmix-prob": ("distill.cutmix_prob", dict(type=float, help="Probability of CutMix per batch.")),
+    "--cutmix-alpha": ("distill.cutmix_alpha", dict(type=float, help="Beta(alpha, alpha) of the CutMix area.")),
+    "--resume": ("distill.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
+}
+
+_TRAIN_OPTIONS = {
+    "--model": ("train.model", dict(help="timm model name.")),
+    "--out": ("train.out", dict(type=click.Path(file_okay=False), help="Run directory.")),
+    "--weights": ("train.weights", dict(type=click.Path(dir_okay=False), help="Start from this local file.")),
+    "--pretrained": ("train.pretrained", dict(is_flag=True, flag_value=True, default=None, help="Start from timm hub weights.")),
+    "--label-smoothing": ("train.label_smoothing", dict(type=float, help="Label smoothing of the cross entropy.")),
+    "--resume": ("train.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
+}
+
+
+def _config_options(options: dict[str, tuple[str, dict]]):
+    """Attach each option under a parameter name that encodes its config key."""
+
+    def decorate(command):
+        for flag, (key, settings) in reversed(options.items()):
+            help_text = f"{settings.get('help', '')} [{key}]"
+            command = click.option(flag, key.replace(".", "__"), **{**settings, "help": help_text})(command)
+        return command
+
+    return decorate
+
+
+def _overrides(flags: dict[str, object]) -> dict[str, object]:
+    return {name.replace("__", "."): value for name, value in flags.items()}
+
+
+@click.command("distill")
+@_config_options({**_DISTILL_OPTIONS, **_LOOP_OPTIONS})
+@click.pass_context
+def distill_command(ctx: click.Context, **flags) -> None:
+    """Train a student from a teacher cache: KL to the ensemble + MEAL V2 discriminator."""
+    from stage2_student_distill.train import run_distill
+
+    cfg = resolve_config(ctx, _overrides(flags))
+    with user_errors():
+        result = run_distill(cfg)
+    if result["is_main"]:  # under torchrun every rank returns; one reports
+        click.echo(f"done: best val top-1 {result['best_top1']:.2f}%; checkpoints in {result['run_dir']}")
+
+
+@click.command("train")
+@_config_options({**_TRAIN_OPTIONS, **_LOOP_OPTIONS})
+@click.pass_context
+def train_command(ctx: click.Context, **flags) -> None:
+    """Train a model on hard labels (baselines; teachers for custom datasets)."""
+    from stage2_student_distill.train import run_train
+
+    cfg = resolve_config(ctx, _overrides(flags))
+    with user_errors():
+        result = run_train(cfg)
+    if result["is_main"]:
+        click.echo(f"done: best val top-1 {result['best_top1']:.2f}%; checkpoints in {result['run_dir']}")
+
+
+@click.command("evaluate")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A `pipeline distill/train` checkpoint (RUN/best.pt or RUN/last.pt).")
+@click.option("--manifest", type=click.Path(dir_okay=False), help="Manifest to score [default: data.val_manifest].")
+@_config_options({k: _LOOP_OPTIONS[k] for k in ("--data-root", "--eval-batch-size", "--loader", "--device",
+                                                 "--precision", "--num-workers")})
+@click.pass_context
+def evaluate_command(ctx: click.Context, checkpoint: str, manifest: str | None, **flags) -> None:
+    """Top-1 / top-5 / loss of a checkpoint (model, classes and preprocessing from its metadata)."""
+    from stage2_student_distill.evaluate import run_evaluate
+
+    cfg = resolve_config(ctx, _overrides(flags))
+    manifest = manifest or cfg.data.val_manifest
+    if not manifest:
+        raise click.UsageError("give --manifest (or set data.val_manifest)")
+    with user_errors():
+        result = run_evaluate(checkpoint, manifest, cfg)
+    if result["is_main"]:
+        click.echo(
+            f"{result['checkpoint']} ({result['model']}) on {manifest}: top-1 {result['top1']:.2f}%  "
+            f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  ({result['images']} images)"
+        )

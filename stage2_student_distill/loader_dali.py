@@ -1,0 +1,43 @@
+"""The DALI rendering backend of stage 2's :class:`~stage2_student_distill.loaders.Loader`.
+
+File bytes are read in a small thread pool (cheap, but slow on network
+filesystems if done one by one); decoding the region of interest, resizing,
+mirroring and the HWC->CHW layout run in DALI (``common.dali_crops``): on the
+CPU without CUDA, with the "mixed" GPU decoder when the runtime is on CUDA, in
+which case the crops arrive already on the device. The Loader runs this a few
+batches ahead in a background thread, compares the returned sample ids with its
+plan and normalises on the device, exactly as for the PyTorch backend.
+
+Importing this module raises ImportError when DALI is not installed; that is
+how ``build_loader("auto", ...)`` decides.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from common.dali_crops import DaliCropRenderer, read_encoded
+from stage2_student_distill.loaders import check_decoded_size
+
+
+class DaliBackend:
+    kind = "dali"
+
+    def __init__(self, manifest, size: int, interpolation: str, images_per_batch: int, crops_per_image: int, runtime):
+        self.manifest = manifest
+        device_id = None
+        if runtime.is_cuda:
+            device_id = runtime.device.index if runtime.device.index is not None else torch.cuda.current_device()
+        threads = max(1, runtime.num_workers)
+        self.renderer = DaliCropRenderer(size, interpolation, images_per_batch, threads, device_id, crops_per_image)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read")
+
+    def render(self, image_ids, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [n*m, 3, S, S] (CPU, or the GPU with CUDA) and the sample ids DALI carried through."""
+        paths = [self.manifest.abspath(int(i)) for i in image_ids]
+        encoded = list(self.pool.map(read_encoded, paths))
+        out = self.renderer.render_encoded(encoded, boxes, flips, sample_ids)
+        for path, image_id, size in zip(paths, image_ids, out.image_sizes.tolist()):
+            check_decoded_size(path, tuple(size), self.manifest, int(image_id))
+        return out.crops, out.sample_ids

@@ -1,0 +1,394 @@
+"""Stage 2 data loading: planned samples -> rendered, normalised, checked batches.
+
+One :class:`Loader` serves three modes:
+
+* ``distill``: the crops of the teacher cache. Which cached crop each image
+  uses per epoch comes from :mod:`stage2_student_distill.plan`; the box, flip
+  and soft targets come from the cache, which is authoritative (the student is
+  shown exactly the view the teachers scored).
+* ``train``: hard-label training; fresh seeded RandomResizedCrop boxes from
+  ``common.crops`` with crop index ``epoch * m + j``.
+* ``eval``: the centre crop of every image exactly once, in id order.
+
+Rendering (decode + crop + resize + mirror, uint8) is pluggable: the pure
+PyTorch backend here (``common.render`` in a thread pool; PIL decoding releases
+the GIL) or the DALI backend (:mod:`stage2_student_distill.loader_dali`). Both
+produce the same boxes, since the boxes are planned here, not by the backend.
+A background thread keeps a few rendered batches ahead of the training loop;
+pixels stay uint8 until they reach the device, where they are normalised.
+Each rendered batch carries the sample ids it was made from, and they are
+compared with the plan: a mismatch raises instead of training on misaligned
+targets.
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+import torch
+
+from common.cache_format import CacheError, restore_targets
+from common.crops import boxes as crop_boxes
+from common.crops import centre_box
+from common.render import decode, normalize, render_crops
+from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
+
+if TYPE_CHECKING:
+    from common.cache_format import CacheReader
+    from common.config import CropConfig
+    from common.manifest import Manifest
+    from common.models import Preprocess
+    from common.runtime import Runtime
+
+MODES = ("distill", "train", "eval")
+PREFETCH_BATCHES = 2  # rendered batches waiting in the queue (one more is being rendered)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float32 normalised [B, 3, S, S] on runtime.device, runtime.memory_format()
+    image_ids: torch.Tensor  # int64 [B] (CPU)
+    crop_ids: torch.Tensor  # int64 [B] (CPU); -1 for eval centre crops
+    sample_ids: torch.Tensor  # int64 [B] (CPU): distill image_id * C + crop_id; train image_id * m + j; eval image_id
+    labels: torch.Tensor  # int64 [B] on device (-1 = unlabeled)
+    targets: torch.Tensor | None  # float32 [B, K] dense soft targets on device (mode "distill"), else None
+
+
+@dataclass
+class _EpochSamples:
+    """One rank's planned samples for one epoch; per-image rows aligned with ``plan.image_ids``."""
+
+    plan: EpochPlan
+    crop_ids: np.ndarray  # int64 [n, m]
+    sample_ids: np.ndarray  # int64 [n, m]
+    boxes: np.ndarray  # int32 [n, m, 4] x, y, w, h
+    flips: np.ndarray  # uint8 [n, m]
+    topk_index: np.ndarray | None = None  # [n, m, k] (distill)
+    topk_prob: np.ndarray | None = None  # [n, m, k] (distill)
+
+
+class _TorchBackend:
+    """Decode with PIL and render with ``common.render`` in ``num_workers`` threads."""
+
+    kind = "torch"
+
+    def __init__(self, manifest, size: int, interpolation: str, num_workers: int, pin_memory: bool):
+        self.manifest = manifest
+        self.size = size
+        self.interpolation = interpolation
+        self.pin_memory = pin_memory
+        self.pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode")
+
+    def render(self, image_ids, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 [n*m, 3, S, S] and the sample ids each worker says it rendered."""
+        results = list(self.pool.map(self._render_image, image_ids, boxes, flips, sample_ids))
+        crops = torch.cat([crops for crops, _ in results])
+        ids = torch.cat([ids for _, ids in results])
+        return (crops.pin_memory() if self.pin_memory else crops), ids
+
+    def _render_image(self, image_id, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        path = self.manifest.abspath(int(image_id))
+        image = decode(path)
+        check_decoded_size(path, (image.shape[2], image.shape[1]), self.manifest, image_id)
+        crops = render_crops(image, boxes, flips, self.size, self.interpolation)
+        return crops, torch.as_tensor(sample_ids, dtype=torch.int64)
+
+
+def check_decoded_size(path, size: tuple[int, int], manifest, image_id) -> None:
+    """The decoder's frame must be the manifest's, or every cached box lands elsewhere."""
+    expected = (int(manifest.widths[image_id]), int(manifest.heights[image_id]))
+    if tuple(size) != expected:
+        raise RuntimeError(
+            f"{path}: decoded as {size[0]}x{size[1]} (after EXIF orientation) but the manifest says "
+            f"{expected[0]}x{expected[1]}; the file changed since the manifest was built -- rebuild the manifest "
+            "(and the teacher cache)"
+        )
+
+
+def _prefetch(produce: Callable[[int], object], count: int, depth: int) -> Iterator[object]:
+    """``produce(0..count-1)`` in a background thread, at most ``depth`` results ahead, in order.
+
+    Errors in the producer are re-raised in the consumer. Closing the generator
+    early (``break`` in the training loop) stops the producer after its current item.
+    """
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            for i in range(count):
+                if stop.is_set():
+                    return
+                put((produce(i), None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put((None, e))
+
+    thread = threading.Thread(target=work, name="loader-prefetch", daemon=True)
+    thread.start()
+    try:
+        for _ in range(count):
+            item, error = results.get()
+            if error is not None:
+                raise error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Loader:
+    """Batches for one rank; ``epoch(e)`` is deterministic given (seed, e, rank, world_size)."""
+
+    def __init__(
+        self,
+        backend_kind: str,
+        *,
+        manifest: Manifest,
+        mode: str,
+        preprocess: Preprocess,
+        batch_size: int,
+        runtime: Runtime,
+        seed: int = 0,
+        cache: CacheReader | None = None,
+        crops: CropConfig | None = None,
+        crops_per_image: int = 1,
+        max_images: int | None = None,
+    ):
+        _validate(manifest, mode, batch_size, cache, crops, crops_per_image)
+        self.manifest = manifest
+        self.mode = mode
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.runtime = runtime
+        self.seed = seed
+        self.cache = cache
+        self.crops = crops
+        self.crops_per_image = crops_per_image
+        self.images_per_batch = batch_size // crops_per_image
+        self.num_images = manifest.num_images if max_images is None else min(manifest.num_images, max_images)
+        self._centre_boxes = None
+        if mode == "eval":
+            self._centre_boxes = np.array(
+                [centre_box(int(w), int(h), preprocess.crop_pct) for w, h in zip(manifest.widths, manifest.heights)],
+                dtype=np.int32,
+            ).reshape(-1, 4)
+
+        size, interp = preprocess.input_size, preprocess.interpolation
+        if backend_kind == "dali":
+            from stage2_student_distill.loader_dali import DaliBackend
+
+            self._backend = DaliBackend(manifest, size, interp, self.images_per_batch, crops_per_image, runtime)
+        else:
+            self._backend = _TorchBackend(manifest, size, interp, runtime.num_workers, pin_memory=runtime.is_cuda)
+        self.kind = self._backend.kind
+
+        rank, world = runtime.rank, runtime.world_size
+        if mode == "eval":
+            rank_images = len(range(rank, self.num_images, world))
+            self._num_batches = -(-rank_images // self.images_per_batch)
+            self.num_samples_per_epoch = rank_images
+        else:
+            self._num_batches = (self.num_images // world) // self.images_per_batch
+            self.num_samples_per_epoch = self._num_batches * batch_size
+            if self._num_batches == 0:
+                raise ValueError(
+                    f"{self.num_images} images over {world} rank(s) do not fill one batch of "
+                    f"{self.images_per_batch} images; an epoch would train on nothing -- lower the batch size"
+                )
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        samples = self._plan(epoch)
+        plan = samples.plan
+        assert plan.num_batches == self._num_batches, "plan and __len__ disagree"
+
+        def produce(index: int):
+            rows = plan.batch_slice(index)
+            return self._backend.render(
+                plan.image_ids[rows], samples.boxes[rows], samples.flips[rows], samples.sample_ids[rows]
+            )
+
+        # closing(): a training loop that stops early also stops the prefetch thread.
+        with contextlib.closing(_prefetch(produce, plan.num_batches, PREFETCH_BATCHES)) as rendered:
+            for index, (pixels, rendered_ids) in enumerate(rendered):
+                yield self._batch(samples, index, pixels, rendered_ids)
+
+    def _plan(self, epoch: int) -> _EpochSamples:
+        """The epoch's samples for this rank: ids, boxes, flips and (distill) top-k rows."""
+        plan = plan_epoch(
+            self.num_images,
+            seed=self.seed,
+            epoch=epoch,
+            rank=self.runtime.rank,
+            world_size=self.runtime.world_size,
+            images_per_batch=self.images_per_batch,
+            shuffle=self.mode != "eval",
+        )
+        ids, m = plan.image_ids, self.crops_per_image
+        column = np.arange(m, dtype=np.int64)[None, :]
+        if self.mode == "distill":
+            C = self.cache.num_crops
+            crop_ids = epoch_crops(self.seed, ids, epoch, C, m)
+            # One gather for the whole epoch reads each cache shard once; per-batch
+            # gathers of shuffled images would re-read a shard for almost every image.
+            rows = self.cache.gather(np.repeat(ids, m), crop_ids.reshape(-1))
+            samples = _EpochSamples(
+                plan,
+                crop_ids,
+                ids[:, None] * C + crop_ids,
+                rows["boxes"].reshape(len(ids), m, 4),
+                rows["flip"].reshape(len(ids), m),
+                rows["topk_index"].reshape(len(ids), m, -1),
+                rows["topk_prob"].reshape(len(ids), m, -1),
+            )
+        elif self.mode == "train":
+            crop_ids = np.repeat(epoch * m + column, len(ids), axis=0)
+            c = self.crops
+            b = crop_boxes(
+                c.seed, ids[:, None], crop_ids, self.manifest.widths[ids][:, None], self.manifest.heights[ids][:, None],
+                scale=c.scale, ratio=c.ratio, flip_p=c.flip_p,
+            )  # fmt: skip
+            samples = _EpochSamples(plan, crop_ids, ids[:, None] * m + column, b.as_array(), b.flip)
+        else:
+            samples = _EpochSamples(
+                plan,
+                np.full((len(ids), 1), -1, dtype=np.int64),
+                ids[:, None].copy(),
+                self._centre_boxes[ids][:, None, :],
+                np.zeros((len(ids), 1), dtype=np.uint8),
+            )
+        self._check_boxes(ids, samples.boxes)
+        return samples
+
+    def _check_boxes(self, ids: np.ndarray, boxes: np.ndarray) -> None:
+        """Every box must lie inside its image: a cache built from other files/orientation fails here."""
+        w = self.manifest.widths[ids][:, None].astype(np.int64)
+        h = self.manifest.heights[ids][:, None].astype(np.int64)
+        x, y, bw, bh = (boxes[..., i].astype(np.int64) for i in range(4))
+        bad = (x < 0) | (y < 0) | (bw < 1) | (bh < 1) | (x + bw > w) | (y + bh > h)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise RuntimeError(
+                f"image {int(ids[row])} ({self.manifest.paths[int(ids[row])]}, {int(w[row, 0])}x{int(h[row, 0])}): "
+                f"crop box {boxes[row][bad[row]][0].tolist()} lies outside the image; the teacher cache was "
+                "built from different image files -- rebuild it for this manifest"
+            )
+
+    def _batch(self, samples: _EpochSamples, index: int, pixels: torch.Tensor, rendered_ids: torch.Tensor) -> Batch:
+        rows = samples.plan.batch_slice(index)
+        planned_ids = torch.from_numpy(np.ascontiguousarray(samples.sample_ids[rows]).reshape(-1))
+        if not torch.equal(rendered_ids.cpu(), planned_ids):
+            raise RuntimeError(
+                f"{self.kind} loader: batch {index} came back with sample ids {rendered_ids[:8].tolist()}... "
+                f"but the plan says {planned_ids[:8].tolist()}...; refusing to pair pixels with the wrong targets"
+            )
+        m = samples.crop_ids.shape[1]
+        image_ids = np.repeat(samples.plan.image_ids[rows], m)
+        device = self.runtime.device
+        targets = None
+        if self.mode == "distill":
+            k = samples.topk_index.shape[-1]
+            targets = restore_targets(
+                samples.topk_index[rows].reshape(-1, k), samples.topk_prob[rows].reshape(-1, k),
+                self.cache.num_classes, device,
+            )  # fmt: skip
+        pp = self.preprocess
+        return Batch(
+            images=normalize(pixels, pp.mean, pp.std, device, self.runtime.memory_format()),
+            image_ids=torch.from_numpy(image_ids),
+            crop_ids=torch.from_numpy(np.ascontiguousarray(samples.crop_ids[rows]).reshape(-1)),
+            sample_ids=planned_ids,
+            labels=torch.from_numpy(self.manifest.labels[image_ids].astype(np.int64)).to(device, non_blocking=True),
+            targets=targets,
+        )
+
+
+def _validate(manifest, mode, batch_size, cache, crops, crops_per_image) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+    if crops_per_image < 1 or batch_size < 1:
+        raise ValueError("batch_size and crops_per_image must be >= 1")
+    if batch_size % crops_per_image:
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of crops_per_image {crops_per_image}: "
+            "the crops of one decoded image travel in the same batch"
+        )
+    if mode == "eval" and crops_per_image != 1:
+        raise ValueError("eval uses one centre crop per image; crops_per_image must be 1")
+    if mode == "train" and crops is None:
+        raise ValueError("mode 'train' needs the crop policy (crops=CropConfig)")
+    if mode == "distill":
+        if cache is None:
+            raise ValueError("mode 'distill' needs the teacher cache (cache=CacheReader)")
+        cached = cache.attrs["manifest"]
+        if cached["hash"] != manifest.content_hash or int(cached["num_images"]) != manifest.num_images:
+            raise CacheError(
+                f"the teacher cache was built for manifest {cached['hash'][:16]}... ({cached['num_images']} images) "
+                f"but the loader got {manifest.content_hash[:16]}... ({manifest.num_images} images); "
+                "pass the manifest the cache was built from"
+            )
+        if crops_per_image > cache.num_crops:
+            raise ValueError(
+                f"crops_per_image {crops_per_image} > the cache's {cache.num_crops} crops per image; "
+                "an epoch's crops of one image must be distinct"
+            )
+
+
+def dali_available() -> bool:
+    """Whether DALI imports here (a broken install, e.g. missing shared libraries, counts as absent)."""
+    try:
+        import stage2_student_distill.loader_dali  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def build_loader(
+    kind: str,
+    *,
+    manifest: Manifest,
+    mode: str,
+    preprocess: Preprocess,
+    batch_size: int,
+    runtime: Runtime,
+    seed: int = 0,
+    cache: CacheReader | None = None,
+    crops: CropConfig | None = None,
+    crops_per_image: int = 1,
+    max_images: int | None = None,
+) -> Loader:
+    """A :class:`Loader`; ``kind``: "auto" (DALI if importable, else torch) | "dali" | "torch"."""
+    if kind not in ("auto", "dali", "torch"):
+        raise ValueError(f"loader kind {kind!r}: use auto, dali or torch")
+    if kind == "auto":
+        kind = "dali" if dali_available() else "torch"
+    elif kind == "dali" and not dali_available():
+        raise ImportError("loader 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); or use loader 'torch'")
+    return Loader(
+        kind,
+        manifest=manifest,
+        mode=mode,
+        preprocess=preprocess,
+        batch_size=batch_size,
+        runtime=runtime,
+        seed=seed,
+        cache=cache,
+        crops=crops,
+        crops_per_image=crops_per_image,
+        max_images=max_images,
+    )

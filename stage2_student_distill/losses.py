@@ -1,0 +1,134 @@
+"""Losses of stage 2 and the two training objectives built from them.
+
+Every loss here runs in float32 whatever the autocast dtype of the forward
+pass: softmax/log-softmax over 1000 classes in bf16 loses the small
+probabilities that carry the "dark knowledge" of the teachers.
+
+An *objective* turns a batch into dense targets and (logits, targets) into a
+loss; it is the only thing that differs between ``pipeline distill`` (KL to
+the cached ensemble + discriminator) and ``pipeline train`` (hard labels), so
+both commands share one training loop (``train.py``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def kl_to_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)) = sum_k t_k (log t_k - log_softmax(s)_k), mean over the batch.
+
+    MEAL V2's only "similarity" loss: no one-hot labels. ``xlogy`` makes
+    0 * log 0 = 0, so targets with exact zeros are fine. Equals
+    ``F.kl_div(log_softmax(s), t, reduction="batchmean")``; it differs from
+    the original's soft cross entropy only by the target entropy, a constant
+    that does not change gradients but makes 0 the minimum (easier to read).
+    """
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    targets = targets.float()
+    return (torch.xlogy(targets, targets) - targets * log_q).sum(-1).mean()
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-sum_k t_k log_softmax(s)_k, mean over the batch (cross entropy to dense targets)."""
+    return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
+    """Dense targets for hard labels, smoothed as ``F.cross_entropy(label_smoothing=)`` does."""
+    one_hot = F.one_hot(labels.long(), num_classes).float()
+    return one_hot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def discriminator_loss(discriminator: nn.Module, student_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """MEAL V2's discriminator loss: BCE-with-logits on [student; target] with labels [1,0] / [0,1].
+
+    Semantics mirror the original (``loss.py: discriminatorLoss`` and
+    ``train.py``): the student rows and the target rows are stacked into one
+    batch, the discriminator labels student outputs ``[1, 0]`` and ensemble
+    targets ``[0, 1]``, and this one loss is *added to the student's loss and
+    minimised jointly* by the student and the discriminator -- there is no
+    alternating min-max and no label flipping for the student. The gradient
+    reaches the student through ``student_probs`` (not detached), so the
+    student is nudged towards outputs the discriminator can tell apart from
+    the ensemble; the authors describe this as a regulariser that keeps the
+    student from collapsing onto the ensemble while the KL term pulls it
+    towards it (szq0214/MEAL-V2 issues #2 and #6). Target rows carry no
+    gradient (they come from the cache).
+    """
+    batch = student_probs.shape[0]
+    inputs = torch.cat([student_probs.float(), target_probs.float()], dim=0)
+    labels = torch.zeros(2 * batch, 2, device=inputs.device)
+    labels[:batch, 0] = 1.0  # student
+    labels[batch:, 1] = 1.0  # ensemble target
+    return F.binary_cross_entropy_with_logits(discriminator(inputs).float(), labels)
+
+
+class DistillObjective:
+    """``pipeline distill``: KL to the cached soft targets (+ the discriminator term).
+
+    ``loss = kl + d_loss`` is back-propagated once; the student's optimizer
+    and the discriminator's own optimizer each step their parameters from it.
+    """
+
+    def __init__(self, discriminator: nn.Module | None):
+        self.discriminator = discriminator
+        self.parts = ("loss", "kl", "d_loss") if discriminator is not None else ("loss", "kl")
+
+    def targets(self, batch) -> torch.Tensor:
+        return batch.targets
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss to back-propagate, detached float32 vector of ``self.parts``)."""
+        kl = kl_to_targets(logits, targets)
+        if self.discriminator is None:
+            return kl, torch.stack([kl, kl]).detach()
+        d_loss = discriminator_loss(self.discriminator, F.softmax(logits.float(), dim=-1), targets)
+        loss = kl + d_loss
+        return loss, torch.stack([loss, kl, d_loss]).detach()
+
+
+class HardLabelObjective:
+    """``pipeline train``: cross entropy to (optionally smoothed) one-hot labels."""
+
+    parts = ("loss",)
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def targets(self, batch) -> torch.Tensor:
+        return smooth_one_hot(batch.labels, self.num_classes, self.label_smoothing)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = soft_cross_entropy(logits, targets)
+        return loss, loss.detach().reshape(1)
+
+
+def cutmix(
+    images: torch.Tensor, targets: torch.Tensor, prob: float, alpha: float, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CutMix with dense targets mixed by pasted area (as FKD does with soft labels).
+
+    With probability ``prob`` a box of area ~(1 - lam), lam ~ Beta(alpha, alpha),
+    is pasted from a permutation of the batch; the targets are mixed with the
+    *actual* area ratio after the box is clipped to the image. ``rng`` is
+    seeded per (seed, epoch, step, rank) by the caller, so a resumed run
+    draws the same boxes as an uninterrupted one.
+    """
+    if prob <= 0 or rng.random() >= prob:
+        return images, targets
+    batch, _, height, width = images.shape
+    lam = rng.beta(alpha, alpha)
+    cut = np.sqrt(1.0 - lam)
+    cut_h, cut_w = int(height * cut), int(width * cut)
+    cy, cx = rng.integers(height), rng.integers(width)
+    y1, y2 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+    x1, x2 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+    perm = torch.as_tensor(rng.permutation(batch), device=images.device)
+    images = images.clone()
+    images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
+    kept = 1.0 - float((y2 - y1) * (x2 - x1)) / (height * width)
+    return images, kept * targets + (1.0 - kept) * targets[perm]

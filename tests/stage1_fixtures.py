@@ -1,0 +1,72 @@
+"""Tiny datasets and configs for the teacher-cache tests (imported by test modules, not a conftest)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.config import load_config
+from data_manifests.build import build_manifest
+
+CLASSES = ("ant", "bee", "cat")
+# Varied sizes and aspect ratios, including tall, wide and tiny images.
+SIZES = [(40, 30), (57, 64), (33, 80), (90, 45), (48, 48), (25, 70), (64, 20), (37, 52), (70, 66)]
+TEACHERS = ("test_resnet", "test_efficientnet")
+# Different sizes per teacher, so the test sees each teacher render its own view.
+INPUT_SIZES = ("test_resnet=32", "test_efficientnet=40")
+
+
+def write_tree(root: Path, sizes, seed: int) -> Path:
+    """ImageFolder tree of random RGB PNGs, images dealt round-robin over CLASSES."""
+    rng = np.random.default_rng(seed)
+    for i, (w, h) in enumerate(sizes):
+        folder = root / CLASSES[i % len(CLASSES)]
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:02d}.png")
+    return root
+
+
+def make_manifest(tmp: Path, name: str, sizes=SIZES, seed: int = 0) -> Path:
+    root = write_tree(tmp / f"{name}-images", sizes, seed)
+    out = tmp / f"{name}.parquet"
+    build_manifest(root, out, progress=False)
+    return out
+
+
+def overrides(manifest: Path, out: Path, **extra) -> dict:
+    """Flat config overrides of a fast CPU run: 2 tiny random-init teachers, C=3, k=2, shards of 4."""
+    base = {
+        "runtime.device": "cpu",
+        "runtime.progress": False,
+        "runtime.num_workers": 2,
+        "data.manifest": str(manifest),
+        "crops.num_crops": 3,
+        "teacher_cache.teachers": list(TEACHERS),
+        "teacher_cache.input_sizes": list(INPUT_SIZES),
+        "teacher_cache.pretrained": False,
+        "teacher_cache.out": str(out),
+        "teacher_cache.topk": 2,
+        "teacher_cache.batch_size": 7,  # groups of 2 images; batches straddle images and groups
+        "teacher_cache.images_per_shard": 4,
+        "teacher_cache.loader": "torch",
+    }
+    base.update(extra)
+    return base
+
+
+def config(manifest: Path, out: Path, **extra):
+    return load_config(None, overrides(manifest, out, **extra))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("stage1")
+    return {
+        "tmp": tmp,
+        "train": make_manifest(tmp, "train"),
+        # same classes, other images: a labelled validation set and a "different manifest"
+        "val": make_manifest(tmp, "val", sizes=SIZES[:6], seed=1),
+    }
