@@ -156,13 +156,12 @@ def generate(args, model: SoftLabelModel) -> dict:
         top1.append(val[:, 0].numpy())
         top5.append(cum[:, 4].numpy())
         top10.append(cum[:, min(9, kmax - 1)].numpy())
-        p64 = p.double()
-        neg_entropy = torch.special.xlogy(p64, p64).sum(-1)
+        neg_entropy = torch.special.xlogy(p, p).sum(-1)  # float32 is ample for KLs of 1e-3..1 nats
         entropy.append(-neg_entropy.numpy())
 
         def kl_to(q: torch.Tensor) -> np.ndarray:
             # KL(p || q); q = 0 where p > 0 makes it infinite (see "zero residual" below).
-            return (neg_entropy - torch.special.xlogy(p64, q.double()).sum(-1)).numpy()
+            return (neg_entropy - torch.special.xlogy(p, q).sum(-1)).numpy()
 
         for k in ks:
             idx_k = idx[:, :k].numpy().astype(np.uint16)
@@ -365,11 +364,13 @@ def write_fkd(root: Path, data: dict, k: int) -> float:
     for i in range(len(data["boxes"])):
         path = fkd_path(root, i)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # np.array(...) copies: torch.save writes a tensor's whole storage, and a tensor made
+        # from a numpy view would drag the rest of the N-image array into every file.
         torch.save({
-            "boxes": torch.from_numpy(data["boxes"][i]),
-            "flip": torch.from_numpy(data["flip"][i]),
+            "boxes": torch.from_numpy(np.array(data["boxes"][i])),
+            "flip": torch.from_numpy(np.array(data["flip"][i])),
             "topk_index": torch.from_numpy(data["topk_index"][i, :, :k].astype(np.int16)),
-            "topk_prob": torch.from_numpy(np.ascontiguousarray(data["topk_prob"][i, :, :k])),
+            "topk_prob": torch.from_numpy(np.array(data["topk_prob"][i, :, :k])),
         }, path)
     return time.perf_counter() - t0
 
@@ -505,14 +506,23 @@ def main(argv=None) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cache_"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict = {"args": vars(args) | {"command": " ".join([Path(sys.executable).name, *sys.argv])},
-                 "machine": machine_info(), "assumed_consumption_img_per_s": ASSUMED_CONSUMPTION}
+                 "machine": machine_info(), "assumed_consumption_img_per_s": ASSUMED_CONSUMPTION, "timings_s": {}}
     N, C, K = args.images, args.crops, args.classes
+    clock = [time.perf_counter()]
+
+    def step(name: str, next_msg: str | None = None) -> None:
+        """Record how long the previous step took and announce the next one."""
+        now = time.perf_counter()
+        res["timings_s"][name] = round(now - clock[0], 2)
+        clock[0] = now
+        if next_msg:
+            print(f"[{now - t_start:5.0f} s] {next_msg}", file=sys.stderr, flush=True)
+
     try:
-        print(f"generating {N:,} x {C} soft labels ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
+        print(f"[    0 s] generating {N:,} x {C} soft labels ...", file=sys.stderr, flush=True)
         data = generate(args, SoftLabelModel(K, args.seed))
-        res["generate_s"] = time.perf_counter() - t0
         res["label_stats"], res["fidelity"] = data.pop("label_stats"), data.pop("fidelity")
+        step("generate_and_fidelity", f"writing caches for k = {args.ks} ...")
 
         # 1. size per k
         res["storage"] = {}
@@ -529,10 +539,9 @@ def main(argv=None) -> dict:
                 "imagenet_gb": du["allocated"] / (N * C) * IMAGENET_TRAIN_IMAGES * C / 1e9,
                 "write_s": write_s,
             }
-            print(f"  k={k}: {du['allocated'] / (N * C):.1f} B/crop", file=sys.stderr, flush=True)
+        step("write_caches", "timing reads ...")
 
         # 2. read rates (k = read_k)
-        print("timing reads ...", file=sys.stderr, flush=True)
         rng = np.random.default_rng(args.seed + 1)
         B, nb = args.batch, args.batches
         restore_s = restore_seconds_per_batch(data, args.read_k, K, B)
@@ -550,23 +559,24 @@ def main(argv=None) -> dict:
             r = bench_epoch_gather(CountingReader(path), rng, B, w, restore_s)
             read[f"epoch gather, 1 of {w} ranks (stage 2)"] = r | {
                 "note": f"{r['crops']:,} crops, gather {r['epoch_gather_s']:.2f} s"}
+        step("read_small")
 
         if args.imagenet_scale:
             # Same reads on an ImageNet-sized cache: random access then touches ~230 of
-            # ~1,250 shards per batch, which a 20-shard cache cannot show.
+            # ~1,250 shards per batch, and an epoch gather decodes all of them, which a
+            # 20-shard cache cannot show.
             big = work / "zarr_imagenet"
-            print("writing the ImageNet-sized (tiled) cache ...", file=sys.stderr, flush=True)
+            print(f"[{time.perf_counter() - t_start:5.0f} s] writing an ImageNet-sized (tiled) cache ...",
+                  file=sys.stderr, flush=True)
             res["imagenet_cache_write_s"] = write_cache(big, args, data, args.read_k, IMAGENET_TRAIN_IMAGES)
             res["imagenet_cache_disk"] = disk_usage(big)
-            print("timing reads on it ...", file=sys.stderr, flush=True)
+            step("write_imagenet_cache", "timing reads on it ...")
             r = bench_random(CountingReader(big), rng, B, max(5, nb // 20), prewarm=False)
             read["ImageNet: random, default LRU (64 shards)"] = r | {
                 "note": f"{r['num_shards']} shards, {r['shard_decodes_per_batch']:.0f} decodes/batch"}
-            big_reader = CountingReader(big, max_cached_shards=10**6)
-            r = bench_random(big_reader, rng, B, nb, prewarm=True)
+            r = bench_random(CountingReader(big, max_cached_shards=10**6), rng, B, nb, prewarm=True)
             read["ImageNet: random, all shards resident"] = r | {"note": "whole cache decoded in RAM"}
-            del big_reader
-            r = bench_sequential(CountingReader(big, max_cached_shards=2), rng, B, min(IMAGENET_TRAIN_IMAGES, 200_000))
+            r = bench_sequential(CountingReader(big, max_cached_shards=2), rng, B, 200_000)
             read["ImageNet: sequential by shard"] = r | {"note": f"first {r['crops']:,} crops"}
             for w in (1, 8):
                 r = bench_epoch_gather(CountingReader(big), rng, B, w, restore_s)
@@ -574,34 +584,38 @@ def main(argv=None) -> dict:
                     "note": f"{r['crops']:,} crops, gather {r['epoch_gather_s']:.1f} s"}
             if not args.keep:
                 shutil.rmtree(big)
+            step("read_imagenet")
 
         # 4. FKD-style per-image files, same data
-        print("writing FKD-style files ...", file=sys.stderr, flush=True)
+        print(f"[{time.perf_counter() - t_start:5.0f} s] writing FKD-style files ...", file=sys.stderr, flush=True)
         fkd_root = work / "fkd"
         write_s = write_fkd(fkd_root, data, args.fkd_k)
         du = disk_usage(fkd_root)
+        z = res["storage"][str(args.fkd_k)]
         res["fkd"] = du | {
             "bytes_per_crop_apparent": du["apparent"] / (N * C),
             "bytes_per_crop_allocated": du["allocated"] / (N * C),
             "bytes_per_file_apparent": du["apparent"] / N,
+            "bytes_per_file_allocated": du["allocated"] / N,
             "imagenet_gb": du["allocated"] / (N * C) * IMAGENET_TRAIN_IMAGES * C / 1e9,
             "write_s": write_s,
+            "filesystem_block_size": os.statvfs(fkd_root).f_bsize,
+            "size_ratio_apparent": du["apparent"] / z["apparent"],
+            "size_ratio_allocated": du["allocated"] / z["allocated"],
             "random": bench_fkd_random(fkd_root, rng, N, C, K, B, max(5, nb // 10)),
         }
-        z = res["storage"][str(args.fkd_k)]
-        res["fkd"]["size_ratio_apparent"] = du["apparent"] / z["apparent"]
-        res["fkd"]["size_ratio_allocated"] = du["allocated"] / z["allocated"]
-        res["fkd"]["filesystem_block_size"] = os.statvfs(fkd_root).f_bsize
+        step("fkd")
+        res["total_s"] = time.perf_counter() - t_start
+        res["machine"]["loadavg_at_end"] = os.getloadavg()  # other work on the machine skews the rates
+
+        # Report before cleaning up: deleting tens of thousands of small files takes a while.
+        print(report(res))
+        print(f"\ntotal {res['total_s']:.0f} s (before cleanup); JSON: {args.out}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    res["total_s"] = time.perf_counter() - t_start
-    res["machine"]["loadavg_at_end"] = os.getloadavg()  # other work on the machine skews the rates
-
-    print(report(res))
-    print(f"\ntotal {res['total_s']:.0f} s; JSON: {args.out}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
     return res
 
 

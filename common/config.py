@@ -65,7 +65,7 @@ class TeacherCacheConfig:
     temperature: float = 1.0
     batch_size: int = 64  # crops per teacher forward pass
     images_per_shard: int = 1024
-    loader: str = "auto"  # auto (DALI if importable) | dali | torch
+    loader: str = "auto"  # auto (DALI on CUDA when importable, else torch) | dali | torch
     evaluate_manifest: str = ""  # measure teachers on this manifest before caching
     min_top1_over_chance: float = 2.0  # stop if a teacher's top-1 < this x chance
 

@@ -41,6 +41,11 @@ def _final_top1(run_dir: Path) -> float | None:
     return rows[-1]["val_top1"] if rows else None
 
 
+def _started(run_dir: Path) -> bool:
+    """Resume a step that already wrote a checkpoint (a rerun of the demo continues)."""
+    return (run_dir / "last.pt").exists()
+
+
 def _shared_overrides(d) -> dict:
     """Settings every demo stage shares: small images, small batches, a gentler crop scale.
 
@@ -93,7 +98,7 @@ def run(cfg: Config) -> dict:
     for i, name in enumerate(d.teachers):
         run_dir = out / f"teacher_{name}"
         _say(f"3/7 training teacher {i + 1}/{len(d.teachers)}: {name} ({d.teacher_epochs} epochs) -> {run_dir}")
-        tcfg = base.replace(**{"train.model": name, "train.out": str(run_dir), "train.resume": True,
+        tcfg = base.replace(**{"train.model": name, "train.out": str(run_dir), "train.resume": _started(run_dir),
                                 "optim.epochs": d.teacher_epochs})
         run_train(tcfg)
         teacher_runs[name] = run_dir
@@ -113,11 +118,11 @@ def run(cfg: Config) -> dict:
     student_runs = {"MEAL V2 (cached KD)": out / "student_mealv2", "hard labels": out / "student_hard"}
     _say(f"5/7 distilling {d.student} from the cache ({d.student_epochs} epochs)")
     run_distill(base.replace(**{"distill.student": d.student, "distill.cache": str(cache_dir),
-                                "distill.out": str(student_runs["MEAL V2 (cached KD)"]), "distill.resume": True,
+                                "distill.out": str(student_runs["MEAL V2 (cached KD)"]), "distill.resume": _started(student_runs["MEAL V2 (cached KD)"]),
                                 "optim.epochs": d.student_epochs}))
     _say(f"6/7 training {d.student} on hard labels ({d.student_epochs} epochs), the baseline")
     run_train(base.replace(**{"train.model": d.student, "train.out": str(student_runs["hard labels"]),
-                              "train.resume": True, "optim.epochs": d.student_epochs}))
+                              "train.resume": _started(student_runs["hard labels"]), "optim.epochs": d.student_epochs}))
 
     _say("7/7 results")
     teacher_eval = (cache_summary or {}).get("teacher_eval") or {}

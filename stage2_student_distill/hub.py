@@ -146,7 +146,7 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
 def _describe(model: nn.Module, pre: Preprocess, class_names: tuple[str, ...] | None, **extra: Any) -> None:
     """Record the preprocessing (and labels) in timm's ``pretrained_cfg``, where timm's data helpers look."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    for key in ("test_input_size", "test_crop_pct", "hf_hub_id", "hf_hub_filename", "file", "state_dict"):
+    for key in ("test_input_size", "test_crop_pct", "url", "hf_hub_id", "hf_hub_filename", "file", "state_dict"):
         cfg.pop(key, None)
     cfg.update(
         input_size=(3, pre.input_size, pre.input_size),
