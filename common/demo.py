@@ -72,7 +72,8 @@ def run(cfg: Config) -> dict:
     from stage2_student_distill.train import run_distill, run_train
 
     d = cfg.demo
-    out, data_dir = Path(d.out), Path(d.data_dir)
+    # One folder per subset size, so changing [demo] never pairs a manifest with another tree.
+    out, data_dir = Path(d.out), Path(d.data_dir) / f"subset-{d.train_images}-{d.val_images}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     _say(
