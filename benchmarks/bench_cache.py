@@ -261,14 +261,31 @@ def write_cache(path: Path, args, data: dict, k: int, num_images: int | None = N
 
 
 class CountingReader(CacheReader):
-    """CacheReader that counts shard decodes (LRU misses): the cost driver of random access."""
+    """CacheReader that counts shard decodes (LRU misses): the cost driver of random access.
 
-    decodes = 0
+    A miss is detected as a read of a data array below read_shard, so this relies
+    only on CacheReader decoding a shard through self.arrays, not on its LRU internals.
+    """
 
-    def read_shard(self, shard: int):
-        if shard not in self._shards:
-            self.decodes += 1
-        return super().read_shard(shard)
+    def __init__(self, path, max_cached_shards: int = 64):
+        super().__init__(path, max_cached_shards=max_cached_shards)
+        self.lru_shards = max_cached_shards
+        self.decodes = 0
+        self.arrays = dict(self.arrays, topk_prob=_CountReads(self.arrays["topk_prob"], self))
+
+
+class _CountReads:
+    """Array proxy: each slice read of topk_prob is one shard decode."""
+
+    def __init__(self, array, owner: CountingReader):
+        self._array, self._owner = array, owner
+
+    def __getitem__(self, key):
+        self._owner.decodes += 1
+        return self._array[key]
+
+    def __getattr__(self, name):
+        return getattr(self._array, name)
 
 
 def restore_seconds_per_batch(data: dict, k: int, num_classes: int, batch: int, reps: int = 50) -> float:
@@ -304,7 +321,7 @@ def bench_random(reader: CountingReader, rng, batch: int, n_batches: int, prewar
     n = batch * n_batches
     return {"crops_per_s": rate(n, t_gather + t_restore), "gather_only_crops_per_s": rate(n, t_gather),
             "shard_decodes_per_batch": reader.decodes / n_batches, "batches": n_batches,
-            "lru_shards": reader._max_cached, "num_shards": reader.layout.num_shards}
+            "lru_shards": reader.lru_shards, "num_shards": reader.layout.num_shards}
 
 
 def bench_sequential(reader: CountingReader, rng, batch: int, max_crops: int) -> dict:
@@ -329,7 +346,7 @@ def bench_sequential(reader: CountingReader, rng, batch: int, max_crops: int) ->
         t_gather, t_restore = t_gather + t1 - t0, t_restore + time.perf_counter() - t1
     return {"crops_per_s": rate(len(ids), t_gather + t_restore), "gather_only_crops_per_s": rate(len(ids), t_gather),
             "shard_decodes_per_batch": reader.decodes / -(-len(ids) // batch), "crops": int(len(ids)),
-            "lru_shards": reader._max_cached, "num_shards": L.num_shards}
+            "lru_shards": reader.lru_shards, "num_shards": L.num_shards}
 
 
 def bench_epoch_gather(reader: CountingReader, rng, batch: int, world_size: int, restore_s: float) -> dict:
@@ -505,7 +522,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cache_"))
     work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"args": vars(args) | {"command": " ".join([Path(sys.executable).name, *sys.argv])},
+    res: dict = {"args": vars(args) | {"command": " ".join([sys.executable, *sys.argv])},
                  "machine": machine_info(), "assumed_consumption_img_per_s": ASSUMED_CONSUMPTION, "timings_s": {}}
     N, C, K = args.images, args.crops, args.classes
     clock = [time.perf_counter()]

@@ -19,14 +19,26 @@ loudly on read as well.
 The group attributes (JSON, no pickle anywhere) make the cache self-describing:
 format + version, manifest hash and size, classes, teachers, ensemble rule,
 crop policy, storage, tool version and the resolved config.
+
+A cache location is a local directory, a ``file://`` URL (opened as a local
+directory) or any other fsspec URL (``s3://``, ``gs://``, ``memory://``...).
+Opening a cache from a stranger is bounded: its JSON metadata has a size limit,
+and its arrays must have exactly the shapes, chunks, dtypes and codecs this
+module writes, so no read allocates more than one shard.
 """
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import uuid
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -41,6 +53,11 @@ RECORD_ARRAY = "shard_record"
 
 # Attributes that must agree for two runs to write into one cache.
 IDENTITY_KEYS = ("manifest", "num_classes", "teachers", "ensemble", "crops", "storage")
+
+# Bounds on what a cache from a stranger can make a reader do (see docs/reliability.md).
+MAX_METADATA_BYTES = 16 << 20  # per zarr.json; a 1000-class cache's is ~20 KB
+MAX_CHUNK_BYTES = 4 << 30  # one shard of one array, decoded
+ALLOWED_CODECS = frozenset({"bytes", "zstd", "crc32c"})  # what CacheWriter writes
 
 
 class CacheError(ValueError):
@@ -60,8 +77,55 @@ def _checksum(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).tobytes()) & 0xFFFFFFFF
 
 
+def is_url(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def local_path(location: str | Path) -> Path | None:
+    """The directory of a local cache (plain path or file:// URL); None for remote URLs."""
+    text = str(location)
+    if text.startswith("file://"):
+        return Path(url2pathname(urlparse(text).path))
+    return None if is_url(text) else Path(text)
+
+
+def _store(location: str | Path) -> Path | str:
+    """What zarr opens. file:// URLs become paths on purpose: zarr's LocalStore writes every
+    file atomically (temp + rename), fsspec's local filesystem writes in place, so a kill
+    could leave a torn chunk behind a completion record."""
+    path = local_path(location)
+    return path if path is not None else str(location)
+
+
 def _open_group(path: str | Path, mode: str) -> zarr.Group:
-    return zarr.open_group(store=str(path), mode=mode, zarr_format=3)
+    return zarr.open_group(store=_store(path), mode=mode, zarr_format=3)
+
+
+def _metadata_size(location: str | Path, key: str) -> int | None:
+    """Size of one metadata file of the store, None if absent."""
+    path = local_path(location)
+    if path is not None:
+        target = path / key
+        return target.stat().st_size if target.is_file() else None
+    import fsspec  # only remote caches need it
+
+    fs, root = fsspec.core.url_to_fs(str(location))
+    try:
+        return int(fs.size(f"{root.rstrip('/')}/{key}"))
+    except FileNotFoundError:
+        return None
+
+
+def _check_metadata_sizes(location: str | Path) -> None:
+    """Refuse oversized JSON before zarr parses it (a forged zarr.json could exhaust memory)."""
+    for name in ("", *DATA_ARRAYS, RECORD_ARRAY):
+        key = f"{name}/zarr.json" if name else "zarr.json"
+        size = _metadata_size(location, key)
+        if size is not None and size > MAX_METADATA_BYTES:
+            raise CacheError(
+                f"{location}: {key} is {size:,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit for cache "
+                "metadata; this is not a cache written by this tool"
+            )
 
 
 def describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -95,6 +159,59 @@ class CacheLayout:
             images_per_shard=int(attrs["storage"]["images_per_shard"]),
         )
 
+    def array_specs(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]]:
+        """name -> (shape, chunks, dtype) of every array: one chunk per shard along axis 0."""
+        N, C, k = self.num_images, self.num_crops, self.topk
+        n = min(self.images_per_shard, max(1, N))
+        fields = 1 + len(DATA_ARRAYS)
+        return {
+            "boxes": ((N, C, 4), (n, C, 4), np.dtype(np.int32)),
+            "flip": ((N, C), (n, C), np.dtype(np.uint8)),
+            "topk_index": ((N, C, k), (n, C, k), index_dtype(self.num_classes)),
+            "topk_prob": ((N, C, k), (n, C, k), np.dtype(np.float16)),
+            RECORD_ARRAY: ((self.num_shards, fields), (1, fields), np.dtype(np.uint32)),
+        }
+
+
+def _layout(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
+    """The layout the attributes promise, refusing malformed or absurd values."""
+    try:
+        layout = CacheLayout.from_attrs(attrs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CacheError(f"{path}: malformed cache attributes ({type(e).__name__}: {e})") from None
+    L = layout
+    if L.num_images < 0 or L.num_crops < 1 or L.images_per_shard < 1 or not 1 <= L.topk <= L.num_classes:
+        raise CacheError(
+            f"{path}: impossible layout in the attributes ({L.num_images} images, {L.num_crops} crops, "
+            f"k {L.topk} of {L.num_classes} classes, {L.images_per_shard} images per shard)"
+        )
+    chunk_bytes = L.images_per_shard * L.num_crops * max(4, L.topk) * 4
+    if chunk_bytes > MAX_CHUNK_BYTES:
+        raise CacheError(f"{path}: a shard would decode to {chunk_bytes:,} bytes, over the {MAX_CHUNK_BYTES:,} limit")
+    return layout
+
+
+def _check_arrays(group: zarr.Group, layout: CacheLayout, path: str | Path) -> dict[str, Any]:
+    """The arrays, if each has exactly the shape, chunking, dtype and codecs the layout implies."""
+    arrays = {}
+    for name, (shape, chunks, dtype) in layout.array_specs().items():
+        try:
+            arr = group[name]
+        except KeyError:
+            raise CacheError(f"{path}: array {name} is missing") from None
+        found = (tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype))
+        if found != (shape, chunks, dtype):
+            raise CacheError(
+                f"{path}: array {name} has shape {found[0]}, chunks {found[1]}, dtype {found[2]}; "
+                f"the attributes imply {shape}, {chunks}, {dtype}"
+            )
+        codecs = {codec.to_dict()["name"] for codec in arr.metadata.codecs}
+        if not codecs <= ALLOWED_CODECS:
+            raise CacheError(f"{path}: array {name} uses codecs {sorted(codecs - ALLOWED_CODECS)}, "
+                             f"which this tool never writes (it writes {sorted(ALLOWED_CODECS)})")
+        arrays[name] = arr
+    return arrays
+
 
 def _check_format(attrs: dict[str, Any], path: str | Path) -> None:
     fmt, ver = attrs.get("format"), attrs.get("version")
@@ -115,20 +232,18 @@ class CacheWriter:
     def __init__(self, path: str | Path, attrs: dict[str, Any]):
         self.path = str(path)
         wanted = dict(attrs, format=FORMAT_NAME, version=FORMAT_VERSION, tool_version=TOOL_VERSION)
-        self.layout = CacheLayout.from_attrs(wanted)
-        try:
-            group = _open_group(self.path, mode="w-")
-            created = True
-        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
-            created = False
-        if created:
-            self._create(group, wanted)
+        self.layout = _layout(wanted, self.path)
+        local = local_path(self.path)
+        if local is None:
+            self._create_remote(wanted)
+        elif not (local.exists() and any(local.iterdir())):
+            self._create_local(local, wanted)
         group = _open_group(self.path, mode="r+")
         found = dict(group.attrs)
         if not found:
             raise CacheError(
-                f"{self.path}: exists but has no cache attributes (another writer may be creating it; "
-                "otherwise delete the directory and rerun)"
+                f"{self.path}: exists but has no cache attributes (another writer may be creating it, or a "
+                "creation was interrupted; if no other run is writing it, delete it and rerun)"
             )
         _check_format(found, self.path)
         diffs = describe_difference(found, wanted)
@@ -140,20 +255,34 @@ class CacheWriter:
             )
         self.group = group
         self.attrs = found
-        self.arrays = {name: group[name] for name in (*DATA_ARRAYS, RECORD_ARRAY)}
+        self.arrays = _check_arrays(group, self.layout, self.path)
+
+    def _create_local(self, path: Path, attrs: dict[str, Any]) -> None:
+        """Build the empty cache beside ``path`` and rename it into place: a kill during creation
+        leaves no half-made cache (only a hidden ``.NAME.creating-*`` directory)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            self._create(_open_group(tmp, mode="w-"), attrs)
+            os.rename(tmp, path)  # atomic; replaces an empty directory, fails on a non-empty one
+        except OSError:
+            if not (path.exists() and any(path.iterdir())):
+                raise
+            # another writer created it first: use theirs (the identity check follows)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _create_remote(self, attrs: dict[str, Any]) -> None:
+        """Object stores have no atomic directory rename: create in place, attributes last."""
+        try:
+            group = _open_group(self.path, mode="w-")
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError):
+            return
+        self._create(group, attrs)
 
     def _create(self, group: zarr.Group, attrs: dict[str, Any]) -> None:
-        L = self.layout
-        S, n = L.num_shards, min(L.images_per_shard, max(1, L.num_images))
         compressors = [ZstdCodec(level=3), Crc32cCodec()]
-        specs = {
-            "boxes": ((L.num_images, L.num_crops, 4), (n, L.num_crops, 4), np.int32),
-            "flip": ((L.num_images, L.num_crops), (n, L.num_crops), np.uint8),
-            "topk_index": ((L.num_images, L.num_crops, L.topk), (n, L.num_crops, L.topk), index_dtype(L.num_classes)),
-            "topk_prob": ((L.num_images, L.num_crops, L.topk), (n, L.num_crops, L.topk), np.float16),
-            RECORD_ARRAY: ((S, 1 + len(DATA_ARRAYS)), (1, 1 + len(DATA_ARRAYS)), np.uint32),
-        }
-        for name, (shape, chunks, dtype) in specs.items():
+        for name, (shape, chunks, dtype) in self.layout.array_specs().items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=compressors)
         # Attributes last: a group without them is recognisably unfinished.
         group.attrs.update(attrs)
@@ -173,12 +302,44 @@ class CacheWriter:
             "boxes": np.asarray(boxes, dtype=np.int32).reshape(n, L.num_crops, 4),
             "flip": np.asarray(flip, dtype=np.uint8).reshape(n, L.num_crops),
             "topk_index": np.asarray(topk_index).astype(index_dtype(L.num_classes)).reshape(n, L.num_crops, L.topk),
-            "topk_prob": np.asarray(topk_prob, dtype=np.float16).reshape(n, L.num_crops, L.topk),
+            "topk_prob": round_down_fp16(topk_prob).reshape(n, L.num_crops, L.topk),
         }
-        for name in DATA_ARRAYS:
-            self.arrays[name][start:stop] = data[name]
         record = np.array([[1, *(_checksum(data[name]) for name in DATA_ARRAYS)]], dtype=np.uint32)
-        self.arrays[RECORD_ARRAY][shard : shard + 1] = record
+        try:
+            for name in DATA_ARRAYS:
+                self.arrays[name][start:stop] = data[name]
+            self.arrays[RECORD_ARRAY][shard : shard + 1] = record
+        except OSError as e:
+            raise CacheError(_write_failure(self.path, shard, e)) from e
+
+
+def _write_failure(path: str, shard: int, e: OSError) -> str:
+    """A failed write leaves the shard's record unset (written last, and atomically on local disks)."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (
+        f"{path}: writing shard {shard} failed: {e.strerror or e}"
+        + (" (disk full or quota exceeded)" if full else "")
+        + f"; shard {shard} is not marked complete and the shards before it are kept. "
+        + ("Free some space, then rerun" if full else "Fix the cause, then rerun")
+        + " the same command to resume."
+    )
+
+
+def round_down_fp16(prob) -> np.ndarray:
+    """float16 probabilities rounded toward zero.
+
+    Round-to-nearest can push the stored top-k mass to >= 1, which would leave
+    no residual for the other classes; rounding down keeps sum(topk) <= the
+    true mass, so restored targets give every class a share (when k < K).
+    """
+    prob = np.asarray(prob)
+    if prob.dtype == np.float16:
+        return prob
+    p32 = prob.astype(np.float32)
+    p16 = p32.astype(np.float16)
+    over = p16.astype(np.float32) > p32
+    p16[over] = np.nextafter(p16[over], np.float16(0))
+    return p16
 
 
 def _read_records(arr) -> np.ndarray:
@@ -200,6 +361,8 @@ class CacheReader:
 
     Shards are read whole and kept in a small LRU, which matches how Zarr
     stores them (one chunk per shard) and bounds memory for any dataset size.
+    With ``verify_checksums`` every shard read is compared with its completion
+    record (tools that copy a cache use it, so damage is not propagated).
     """
 
     def __init__(
@@ -209,18 +372,23 @@ class CacheReader:
         num_classes: int | None = None,
         require_complete: bool = True,
         max_cached_shards: int = 64,
+        verify_checksums: bool = False,
     ):
         self.path = str(path)
-        if "://" not in self.path and not Path(self.path).exists():
+        local = local_path(self.path)
+        if local is not None and not local.exists():
             raise CacheError(f"teacher cache {self.path} does not exist; build it with `pipeline teacher-cache`")
         try:
+            _check_metadata_sizes(self.path)
             group = _open_group(self.path, mode="r")
+        except CacheError:
+            raise
         except Exception as e:
             raise CacheError(f"{self.path}: not a readable Zarr v3 teacher cache ({type(e).__name__}: {e})") from None
         self.attrs = dict(group.attrs)
         _check_format(self.attrs, self.path)
-        self.layout = CacheLayout.from_attrs(self.attrs)
-        self.arrays = {name: group[name] for name in (*DATA_ARRAYS, RECORD_ARRAY)}
+        self.layout = _layout(self.attrs, self.path)
+        self.arrays = _check_arrays(group, self.layout, self.path)
         if manifest_hash is not None and self.attrs["manifest"]["hash"] != manifest_hash:
             raise CacheError(
                 f"{self.path}: built for manifest {self.attrs['manifest']['hash'][:16]}... "
@@ -232,13 +400,15 @@ class CacheReader:
                 f"{self.path}: cache has {self.layout.num_classes} classes but {num_classes} were expected; "
                 "the student's class count must equal the teachers'"
             )
-        self.complete = _read_records(self.arrays[RECORD_ARRAY])[:, 0] == 1
+        self.records = _read_records(self.arrays[RECORD_ARRAY])
+        self.complete = self.records[:, 0] == 1
         if require_complete and not self.complete.all():
             missing = np.flatnonzero(~self.complete)
             raise CacheError(
                 f"{self.path}: {len(missing)} of {len(self.complete)} shards are incomplete "
                 f"(e.g. shard {missing[:5].tolist()}); rerun the same `pipeline teacher-cache` command to finish it"
             )
+        self.verify_checksums = verify_checksums
         self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._max_cached = max_cached_shards
 
@@ -272,35 +442,54 @@ class CacheReader:
                 f"{self.path}: shard {shard} (images {start}..{stop - 1}) is damaged ({type(e).__name__}: {e}); "
                 "run `pipeline cache verify` and rebuild the damaged shards"
             ) from None
+        if self.verify_checksums:
+            altered = [name for j, name in enumerate(DATA_ARRAYS) if _checksum(data[name]) != self.records[shard, 1 + j]]
+            if altered:
+                raise CacheError(
+                    f"{self.path}: shard {shard} array {altered[0]}: checksum mismatch (file altered or damaged); "
+                    "run `pipeline cache verify --repair` and rebuild the damaged shards"
+                )
         self._shards[shard] = data
         if len(self._shards) > self._max_cached:
             self._shards.popitem(last=False)
         return data
 
+    def _by_shard(self, image_ids: np.ndarray) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]]:
+        """(positions in image_ids, shard data, rows in the shard) per shard, one sort (O(n log n))."""
+        if image_ids.size and (image_ids.min() < 0 or image_ids.max() >= self.num_images):
+            raise CacheError(f"{self.path}: image id out of range 0..{self.num_images - 1}")
+        ips = self.layout.images_per_shard
+        shard_ids = image_ids // ips
+        order = np.argsort(shard_ids, kind="stable")
+        shards, starts = np.unique(shard_ids[order], return_index=True)
+        for s, sel in zip(shards, np.split(order, starts[1:])):
+            yield sel, self.read_shard(int(s)), image_ids[sel] - s * ips
+
     def gather(self, image_ids, crop_ids) -> dict[str, np.ndarray]:
         """Rows for (image_id, crop_id) pairs, in the order given."""
         image_ids = np.asarray(image_ids, dtype=np.int64)
         crop_ids = np.asarray(crop_ids, dtype=np.int64)
-        if image_ids.size and (image_ids.min() < 0 or image_ids.max() >= self.num_images):
-            raise CacheError(f"{self.path}: image id out of range 0..{self.num_images - 1}")
         if crop_ids.size and (crop_ids.min() < 0 or crop_ids.max() >= self.num_crops):
             raise CacheError(f"{self.path}: crop index out of range 0..{self.num_crops - 1}")
-        ips = self.layout.images_per_shard
-        shard_ids = image_ids // ips
         out = {
             "boxes": np.empty((len(image_ids), 4), np.int32),
             "flip": np.empty(len(image_ids), np.uint8),
             "topk_index": np.empty((len(image_ids), self.topk), index_dtype(self.num_classes)),
             "topk_prob": np.empty((len(image_ids), self.topk), np.float16),
         }
-        # Group by shard with one sort (O(n log n)), not one scan per shard.
-        order = np.argsort(shard_ids, kind="stable")
-        shards, starts = np.unique(shard_ids[order], return_index=True)
-        for s, sel in zip(shards, np.split(order, starts[1:])):
-            data = self.read_shard(int(s))
-            rows, cols = image_ids[sel] - s * ips, crop_ids[sel]
+        for sel, data, rows in self._by_shard(image_ids):
             for name in DATA_ARRAYS:
-                out[name][sel] = data[name][rows, cols]
+                out[name][sel] = data[name][rows, crop_ids[sel]]
+        return out
+
+    def images(self, image_ids) -> dict[str, np.ndarray]:
+        """Every crop of the given images, in the order given: arrays [len(image_ids), C, ...]."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        specs = self.layout.array_specs()
+        out = {name: np.empty((len(image_ids), *specs[name][0][1:]), specs[name][2]) for name in DATA_ARRAYS}
+        for sel, data, rows in self._by_shard(image_ids):
+            for name in DATA_ARRAYS:
+                out[name][sel] = data[name][rows]
         return out
 
 
@@ -326,44 +515,63 @@ def restore_targets(topk_index, topk_prob, num_classes: int, device=None) -> tor
     return dense / dense.sum(-1, keepdim=True)
 
 
-def verify_cache(path: str | Path, manifest_hash: str | None = None) -> list[str]:
-    """Every problem found (empty list = sound): format, completeness, checksums, mass."""
-    problems: list[str] = []
+def _shard_problems(reader: CacheReader, shard: int) -> list[str]:
+    """Problems of one shard that claims to be complete: unreadable, altered or impossible data."""
+    L, record = reader.layout, reader.records[shard]
+    start, stop = shard_bounds(shard, L.images_per_shard, L.num_images)
+    problems = []
+    for j, name in enumerate(DATA_ARRAYS):
+        try:
+            data = np.asarray(reader.arrays[name][start:stop])
+        except Exception as e:
+            problems.append(f"shard {shard} array {name}: unreadable ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        if _checksum(data) != record[1 + j]:
+            problems.append(f"shard {shard} array {name}: checksum mismatch (file altered or damaged)")
+            continue
+        if name == "topk_prob":
+            mass = data.astype(np.float32).sum(-1)
+            if (data < 0).any() or (mass > 1.0 + 1e-2).any() or not np.isfinite(mass).all():
+                problems.append(f"shard {shard}: probability mass outside [0, 1]")
+        if name == "topk_index" and (data.astype(np.int64) >= L.num_classes).any():
+            problems.append(f"shard {shard}: class index >= num_classes ({L.num_classes})")
+    return problems
+
+
+def _scan(path: str | Path, manifest_hash: str | None) -> tuple[list[str], list[int]]:
+    """(every problem, the complete shards that are damaged)."""
     try:
         reader = CacheReader(path, manifest_hash=manifest_hash, require_complete=False)
     except CacheError as e:
-        return [str(e)]
+        return [str(e)], []
+    problems, damaged = [], []
     L = reader.layout
-    for name, shape in (
-        ("boxes", (L.num_images, L.num_crops, 4)),
-        ("flip", (L.num_images, L.num_crops)),
-        ("topk_index", (L.num_images, L.num_crops, L.topk)),
-        ("topk_prob", (L.num_images, L.num_crops, L.topk)),
-        (RECORD_ARRAY, (L.num_shards, 1 + len(DATA_ARRAYS))),
-    ):
-        if tuple(reader.arrays[name].shape) != shape:
-            problems.append(f"array {name}: shape {tuple(reader.arrays[name].shape)}, expected {shape}")
-    if problems:
-        return problems
-    records = _read_records(reader.arrays[RECORD_ARRAY])
     for s in range(L.num_shards):
-        start, stop = shard_bounds(s, L.images_per_shard, L.num_images)
-        if records[s, 0] != 1:
+        if not reader.complete[s]:
+            start, stop = shard_bounds(s, L.images_per_shard, L.num_images)
             problems.append(f"shard {s} (images {start}..{stop - 1}): incomplete (no completion record)")
             continue
-        for j, name in enumerate(DATA_ARRAYS):
-            try:
-                data = np.asarray(reader.arrays[name][start:stop])
-            except Exception as e:
-                problems.append(f"shard {s} array {name}: unreadable ({type(e).__name__}: {str(e)[:120]})")
-                continue
-            if _checksum(data) != records[s, 1 + j]:
-                problems.append(f"shard {s} array {name}: checksum mismatch (file altered or damaged)")
-                continue
-            if name == "topk_prob":
-                mass = data.astype(np.float32).sum(-1)
-                if (data < 0).any() or (mass > 1.0 + 1e-2).any() or not np.isfinite(mass).all():
-                    problems.append(f"shard {s}: probability mass outside [0, 1]")
-            if name == "topk_index" and (data.astype(np.int64) >= L.num_classes).any():
-                problems.append(f"shard {s}: class index >= num_classes ({L.num_classes})")
-    return problems
+        found = _shard_problems(reader, s)
+        problems += found
+        if found:
+            damaged.append(s)
+    return problems, damaged
+
+
+def verify_cache(path: str | Path, manifest_hash: str | None = None) -> list[str]:
+    """Every problem found (empty list = sound): format, layout, completeness, checksums, mass."""
+    return _scan(path, manifest_hash)[0]
+
+
+def repair_cache(path: str | Path) -> tuple[list[str], list[int]]:
+    """Reset the completion record of every damaged shard, so that rerunning the command that
+    wrote the cache recomputes exactly those shards. Returns (problems, shards reset).
+
+    Not while a writer runs: it could be writing the records being reset.
+    """
+    problems, damaged = _scan(path, None)
+    if damaged:
+        records = _open_group(path, mode="r+")[RECORD_ARRAY]
+        for s in damaged:
+            records[s : s + 1] = np.zeros((1, records.shape[1]), dtype=np.uint32)
+    return problems, damaged

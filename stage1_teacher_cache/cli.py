@@ -1,11 +1,15 @@
-"""`pipeline teacher-cache` and `pipeline cache info|verify`: thin shells over run() and the cache format."""
+"""`pipeline teacher-cache` and `pipeline cache ...`: thin shells over run(), the cache format and sharing.
+
+CACHE arguments are local directories or fsspec URLs (file://, s3://, memory://, ...),
+so they are plain strings here and the cache format reports what is missing.
+"""
 from __future__ import annotations
 
 import json
 
 import click
 
-from common.cache_format import verify_cache
+from common.cache_format import repair_cache, verify_cache
 from common.cli_support import resolve_config, user_errors
 from common.manifest import load_manifest
 
@@ -17,7 +21,10 @@ from common.manifest import load_manifest
 @click.option("--input-size", "input_sizes", multiple=True, metavar="NAME=SIZE",
               help="Override a teacher's input size (repeatable).")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="Training manifest (data.manifest).")
-@click.option("--out", type=click.Path(file_okay=False), help="Cache directory; rerun to resume.")
+@click.option("--out", help="Cache directory or fsspec URL; rerun to resume.")
+@click.option("--reuse-crops", metavar="CACHE",
+              help="Use the crop boxes and flips stored in CACHE (same manifest) instead of drawing them from the "
+                   "seed, so the new cache can be merged with CACHE (`pipeline cache merge`).")
 @click.option("--topk", type=int, help="Classes kept per crop.")
 @click.option("--temperature", type=float, help="Softmax temperature of each teacher.")
 @click.option("--batch-size", type=int, help="Crops per teacher forward pass.")
@@ -50,18 +57,19 @@ def teacher_cache_command(ctx: click.Context, **flags) -> None:
         "evaluate_manifest": "teacher_cache.evaluate_manifest",
         "pretrained": "teacher_cache.pretrained",
     }
+    reuse_crops = flags.pop("reuse_crops")
     cfg = resolve_config(ctx, {keys[name]: value for name, value in flags.items()})
     with user_errors():
-        run(cfg)
+        run(cfg, reuse_crops=reuse_crops)
 
 
 @click.group("cache")
 def cache_group() -> None:
-    """Inspect and check teacher caches."""
+    """Inspect, check, combine, cut and transfer teacher caches."""
 
 
 @cache_group.command("info")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info_command(cache: str, as_json: bool) -> None:
     """Metadata of CACHE: manifest, teachers, crop policy, storage, completeness, size."""
@@ -73,16 +81,99 @@ def info_command(cache: str, as_json: bool) -> None:
 
 
 @cache_group.command("verify")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("cache")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="Also check the cache was built from this manifest.")
-def verify_command(cache: str, manifest: str | None) -> None:
+@click.option("--repair", is_flag=True,
+              help="Reset the completion record of damaged shards, so that rerunning the command that wrote the "
+                   "cache (teacher-cache, merge or subset) recomputes them. Not while that command runs.")
+def verify_command(cache: str, manifest: str | None, repair: bool) -> None:
     """Check CACHE: format, completeness, per-shard checksums, probability mass. Exit 1 on any problem."""
     with user_errors():
         manifest_hash = load_manifest(manifest).content_hash if manifest else None
-        problems = verify_cache(cache, manifest_hash=manifest_hash)
+        if repair:
+            problems, reset = repair_cache(cache)
+        else:
+            problems, reset = verify_cache(cache, manifest_hash=manifest_hash), []
     for problem in problems:
         click.echo(f"PROBLEM: {problem}", err=True)
+    if reset:
+        raise click.ClickException(f"reset the completion record of shard(s) {reset}; rerun the command that "
+                                   "wrote the cache (same arguments) to recompute them")
     if problems:
-        raise click.ClickException(f"{len(problems)} problem(s) in {cache}; rebuild the named shards "
-                                   "(delete the cache or rerun `pipeline teacher-cache` into a fresh --out)")
+        hint = ("rerun the command that wrote it to finish incomplete shards; `--repair` resets damaged ones"
+                if any("shard" in p for p in problems) else "the cache cannot be read as listed")
+        raise click.ClickException(f"{len(problems)} problem(s) in {cache}; {hint}")
     click.echo(f"OK: {cache} is complete and every shard matches its checksum")
+
+
+@cache_group.command("merge")
+@click.argument("caches", nargs=-1, required=True)
+@click.option("--out", required=True, help="The merged cache (directory or URL); rerun to resume.")
+@click.option("--topk", type=int, help="Classes kept per crop (default: the smallest k of the inputs).")
+def merge_command(caches: tuple[str, ...], out: str, topk: int | None) -> None:
+    """Average CACHES (same manifest, crops and classes; disjoint teachers) into one ensemble cache.
+
+    Each input's dense targets are restored from its top-k, averaged with a weight proportional to its
+    number of teachers and cut to top-k again; docs/cache-format.md ("Merging") measures the loss.
+    A --topk above the inputs' smallest k keeps classes whose probability is partly the inputs'
+    uniform residual, i.e. a guess.
+    """
+    from stage1_teacher_cache.sharing import merge_caches
+
+    with user_errors():
+        s = merge_caches(caches, out, topk=topk)
+    click.echo(f"merged {len(s['sources'])} caches into {s['cache']}: teachers {', '.join(s['teachers'])}, "
+               f"weights {', '.join(f'{w:.3f}' for w in s['weights'])}, top-{s['k']}; "
+               f"wrote {s['shards_written']} of {s['shards_total']} shard(s)")
+
+
+@cache_group.command("subset")
+@click.argument("cache")
+@click.option("--out", required=True, help="The new cache (directory or URL).")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="The manifest CACHE was built from.")
+@click.option("--subset-manifest-out", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the manifest of the selected images (same root, dense image ids).")
+@click.option("--classes", help="Comma-separated class names: keep the images labelled with them.")
+@click.option("--image-ids", metavar="FILE|RANGES",
+              help="A file of image ids (whitespace/comma separated, # comments) or ranges like 0:1000,2000:2500 "
+                   "(stop excluded) and single ids.")
+def subset_command(cache: str, out: str, manifest: str, subset_manifest_out: str, classes: str | None,
+                   image_ids: str | None) -> None:
+    """Cut CACHE down to some images, writing the matching manifest too.
+
+    Image ids are positions in a manifest, so the subset gets its own manifest (images in their
+    original order, renumbered 0..n-1) and the cache is tied to it. Subsetting by class keeps the
+    label space: num_classes and class names are unchanged, and targets still spread over every class.
+    """
+    from stage1_teacher_cache.sharing import subset_cache
+
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes is not None else None
+    with user_errors():
+        s = subset_cache(cache, out, manifest, subset_manifest_out, classes=names, image_ids=image_ids)
+    click.echo(f"subset of {s['images']:,} images: manifest {s['manifest']} ({s['manifest_hash'][:16]}...), "
+               f"cache {s['cache']} ({s['shards_written']} of {s['shards_total']} shard(s) written)")
+
+
+@cache_group.command("pack")
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pack file (a tar).")
+def pack_command(cache: str, out: str) -> None:
+    """Write CACHE as one uncompressed tar with a sha256 per file, for transfer."""
+    from stage1_teacher_cache.pack import pack_cache
+
+    with user_errors():
+        s = pack_cache(cache, out)
+    note = "" if s["complete"] else " (the cache is incomplete: finish it after unpacking)"
+    click.echo(f"packed {s['files']} files into {s['pack']} ({s['bytes']:,} bytes){note}")
+
+
+@cache_group.command("unpack")
+@click.argument("pack", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New cache directory (must not exist).")
+def unpack_command(pack: str, out: str) -> None:
+    """Unpack a `cache pack` file into OUT, checking every file's sha256; nothing is written on a mismatch."""
+    from stage1_teacher_cache.pack import unpack_cache
+
+    with user_errors():
+        s = unpack_cache(pack, out)
+    click.echo(f"unpacked {s['files']} files into {s['cache']}; every checksum matched")

@@ -1,17 +1,17 @@
 """`pipeline cache info`: what a teacher cache holds, read from its JSON attributes only."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from common.cache_format import CacheReader
+from common.cache_format import CacheReader, local_path
 
 
 def bytes_on_disk(path: str) -> int | None:
     """Total file size under a local cache directory (None for remote URLs)."""
-    if "://" in path:
+    root = local_path(path)
+    if root is None:
         return None
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 
 def human_bytes(n: float | None) -> str:
@@ -63,6 +63,10 @@ def cache_info(path: str) -> dict[str, Any]:
         },
         "bytes_on_disk": size,
         "bytes_per_crop": float(size / total_crops) if size is not None and complete.all() and total_crops else None,
+        # provenance of caches made from other caches (pipeline cache merge|subset, --reuse-crops)
+        "merge": a.get("merge"),
+        "subset": a.get("subset"),
+        "crops_from": a.get("crops_from"),
     }
 
 
@@ -107,7 +111,22 @@ def format_cache_info(info: dict[str, Any]) -> str:
         f"on disk       {human_bytes(info['bytes_on_disk'])}"
         + (f" ({info['bytes_per_crop']:.1f} bytes per crop)" if info["bytes_per_crop"] else ""),
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + _provenance(info))
+
+
+def _provenance(info: dict[str, Any]) -> list[str]:
+    lines = []
+    if info.get("crops_from"):
+        lines.append(f"crops from    {info['crops_from']}")
+    if info.get("merge"):
+        lines.append(f"merged        to top-{info['merge']['k']} from:")
+        lines += [f"  {s['path']} (top-{s['k']}, weight {s['weight']:.3f}: {', '.join(s['teachers'])})"
+                  for s in info["merge"]["sources"]]
+    if info.get("subset"):
+        sub = info["subset"]
+        lines.append(f"subset        {sub['num_images']:,} images of {sub['source']} "
+                     f"(manifest {sub['source_manifest']['hash'][:16]}...), selected by {sub['selection']}")
+    return lines
 
 
 def _fmt(values) -> str:

@@ -10,6 +10,10 @@ Everything a shard's numbers depend on (manifest, teachers, crop policy and
 seed, temperature, k, shard size) is recorded in the cache's identity
 attributes, and a run with different inputs is refused -- that is what makes a
 resumed cache equal to one built in a single run.
+
+With ``reuse_crops`` the boxes and flips are read from an existing cache of the
+same manifest instead of drawn from the seed (the stored boxes are
+authoritative), so a new teacher's cache can later be merged with that one.
 """
 from __future__ import annotations
 
@@ -19,15 +23,16 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cache_format import CacheWriter, index_dtype
+from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, image_boxes
+from common.images import ImageError
 from common.manifest import Manifest, load_manifest
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
@@ -38,8 +43,16 @@ from stage1_teacher_cache.views import batches, make_renderer, prefetch
 
 CROP_ALGORITHM = "torchvision.RandomResizedCrop/counter-hash-v1"
 
+# (start, stop) -> boxes int32 [n, C, 4] and flips uint8 [n, C] of images start..stop-1
+CropSource = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 
-def run(cfg: Config) -> dict[str, Any]:
+
+def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
+    """Build (or resume) the cache; ``reuse_crops``: take the crops of this cache instead of the seed.
+
+    ``reuse_crops`` is an argument, not a config key, because it names an input
+    artifact of one invocation rather than a setting of the pipeline.
+    """
     tc = cfg.teacher_cache
     if not cfg.data.manifest:
         raise ConfigError("no training manifest: pass --manifest M (or set data.manifest)")
@@ -50,30 +63,33 @@ def run(cfg: Config) -> dict[str, Any]:
     k = kept_classes(tc.topk, manifest.num_classes)
     teachers = load_teachers(tc, manifest.num_classes, runtime, seed=cfg.runtime.seed)
 
+    crop_attrs, crop_boxes = crop_source(cfg.crops, manifest, reuse_crops)
+
     evaluation = None
     if tc.evaluate_manifest and runtime.is_main:
         evaluation = check_before_caching(cfg, manifest, teachers, runtime)
 
-    writer = open_cache(tc.out, cache_attrs(cfg, manifest, teachers, k, evaluation, runtime), runtime)
+    attrs = cache_attrs(cfg, manifest, teachers, k, evaluation, runtime, crop_attrs, reuse_crops)
+    writer = open_cache(tc.out, attrs, runtime)
     if evaluation is not None:
         writer.group.attrs.update({"teacher_eval": evaluation})  # also when resuming an existing cache
     complete = writer.complete_shards()
     mine = [s for s in range(len(complete)) if s % runtime.world_size == runtime.rank]
     todo = [s for s in mine if not complete[s]]
 
-    C = cfg.crops.num_crops
+    C = crop_attrs["num_crops"]
     group = max(1, tc.batch_size // C)  # images per render call: about one forward batch
     render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], C, group)
+    real_root = manifest.root.resolve()
 
     def render_jobs() -> Iterator[tuple[list[Path], list[np.ndarray], np.ndarray]]:
         for shard in todo:
             start, stop = writer.shard_range(shard)
-            b = shard_boxes(cfg.crops, manifest, start, stop)
-            xywh = b.as_array()
+            xywh, flip = crop_boxes(start, stop)
             for lo in range(0, stop - start, group):
                 rows = slice(lo, lo + group)
-                paths = [manifest.abspath(i) for i in range(start + lo, min(start + lo + group, stop))]
-                yield paths, [xywh[rows]] * len(teachers), b.flip[rows]
+                paths = [image_path(manifest, i, real_root) for i in range(start + lo, min(start + lo + group, stop))]
+                yield paths, [xywh[rows]] * len(teachers), flip[rows]
 
     # One iterator over every shard of this rank, so rendering runs ahead across shard boundaries.
     views = prefetch(lambda job: render(*job), render_jobs(), runtime.num_workers, depth=2 * runtime.num_workers + 2)
@@ -84,10 +100,10 @@ def run(cfg: Config) -> dict[str, Any]:
     with bar:
         for shard in todo:
             start, stop = writer.shard_range(shard)
-            b = shard_boxes(cfg.crops, manifest, start, stop)
+            xywh, flip = crop_boxes(start, stop)
             shard_views = _progress(itertools.islice(views, -(-(stop - start) // group)), bar, C, started)
             index, prob = shard_targets(shard_views, teachers, runtime, tc.batch_size, tc.temperature, k)
-            writer.write_shard(shard, b.as_array(), b.flip, index, prob)
+            writer.write_shard(shard, xywh, flip, index, prob)
 
     summary = summarize(writer, runtime, tc.out, shards_written=len(todo), skipped=len(mine) - len(todo),
                         images=total_images, crops=total_images * C, started=started)
@@ -122,6 +138,69 @@ def shard_boxes(crops: CropConfig, manifest: Manifest, start: int, stop: int) ->
                        scale=crops.scale, ratio=crops.ratio, flip_p=crops.flip_p)
 
 
+def crop_policy(crops: CropConfig) -> dict[str, Any]:
+    """The ``crops`` attribute of a cache whose boxes are drawn from the seed."""
+    return {
+        "algorithm": CROP_ALGORITHM,
+        "num_crops": crops.num_crops,
+        "scale": list(crops.scale),
+        "ratio": list(crops.ratio),
+        "flip_p": crops.flip_p,
+        "seed": crops.seed,
+    }
+
+
+def crop_source(crops: CropConfig, manifest: Manifest, reuse: str | None) -> tuple[dict[str, Any], CropSource]:
+    """(crops attribute, boxes of a range of images): from the seed, or read from the cache ``reuse``."""
+    if reuse is None:
+        def seeded(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+            b = shard_boxes(crops, manifest, start, stop)
+            return b.as_array(), b.flip
+
+        return crop_policy(crops), seeded
+
+    source = CacheReader(reuse, manifest_hash=manifest.content_hash, verify_checksums=True)
+    policy = source.attrs["crops"]
+    print(f"note: reusing the {policy['num_crops']} crops per image of {reuse} (seed {policy.get('seed')}); "
+          "the [crops] settings are ignored", file=sys.stderr)
+
+    def cached(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = source.images(np.arange(start, stop))
+        check_boxes_fit(rows["boxes"], rows["flip"], manifest, start, reuse)
+        return rows["boxes"], rows["flip"]
+
+    return policy, cached
+
+
+def check_boxes_fit(boxes: np.ndarray, flip: np.ndarray, manifest: Manifest, start: int, source: str) -> None:
+    """Boxes read from a cache (maybe a stranger's) must lie inside their images."""
+    x, y, w, h = (boxes[..., j].astype(np.int64) for j in range(4))
+    ids = np.arange(start, start + len(boxes))[:, None]
+    bad = (x < 0) | (y < 0) | (w < 1) | (h < 1) | (x + w > manifest.widths[ids]) | (y + h > manifest.heights[ids])
+    bad |= flip > 1
+    if bad.any():
+        i, c = (int(v) for v in np.argwhere(bad)[0])
+        raise CacheError(
+            f"{source}: crop {c} of image {start + i} is box {boxes[i, c].tolist()} flip {int(flip[i, c])}, "
+            f"not inside the {manifest.widths[start + i]}x{manifest.heights[start + i]} image; "
+            "that cache's crops cannot be reused"
+        )
+
+
+def image_path(manifest: Manifest, image_id: int, real_root: Path) -> Path:
+    """The file of an image, refusing one that resolves outside the data root.
+
+    The manifest builder rejects symlinks, so a path that leaves the root now is a
+    link planted after the build (or a moved root): never read through it.
+    """
+    path = manifest.abspath(image_id)
+    resolved = path.resolve()
+    if not resolved.is_relative_to(real_root):
+        raise ImageError(path, f"resolves to {resolved}, outside the data root {real_root} (a symlink added "
+                               "after the manifest was built?); remove it or rebuild the manifest")
+    return path
+
+
 def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], runtime: Runtime) -> dict:
     """Evaluate the teachers on the validation manifest; stop if one is near chance."""
     tc = cfg.teacher_cache
@@ -139,24 +218,16 @@ def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], 
 
 
 def cache_attrs(cfg: Config, manifest: Manifest, teachers: list[Teacher], k: int, evaluation: dict | None,
-                runtime: Runtime) -> dict[str, Any]:
+                runtime: Runtime, crops: dict[str, Any], crops_from: str | None) -> dict[str, Any]:
     """Group attributes. Only the keys in cache_format.IDENTITY_KEYS must match to resume or append,
     so everything that may legitimately differ between runs (paths, times, eval numbers, the full
     config) lives outside them."""
-    crops = cfg.crops
     attrs = {
         "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
         "num_classes": manifest.num_classes,
         "teachers": [t.identity() for t in teachers],
         "ensemble": {"rule": RULE, "temperature": cfg.teacher_cache.temperature},
-        "crops": {
-            "algorithm": CROP_ALGORITHM,
-            "num_crops": crops.num_crops,
-            "scale": list(crops.scale),
-            "ratio": list(crops.ratio),
-            "flip_p": crops.flip_p,
-            "seed": crops.seed,
-        },
+        "crops": crops,
         "storage": {
             "k": k,
             "images_per_shard": cfg.teacher_cache.images_per_shard,
@@ -169,6 +240,7 @@ def cache_attrs(cfg: Config, manifest: Manifest, teachers: list[Teacher], k: int
         "class_names": list(manifest.class_names),
         "teacher_files": {t.name: t.weights_path for t in teachers if t.weights_path},
         "teacher_eval": evaluation,
+        "crops_from": crops_from,  # the cache whose boxes were reused, if any
         # The creator's; bf16 on a GPU and fp32 on a CPU give slightly different probabilities,
         # so hosts that share a cache should share a precision.
         "compute": {"device": runtime.device.type, "dtype": str(runtime.dtype).removeprefix("torch."),

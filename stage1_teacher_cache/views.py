@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
+from common.images import ImageError
 from common.models import Preprocess
 from common.render import decode, render_crops
 from common.runtime import Runtime
@@ -37,11 +38,23 @@ def torch_renderer(preprocesses: Sequence[Preprocess]) -> Renderer:
         per_image = []
         for i, path in enumerate(paths):
             image = decode(path)  # once, for every teacher
+            check_boxes_inside(path, image, [b[i] for b in boxes])
             per_image.append([render_crops(image, b[i], flips[i], p.input_size, p.interpolation)
                               for b, p in zip(boxes, preprocesses)])
         return [torch.cat(parts) for parts in zip(*per_image)]
 
     return render
+
+
+def check_boxes_inside(path, image: torch.Tensor, boxes: Sequence[np.ndarray]) -> None:
+    """A box past the decoded image would render a sliver (or nothing) silently: the file no longer
+    has the size the manifest recorded, i.e. it changed after the manifest was built."""
+    xywh = np.concatenate([np.asarray(b, dtype=np.int64).reshape(-1, 4) for b in boxes])
+    need_w, need_h = int((xywh[:, 0] + xywh[:, 2]).max()), int((xywh[:, 1] + xywh[:, 3]).max())
+    height, width = image.shape[1:]
+    if need_w > width or need_h > height:
+        raise ImageError(path, f"decodes to {width}x{height} but its crops need at least {need_w}x{need_h}: "
+                               "the file changed after the manifest was built; rebuild the manifest")
 
 
 def dali_renderer(preprocesses: Sequence[Preprocess], runtime: Runtime, crops_per_image: int,

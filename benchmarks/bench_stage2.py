@@ -1,0 +1,417 @@
+"""Stage 2 throughput: `pipeline distill` against its compute limit, hard-label training and online MEAL V2.
+
+Every row runs the project's own training step, ``train_one_epoch`` of
+stage2_student_distill/train.py, on a ``Job`` assembled by ``run_distill`` /
+``run_train`` themselves (their ``fit`` is swapped for a hook, so validation
+and checkpointing are left out, nothing else). Only the loader differs:
+
+* ``compute limit``: the distill Job with its loader replaced by synthetic
+  batches already on the device (same student, discriminator, optimizers,
+  loss, batch size, autocast; no decoding, no cache);
+* ``distill [dali|torch]``: the real loader: cached boxes replayed, images
+  decoded and cropped, soft targets gathered from a teacher cache;
+* ``train [..]``: hard labels (``pipeline train``), the same loader in mode
+  ``train``, cross entropy, no discriminator;
+* ``online MEAL V2``: the teachers in the loop. Each batch is rendered once per
+  model at that model's size (student + every teacher, ``make_renderer`` of
+  stage 1: one decode per image with the torch renderer, DALI per model on
+  CUDA) a few batches ahead on a thread pool (stage 1's ``prefetch``); the
+  teachers run under inference_mode (``teacher_probs``), the mean softmax is
+  the target, then the same student step;
+* ``online compute limit``: the same with synthetic views on the device (the
+  best online MEAL V2 can do with an infinitely fast loader);
+* ``loader only``: the distill loader iterated without training.
+
+Throughput is steady state: the clock starts after ``--warmup`` steps (after
+a device sync) and stops after the last step (after a sync); the whole-epoch
+rate, which also pays the epoch start-up, is in the JSON.
+
+The images are generated JPEGs of ImageNet-like size (256-500 px), the
+manifest is built by ``build_manifest``, and the teacher cache is written
+straight through ``CacheWriter`` with the real crop boxes and fake soft labels
+(stage 2's cost does not depend on the target values).
+
+Targets (GPU preset, judged on a GPU only): distill >= 0.95 x compute limit,
+distill >= 4 x online MEAL V2. On the 2-core CPU preset the loader (JPEG decode
++ resize on 2 shared cores) is far slower than the tiny student, and the tiny
+teachers cost about as much as the student, so neither ratio says anything
+about a GPU machine; expect distill ~0.2-0.5 x compute limit and ~1-1.5 x online.
+
+    /tmp/venv/bin/python benchmarks/bench_stage2.py               # full (~2-3 min on 2 CPU cores)
+    /tmp/venv/bin/python benchmarks/bench_stage2.py --quick       # smoke run (< 60 s)
+    python benchmarks/bench_stage2.py --preset gpu                # on a CUDA machine (the default there)
+
+Writes benchmarks/results/stage2.json (stage2-quick.json with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    Timer, Workdir, add_common_args, capture_job, command_line, fit_optimizers, image_dataset, loadavg,
+    machine_info, machine_line, markdown_table, profile_table, profile_top, resolve_preset, subset_manifest,
+    sync, synthetic_cache, timed_epoch, write_results,
+)
+from common.cache_format import restore_targets  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.crops import boxes as crop_boxes  # noqa: E402
+from common.render import decode, normalize, render_crops  # noqa: E402
+from stage1_teacher_cache.ensemble import teacher_probs  # noqa: E402
+from stage1_teacher_cache.teachers import load_teachers  # noqa: E402
+from stage1_teacher_cache.views import make_renderer, prefetch  # noqa: E402
+from stage2_student_distill.loaders import Batch, dali_available  # noqa: E402
+from stage2_student_distill.plan import plan_epoch  # noqa: E402
+from stage2_student_distill.train import run_distill, run_train  # noqa: E402
+
+
+def config(p, wd: Path, manifest: Path, val: Path, cache: Path, loader: str, tag: str, seed: int):
+    return load_config(None, {
+        "runtime.device": p.device,
+        "runtime.precision": p.precision,
+        "runtime.progress": False,
+        "runtime.num_workers": p.num_workers,
+        "runtime.seed": seed,
+        "data.manifest": str(manifest),
+        "data.val_manifest": str(val),
+        "crops.num_crops": p.num_crops,
+        "optim.epochs": 1,
+        "optim.batch_size": p.stage2_batch,
+        "optim.eval_batch_size": p.stage2_batch,
+        "optim.img_size": p.student_size,
+        "optim.loader": loader,
+        "distill.student": p.student,
+        "distill.cache": str(cache),
+        "distill.out": str(wd / "runs" / f"distill-{tag}"),
+        "train.model": p.student,
+        "train.out": str(wd / "runs" / f"train-{tag}"),
+        "teacher_cache.teachers": list(p.teachers),
+        "teacher_cache.input_sizes": list(p.teacher_sizes),
+        "teacher_cache.pretrained": False,
+    })
+
+
+# --------------------------------------------------------------------------- loaders of the comparison rows
+
+
+class SyntheticLoader:
+    """Batches already on the device, shaped like the distill loader's (the compute limit)."""
+
+    def __init__(self, real, steps: int, teachers=None, runtime=None):
+        rt, pp = real.runtime, real.preprocess
+        B, S, K = real.batch_size, pp.input_size, real.manifest.num_classes
+        g = torch.Generator().manual_seed(0)
+        pixels = torch.randint(0, 256, (B, 3, S, S), dtype=torch.uint8, generator=g)
+        self.images = normalize(pixels, pp.mean, pp.std, rt.device, rt.memory_format())
+        k = min(10, K)
+        index = (torch.randint(0, K, (B, 1), generator=g) + torch.arange(k)) % K
+        prob = torch.full((B, k), 0.9 / k, dtype=torch.float16)
+        self.targets = restore_targets(index.numpy(), prob.numpy(), K, rt.device)
+        self.labels = torch.randint(0, K, (B,), generator=g).to(rt.device)
+        self.ids = torch.arange(B)
+        # online compute limit: uint8 views per teacher, already on the device
+        self.teachers, self.runtime = teachers, rt
+        self.views = [torch.randint(0, 256, (B, 3, t.preprocess.input_size, t.preprocess.input_size),
+                                    dtype=torch.uint8, generator=g).to(rt.device) for t in (teachers or [])]
+        self.steps, self.batch_size, self.num_samples_per_epoch = steps, B, steps * B
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int):
+        for _ in range(self.steps):
+            targets = self.targets
+            if self.teachers:
+                targets = teacher_probs(self.teachers, self.views, self.runtime).mean(0).clone()
+            yield Batch(self.images, self.ids, self.ids, self.ids, self.labels, targets)
+
+
+class OnlineLoader:
+    """Online MEAL V2: fresh RandomResizedCrop per step, rendered for the student and each teacher;
+    the ensemble's mean softmax computed in the training loop."""
+
+    def __init__(self, real, teachers, cfg):
+        self.real, self.teachers, self.cfg = real, teachers, cfg
+        rt = real.runtime
+        self.renderer = make_renderer(cfg.teacher_cache.loader, rt, [real.preprocess] + [t.preprocess for t in teachers],
+                                      1, real.images_per_batch)
+        self.batch_size = real.batch_size
+        self.num_samples_per_epoch = real.num_samples_per_epoch
+
+    def __len__(self) -> int:
+        return len(self.real)
+
+    def epoch(self, epoch: int):
+        real, rt, c = self.real, self.real.runtime, self.cfg.crops
+        m = real.manifest
+        plan = plan_epoch(real.num_images, seed=real.seed, epoch=epoch, rank=rt.rank, world_size=rt.world_size,
+                          images_per_batch=real.images_per_batch, shuffle=True)
+        ids = plan.image_ids
+        b = crop_boxes(c.seed, ids[:, None], np.full((len(ids), 1), epoch), m.widths[ids][:, None],
+                       m.heights[ids][:, None], scale=c.scale, ratio=c.ratio, flip_p=c.flip_p)
+        xywh, flips = b.as_array(), b.flip
+
+        def jobs():
+            for i in range(plan.num_batches):
+                rows = plan.batch_slice(i)
+                yield i, [m.abspath(int(j)) for j in ids[rows]], [xywh[rows]] * (1 + len(self.teachers)), flips[rows]
+
+        def render(job):
+            i, paths, boxes, fl = job
+            return i, self.renderer(paths, boxes, fl)
+
+        workers = rt.num_workers
+        for i, views in prefetch(render, jobs(), workers, depth=2 * workers + 2):
+            targets = teacher_probs(self.teachers, views[1:], rt).mean(0).clone()  # clone: a normal tensor for autograd
+            pp = real.preprocess
+            rows = plan.batch_slice(i)
+            image_ids = torch.from_numpy(ids[rows])
+            yield Batch(normalize(views[0], pp.mean, pp.std, rt.device, rt.memory_format()), image_ids, image_ids,
+                        image_ids, torch.from_numpy(m.labels[ids[rows]].astype(np.int64)).to(rt.device), targets)
+
+
+def loader_only(loader, warmup: int, device) -> float:
+    """Images/s of iterating the loader (device normalisation + target restore included), no training."""
+    n = 0
+    t0 = None
+    for i, batch in enumerate(loader.epoch(0)):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        if i >= warmup:
+            n += batch.images.shape[0]
+    sync(device)
+    return n / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- render anatomy (one thread)
+
+
+def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, images: int) -> dict:
+    """Single-threaded cost per image of the torch loader's steps, and of a PIL-resize alternative."""
+    from PIL import Image
+
+    from common.cache_format import CacheReader
+    from common.images import open_image
+
+    reader = CacheReader(cache_path)
+    ids = np.arange(min(images, manifest.num_images))
+    rows = reader.gather(ids, np.zeros_like(ids))
+    t = {"open_decode": 0.0, "to_tensor": 0.0, "torch_render": 0.0, "pil_render": 0.0, "view_to_tensor": 0.0,
+         "view_torch_render": 0.0}
+    pil_mode = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
+    for j, i in enumerate(ids):
+        path = manifest.abspath(int(i))
+        t0 = time.perf_counter()
+        img = open_image(path)
+        t1 = time.perf_counter()
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        t2 = time.perf_counter()
+        render_crops(arr, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
+        t3 = time.perf_counter()
+        x, y, w, h = (int(v) for v in rows["boxes"][j])
+        out = img.resize((size, size), pil_mode, box=(x, y, x + w, y + h))
+        if rows["flip"][j]:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+        t4 = time.perf_counter()
+        # common.render.decode's alternative: one writable copy, CHW as a view (no permuted copy)
+        view = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        t5 = time.perf_counter()
+        render_crops(view, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
+        t6 = time.perf_counter()
+        for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            t[key] += dt
+    n = len(ids)
+    ms = {f"{k}_ms": 1000 * v / n for k, v in t.items()}
+    ms["images"] = n
+    ms["mean_file_kb"] = float(manifest.file_bytes[ids].mean() / 1024)
+    ms["mean_pixels"] = float((manifest.widths[ids].astype(np.int64) * manifest.heights[ids]).mean())
+    return ms
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--images", type=int, default=None, help="training images (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the steady-state clock")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds over all rows (default 2, quick 1); "
+                        "each row reports its best round (interference only slows a row down)")
+    parser.add_argument("--loaders", default=None, help="comma list of stage 2 loaders to measure: dali,torch "
+                        "(default: dali and torch on CPU, the auto choice on CUDA)")
+    parser.add_argument("--online-steps", type=int, default=None, help="steps of the online rows (default: all; gpu: 40)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run and the render anatomy")
+    args = parser.parse_args(argv)
+    p = resolve_preset(args)
+    if args.quick:
+        p = resolve_preset(args, stage2_images=min(p.stage2_images, 8 * p.stage2_batch))
+    p = resolve_preset(args, stage2_images=args.images or p.stage2_images, stage2_batch=args.batch_size or p.stage2_batch)
+    if p.device == "cpu" and torch.cuda.is_available():
+        print("note: --preset cpu on a CUDA machine runs on the CPU", file=sys.stderr)
+    on_gpu = torch.cuda.is_available() and p.device != "cpu"
+    steps_per_epoch = p.stage2_images // p.stage2_batch
+    warmup = args.warmup if args.warmup is not None else max(1, min(5, steps_per_epoch // 6))
+    rounds = args.rounds or (1 if args.quick else 2)
+    if args.loaders:
+        loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
+    elif on_gpu:
+        loaders = ["auto"]
+    else:
+        loaders = (["dali"] if dali_available() else []) + ([] if args.quick and dali_available() else ["torch"])
+    info = machine_info()
+    print(machine_line(info), flush=True)
+    print(f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, "
+          f"{p.stage2_images} images ({steps_per_epoch} steps/epoch, {warmup} warm-up, {rounds} round(s)), teachers "
+          f"{list(p.teachers)} {list(p.teacher_sizes)}, {p.num_classes} classes, C={p.num_crops}, k={p.topk}, "
+          f"{p.num_workers} loader workers, loaders {loaders}", flush=True)
+
+    extra = {}
+    with Workdir(args.workdir, args.keep, "bench-stage2-") as wd:
+        with Timer() as t_data:
+            manifest_path, manifest = image_dataset(wd, f"train{p.stage2_images}", p.stage2_images, p.num_classes,
+                                                    sizes=p.image_sizes, seed=args.seed)
+            val_path = subset_manifest(manifest, p.num_classes, wd / "val.parquet")
+            cache = wd / f"cache{p.stage2_images}"
+            if not cache.exists():
+                synthetic_cache(cache, manifest, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
+        print(f"data: {p.stage2_images} JPEGs ({manifest.file_bytes.mean() / 1024:.0f} KB mean, "
+              f"{(manifest.widths.astype(float) * manifest.heights).mean() / 1e3:.0f} kpixel) + manifest + cache "
+              f"in {t_data.seconds:.1f} s", flush=True)
+        stamp = iter(range(1000))
+
+        def cfg_for(loader: str, tag: str):
+            return config(p, wd, manifest_path, val_path, cache, loader, f"{tag}-{next(stamp)}", args.seed)
+
+        # Every row: (mode, loader label, job, optimizers, scaler, step cap). Built once, measured in rounds.
+        rows_spec = []
+
+        def add_row(mode, label, job, max_steps=None):
+            pairs, scaler = fit_optimizers(job)
+            rows_spec.append({"mode": mode, "loader": label, "job": job, "pairs": pairs, "scaler": scaler,
+                              "max_steps": max_steps, "runs": []})
+
+        first = loaders[0]
+        base = capture_job(run_distill, cfg_for(first, "limit"))
+        add_row("compute limit", "-", dataclasses.replace(base, train_loader=SyntheticLoader(base.train_loader, steps_per_epoch)))
+        distill_jobs = {}
+        for loader in loaders:
+            job = capture_job(run_distill, cfg_for(loader, "distill"))
+            distill_jobs[job.train_loader.kind] = job
+            add_row("distill", job.train_loader.kind, job)
+            job = capture_job(run_train, cfg_for(loader, "train"))
+            add_row("train (hard labels)", job.train_loader.kind, job)
+        cfg = cfg_for(first, "online")
+        online_base = capture_job(run_distill, cfg)
+        teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, online_base.runtime, seed=args.seed)
+        online_steps = args.online_steps or (min(steps_per_epoch, 40) if on_gpu else None)
+        online_loader = OnlineLoader(online_base.train_loader, teachers, cfg)
+        render_kind = "dali" if "dali" in online_loader.renderer.__qualname__ else "torch"
+        add_row("online MEAL V2", render_kind, dataclasses.replace(online_base, train_loader=online_loader), online_steps)
+        add_row("online compute limit", "-", dataclasses.replace(online_base, train_loader=SyntheticLoader(
+            online_base.train_loader, online_steps or steps_per_epoch, teachers=teachers)))
+
+        # warm every row once (allocator, autotuning, thread pools), then interleaved rounds
+        for spec in rows_spec:
+            timed_epoch(spec["job"], spec["pairs"], spec["scaler"], 0, warmup=0, max_steps=2)
+        loader_rows = []
+        for r in range(rounds):
+            for spec in rows_spec:
+                res = timed_epoch(spec["job"], spec["pairs"], spec["scaler"], r, warmup, spec["max_steps"])
+                spec["runs"].append(res)
+                print(f"  round {r + 1}: {spec['mode']:<22} {spec['loader']:<6} {res['img_per_s']:>8.1f} img/s "
+                      f"(whole epoch {res['epoch_img_per_s']:.1f}; load {res['load1']})", flush=True)
+            for kind, job in distill_jobs.items():
+                rate = loader_only(job.train_loader, warmup, job.runtime.device)
+                loader_rows.append({"mode": "loader only (distill)", "loader": kind, "img_per_s": rate,
+                                    "load1": loadavg()[0], "round": r + 1})
+                print(f"  round {r + 1}: loader only (distill)  {kind:<6} {rate:>8.1f} img/s", flush=True)
+
+        rows = []
+        for spec in rows_spec:
+            best = max(spec["runs"], key=lambda x: x["img_per_s"])
+            rows.append({"mode": spec["mode"], "loader": spec["loader"], "img_per_s": best["img_per_s"],
+                         "img_per_s_rounds": [x["img_per_s"] for x in spec["runs"]],
+                         "epoch_img_per_s": best["epoch_img_per_s"], "load1": best["load1"],
+                         "steps": best["steps"], "warmup_steps": warmup, "losses": best["losses"]})
+        for kind in distill_jobs:
+            mine = [x for x in loader_rows if x["loader"] == kind]
+            best = max(mine, key=lambda x: x["img_per_s"])
+            rows.append({**best, "img_per_s_rounds": [x["img_per_s"] for x in mine]})
+
+        # where the time goes: cProfile of the distill loop (main thread), render cost per image
+        if not args.no_profile:
+            job = distill_jobs[next(iter(distill_jobs))]
+            pairs, scaler = fit_optimizers(job)
+            _, top = profile_top(lambda: timed_epoch(job, pairs, scaler, rounds, warmup), n=10)
+            extra["profile_distill_main_thread"] = top
+            extra["profile_loader"] = job.train_loader.kind
+            pp = job.train_loader.preprocess
+            extra["render_anatomy"] = render_anatomy(manifest, cache, pp.input_size, pp.interpolation,
+                                                     24 if args.quick else 64)
+        del rows_spec, distill_jobs, base, online_base, teachers, online_loader
+        gc.collect()
+
+    by = {(r["mode"], r["loader"]): r["img_per_s"] for r in rows}
+    limit = by[("compute limit", "-")]
+    online = by[("online MEAL V2", render_kind)]
+    online_limit = by[("online compute limit", "-")]
+    for r in rows:
+        r["x_compute_limit"] = r["img_per_s"] / limit
+        r["x_online"] = r["img_per_s"] / online
+    best = max((r for r in rows if r["mode"] == "distill"), key=lambda r: r["img_per_s"])
+    teacher_cost = (1 / online_limit - 1 / limit) * limit  # teachers' time per image / student step's
+    targets = {
+        "distill_loader": best["loader"],
+        "distill_over_compute_limit": best["img_per_s"] / limit,
+        "distill_over_online": best["img_per_s"] / online,
+        "distill_over_online_compute_limit": best["img_per_s"] / online_limit,
+        "teacher_cost_over_student_step": teacher_cost,
+        "target_compute_limit": 0.95,
+        "target_online": 4.0,
+        "met_compute_limit": best["img_per_s"] / limit >= 0.95,
+        "met_online": best["img_per_s"] / online >= 4.0,
+        "judged_on": "gpu" if on_gpu else "cpu (the targets are GPU targets; not judged here)",
+    }
+    table = markdown_table(rows, [("mode", "mode"), ("loader", "loader"), ("img_per_s", "img/s (steady, best round)"),
+                                  ("epoch_img_per_s", "img/s (whole epoch)"), ("x_compute_limit", "x compute limit"),
+                                  ("x_online", "x online MEAL V2"), ("load1", "load avg (1 min)")])
+    print()
+    print(table)
+    print(f"\ndistill ({best['loader']}) / compute limit = {targets['distill_over_compute_limit']:.2f} "
+          f"(target >= 0.95), / online MEAL V2 = {targets['distill_over_online']:.2f} (target >= 4), "
+          f"/ online compute limit = {targets['distill_over_online_compute_limit']:.2f}; teachers' forward costs "
+          f"{teacher_cost:.2f} x the student's step; judged on {targets['judged_on']}")
+    if extra.get("profile_distill_main_thread"):
+        print(f"\ncProfile, distill loop ({extra['profile_loader']} loader), main thread, top 10 by own time:\n")
+        print(profile_table(extra["profile_distill_main_thread"]))
+        a = extra["render_anatomy"]
+        print(f"\ntorch loader, one thread, per image ({a['images']} images, {a['mean_file_kb']:.0f} KB, "
+              f"{a['mean_pixels'] / 1e3:.0f} kpixel): open+decode {a['open_decode_ms']:.2f} ms, to tensor "
+              f"{a['to_tensor_ms']:.2f} ms, torch crop+resize {a['torch_render_ms']:.2f} ms; PIL crop+resize "
+              f"alternative {a['pil_render_ms']:.2f} ms; CHW view instead of the permuted copy: to tensor "
+              f"{a['view_to_tensor_ms']:.2f} ms, crop+resize {a['view_torch_render_ms']:.2f} ms")
+    path = write_results("stage2-quick" if args.quick else "stage2", {
+        "command": command_line(), "machine": info, "preset": p, "warmup_steps": warmup, "rounds": rounds,
+        "loadavg_at_end": loadavg(), "rows": rows, "targets": targets, **extra, "table": table,
+    }, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""Shared helpers of the stage 1 / stage 2 / memory / scaling benchmarks.
+
+Not a benchmark itself. What lives here:
+
+* ``Preset``: the two machine profiles every script understands. ``gpu`` is the
+  real thing (senet154 + resnest269e teachers with random weights, a ResNet-50
+  student at 224 px, bf16, DALI); ``cpu`` is the same pipeline shrunk so that a
+  2-core box finishes in minutes (timm's ``test_resnet`` / ``test_convnext``
+  teachers, a ``test_efficientnet`` student, 32-64 px). ``--preset`` picks one;
+  the default is ``gpu`` when CUDA is available, else ``cpu``.
+* machine and version info (recorded in every JSON next to the numbers), the
+  load average (2 shared cores: every measurement records it);
+* synthetic data: an ImageFolder tree of realistic JPEGs (256-500 px, smooth
+  content + grain, so file sizes and decode times look like ImageNet's), a
+  manifest of fake rows (``write_manifest`` without touching the disk), and a
+  teacher cache written straight through ``CacheWriter`` (valid boxes, fake
+  soft labels) -- stage 2's speed does not depend on the target values;
+* markdown tables and the JSON result files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # run as a script from a checkout, no install needed
+
+RESULTS_DIR = REPO / "benchmarks" / "results"
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    device: str  # runtime.device
+    precision: str  # runtime.precision ("auto" = bf16 on CUDA, fp32 on CPU)
+    teachers: tuple[str, ...]
+    teacher_sizes: tuple[str, ...]  # "NAME=SIZE" overrides; () = each teacher's own default
+    student: str
+    student_size: int
+    num_classes: int
+    num_crops: int  # C of the stage 1 cache
+    topk: int
+    stage1_batch: int  # crops per teacher forward
+    stage1_images: int
+    images_per_shard: int
+    stage2_batch: int
+    stage2_images: int
+    num_workers: int  # decode threads (torch loader) / DALI threads
+    torch_threads: int = 0  # torch.set_num_threads (0 = torch's default)
+    image_sizes: tuple[int, int] = (256, 500)  # shorter/longer side range of the generated JPEGs
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    "gpu": Preset(
+        name="gpu", device="auto", precision="auto",
+        teachers=("senet154", "resnest269e"), teacher_sizes=(),  # 224 and 416 px, timm's defaults
+        student="resnet50", student_size=224, num_classes=1000, num_crops=8, topk=10,
+        stage1_batch=128, stage1_images=2048, images_per_shard=256,
+        stage2_batch=256, stage2_images=10240, num_workers=max(2, (os.cpu_count() or 2) - 2),
+    ),
+    "cpu": Preset(
+        name="cpu", device="cpu", precision="auto",
+        teachers=("test_resnet", "test_convnext"), teacher_sizes=("test_resnet=64", "test_convnext=48"),
+        student="test_efficientnet", student_size=64, num_classes=100, num_crops=4, topk=5,
+        stage1_batch=64, stage1_images=256, images_per_shard=64,
+        stage2_batch=32, stage2_images=640, num_workers=2,
+        # One intra-op thread: on 2 cores shared with other jobs, 2 threads per op wait for the
+        # slower one and run 2-4x slower than 1 (measured); the loader threads use the other core.
+        torch_threads=1,
+    ),
+}
+
+
+def default_preset() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="gpu: real teachers/student, bf16; cpu: tiny timm models (default: gpu if CUDA)")
+    parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    parser.add_argument("--workdir", default=None, help="temp data here (default: a new temp dir, deleted)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp data")
+    parser.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<name>.json)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: the preset's; cpu: 1, gpu: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def resolve_preset(args: argparse.Namespace, **overrides: Any) -> Preset:
+    """The preset named by ``--preset`` (or the default), with non-None ``overrides``; sets torch's threads."""
+    import torch
+
+    preset = PRESETS[args.preset or default_preset()]
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    threads = args.threads if args.threads is not None else preset.torch_threads
+    if threads:
+        torch.set_num_threads(threads)
+    return preset
+
+
+def command_line() -> str:
+    return "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def loadavg() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module, fromlist=["__version__"])
+        return str(getattr(mod, "__version__", "?"))
+    except Exception:  # noqa: BLE001 - absent or broken: recorded as None
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info = {
+        "nproc": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "ram_gib": _ram_gib(),
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_at_start": loadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "dali": _version("nvidia.dali"),
+        "zarr": _version("zarr"),
+        "numpy": np.__version__,
+        "pillow": _version("PIL"),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def machine_line(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return (
+        f"machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM{gpu}; "
+        f"python {info['python']}, torch {info['torch']}, timm {info['timm']}, DALI {info['dali']}, "
+        f"zarr {info['zarr']}; torch threads {info['torch_threads']}; load average {info['loadavg_at_start']}"
+    )
+
+
+def sync(device) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def rss_bytes() -> dict[str, int]:
+    """Current (VmRSS) and peak (VmHWM) resident set of this process, from /proc."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+# --------------------------------------------------------------------------- workdir
+
+
+class Workdir:
+    """A temp directory that is deleted on exit unless ``keep`` (or the user gave it)."""
+
+    def __init__(self, path: str | None, keep: bool, prefix: str):
+        self.given = path is not None
+        self.path = Path(path) if path else Path(tempfile.mkdtemp(prefix=prefix))
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.keep = keep or self.given
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if not self.keep:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def disk_usage(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+# --------------------------------------------------------------------------- synthetic images
+
+
+def _image_size(rng: np.random.Generator, sizes: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = sizes
+    short = int(rng.integers(lo, min(hi, int(lo * 1.6)) + 1))
+    long = int(min(hi, round(short * rng.uniform(1.0, 1.5))))
+    return (long, short) if rng.random() < 0.75 else (short, long)  # mostly landscape, like ImageNet
+
+
+def _write_one(job: tuple[str, int, int, int, str, int]) -> None:
+    from PIL import Image
+
+    path, w, h, seed, fmt, quality = job
+    rng = np.random.default_rng(seed)
+    # Smooth colour fields (upsampled low-res noise) + fine grain: compresses and decodes
+    # like a photo (~0.3-0.6 bit/pixel at q=90), unlike pure noise (incompressible) or flat colour.
+    small = rng.integers(0, 256, size=(max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    grain = rng.normal(0, 6, size=(h, w, 1)).astype(np.int16)
+    pixels = np.clip(base + grain, 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels)
+    if fmt == "JPEG":
+        img.save(path, "JPEG", quality=quality)
+    else:
+        img.save(path, fmt)
+
+
+def make_image_tree(root: Path, num_images: int, num_classes: int, sizes: tuple[int, int] = (256, 500),
+                    seed: int = 0, fmt: str = "JPEG", quality: int = 90, workers: int | None = None) -> Path:
+    """ImageFolder tree ``root/cNNNN/imgNNNNNN.jpg``: images dealt round-robin over the classes."""
+    if num_images < num_classes:
+        raise ValueError(f"{num_images} images cannot fill {num_classes} class folders")
+    rng = np.random.default_rng(seed)
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    jobs = []
+    for i in range(num_images):
+        folder = root / f"c{i % num_classes:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        w, h = _image_size(rng, sizes)
+        jobs.append((str(folder / f"img{i:06d}.{ext}"), w, h, seed * 1_000_003 + i, fmt, quality))
+    workers = workers or max(1, min(16, os.cpu_count() or 1))
+    if workers == 1:
+        for job in jobs:
+            _write_one(job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_one, jobs, chunksize=32))
+    return root
+
+
+def image_dataset(workdir: Path, name: str, num_images: int, num_classes: int, sizes=(256, 500), seed: int = 0):
+    """Images + manifest (built with the project's ``build_manifest``); reused if already in ``workdir``."""
+    from common.manifest import load_manifest
+    from data_manifests.build import build_manifest
+
+    root = workdir / f"{name}-images"
+    manifest = workdir / f"{name}.parquet"
+    if manifest.exists():
+        return manifest, load_manifest(manifest)
+    if root.exists():
+        shutil.rmtree(root)
+    make_image_tree(root, num_images, num_classes, sizes=sizes, seed=seed)
+    return manifest, build_manifest(root, manifest, progress=False)
+
+
+def subset_manifest(manifest, count: int, out: Path) -> Path:
+    """The first ``count`` images of a loaded manifest, same root and classes (a warm-up set)."""
+    import pyarrow.parquet as pq
+
+    from common.manifest import ManifestRow, write_manifest
+
+    digests = pq.read_table(manifest.path, columns=["sha256"]).column("sha256").to_pylist()
+    rows = [ManifestRow(manifest.paths[i], int(manifest.labels[i]), int(manifest.widths[i]),
+                        int(manifest.heights[i]), int(manifest.file_bytes[i]), digests[i]) for i in range(count)]
+    write_manifest(rows, manifest.class_names, manifest.root, out)
+    return out
+
+
+def synthetic_manifest(out: Path, num_images: int, num_classes: int, root: Path, width: int = 400,
+                       height: int = 300) -> Path:
+    """A manifest of ``num_images`` fake rows (paths that need not exist) via ``write_manifest``."""
+    from common.manifest import ManifestRow, write_manifest
+
+    rows = (ManifestRow(f"c{i % num_classes:04d}/img{i:07d}.jpg", i % num_classes, width, height, 100_000,
+                        f"{i:064x}") for i in range(num_images))
+    write_manifest(rows, [f"c{c:04d}" for c in range(num_classes)], root, out)
+    return out
+
+
+def synthetic_cache(path: Path, manifest, num_crops: int, topk: int, images_per_shard: int, seed: int = 0,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """A complete teacher cache for ``manifest`` written through ``CacheWriter``.
+
+    Boxes and flips are the real seeded RandomResizedCrop draws for the manifest's
+    image sizes (so stage 2 decodes/resizes realistic crops); top-k rows are fake
+    but well formed (distinct classes, falling probabilities, mass 0.9).
+    """
+    from common.cache_format import CacheWriter, index_dtype
+    from common.crops import image_boxes
+
+    C, k, K = num_crops, topk, manifest.num_classes
+    attrs = {
+        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
+        "num_classes": K,
+        "teachers": [{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
+        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
+        "crops": {"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": C,
+                  "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
+        "storage": {"k": k, "images_per_shard": images_per_shard, "residual": "uniform",
+                    "index_dtype": index_dtype(K).name, "prob_dtype": "float16"},
+        "class_names": list(manifest.class_names),
+        "benchmark": "synthetic soft labels (benchmarks/common.py)",
+    }
+    writer = CacheWriter(path, attrs)
+    probs = np.sort(np.random.default_rng(seed).dirichlet(np.ones(k)) * 0.9)[::-1].astype(np.float16)
+    S = writer.layout.num_shards
+    for shard in range(S):
+        start, stop = writer.shard_range(shard)
+        ids = np.arange(start, stop)
+        b = image_boxes(seed, ids, manifest.widths[ids], manifest.heights[ids], C)
+        base = (ids[:, None, None] * 7 + np.arange(C)[None, :, None] * 13) % K
+        index = ((base + np.arange(k)) % K).astype(np.int64)
+        prob = np.broadcast_to(probs, (stop - start, C, k))
+        writer.write_shard(shard, b.as_array(), b.flip, index.reshape(-1, k), prob.reshape(-1, k))
+        if progress:
+            progress(shard + 1, S)
+    return path
+
+
+# --------------------------------------------------------------------------- output
+
+
+def fmt_num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:,.{digits}f}" if abs(value) >= 1 else f"{value:.{max(digits, 3)}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """``columns``: (key, header). Missing keys print as empty cells."""
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt_num(row[k]) if k in row else "" for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
+    path = Path(out) if out else RESULTS_DIR / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return str(obj)
+
+
+def profile_top(fn: Callable[[], Any], n: int = 10, sort: str = "tottime") -> tuple[Any, list[dict[str, Any]]]:
+    """Run ``fn`` under cProfile (main thread only); the top ``n`` functions by ``sort``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    result = prof.runcall(fn)
+    stats = pstats.Stats(prof)
+    total = sum(v[2] for v in stats.stats.values()) or 1e-9
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
+        where = f"{os.path.relpath(file, REPO) if file.startswith(str(REPO)) else Path(file).name}:{line}({func})"
+        rows.append({"function": where, "calls": nc, "tottime_s": tt, "cumtime_s": ct, "tottime_pct": 100 * tt / total})
+    rows.sort(key=lambda r: r["tottime_s" if sort == "tottime" else "cumtime_s"], reverse=True)
+    return result, rows[:n]
+
+
+def profile_table(rows: Iterable[dict[str, Any]]) -> str:
+    return markdown_table(list(rows), [("function", "function"), ("calls", "calls"), ("tottime_s", "tottime s"),
+                                       ("tottime_pct", "% of main-thread time"), ("cumtime_s", "cumtime s")])
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+# --------------------------------------------------------------------------- stage 2 harness
+
+
+def capture_job(run_fn: Callable, cfg):
+    """The ``Job`` that ``run_distill`` / ``run_train`` assemble for ``cfg``, without running ``fit``.
+
+    ``fit`` (validation, checkpoints, metrics) is swapped for a function that
+    hands the Job back, so the student, discriminator, objective and loaders
+    are exactly what ``pipeline distill`` / ``pipeline train`` would train with.
+    """
+    import stage2_student_distill.train as train_mod
+
+    captured = {}
+    original = train_mod.fit
+    train_mod.fit = lambda job: captured.setdefault("job", job)
+    try:
+        run_fn(cfg)
+    finally:
+        train_mod.fit = original
+    return captured["job"]
+
+
+def fit_optimizers(job):
+    """The optimizers, (optimizer, base lr) pairs and grad scaler that ``train.fit`` builds."""
+    import torch
+
+    from stage2_student_distill.checkpoint import unwrap
+
+    cfg = job.cfg
+    pairs = [(torch.optim.SGD(unwrap(job.student).parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                              weight_decay=cfg.optim.weight_decay), cfg.optim.lr)]
+    if job.discriminator is not None:
+        pairs.append((torch.optim.SGD(unwrap(job.discriminator).parameters(), lr=cfg.distill.disc_lr,
+                                      momentum=cfg.optim.momentum), cfg.distill.disc_lr))
+    return pairs, job.runtime.grad_scaler()
+
+
+class TimedLoader:
+    """Wraps a loader for ``train_one_epoch``: optional step cap, steady-state timestamps.
+
+    The clock starts (after a device sync) just before batch ``warmup`` is
+    fetched and stops (after a sync) once the last step has been issued, so
+    the measured span covers fetch + train of steps ``warmup..n-1`` and
+    neither the per-epoch start-up (plan, gather, pipeline fill, first-step
+    autotuning) nor the epoch's tail.
+    """
+
+    def __init__(self, loader, warmup: int, device, max_steps: int | None = None):
+        self.loader = loader
+        self.warmup = warmup
+        self.device = device
+        self.steps = len(loader) if max_steps is None else min(len(loader), max_steps)
+        self.batch_size = loader.num_samples_per_epoch // max(len(loader), 1)
+        self.num_samples_per_epoch = self.steps * self.batch_size
+        self.t_warm = self.t_end = None
+        self.images = 0
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int):
+        import contextlib
+
+        self.images = 0
+        with contextlib.closing(self.loader.epoch(epoch)) as batches:
+            it = iter(batches)
+            for i in range(self.steps):
+                if i == self.warmup:
+                    sync(self.device)
+                    self.t_warm = time.perf_counter()
+                batch = next(it)
+                if i >= self.warmup:
+                    self.images += batch.images.shape[0]
+                yield batch
+            sync(self.device)
+            self.t_end = time.perf_counter()
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / (self.t_end - self.t_warm)
+
+
+def timed_epoch(job, pairs, scaler, epoch: int, warmup: int, max_steps: int | None = None) -> dict[str, Any]:
+    """Run the project's ``train_one_epoch`` on ``job`` through a :class:`TimedLoader`."""
+    import dataclasses
+
+    from stage2_student_distill.train import train_one_epoch
+
+    timed = TimedLoader(job.train_loader, warmup, job.runtime.device, max_steps)
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    out = train_one_epoch(dataclasses.replace(job, train_loader=timed), pairs, scaler, epoch)
+    seconds = time.perf_counter() - t0
+    return {"img_per_s": timed.img_per_s, "epoch_img_per_s": out["img_per_s"], "steps": len(timed),
+            "warmup_steps": warmup, "timed_images": timed.images, "epoch_s": seconds,
+            "losses": out["losses"], "load1": round(load0, 2)}

@@ -1,0 +1,193 @@
+"""Kill -9 `pipeline teacher-cache` at random moments, resume, and compare with an uninterrupted run.
+
+Run by hand (slow: every process imports torch); the result goes into docs/reliability.md:
+
+    /tmp/venv/bin/python tests/fault_kill_resume.py --kills 20            # real CLI processes
+    /tmp/venv/bin/python tests/fault_kill_resume.py --kills 200 --mode fork  # many kills, fast
+
+A trial starts a fresh cache, kills the writer ``--kills-per-trial`` times (each
+restart resumes the previous one), then lets a last run finish. Every kill lands
+at a moment drawn uniformly from the writing phase of the uninterrupted run (from
+the cache directory's creation to exit). After each trial the arrays must equal
+the uninterrupted run's bit for bit and `verify` must find nothing.
+
+``--mode cli`` runs ``pipeline --config C teacher-cache`` in a fresh interpreter;
+``--mode fork`` forks this process (no import cost, same code path from run()
+on). Forked children run torch single-threaded (an OpenMP pool does not survive
+fork), so in fork mode the reference is computed the same way.
+
+tests/test_faults.py runs a 2-kill fork-mode trial in the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from common.cache_format import CacheReader, verify_cache  # noqa: E402
+from stage1_fixtures import SIZES, make_manifest, overrides  # noqa: E402
+
+ARRAYS = ("boxes", "flip", "topk_index", "topk_prob")
+
+
+def config_toml(settings: dict) -> str:
+    """Flat TABLE.KEY overrides as a TOML file (JSON scalars and string lists are valid TOML)."""
+    tables: dict[str, list[str]] = {}
+    for key, value in settings.items():
+        table, name = key.split(".", 1)
+        tables.setdefault(table, []).append(f"{name} = {json.dumps(value)}")
+    return "\n".join(f"[{t}]\n" + "\n".join(lines) + "\n" for t, lines in tables.items())
+
+
+def _forked_run(settings: dict) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the parent's OpenMP pool is gone in a forked child
+    from common.config import load_config
+    from stage1_teacher_cache.run import run
+
+    run(load_config(None, settings))
+
+
+class Writer:
+    """One teacher-cache process writing ``out``: a CLI subprocess or a forked child."""
+
+    def __init__(self, mode: str, settings: dict, workdir: Path):
+        if mode == "cli":
+            cfg = workdir / f"config-{time.monotonic_ns()}.toml"
+            cfg.write_text(config_toml(settings))
+            cmd = [sys.executable, "-c", "from common.cli import main; main()", "--config", str(cfg), "teacher-cache"]
+            self._proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        else:
+            self._proc = multiprocessing.get_context("fork").Process(target=_forked_run, args=(settings,))
+            self._proc.start()
+
+    def running(self) -> bool:
+        return (self._proc.poll() if isinstance(self._proc, subprocess.Popen) else self._proc.exitcode) is None
+
+    def kill(self) -> None:
+        os.kill(self._proc.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float = 300) -> int:
+        if isinstance(self._proc, subprocess.Popen):
+            _, err = self._proc.communicate(timeout=timeout)
+            if self._proc.returncode:
+                print(err.decode()[-2000:], file=sys.stderr)
+            return self._proc.returncode
+        self._proc.join(timeout)
+        return self._proc.exitcode
+
+
+def wait_for_cache(out: Path, writer: Writer, timeout: float = 120) -> float:
+    """Block until the writer has created the cache directory (the writing phase starts); return the time."""
+    deadline = time.monotonic() + timeout
+    while not (out / "zarr.json").exists():
+        if not writer.running():
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{out} was not created within {timeout} s")
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def read_arrays(path: Path) -> dict[str, np.ndarray]:
+    reader = CacheReader(path)
+    return {name: np.asarray(reader.arrays[name][:]) for name in ARRAYS}
+
+
+@dataclass
+class Result:
+    kills: int = 0
+    finished_before_kill: int = 0
+    complete_at_kill: list[int] = field(default_factory=list)  # shards complete when each kill landed
+    partial_files_at_kill: int = 0  # kills that left a zarr temp file (a write in flight)
+    failures: list[str] = field(default_factory=list)
+    work_seconds: float = 0.0
+    shards: int = 0
+
+    def summary(self) -> str:
+        spread = np.bincount(self.complete_at_kill, minlength=self.shards + 1).tolist() if self.kills else []
+        return (f"{self.kills} kill(s) (+{self.finished_before_kill} run(s) that finished first); "
+                f"shards complete at the kill (count per 0..{self.shards}): {spread}; "
+                f"{self.partial_files_at_kill} kill(s) caught a chunk write in flight; "
+                f"writing phase of the uninterrupted run {self.work_seconds:.2f} s; "
+                + ("every resumed cache equal to the uninterrupted one and verified"
+                   if not self.failures else f"{len(self.failures)} FAILURE(S): {self.failures}"))
+
+
+def run_trials(workdir: Path, mode: str, trials: int, kills_per_trial: int, images: int = 24,
+               images_per_shard: int = 2, seed: int = 0) -> Result:
+    sizes = [SIZES[i % len(SIZES)] for i in range(images)]
+    manifest = make_manifest(workdir, "faults", sizes=sizes)
+    settings = lambda out: overrides(manifest, out, **{"teacher_cache.images_per_shard": images_per_shard})  # noqa: E731
+
+    reference = workdir / "reference"
+    writer = Writer(mode, settings(reference), workdir)
+    began = wait_for_cache(reference, writer)
+    assert writer.wait() == 0, "the uninterrupted run failed"
+    result = Result(work_seconds=time.monotonic() - began, shards=-(-images // images_per_shard))
+    expected = read_arrays(reference)
+    rng = np.random.default_rng(seed)
+
+    for trial in range(trials):
+        out = workdir / f"trial-{trial}"
+        for _ in range(kills_per_trial):
+            writer = Writer(mode, settings(out), workdir)
+            wait_for_cache(out, writer)
+            time.sleep(rng.uniform(0, result.work_seconds))
+            if not writer.running():
+                result.finished_before_kill += 1
+                writer.wait()
+                continue
+            writer.kill()
+            writer.wait()
+            result.kills += 1
+            created = (out / "zarr.json").exists()  # a kill during creation leaves no cache at all
+            result.complete_at_kill.append(int(CacheReader(out, require_complete=False).complete.sum()) if created else 0)
+            result.partial_files_at_kill += any(out.rglob("*.partial"))
+        writer = Writer(mode, settings(out), workdir)
+        if writer.wait() != 0:
+            result.failures.append(f"trial {trial}: the resuming run failed")
+            continue
+        got = read_arrays(out)
+        unequal = [name for name in ARRAYS if not np.array_equal(got[name], expected[name])]
+        problems = verify_cache(out)
+        if unequal or problems:
+            result.failures.append(f"trial {trial}: arrays differ {unequal}, verify {problems}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=20, help="total kills (trials x kills per trial)")
+    parser.add_argument("--kills-per-trial", type=int, default=1)
+    parser.add_argument("--mode", choices=["cli", "fork"], default="cli")
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--images-per-shard", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fault-kill-") as tmp:
+        started = time.monotonic()
+        result = run_trials(Path(tmp), args.mode, -(-args.kills // args.kills_per_trial), args.kills_per_trial,
+                            images=args.images, images_per_shard=args.images_per_shard, seed=args.seed)
+    print(f"mode {args.mode}, {args.images} images in {result.shards} shards, {time.monotonic() - started:.0f} s:")
+    print(result.summary())
+    sys.exit(1 if result.failures else 0)
+
+
+if __name__ == "__main__":
+    main()
