@@ -1,6 +1,6 @@
 """Stage 1 throughput: `pipeline teacher-cache` (crops/s) against the ensemble's pure forward pass.
 
-Rows (measured side by side, in interleaved rounds; each row reports its best round):
+Rows (measured side by side, in interleaved rounds; each row reports its median round):
 
 * ``teacher-cache run``: ``stage1_teacher_cache.run.run(cfg)`` -- what the
   command runs -- on a generated ImageFolder dataset (JPEGs of 256-500 px, the
@@ -50,7 +50,7 @@ import torch  # noqa: E402
 
 import stage1_teacher_cache.run as s1  # noqa: E402
 from benchmarks.common import (  # noqa: E402
-    Timer, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
+    Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
     markdown_table, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
 )
 from common.config import load_config  # noqa: E402
@@ -88,7 +88,8 @@ def timed_run(cfg) -> dict:
 
     def shard_targets(views, teachers, runtime, batch_size, temperature, k):
         out = original(views, teachers, runtime, batch_size, temperature, k)
-        stamps.append((time.perf_counter(), len(out[0])))  # .numpy() inside synced the device
+        # .numpy() inside synced the device
+        stamps.append((time.perf_counter(), time.thread_time(), time.process_time(), len(out[0])))
         return out
 
     load = loadavg()[0]
@@ -98,10 +99,14 @@ def timed_run(cfg) -> dict:
             summary = s1.run(cfg)
     finally:
         s1.shard_targets = original
-    steady = None
+    steady = main_cpu = proc_cpu = None
     if len(stamps) >= 2:
-        steady = sum(n for _, n in stamps[1:]) / (stamps[-1][0] - stamps[0][0])
+        n = sum(x[-1] for x in stamps[1:])
+        steady = n / (stamps[-1][0] - stamps[0][0])
+        main_cpu = 1000 * (stamps[-1][1] - stamps[0][1]) / n
+        proc_cpu = 1000 * (stamps[-1][2] - stamps[0][2]) / n
     return {"crops_per_s": steady, "command_crops_per_s": summary["crops_per_s"], "crops": summary["crops"],
+            "main_cpu_ms_per_crop": main_cpu, "process_cpu_ms_per_crop": proc_cpu,
             "shards": len(stamps), "wall_s": t.seconds, "load1": load}
 
 
@@ -114,10 +119,12 @@ def forward_limit(teachers, runtime, batch: int, batches: int, warmup: int = 2) 
     for i in range(warmup + batches):
         if i == warmup:
             sync(runtime.device)
-            t0 = time.perf_counter()
+            t0, c0, p0 = time.perf_counter(), time.thread_time(), time.process_time()
         ensemble_topk(teacher_probs(teachers, views, runtime), 10)  # .cpu(): one sync per batch, as run() does
     sync(runtime.device)
-    return {"crops_per_s": batch * batches / (time.perf_counter() - t0), "load1": load}
+    n = batch * batches
+    return {"crops_per_s": n / (time.perf_counter() - t0), "main_cpu_ms_per_crop": 1000 * (time.thread_time() - c0) / n,
+            "process_cpu_ms_per_crop": 1000 * (time.process_time() - p0) / n, "load1": load}
 
 
 def render_jobs(cfg, manifest, group: int, limit_images: int | None = None):
@@ -142,10 +149,39 @@ def render_only(render, cfg, manifest, group: int, workers: int) -> dict:
     crops = 0
     for i, views in enumerate(prefetch(lambda job: render(*job), jobs, workers, depth=2 * workers + 2)):
         if i == warm - 1:
-            t0 = time.perf_counter()
+            t0, p0 = time.perf_counter(), time.process_time()
         elif i >= warm:
             crops += len(views[0])
-    return {"crops_per_s": crops / (time.perf_counter() - t0), "load1": load}
+    return {"crops_per_s": crops / (time.perf_counter() - t0),
+            "process_cpu_ms_per_crop": 1000 * (time.process_time() - p0) / crops, "load1": load}
+
+
+def render_alternatives(preprocesses, jobs) -> dict:
+    """One thread, image by image, alternating: the torch renderer's steps (``decode`` + ``render_crops``
+    per teacher) vs. the proposed fix (decode as a CHW view + uint8 antialiased resize)."""
+    from benchmarks.common import decode_view, render_crops_uint8
+    from common.render import decode, render_crops
+
+    cur = alt = 0.0
+    diffs, images, crops = [], 0, 0
+    for paths, boxes, flips in jobs:
+        for i, path in enumerate(paths):
+            t0 = time.perf_counter()
+            image = decode(path)
+            a = [render_crops(image, b[i], flips[i], p.input_size, p.interpolation) for b, p in zip(boxes, preprocesses)]
+            t1 = time.perf_counter()
+            view = decode_view(path)
+            b_ = [render_crops_uint8(view, b[i], flips[i], p.input_size, p.interpolation)
+                  for b, p in zip(boxes, preprocesses)]
+            t2 = time.perf_counter()
+            cur, alt = cur + t1 - t0, alt + t2 - t1
+            diffs += [(x.int() - y.int()).abs() for x, y in zip(a, b_)]
+            images += 1
+            crops += sum(len(x) for x in a)
+    d = torch.cat([x.flatten() for x in diffs]).float()
+    return {"images": images, "crops": crops, "current_ms_per_image": 1000 * cur / images,
+            "uint8_ms_per_image": 1000 * alt / images, "speedup": cur / alt,
+            "max_abs_diff": int(d.max()), "mean_abs_diff": float(d.mean())}
 
 
 def main(argv=None) -> int:
@@ -153,15 +189,15 @@ def main(argv=None) -> int:
     add_common_args(parser)
     parser.add_argument("--images", type=int, default=None, help="images in the dataset (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="crops per teacher forward")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 2, quick 1)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
     parser.add_argument("--loader", default="auto", help="teacher_cache.loader: auto | torch | dali")
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args(argv)
     p = resolve_preset(args)
     if args.quick:
-        p = resolve_preset(args, stage1_images=min(p.stage1_images, 4 * p.images_per_shard))
+        p = resolve_preset(args, stage1_images=min(p.stage1_images, 3 * p.images_per_shard))
     p = resolve_preset(args, stage1_images=args.images or p.stage1_images, stage1_batch=args.batch_size or p.stage1_batch)
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
     on_gpu = torch.cuda.is_available() and p.device != "cpu"
     info = machine_info()
     print(machine_line(info), flush=True)
@@ -211,55 +247,89 @@ def main(argv=None) -> int:
             print(f"  round {r + 1}: render only ({render_kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
                   f"(load {res['load1']})", flush=True)
 
-        def best(key):
-            return max(runs[key], key=lambda x: x["crops_per_s"] or 0)
+        def med(key, field):
+            values = [x[field] for x in runs[key] if x.get(field) is not None]
+            return float(np.median(values)) if values else None
 
-        run_best, limit_best, render_best = best("run"), best("limit"), best("render")
+        def row(label, key, rate_field="crops_per_s"):
+            return {"row": label, "crops_per_s": med(key, rate_field), "load1": med(key, "load1"),
+                    "main_cpu_ms_per_crop": med(key, "main_cpu_ms_per_crop"),
+                    "process_cpu_ms_per_crop": med(key, "process_cpu_ms_per_crop"),
+                    "rounds": [x[rate_field] for x in runs[key]]}
+
+        run_row = row("teacher-cache run (steady)", "run")
         table_rows = [
-            {"row": "teacher-cache run (steady)", "crops_per_s": run_best["crops_per_s"], "load1": run_best["load1"],
-             "rounds": [x["crops_per_s"] for x in runs["run"]]},
-            {"row": "teacher-cache run (command's figure)", "crops_per_s": run_best["command_crops_per_s"],
-             "load1": run_best["load1"], "rounds": [x["command_crops_per_s"] for x in runs["run"]]},
-            {"row": "ensemble forward on device tensors (limit)", "crops_per_s": limit_best["crops_per_s"],
-             "load1": limit_best["load1"], "rounds": [x["crops_per_s"] for x in runs["limit"]]},
-            {"row": f"render only ({render_kind}, {runtime.num_workers} workers)",
-             "crops_per_s": render_best["crops_per_s"], "load1": render_best["load1"],
-             "rounds": [x["crops_per_s"] for x in runs["render"]]},
+            run_row,
+            {**row("teacher-cache run (command's figure)", "run", "command_crops_per_s"),
+             "main_cpu_ms_per_crop": None, "process_cpu_ms_per_crop": None},
+            row("ensemble forward on device tensors (limit)", "limit"),
+            row(f"render only ({render_kind}, {runtime.num_workers} workers)", "render"),
         ]
-        limit = limit_best["crops_per_s"]
-        for row in table_rows:
-            row["x_limit"] = row["crops_per_s"] / limit if row["crops_per_s"] else None
-        ratio = run_best["crops_per_s"] / limit
+        limit_row, render_row = table_rows[2], table_rows[3]
+        limit = limit_row["crops_per_s"]
+        for r in table_rows:
+            r["x_limit"] = r["crops_per_s"] / limit if r["crops_per_s"] else None
+        ratio = run_row["crops_per_s"] / limit
         # If rendering and forward shared nothing, the run would go at min(render, forward);
         # if they shared one set of cores fully, at the harmonic combination.
-        serial = 1 / (1 / limit + 1 / render_best["crops_per_s"])
+        serial = 1 / (1 / limit + 1 / render_row["crops_per_s"])
+        parts_cpu = limit_row["process_cpu_ms_per_crop"] + render_row["process_cpu_ms_per_crop"]
         targets = {"run_over_limit": ratio, "target": 0.9, "met": ratio >= 0.9,
-                   "overlapped_bound": min(limit, render_best["crops_per_s"]), "serial_bound": serial,
+                   "overlapped_bound": min(limit, render_row["crops_per_s"]), "serial_bound": serial,
+                   "run_process_cpu_ms_per_crop": run_row["process_cpu_ms_per_crop"],
+                   "parts_process_cpu_ms_per_crop": parts_cpu,
+                   "run_main_cpu_over_forward_main_cpu": (run_row["main_cpu_ms_per_crop"] or 0)
+                   / limit_row["main_cpu_ms_per_crop"],
                    "judged_on": "gpu" if on_gpu else "cpu (GPU target; not judged here)"}
 
         if not args.no_profile:
-            out = wd / "cache-profile"
-            _, top = profile_top(lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)), n=10)
-            shutil.rmtree(out, ignore_errors=True)
-            extra["profile_run_main_thread"] = top
+            if not args.quick:
+                out = wd / "cache-profile"
+                _, top = profile_top(lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)), n=10)
+                shutil.rmtree(out, ignore_errors=True)
+                extra["profile_run_main_thread"] = top
             jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
             _, top = profile_top(lambda: [render(*job) for job in jobs], n=10)
             extra["profile_render_one_thread"] = top
+            extra["render_alternatives"] = render_alternatives([t.preprocess for t in teachers], jobs[:4])
+            if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
+                g = torch.Generator().manual_seed(0)
+                host = [torch.randint(0, 256, (p.stage1_batch, 3, t.preprocess.input_size, t.preprocess.input_size),
+                                      dtype=torch.uint8, generator=g) for t in teachers]
+                dev = [v.to(runtime.device) for v in host]
+                extra["cuda_syncs_per_batch"] = {
+                    "host_views (torch renderer)": count_cuda_syncs(
+                        lambda: ensemble_topk(teacher_probs(teachers, host, runtime), p.topk)),
+                    "device_views (DALI renderer)": count_cuda_syncs(
+                        lambda: ensemble_topk(teacher_probs(teachers, dev, runtime), p.topk)),
+                }
         del teachers, render
         gc.collect()
 
-    table = markdown_table(table_rows, [("row", "what"), ("crops_per_s", "crops/s (best round)"),
-                                        ("x_limit", "x forward limit"), ("load1", "load avg (1 min)")])
+    table = markdown_table(table_rows, [("row", "what"), ("crops_per_s", "crops/s (median)"),
+                                        ("x_limit", "x forward limit"), ("main_cpu_ms_per_crop", "main-thread CPU ms/crop"),
+                                        ("process_cpu_ms_per_crop", "process CPU ms/crop"),
+                                        ("load1", "load avg (1 min)")])
     print()
     print(table)
     print(f"\nrun / forward limit = {ratio:.2f} (target >= 0.9); bounds from the parts: overlapped "
           f"min(render, forward) = {targets['overlapped_bound']:.1f}, serial 1/(1/render + 1/forward) = "
-          f"{serial:.1f} crops/s; judged on {targets['judged_on']}")
+          f"{serial:.1f} crops/s. CPU per crop: run {targets['run_process_cpu_ms_per_crop']:.2f} ms vs render + "
+          f"forward {parts_cpu:.2f} ms; the run's main thread spends {targets['run_main_cpu_over_forward_main_cpu']:.2f}"
+          f" x the forward's CPU per crop; judged on {targets['judged_on']}")
     for key, title in (("profile_run_main_thread", "run(cfg), main thread"),
                        ("profile_render_one_thread", f"{render_kind} renderer called synchronously")):
         if key in extra:
             print(f"\ncProfile, {title}, top 10 by own time:\n")
             print(profile_table(extra[key]))
+    if "render_alternatives" in extra:
+        a = extra["render_alternatives"]
+        print(f"\ntorch renderer, one thread ({a['images']} images, {a['crops']} teacher views): current "
+              f"{a['current_ms_per_image']:.1f} ms/image; decode as CHW view + uint8 resize "
+              f"{a['uint8_ms_per_image']:.1f} ms/image ({a['speedup']:.1f}x), pixels differ by <= {a['max_abs_diff']} "
+              f"(mean {a['mean_abs_diff']:.3f}) levels")
+    if extra.get("cuda_syncs_per_batch"):
+        print(f"\nCUDA synchronisations per forward batch: {extra['cuda_syncs_per_batch']}")
     path = write_results("stage1-quick" if args.quick else "stage1", {
         "command": command_line(), "machine": info, "preset": p, "rounds": rounds, "render": render_kind,
         "limit_batches": limit_batches, "loadavg_at_end": loadavg(), "rows": table_rows, "runs": runs,

@@ -80,8 +80,8 @@ PRESETS = {
         name="cpu", device="cpu", precision="auto",
         teachers=("test_resnet", "test_convnext"), teacher_sizes=("test_resnet=64", "test_convnext=48"),
         student="test_efficientnet", student_size=64, num_classes=100, num_crops=4, topk=5,
-        stage1_batch=64, stage1_images=256, images_per_shard=64,
-        stage2_batch=32, stage2_images=640, num_workers=2,
+        stage1_batch=64, stage1_images=384, images_per_shard=64,
+        stage2_batch=32, stage2_images=480, num_workers=2,
         # One intra-op thread: on 2 cores shared with other jobs, 2 threads per op wait for the
         # slower one and run 2-4x slower than 1 (measured); the loader threads use the other core.
         torch_threads=1,
@@ -258,7 +258,7 @@ def _write_one(job: tuple[str, int, int, int, str, int]) -> None:
     # like a photo (~0.3-0.6 bit/pixel at q=90), unlike pure noise (incompressible) or flat colour.
     small = rng.integers(0, 256, size=(max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
-    grain = rng.normal(0, 6, size=(h, w, 1)).astype(np.int16)
+    grain = rng.integers(-8, 9, size=(h, w, 1), dtype=np.int16)
     pixels = np.clip(base + grain, 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels)
     if fmt == "JPEG":
@@ -319,53 +319,85 @@ def subset_manifest(manifest, count: int, out: Path) -> Path:
 
 
 def synthetic_manifest(out: Path, num_images: int, num_classes: int, root: Path, width: int = 400,
-                       height: int = 300) -> Path:
-    """A manifest of ``num_images`` fake rows (paths that need not exist) via ``write_manifest``."""
+                       height: int = 300):
+    """A manifest of ``num_images`` fake rows (paths that need not exist) via ``write_manifest``.
+
+    Returns a light description (path, content_hash, sizes, classes) usable by
+    :func:`synthetic_cache` without loading the manifest back.
+    """
+    from types import SimpleNamespace
+
     from common.manifest import ManifestRow, write_manifest
 
+    names = [f"c{c:04d}" for c in range(num_classes)]
     rows = (ManifestRow(f"c{i % num_classes:04d}/img{i:07d}.jpg", i % num_classes, width, height, 100_000,
                         f"{i:064x}") for i in range(num_images))
-    write_manifest(rows, [f"c{c:04d}" for c in range(num_classes)], root, out)
-    return out
+    digest = write_manifest(rows, names, root, out)
+    return SimpleNamespace(path=out, root=Path(root), content_hash=digest, num_images=num_images,
+                           num_classes=num_classes, class_names=tuple(names),
+                           widths=np.full(num_images, width, np.int32), heights=np.full(num_images, height, np.int32),
+                           paths_fmt="c{:04d}/img{:07d}.jpg")
+
+
+def _cache_attrs(manifest, num_crops: int, topk: int, images_per_shard: int, seed: int) -> dict[str, Any]:
+    from common.cache_format import index_dtype
+
+    K = manifest.num_classes
+    return {
+        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
+        "num_classes": K,
+        "teachers": [{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
+        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
+        "crops": {"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": num_crops,
+                  "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
+        "storage": {"k": topk, "images_per_shard": images_per_shard, "residual": "uniform",
+                    "index_dtype": index_dtype(K).name, "prob_dtype": "float16"},
+        "class_names": list(manifest.class_names),
+        "benchmark": "synthetic soft labels (benchmarks/common.py)",
+    }
+
+
+def _write_shards(job) -> None:
+    """Worker: open the (already created) cache and write ``shards``; each writer owns its shards."""
+    from common.cache_format import CacheWriter
+    from common.crops import image_boxes
+
+    path, attrs, widths, heights, shards, seed = job
+    writer = CacheWriter(path, attrs)
+    C, k, K = writer.layout.num_crops, writer.layout.topk, writer.layout.num_classes
+    probs = np.sort(np.random.default_rng(seed).dirichlet(np.ones(k)) * 0.9)[::-1].astype(np.float16)
+    for shard in shards:
+        start, stop = writer.shard_range(shard)
+        ids = np.arange(start, stop)
+        b = image_boxes(seed, ids, widths[start:stop], heights[start:stop], C)
+        base = (ids[:, None, None] * 7 + np.arange(C)[None, :, None] * 13) % K
+        index = ((base + np.arange(k)) % K).astype(np.int64)
+        prob = np.broadcast_to(probs, (stop - start, C, k))
+        writer.write_shard(shard, b.as_array(), b.flip, index.reshape(-1, k), prob.reshape(-1, k))
 
 
 def synthetic_cache(path: Path, manifest, num_crops: int, topk: int, images_per_shard: int, seed: int = 0,
-                    progress: Callable[[int, int], None] | None = None) -> Path:
+                    workers: int = 1) -> Path:
     """A complete teacher cache for ``manifest`` written through ``CacheWriter``.
 
     Boxes and flips are the real seeded RandomResizedCrop draws for the manifest's
     image sizes (so stage 2 decodes/resizes realistic crops); top-k rows are fake
     but well formed (distinct classes, falling probabilities, mass 0.9).
+    ``manifest`` needs content_hash, num_images, num_classes, class_names, widths,
+    heights (a loaded Manifest, or any object with those). ``workers`` > 1 writes
+    disjoint shard sets from that many processes, as ranks of stage 1 do.
     """
-    from common.cache_format import CacheWriter, index_dtype
-    from common.crops import image_boxes
+    from common.cache_format import CacheWriter
 
-    C, k, K = num_crops, topk, manifest.num_classes
-    attrs = {
-        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
-        "num_classes": K,
-        "teachers": [{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
-        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
-        "crops": {"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": C,
-                  "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
-        "storage": {"k": k, "images_per_shard": images_per_shard, "residual": "uniform",
-                    "index_dtype": index_dtype(K).name, "prob_dtype": "float16"},
-        "class_names": list(manifest.class_names),
-        "benchmark": "synthetic soft labels (benchmarks/common.py)",
-    }
-    writer = CacheWriter(path, attrs)
-    probs = np.sort(np.random.default_rng(seed).dirichlet(np.ones(k)) * 0.9)[::-1].astype(np.float16)
-    S = writer.layout.num_shards
-    for shard in range(S):
-        start, stop = writer.shard_range(shard)
-        ids = np.arange(start, stop)
-        b = image_boxes(seed, ids, manifest.widths[ids], manifest.heights[ids], C)
-        base = (ids[:, None, None] * 7 + np.arange(C)[None, :, None] * 13) % K
-        index = ((base + np.arange(k)) % K).astype(np.int64)
-        prob = np.broadcast_to(probs, (stop - start, C, k))
-        writer.write_shard(shard, b.as_array(), b.flip, index.reshape(-1, k), prob.reshape(-1, k))
-        if progress:
-            progress(shard + 1, S)
+    attrs = _cache_attrs(manifest, num_crops, topk, images_per_shard, seed)
+    S = CacheWriter(path, attrs).layout.num_shards  # creates the arrays and attributes
+    widths, heights = np.asarray(manifest.widths), np.asarray(manifest.heights)
+    jobs = [(str(path), attrs, widths, heights, list(range(w, S, workers)), seed) for w in range(workers)]
+    if workers <= 1:
+        _write_shards(jobs[0])
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_shards, jobs))
     return path
 
 
@@ -501,6 +533,7 @@ class TimedLoader:
         self.batch_size = loader.num_samples_per_epoch // max(len(loader), 1)
         self.num_samples_per_epoch = self.steps * self.batch_size
         self.t_warm = self.t_end = None
+        self.cpu_warm = self.cpu_end = None  # (main-thread CPU s, process CPU s)
         self.images = 0
 
     def __len__(self) -> int:
@@ -516,16 +549,23 @@ class TimedLoader:
                 if i == self.warmup:
                     sync(self.device)
                     self.t_warm = time.perf_counter()
+                    self.cpu_warm = (time.thread_time(), time.process_time())
                 batch = next(it)
                 if i >= self.warmup:
                     self.images += batch.images.shape[0]
                 yield batch
             sync(self.device)
             self.t_end = time.perf_counter()
+            self.cpu_end = (time.thread_time(), time.process_time())
 
     @property
     def img_per_s(self) -> float:
         return self.images / (self.t_end - self.t_warm)
+
+    @property
+    def cpu_ms_per_img(self) -> tuple[float, float]:
+        """(training thread, whole process) CPU milliseconds per image over the timed span."""
+        return tuple(1000 * (b - a) / max(self.images, 1) for a, b in zip(self.cpu_warm, self.cpu_end))
 
 
 def timed_epoch(job, pairs, scaler, epoch: int, warmup: int, max_steps: int | None = None) -> dict[str, Any]:
@@ -539,6 +579,83 @@ def timed_epoch(job, pairs, scaler, epoch: int, warmup: int, max_steps: int | No
     t0 = time.perf_counter()
     out = train_one_epoch(dataclasses.replace(job, train_loader=timed), pairs, scaler, epoch)
     seconds = time.perf_counter() - t0
+    main_cpu, proc_cpu = timed.cpu_ms_per_img
     return {"img_per_s": timed.img_per_s, "epoch_img_per_s": out["img_per_s"], "steps": len(timed),
+            "main_cpu_ms_per_img": main_cpu, "process_cpu_ms_per_img": proc_cpu,
             "warmup_steps": warmup, "timed_images": timed.images, "epoch_s": seconds,
             "losses": out["losses"], "load1": round(load0, 2)}
+
+
+# --------------------------------------------------------------------------- render alternatives (proposed fixes)
+
+
+def decode_view(path):
+    """``common.render.decode`` without its two extra copies: one writable HWC array, CHW as a view."""
+    import torch
+
+    from common.images import open_image
+
+    return torch.from_numpy(np.array(open_image(path), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def render_crops_uint8(image, boxes, flips, size: int, interpolation: str = "bilinear"):
+    """``common.render.render_crops`` without the float32 round trip: torch's antialiased resize on
+    uint8 directly (its AVX2 path, the one torchvision's v2 resize uses), same geometry."""
+    import torch
+    import torch.nn.functional as F
+
+    from common.render import resize_mode
+
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    flips = np.asarray(flips).reshape(-1)
+    mode = resize_mode(interpolation)
+    kwargs = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
+    out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
+    for i, (x, y, w, h) in enumerate(boxes):
+        resized = F.interpolate(image[:, y:y + h, x:x + w].unsqueeze(0), size=(size, size), mode=mode, **kwargs)[0]
+        out[i] = resized.flip(-1) if flips[i] else resized
+    return out
+
+
+# --------------------------------------------------------------------------- CUDA synchronisation points
+
+
+def count_cuda_syncs(fn: Callable[[], Any]) -> dict[str, Any] | None:
+    """Run ``fn`` with ``torch.cuda.set_sync_debug_mode("warn")``: how many host<->device synchronisations
+    it makes, grouped by the Python line that triggered them (None without CUDA)."""
+    import collections
+    import warnings
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = collections.Counter(f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in syncs)
+    return {"total": len(syncs), "by_line": dict(where.most_common(12))}
+
+
+class LimitedLoader:
+    """The first ``steps`` batches of ``loader`` (no timing, no syncs of its own)."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, min(steps, len(loader))
+        self.num_samples_per_epoch = self.steps * (loader.num_samples_per_epoch // max(len(loader), 1))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int):
+        import contextlib
+        import itertools
+
+        with contextlib.closing(self.loader.epoch(epoch)) as batches:
+            yield from itertools.islice(batches, self.steps)

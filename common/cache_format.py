@@ -56,7 +56,8 @@ IDENTITY_KEYS = ("manifest", "num_classes", "teachers", "ensemble", "crops", "st
 
 # Bounds on what a cache from a stranger can make a reader do (see docs/reliability.md).
 MAX_METADATA_BYTES = 16 << 20  # per zarr.json; a 1000-class cache's is ~20 KB
-MAX_CHUNK_BYTES = 4 << 30  # one shard of one array, decoded
+MAX_CHUNK_BYTES = 256 << 20  # one shard of one array, decoded; ImageNet at C=32, k=100 needs 13 MB
+MAX_CACHED_BYTES = 1 << 30  # a reader's shard LRU, whatever the shard size
 ALLOWED_CODECS = frozenset({"bytes", "zstd", "crc32c"})  # what CacheWriter writes
 
 
@@ -359,8 +360,9 @@ def _read_records(arr) -> np.ndarray:
 class CacheReader:
     """Read access for stage 2 and tools; refuses caches that do not match.
 
-    Shards are read whole and kept in a small LRU, which matches how Zarr
-    stores them (one chunk per shard) and bounds memory for any dataset size.
+    Shards are read whole and kept in a small LRU (bounded in count and bytes),
+    which matches how Zarr stores them (one chunk per shard) and bounds memory
+    for any dataset size.
     With ``verify_checksums`` every shard read is compared with its completion
     record (tools that copy a cache use it, so damage is not propagated).
     """
@@ -411,6 +413,7 @@ class CacheReader:
         self.verify_checksums = verify_checksums
         self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._max_cached = max_cached_shards
+        self._cached_bytes = 0
 
     @property
     def num_images(self) -> int:
@@ -450,8 +453,10 @@ class CacheReader:
                     "run `pipeline cache verify --repair` and rebuild the damaged shards"
                 )
         self._shards[shard] = data
-        if len(self._shards) > self._max_cached:
-            self._shards.popitem(last=False)
+        self._cached_bytes += sum(a.nbytes for a in data.values())
+        while len(self._shards) > 1 and (len(self._shards) > self._max_cached or self._cached_bytes > MAX_CACHED_BYTES):
+            _, evicted = self._shards.popitem(last=False)
+            self._cached_bytes -= sum(a.nbytes for a in evicted.values())
         return data
 
     def _by_shard(self, image_ids: np.ndarray) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]]:

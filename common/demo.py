@@ -131,7 +131,8 @@ def run(cfg: Config) -> dict:
     for name, run_dir in teacher_runs.items():
         rows.append((f"teacher {name}", _final_top1(run_dir), d.teacher_epochs))
     if "ensemble" in teacher_eval:
-        rows.append(("teacher ensemble (mean softmax)", teacher_eval["ensemble"]["top1"], None))
+        # the cache records accuracies as fractions; the training runs as percentages
+        rows.append(("teacher ensemble (mean softmax)", 100 * teacher_eval["ensemble"]["top1"], None))
     for label, run_dir in student_runs.items():
         rows.append((f"student {d.student}, {label}", _final_top1(run_dir), d.student_epochs))
     table = ["| model | val top-1 (%) | epochs |", "|---|---|---|"]
@@ -159,7 +160,7 @@ def _plot_curves(runs: dict[str, Path], path: Path) -> Path | None:
     for label, run_dir in runs.items():
         rows = [r for r in _read_metrics(run_dir) if "val_top1" in r]
         if rows:
-            ax.plot([r["epoch"] + 1 for r in rows], [r["val_top1"] for r in rows], marker="o", label=label)
+            ax.plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("Fashion-MNIST: teachers, MEAL V2 student, hard-label student")

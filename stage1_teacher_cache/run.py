@@ -82,17 +82,21 @@ def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
     render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], C, group)
     real_root = manifest.root.resolve()
 
-    def render_jobs() -> Iterator[tuple[list[Path], list[np.ndarray], np.ndarray]]:
+    def render_jobs() -> Iterator[tuple[range, list[np.ndarray], np.ndarray]]:
         for shard in todo:
             start, stop = writer.shard_range(shard)
             xywh, flip = crop_boxes(start, stop)
             for lo in range(0, stop - start, group):
                 rows = slice(lo, lo + group)
-                paths = [image_path(manifest, i, real_root) for i in range(start + lo, min(start + lo + group, stop))]
-                yield paths, [xywh[rows]] * len(teachers), flip[rows]
+                yield range(start + lo, min(start + lo + group, stop)), [xywh[rows]] * len(teachers), flip[rows]
+
+    def render_group(job: tuple[range, list[np.ndarray], np.ndarray]) -> list[torch.Tensor]:
+        # Paths are checked here, in the job, so a bad file surfaces in order: after every shard before it is written.
+        ids, boxes, flips = job
+        return render([image_path(manifest, i, real_root) for i in ids], boxes, flips)
 
     # One iterator over every shard of this rank, so rendering runs ahead across shard boundaries.
-    views = prefetch(lambda job: render(*job), render_jobs(), runtime.num_workers, depth=2 * runtime.num_workers + 2)
+    views = prefetch(render_group, render_jobs(), runtime.num_workers, depth=2 * runtime.num_workers + 2)
     total_images = sum(_shard_size(writer, s) for s in todo)
     bar = tqdm(total=total_images, desc=f"teacher cache (rank {runtime.rank})" if runtime.distributed
                else "teacher cache", unit="img", disable=not (runtime.progress and todo), smoothing=0.05)

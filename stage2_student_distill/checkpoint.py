@@ -48,6 +48,12 @@ RESUME_MAY_CHANGE = frozenset(
         "optim.log_every",
         "distill.resume",
         "train.resume",
+        # locations: a run directory or a dataset may move; what is inside is
+        # checked by content (the manifest hash recorded in last.pt)
+        "distill.out",
+        "train.out",
+        "data.manifest",
+        "data.val_manifest",
     }
 )
 

@@ -38,7 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from common.cache_format import CacheReader, verify_cache  # noqa: E402
+from common.config import load_config  # noqa: E402
 from stage1_fixtures import SIZES, make_manifest, overrides  # noqa: E402
+from stage1_teacher_cache.run import run  # noqa: E402  (imported before forking: children start warm)
 
 ARRAYS = ("boxes", "flip", "topk_index", "topk_prob")
 
@@ -52,28 +54,30 @@ def config_toml(settings: dict) -> str:
     return "\n".join(f"[{t}]\n" + "\n".join(lines) + "\n" for t, lines in tables.items())
 
 
-def _forked_run(settings: dict) -> None:
+def _forked_run(settings: dict, env: dict[str, str]) -> None:
     import torch
 
     torch.set_num_threads(1)  # the parent's OpenMP pool is gone in a forked child
-    from common.config import load_config
-    from stage1_teacher_cache.run import run
-
+    os.environ.update(env)
     run(load_config(None, settings))
 
 
 class Writer:
-    """One teacher-cache process writing ``out``: a CLI subprocess or a forked child."""
+    """One teacher-cache process writing a cache: a CLI subprocess or a forked child.
 
-    def __init__(self, mode: str, settings: dict, workdir: Path):
+    ``env`` is added to the process environment (e.g. RANK/WORLD_SIZE as torchrun sets them).
+    """
+
+    def __init__(self, mode: str, settings: dict, workdir: Path, env: dict[str, str] | None = None):
+        env = env or {}
         if mode == "cli":
             cfg = workdir / f"config-{time.monotonic_ns()}.toml"
             cfg.write_text(config_toml(settings))
             cmd = [sys.executable, "-c", "from common.cli import main; main()", "--config", str(cfg), "teacher-cache"]
-            self._proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+            self._proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **env),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         else:
-            self._proc = multiprocessing.get_context("fork").Process(target=_forked_run, args=(settings,))
+            self._proc = multiprocessing.get_context("fork").Process(target=_forked_run, args=(settings, env))
             self._proc.start()
 
     def running(self) -> bool:

@@ -1,0 +1,297 @@
+"""Host memory of `pipeline distill` against dataset size: 10k, 100k and 1.28M (ImageNet-1k) images.
+
+For each size the parent writes a synthetic dataset and then runs one fresh
+child process that trains, so each peak is that size's alone:
+
+* manifest: ``write_manifest`` with fake rows (every image 400x300, fake
+  sha256), so 1.28M rows take seconds, not an ImageNet download;
+* cache: a complete teacher cache written through ``CacheWriter`` with
+  C = 4 crops and k = 5 (not the default C = 8, k = 10: a 1.28M-image cache of
+  real-looking rows is written in about a minute this way and stays < 100 MB;
+  per-image host memory scales with C * k, so the JSON also gives the
+  extrapolation to C = 8-10, k = 10);
+* images: only the files the run will open exist -- hard links to a few real
+  400x300 JPEGs, one per image id of the first ``steps`` (+ prefetch) batches of
+  epoch 0, found with the loader's own ``plan_epoch``;
+* the child builds the Job with ``run_distill`` itself (``fit`` swapped for a
+  hook, see benchmarks/common.py) and runs the real ``train_one_epoch`` for
+  ``--steps`` steps. The training loop has no "max steps" setting, so the
+  loader is wrapped to stop after ``--steps`` batches; the epoch's start-up
+  (the shuffle, the crop order, the one gather of every cache row the epoch
+  uses, the box check) runs in full, so everything that scales with the
+  dataset is in the peak. Validation is not run (its manifest is a fixed
+  10,000-row synthetic one, built but not iterated).
+
+The child reads its resident set from /proc/self/status (VmRSS, VmHWM) at each
+phase; ``resource.getrusage``'s ru_maxrss is recorded too but not used: on
+Linux it survives exec and so includes the parent's size at fork time (psutil
+is not installed here). A second child loads the manifest alone, to separate
+``load_manifest``'s transient peak from what it keeps.
+Target: peak RSS does not grow with dataset size beyond the per-image index
+(a few hundred bytes per image), and stays < 4 GB + the model for ImageNet.
+
+    /tmp/venv/bin/python benchmarks/bench_memory.py              # 10k, 100k, 1.28M (~2-3 min on 2 CPU cores, < 1 GB disk)
+    /tmp/venv/bin/python benchmarks/bench_memory.py --quick      # 10k, 50k, few steps (< 60 s)
+    /tmp/venv/bin/python benchmarks/bench_memory.py --sizes 10000,1281167 --steps 200
+
+Writes benchmarks/results/memory.json (memory-quick.json with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import (  # noqa: E402
+    IMAGENET_TRAIN_IMAGES, Timer, Workdir, add_common_args, command_line, disk_usage, loadavg, machine_info,
+    machine_line, make_image_tree, markdown_table, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
+    write_results,
+)
+
+WIDTH, HEIGHT = 400, 300
+VAL_IMAGES = 10_000
+MB = 2**20
+
+
+def child(args) -> None:
+    """One measurement, in a fresh process: JSON on the last stdout line."""
+    phases = {"start": rss_bytes()}
+    import dataclasses
+
+    import torch  # noqa: F401
+
+    from benchmarks.common import capture_job, fit_optimizers, timed_epoch
+    from common.config import load_config
+    from stage2_student_distill.checkpoint import unwrap
+    from stage2_student_distill.train import run_distill, train_one_epoch  # noqa: F401
+
+    phases["imports"] = rss_bytes()
+    p = resolve_preset(args)
+    cfg = load_config(None, {
+        "runtime.device": p.device, "runtime.precision": p.precision, "runtime.progress": False,
+        "runtime.num_workers": p.num_workers, "runtime.seed": args.seed,
+        "data.manifest": args.manifest, "data.val_manifest": args.val_manifest,
+        "optim.epochs": 1, "optim.batch_size": p.stage2_batch, "optim.eval_batch_size": p.stage2_batch,
+        "optim.img_size": p.student_size, "optim.loader": args.loader,
+        "distill.student": p.student, "distill.cache": args.cache, "distill.out": args.run_dir,
+    })
+    t0 = time.perf_counter()
+    job = capture_job(run_distill, cfg)
+    assembled_s = time.perf_counter() - t0
+    phases["job_assembled"] = rss_bytes()
+    params = sum(x.numel() * x.element_size() for x in unwrap(job.student).parameters())
+    if job.discriminator is not None:
+        params += sum(x.numel() * x.element_size() for x in unwrap(job.discriminator).parameters())
+    pairs, scaler = fit_optimizers(job)
+    first = {}
+
+    class Probe:  # records RSS once the first batch (epoch plan + gather done) arrives
+        def __init__(self, loader):
+            self.loader, self.num_samples_per_epoch = loader, loader.num_samples_per_epoch
+
+        def __len__(self):
+            return len(self.loader)
+
+        def epoch(self, e):
+            t = time.perf_counter()
+            for i, batch in enumerate(self.loader.epoch(e)):
+                if i == 0:
+                    first["s"] = time.perf_counter() - t
+                    phases["first_batch"] = rss_bytes()
+                yield batch
+
+    probe_job = dataclasses.replace(job, train_loader=Probe(job.train_loader))
+    res = timed_epoch(probe_job, pairs, scaler, 0, warmup=min(2, args.steps - 1), max_steps=args.steps)
+    phases["end"] = rss_bytes()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    manifest = job.train_loader.manifest
+    index_bytes = {
+        "manifest_paths_list": sys.getsizeof(manifest.paths) + sum(sys.getsizeof(s) for s in manifest.paths),
+        "manifest_arrays": sum(a.nbytes for a in (manifest.image_ids, manifest.labels, manifest.widths,
+                                                  manifest.heights, manifest.file_bytes)),
+    }
+    print(json.dumps({
+        "images": manifest.num_images, "phases": phases, "ru_maxrss": usage.ru_maxrss * 1024,
+        "param_bytes": params, "model_state_bytes": 3 * params,  # weights + grads + momentum (SGD)
+        "assemble_s": assembled_s, "first_batch_s": first.get("s"), "img_per_s": res["img_per_s"],
+        "steps": res["steps"], "index_bytes": index_bytes, "loader": job.train_loader.kind,
+    }))
+
+
+def child_manifest(args) -> None:
+    """load_manifest alone in a fresh process: its transient peak and what it keeps."""
+    from common.manifest import load_manifest
+
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    m = load_manifest(args.manifest)
+    seconds = time.perf_counter() - t0
+    after = rss_bytes()
+    print(json.dumps({"images": m.num_images, "before": before, "after": after, "seconds": seconds}))
+
+
+def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> dict:
+    """Manifest, cache and the hard-linked image files the first ``steps`` batches need."""
+    from stage2_student_distill.plan import plan_epoch
+
+    d = wd / f"n{n}"
+    d.mkdir(parents=True, exist_ok=True)
+    root = d / "images"
+    timings = {}
+    with Timer() as t:
+        manifest = synthetic_manifest(d / "train.parquet", n, p.num_classes, root, WIDTH, HEIGHT)
+    timings["manifest_s"] = t.seconds
+    with Timer() as t:
+        synthetic_cache(d / "cache", manifest, 4, 5, 1024, seed=seed, workers=2 if n > 200_000 else 1)
+    timings["cache_s"] = t.seconds
+    with Timer() as t:
+        plan = plan_epoch(n, seed=seed, epoch=0, rank=0, world_size=1, images_per_batch=p.stage2_batch, shuffle=True)
+        needed = plan.image_ids[: (steps + 6) * p.stage2_batch]  # + batches the prefetch thread renders ahead
+        for i in needed:
+            path = root / manifest.paths_fmt.format(int(i) % p.num_classes, int(i))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(sources[int(i) % len(sources)], path)
+    timings["links_s"] = t.seconds
+    timings["cache_bytes"] = disk_usage(d / "cache")
+    return {"manifest": manifest.path, "cache": d / "cache", "run_dir": d / "run", **timings}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--sizes", default=None, help="comma list of dataset sizes (default 10000,100000,1281167)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per size (default: cpu 40, gpu 200)")
+    parser.add_argument("--loader", default="auto", help="optim.loader: auto | dali | torch")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-manifest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--val-manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--run-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_manifest:
+        child_manifest(args)
+        return 0
+    if args.child:
+        child(args)
+        return 0
+
+    p = resolve_preset(args)
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
+        [10_000, 50_000] if args.quick else [10_000, 100_000, IMAGENET_TRAIN_IMAGES])
+    steps = args.steps or (8 if args.quick else (200 if p.name == "gpu" else 30))
+    info = machine_info()
+    print(machine_line(info), flush=True)
+    print(f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {steps} steps per size, "
+          f"cache C=4 k=5, sizes {sizes}, loader {args.loader}", flush=True)
+
+    rows, raw = [], []
+    with Workdir(args.workdir, args.keep, "bench-memory-") as wd:
+        sources = []
+        src_root = make_image_tree(wd / "sources", 8, 1, sizes=(HEIGHT, HEIGHT), seed=args.seed, workers=1)
+        from PIL import Image
+
+        for i, f in enumerate(sorted(src_root.rglob("*.jpg"))):  # exactly WIDTH x HEIGHT
+            Image.open(f).convert("RGB").resize((WIDTH, HEIGHT)).save(f, "JPEG", quality=90)
+            sources.append(f)
+        val = synthetic_manifest(wd / "val.parquet", VAL_IMAGES, p.num_classes, wd / "val-images", WIDTH, HEIGHT).path
+        for n in sizes:
+            prep = prepare(wd, n, p, steps, args.seed, sources)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--preset", p.name, "--seed", str(args.seed),
+                   "--manifest", str(prep["manifest"]), "--val-manifest", str(val), "--cache", str(prep["cache"]),
+                   "--run-dir", str(prep["run_dir"]), "--steps", str(steps), "--loader", args.loader]
+            if args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
+            load = loadavg()[0]
+            with Timer() as t:
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            if proc.returncode:
+                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+                raise SystemExit(f"child for {n} images failed ({proc.returncode})")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            m = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-manifest", "--manifest",
+                                str(prep["manifest"])], capture_output=True, text=True, cwd=REPO, check=True)
+            r["manifest_load"] = json.loads(m.stdout.strip().splitlines()[-1])
+            ml = r["manifest_load"]
+            ph = r["phases"]
+            row = {
+                "images": n,
+                "peak_rss_mb": ph["end"]["VmHWM"] / MB,
+                "peak_by_job_assembled_mb": ph["job_assembled"]["VmHWM"] / MB,
+                "peak_by_first_batch_mb": ph["first_batch"]["VmHWM"] / MB,
+                "after_imports_mb": ph["imports"]["VmRSS"] / MB,
+                "job_assembled_mb": ph["job_assembled"]["VmRSS"] / MB,
+                "first_batch_mb": ph["first_batch"]["VmRSS"] / MB,
+                "end_mb": ph["end"]["VmRSS"] / MB,
+                "model_state_mb": r["model_state_bytes"] / MB,
+                "paths_list_mb": r["index_bytes"]["manifest_paths_list"] / MB,
+                "manifest_load_kept_mb": (ml["after"]["VmRSS"] - ml["before"]["VmRSS"]) / MB,
+                "manifest_load_transient_mb": (ml["after"]["VmHWM"] - ml["after"]["VmRSS"]) / MB,
+                "first_batch_s": r["first_batch_s"],
+                "img_per_s": r["img_per_s"],
+                "cache_mb_on_disk": prep["cache_bytes"] / MB,
+                "write_s": prep["manifest_s"] + prep["cache_s"],
+                "child_s": t.seconds,
+                "load1": load,
+            }
+            rows.append(row)
+            raw.append({**r, "prepare": prep})
+            print(f"  {n:>9,} images: peak RSS {row['peak_rss_mb']:.0f} MB (job assembled {row['job_assembled_mb']:.0f}, "
+                  f"after first batch {row['first_batch_mb']:.0f}, end {row['end_mb']:.0f}); epoch start-up "
+                  f"{row['first_batch_s']:.1f} s; data written in {row['write_s']:.1f} s; child {t.seconds:.0f} s "
+                  f"(load {load})", flush=True)
+            import shutil
+
+            shutil.rmtree(wd / f"n{n}", ignore_errors=True)  # keep the disk small
+
+    base = rows[0]
+    for r in rows:
+        r["growth_mb"] = r["peak_rss_mb"] - base["peak_rss_mb"]
+    slope = None
+    if len(rows) >= 2 and rows[-1]["images"] != base["images"]:
+        slope = (rows[-1]["peak_rss_mb"] - base["peak_rss_mb"]) * MB / (rows[-1]["images"] - base["images"])
+    imagenet_peak = base["peak_rss_mb"] + (slope or 0) * (IMAGENET_TRAIN_IMAGES - base["images"]) / MB
+    # C=4, k=5 -> C=10, k=10: the per-epoch gathered rows (boxes 16 B + flip 1 + k*(2+2) B per used crop, m=1)
+    # grow by 20 B per image; the crop permutation keys (C float64 + C int64 per image) by 96 B.
+    extra_per_image = 20 + 16 * (10 - 4)
+    verdict = {
+        "bytes_per_image": slope,
+        "imagenet_peak_mb": imagenet_peak,
+        "imagenet_peak_mb_c10_k10": imagenet_peak + extra_per_image * IMAGENET_TRAIN_IMAGES / MB,
+        "limit_mb": 4096 + base["model_state_mb"],
+        "met": imagenet_peak + extra_per_image * IMAGENET_TRAIN_IMAGES / MB <= 4096 + base["model_state_mb"],
+    }
+    table = markdown_table(rows, [("images", "images"), ("peak_rss_mb", "peak RSS MB"), ("growth_mb", "growth vs smallest MB"),
+                                  ("after_imports_mb", "after imports MB"),
+                                  ("peak_by_job_assembled_mb", "peak by end of Job assembly MB"),
+                                  ("job_assembled_mb", "RSS after Job built MB"), ("first_batch_mb", "after 1st batch MB"),
+                                  ("end_mb", "at end MB"), ("paths_list_mb", "manifest paths list MB"),
+                                  ("manifest_load_kept_mb", "load_manifest alone: kept MB"),
+                                  ("manifest_load_transient_mb", "load_manifest alone: transient MB"),
+                                  ("first_batch_s", "epoch start-up s"), ("cache_mb_on_disk", "cache on disk MB"),
+                                  ("load1", "load avg")])
+    print()
+    print(table)
+    print(f"\npeak RSS grows {slope or 0:.0f} bytes per image; ImageNet-1k (C=4, k=5): {imagenet_peak:.0f} MB, with C=10, "
+          f"k=10 about {verdict['imagenet_peak_mb_c10_k10']:.0f} MB; limit 4 GB + model state "
+          f"({base['model_state_mb']:.0f} MB) = {verdict['limit_mb']:.0f} MB -> {'met' if verdict['met'] else 'NOT met'}")
+    path = write_results("memory-quick" if args.quick else "memory", {
+        "command": command_line(), "machine": info, "preset": p, "steps": steps, "sizes": sizes,
+        "cache": {"num_crops": 4, "topk": 5, "images_per_shard": 1024}, "loadavg_at_end": loadavg(),
+        "rows": rows, "verdict": verdict, "raw": raw, "table": table,
+    }, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Scaling: stage 1 and stage 2 throughput with 1 and 2 ranks under torchrun.
+
+The parent writes one dataset (generated JPEGs, ``build_manifest``, a synthetic
+teacher cache for stage 2) and launches, for each world size W,
+
+    torchrun --standalone --nproc_per_node W benchmarks/bench_scaling.py --worker ...
+
+Every rank runs with ONE torch thread and ONE loader/render worker thread
+(OMP_NUM_THREADS=1, ``torch.set_num_threads(1)``, ``runtime.num_workers=1``), in
+both runs, so 1 rank vs 2 ranks compares equal per-rank resources. In each
+launch the ranks run, in order:
+
+* stage 1: ``stage1_teacher_cache.run.run(cfg)`` on a warm-up subset, then on
+  the measured manifest; the figure is the command's own (total crops of all
+  ranks / wall time of the slowest rank, after its all-reduce), and the sum of
+  the ranks' steady-state rates (first shard left out);
+* stage 2: the distill ``Job`` from ``run_distill`` (student and discriminator
+  DDP-wrapped, gloo on CPU / NCCL on CUDA, each rank its own share of the
+  epoch) through the project's ``train_one_epoch``; global img/s = images of
+  all ranks / slowest rank's steady-state time; also with synthetic batches
+  (the DDP compute limit: no loader), to separate DDP's own cost.
+
+Per-rank batch size is constant (weak scaling, as torchrun users run it), so
+2 ranks train a global batch twice as large.
+
+On a 2-core machine, 2 ranks cannot speed up compute: 1 rank already keeps
+both cores busy (its compute thread + its loader thread), and 2 ranks x 2
+threads share the same 2 cores (plus other users' jobs), and pay gloo's
+gradient all-reduce on top. Expect a scaling efficiency (W=2 rate / (2 x W=1
+rate)) of ~0.5, i.e. about the same throughput. On a GPU node each rank has its
+own GPU and CPU cores: judge scaling there.
+
+    /tmp/venv/bin/python benchmarks/bench_scaling.py            # full (~2-3 min on 2 CPU cores)
+    /tmp/venv/bin/python benchmarks/bench_scaling.py --quick    # smoke run (< 60 s)
+    python benchmarks/bench_scaling.py --preset gpu --worlds 1,2,4,8   # on a GPU node
+
+Writes benchmarks/results/scaling.json (scaling-quick.json with --quick).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import (  # noqa: E402
+    Timer, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
+    markdown_table, resolve_preset, subset_manifest, synthetic_cache, write_results,
+)
+
+
+def worker(args) -> None:
+    import torch
+
+    from benchmarks.bench_stage1 import config as stage1_config, timed_run
+    from benchmarks.bench_stage2 import SyntheticLoader
+    from benchmarks.common import capture_job, fit_optimizers, timed_epoch
+    from common.config import load_config
+    from stage2_student_distill.train import run_distill
+
+    p = resolve_preset(args, num_workers=1)
+    torch.set_num_threads(1)
+    wd = Path(args.workdir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    out = {"world_size": world, "loadavg_start": loadavg()}
+
+    # stage 1
+    p1 = dataclasses.replace(p, images_per_shard=args.shard)
+    from stage1_teacher_cache.run import run
+
+    if not args.quick:  # warm-up: page cache, allocator, autotuning
+        run(stage1_config(p1, wd / "s1-warm.parquet", wd / f"w{world}-cache-warm", args.seed))
+    res = timed_run(stage1_config(p1, wd / "s1.parquet", wd / f"w{world}-cache", args.seed))
+    steady = torch.tensor([res["crops_per_s"] or 0.0, (res["process_cpu_ms_per_crop"] or 0.0) / world],
+                          dtype=torch.float64)
+    if world > 1:
+        torch.distributed.all_reduce(steady)
+    out["stage1"] = {**res, "sum_steady_crops_per_s": float(steady[0]), "mean_cpu_ms_per_crop": float(steady[1])}
+
+    # stage 2
+    cfg = load_config(None, {
+        "runtime.device": p.device, "runtime.precision": p.precision, "runtime.progress": False,
+        "runtime.num_workers": 1, "runtime.seed": args.seed,
+        "data.manifest": str(wd / "s2.parquet"), "data.val_manifest": str(wd / "s1-warm.parquet"),
+        "optim.epochs": 1, "optim.batch_size": p.stage2_batch, "optim.eval_batch_size": p.stage2_batch,
+        "optim.img_size": p.student_size, "optim.loader": args.loader,
+        "distill.student": p.student, "distill.cache": str(wd / "s2-cache"), "distill.out": str(wd / f"w{world}-run"),
+    })
+    job = capture_job(run_distill, cfg)
+    pairs, scaler = fit_optimizers(job)
+    steps = len(job.train_loader)
+    synth = dataclasses.replace(job, train_loader=SyntheticLoader(job.train_loader, steps))
+    timed_epoch(job, pairs, scaler, 0, warmup=0, max_steps=2)
+    timed_epoch(synth, pairs, scaler, 0, warmup=0, max_steps=2)
+    warmup = min(args.warmup, steps - 2)
+    results = {"distill": [], "compute limit (DDP)": []}
+    for r in range(args.rounds):
+        for name, j in (("distill", job), ("compute limit (DDP)", synth)):
+            res = timed_epoch(j, pairs, scaler, r + 1, warmup)
+            seconds = res["timed_images"] / res["img_per_s"]
+            t = torch.tensor([res["timed_images"], seconds, res["process_cpu_ms_per_img"] / world], dtype=torch.float64)
+            if world > 1:
+                torch.distributed.all_reduce(t[:1])
+                torch.distributed.all_reduce(t[1:2], op=torch.distributed.ReduceOp.MAX)
+                torch.distributed.all_reduce(t[2:])
+            results[name].append({**res, "global_img_per_s": float(t[0] / t[1]), "mean_cpu_ms_per_img": float(t[2])})
+    out["stage2"] = results
+    out["stage2_steps_per_rank"] = steps
+    out["loadavg_end"] = loadavg()
+    if rank == 0:
+        Path(args.result).write_text(json.dumps(out))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--worlds", default="1,2", help="comma list of rank counts (default 1,2)")
+    parser.add_argument("--loader", default="auto", help="optim.loader for stage 2: auto | dali | torch")
+    parser.add_argument("--rounds", type=int, default=None, help="stage 2 repetitions per launch (default 2, quick 1)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+
+    p = resolve_preset(args)
+    worlds = [int(w) for w in args.worlds.split(",")]
+    import torch
+
+    if p.device != "cpu" and torch.cuda.is_available() and max(worlds) > torch.cuda.device_count():
+        raise SystemExit(f"--worlds {args.worlds}: this machine has {torch.cuda.device_count()} GPU(s), one per rank; "
+                         "lower --worlds or use --preset cpu")
+    rounds = args.rounds or (1 if args.quick else 2)
+    # per-rank work stays the same size as the preset's; the dataset is sized for the largest world
+    s1_images = (64 if args.quick else 256) if p.name == "cpu" else p.stage1_images
+    s2_images = (5 if args.quick else 16) * p.stage2_batch * max(worlds)
+    shard = max(8, s1_images // (4 * max(worlds)))
+    info = machine_info()
+    print(machine_line(info), flush=True)
+    print(f"preset {p.name}: worlds {worlds}, 1 torch thread + 1 loader thread per rank; stage 1: {s1_images} images "
+          f"x C={p.num_crops}, shards of {shard}; stage 2: {s2_images} images, per-rank batch {p.stage2_batch}, "
+          f"{rounds} round(s)", flush=True)
+
+    launches = []
+    with Workdir(args.workdir, args.keep, "bench-scaling-") as wd:
+        with Timer() as t:
+            s2_path, s2 = image_dataset(wd, f"s2-{s2_images}", s2_images, min(p.num_classes, s2_images),
+                                        sizes=p.image_sizes, seed=args.seed)
+            shutil.copy(s2_path, wd / "s2.parquet")
+            subset_manifest(s2, s1_images, wd / "s1.parquet")
+            subset_manifest(s2, min(s1_images, 2 * shard), wd / "s1-warm.parquet")
+            if not (wd / "s2-cache").exists():
+                synthetic_cache(wd / "s2-cache", s2, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
+        print(f"data in {t.seconds:.1f} s", flush=True)
+        torchrun = Path(sys.executable).with_name("torchrun")
+        for world in worlds:
+            result = wd / f"result-{world}.json"
+            cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(world), str(Path(__file__).resolve()),
+                   "--worker", "--preset", p.name, "--workdir", str(wd), "--result", str(result), "--seed", str(args.seed),
+                   "--loader", args.loader, "--rounds", str(rounds), "--shard", str(shard)]
+            if args.quick:
+                cmd.append("--quick")
+            if args.threads is not None:
+                cmd += ["--threads", str(args.threads)]
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+            load = loadavg()[0]
+            with Timer() as t:
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+            if proc.returncode:
+                print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+                raise SystemExit(f"torchrun with {world} rank(s) failed ({proc.returncode})")
+            r = json.loads(result.read_text())
+            r["launch_s"], r["load1"] = t.seconds, load
+            launches.append(r)
+            s2r = {k: max(x["global_img_per_s"] for x in v) for k, v in r["stage2"].items()}
+            print(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
+                  f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
+                  f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {t.seconds:.0f} s (load {load})",
+                  flush=True)
+
+    import numpy as np
+
+    rows = []
+    for r in launches:
+        w = r["world_size"]
+        rows.append({"stage": "1: teacher-cache run (command figure)", "ranks": w,
+                     "rate": r["stage1"]["command_crops_per_s"], "unit": "crops/s", "load1": r["load1"]})
+        rows.append({"stage": "1: teacher-cache run (sum of ranks' steady rates)", "ranks": w,
+                     "rate": r["stage1"]["sum_steady_crops_per_s"], "unit": "crops/s", "load1": r["load1"],
+                     "cpu_ms": r["stage1"]["mean_cpu_ms_per_crop"]})
+        for name, runs in r["stage2"].items():
+            rows.append({"stage": f"2: {name}", "ranks": w, "rate": float(np.median([x["global_img_per_s"] for x in runs])),
+                         "unit": "img/s", "load1": r["load1"],
+                         "cpu_ms": float(np.median([x["mean_cpu_ms_per_img"] for x in runs])),
+                         "rounds": [x["global_img_per_s"] for x in runs]})
+    rows.sort(key=lambda row: (row["stage"], row["ranks"]))
+    one = {row["stage"]: row["rate"] for row in rows if row["ranks"] == 1}
+    for row in rows:
+        if row["stage"] in one and one[row["stage"]]:
+            row["speedup"] = row["rate"] / one[row["stage"]]
+            row["efficiency"] = row["speedup"] / row["ranks"]
+    table = markdown_table(rows, [("stage", "stage"), ("ranks", "ranks"), ("rate", "global rate"), ("unit", "unit"),
+                                  ("speedup", "speed-up vs 1 rank"), ("efficiency", "scaling efficiency"),
+                                  ("cpu_ms", "process CPU ms per crop/img (mean of ranks)"),
+                                  ("load1", "load avg (1 min)")])
+    print()
+    print(table)
+    path = write_results("scaling-quick" if args.quick else "scaling", {
+        "command": command_line(), "machine": info, "preset": p, "worlds": worlds, "threads_per_rank": 1,
+        "loader_workers_per_rank": 1, "stage1_images": s1_images, "stage2_images": s2_images, "rounds": rounds,
+        "loadavg_at_end": loadavg(), "rows": rows, "launches": launches, "table": table,
+    }, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
