@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--sizes", default=None, help="comma list of dataset sizes (default 10000,100000,1281167)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per size (default: cpu 40, gpu 200)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per size (default: cpu 20, gpu 200)")
     parser.add_argument("--loader", default="auto", help="optim.loader: auto | dali | torch")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-manifest", action="store_true", help=argparse.SUPPRESS)
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     p = resolve_preset(args)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [10_000, 50_000] if args.quick else [10_000, 100_000, IMAGENET_TRAIN_IMAGES])
-    steps = args.steps or (8 if args.quick else (200 if p.name == "gpu" else 30))
+    steps = args.steps or (8 if args.quick else (200 if p.name == "gpu" else 20))
     info = machine_info()
     print(machine_line(info), flush=True)
     print(f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {steps} steps per size, "
