@@ -30,7 +30,7 @@ is not installed here). A second child loads the manifest alone, to separate
 Target: peak RSS does not grow with dataset size beyond the per-image index
 (a few hundred bytes per image), and stays < 4 GB + the model for ImageNet.
 
-    /tmp/venv/bin/python benchmarks/bench_memory.py              # 10k, 100k, 1.28M (~2-3 min on 2 CPU cores, < 1 GB disk)
+    /tmp/venv/bin/python benchmarks/bench_memory.py              # 10k, 100k, 1.28M (3-4 min on 2 busy CPU cores, < 100 MB disk)
     /tmp/venv/bin/python benchmarks/bench_memory.py --quick      # 10k, 50k, few steps (< 60 s)
     /tmp/venv/bin/python benchmarks/bench_memory.py --sizes 10000,1281167 --steps 200
 

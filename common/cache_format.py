@@ -498,6 +498,13 @@ class CacheReader:
         return out
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Pinned, asynchronous copy to CUDA (a pageable copy blocks the host until the GPU catches up)."""
+    if device is None or torch.device(device).type != "cuda":
+        return t if device is None else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def restore_targets(topk_index, topk_prob, num_classes: int, device=None) -> torch.Tensor:
     """Dense (B, num_classes) float32 targets from stored top-k.
 
@@ -505,8 +512,8 @@ def restore_targets(topk_index, topk_prob, num_classes: int, device=None) -> tor
     other classes (the cache's ``storage.residual = "uniform"``), so every row
     sums to 1 and no class gets zero probability unless k = num_classes.
     """
-    idx = torch.as_tensor(np.asarray(topk_index).astype(np.int64), device=device)
-    prob = torch.as_tensor(np.asarray(topk_prob), device=device).float().clamp_min_(0)
+    idx = _to_device(torch.from_numpy(np.asarray(topk_index).astype(np.int64)), device)
+    prob = _to_device(torch.from_numpy(np.asarray(topk_prob).astype(np.float32)), device).clamp_min_(0)
     k = idx.shape[-1]
     kept = prob.sum(-1, keepdim=True)
     if k < num_classes:
@@ -568,13 +575,13 @@ def verify_cache(path: str | Path, manifest_hash: str | None = None) -> list[str
     return _scan(path, manifest_hash)[0]
 
 
-def repair_cache(path: str | Path) -> tuple[list[str], list[int]]:
+def repair_cache(path: str | Path, manifest_hash: str | None = None) -> tuple[list[str], list[int]]:
     """Reset the completion record of every damaged shard, so that rerunning the command that
     wrote the cache recomputes exactly those shards. Returns (problems, shards reset).
 
     Not while a writer runs: it could be writing the records being reset.
     """
-    problems, damaged = _scan(path, None)
+    problems, damaged = _scan(path, manifest_hash)
     if damaged:
         records = _open_group(path, mode="r+")[RECORD_ARRAY]
         for s in damaged:

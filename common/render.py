@@ -10,6 +10,7 @@ host-to-device traffic than float32.
 """
 from __future__ import annotations
 
+import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,8 @@ _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "l
 
 def decode(path) -> torch.Tensor:
     """uint8 [3, H, W], RGB, EXIF orientation applied (the manifest's frame)."""
-    img = open_image(path)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    # One copy out of PIL; the channel-first result is a view (crops slice it anyway).
+    return torch.from_numpy(np.array(open_image(path), dtype=np.uint8)).permute(2, 0, 1)
 
 
 def resize_mode(interpolation: str) -> str:
@@ -56,6 +56,14 @@ def render_crops(image: torch.Tensor, boxes, flips, size: int, interpolation: st
 def normalize(batch: torch.Tensor, mean, std, device=None, memory_format=torch.contiguous_format) -> torch.Tensor:
     """uint8 [B, 3, S, S] -> float32 normalised on ``device`` (mean/std in 0..1 units)."""
     batch = batch.to(device, non_blocking=True) if device is not None else batch
-    m = torch.tensor(mean, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, device=batch.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    m, s = _mean_std(tuple(mean), tuple(std), batch.device)
     return ((batch.float() - m) / s).contiguous(memory_format=memory_format)
+
+
+@functools.lru_cache(maxsize=32)
+def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built once per (mean, std, device): a fresh torch.tensor(..., device=cuda) each
+    batch is a blocking host-to-device copy that stalls the GPU queue."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).mul(255.0).to(device)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).mul(255.0).to(device)
+    return m, s

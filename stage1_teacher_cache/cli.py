@@ -91,7 +91,7 @@ def verify_command(cache: str, manifest: str | None, repair: bool) -> None:
     with user_errors():
         manifest_hash = load_manifest(manifest).content_hash if manifest else None
         if repair:
-            problems, reset = repair_cache(cache)
+            problems, reset = repair_cache(cache, manifest_hash=manifest_hash)
         else:
             problems, reset = verify_cache(cache, manifest_hash=manifest_hash), []
     for problem in problems:

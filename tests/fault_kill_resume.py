@@ -6,10 +6,13 @@ Run by hand (slow: every process imports torch); the result goes into docs/relia
     /tmp/venv/bin/python tests/fault_kill_resume.py --kills 200 --mode fork  # many kills, fast
 
 A trial starts a fresh cache, kills the writer ``--kills-per-trial`` times (each
-restart resumes the previous one), then lets a last run finish. Every kill lands
-at a moment drawn uniformly from the writing phase of the uninterrupted run (from
-the cache directory's creation to exit). After each trial the arrays must equal
-the uninterrupted run's bit for bit and `verify` must find nothing.
+restart resumes the previous one), then lets a last run finish; trials go on
+until ``--kills`` kills have landed. A kill moment is drawn so that kills spread
+evenly over the run's progress whatever the machine's speed: a number of
+complete shards j (uniform over 0..S-1), then a delay uniform over one shard's
+time after the j-th shard record appears (the shard time measured on the
+uninterrupted run). After each trial the arrays must equal the uninterrupted
+run's bit for bit and `verify` must find nothing.
 
 ``--mode cli`` runs ``pipeline --config C teacher-cache`` in a fresh interpreter;
 ``--mode fork`` forks this process (no import cost, same code path from run()
@@ -96,16 +99,20 @@ class Writer:
         return self._proc.exitcode
 
 
-def wait_for_cache(out: Path, writer: Writer, timeout: float = 120) -> float:
-    """Block until the writer has created the cache directory (the writing phase starts); return the time."""
+def wait_until(done, writer: Writer, timeout: float = 300) -> float:
+    """Poll ``done()`` while the writer runs; return the time it became true (or the writer ended)."""
     deadline = time.monotonic() + timeout
-    while not (out / "zarr.json").exists():
-        if not writer.running():
-            break
+    while not done() and writer.running():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{out} was not created within {timeout} s")
+            raise TimeoutError(f"gave up after {timeout} s")
         time.sleep(0.005)
     return time.monotonic()
+
+
+def records_written(out: Path) -> int:
+    """Shard records on disk: each is one chunk file, renamed into place when the shard is complete."""
+    folder = out / "shard_record" / "c"
+    return sum(1 for f in folder.iterdir() if not f.name.endswith(".partial")) if folder.is_dir() else 0
 
 
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -125,34 +132,45 @@ class Result:
 
     def summary(self) -> str:
         spread = np.bincount(self.complete_at_kill, minlength=self.shards + 1).tolist() if self.kills else []
-        return (f"{self.kills} kill(s) (+{self.finished_before_kill} run(s) that finished first); "
+        mid_run = sum(0 < c < self.shards for c in self.complete_at_kill)
+        return (f"{self.kills} kill(s), {mid_run} with some but not all shards complete "
+                f"(+{self.finished_before_kill} run(s) that finished first); "
                 f"shards complete at the kill (count per 0..{self.shards}): {spread}; "
                 f"{self.partial_files_at_kill} kill(s) caught a chunk write in flight; "
-                f"writing phase of the uninterrupted run {self.work_seconds:.2f} s; "
+                f"writing phase of the uninterrupted run {self.work_seconds:.2f} s "
+                f"({self.work_seconds / max(1, self.shards):.2f} s per shard); "
                 + ("every resumed cache equal to the uninterrupted one and verified"
                    if not self.failures else f"{len(self.failures)} FAILURE(S): {self.failures}"))
 
 
-def run_trials(workdir: Path, mode: str, trials: int, kills_per_trial: int, images: int = 24,
-               images_per_shard: int = 2, seed: int = 0) -> Result:
+def run_trials(workdir: Path, mode: str, kills: int, kills_per_trial: int, images: int = 24,
+               images_per_shard: int = 2, seed: int = 0, max_trials: int | None = None) -> Result:
+    """Trials until ``kills`` kills have landed (at most ``max_trials``, default 3 x kills)."""
+    max_trials = max_trials or 3 * kills
     sizes = [SIZES[i % len(SIZES)] for i in range(images)]
     manifest = make_manifest(workdir, "faults", sizes=sizes)
     settings = lambda out: overrides(manifest, out, **{"teacher_cache.images_per_shard": images_per_shard})  # noqa: E731
 
+    shards = -(-images // images_per_shard)
     reference = workdir / "reference"
     writer = Writer(mode, settings(reference), workdir)
-    began = wait_for_cache(reference, writer)
+    began = wait_until(lambda: (reference / "zarr.json").exists(), writer)
+    ended = wait_until(lambda: records_written(reference) == shards, writer)
     assert writer.wait() == 0, "the uninterrupted run failed"
-    result = Result(work_seconds=time.monotonic() - began, shards=-(-images // images_per_shard))
+    result = Result(work_seconds=ended - began, shards=shards)
     expected = read_arrays(reference)
     rng = np.random.default_rng(seed)
 
-    for trial in range(trials):
+    for trial in range(max_trials):
+        if result.kills >= kills:
+            break
         out = workdir / f"trial-{trial}"
         for _ in range(kills_per_trial):
             writer = Writer(mode, settings(out), workdir)
-            wait_for_cache(out, writer)
-            time.sleep(rng.uniform(0, result.work_seconds))
+            wait_until(lambda: (out / "zarr.json").exists(), writer)
+            j = int(rng.integers(0, shards))
+            wait_until(lambda: records_written(out) >= j, writer)
+            time.sleep(rng.uniform(0, result.work_seconds / shards))
             if not writer.running():
                 result.finished_before_kill += 1
                 writer.wait()
@@ -177,7 +195,7 @@ def run_trials(workdir: Path, mode: str, trials: int, kills_per_trial: int, imag
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=20, help="total kills (trials x kills per trial)")
+    parser.add_argument("--kills", type=int, default=20, help="kills that must land (runs that finish first do not count)")
     parser.add_argument("--kills-per-trial", type=int, default=1)
     parser.add_argument("--mode", choices=["cli", "fork"], default="cli")
     parser.add_argument("--images", type=int, default=24)
@@ -186,7 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fault-kill-") as tmp:
         started = time.monotonic()
-        result = run_trials(Path(tmp), args.mode, -(-args.kills // args.kills_per_trial), args.kills_per_trial,
+        result = run_trials(Path(tmp), args.mode, args.kills, args.kills_per_trial,
                             images=args.images, images_per_shard=args.images_per_shard, seed=args.seed)
     print(f"mode {args.mode}, {args.images} images in {result.shards} shards, {time.monotonic() - started:.0f} s:")
     print(result.summary())

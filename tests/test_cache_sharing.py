@@ -105,10 +105,11 @@ def test_merge_of_one_teacher_caches_equals_the_ensemble_run(caches):
 
 def test_merge_keeps_the_smallest_k_unless_told(caches):
     small = caches["tmp"] / "A-k2"
-    run(config(caches["train"], small, **one_teacher(0)))  # k = 2
+    run(config(caches["train"], small, **{"teacher_cache.images_per_shard": 3}, **one_teacher(0)))  # k = 2
     out = caches["tmp"] / "merged-k2"
     summary = merge_caches([str(small), str(caches["B"])], str(out))
     assert summary["k"] == 2 and CacheReader(out).topk == 2
+    assert CacheReader(out).layout.images_per_shard == 3  # the first source's; the second has shards of 4
     assert [s["k"] for s in CacheReader(out).attrs["merge"]["sources"]] == [2, 3]
     top1 = read_all(out)["topk_index"][..., 0]
     assert (top1 == read_all(caches["AB"])["topk_index"][..., 0]).mean() > 0.9

@@ -54,7 +54,8 @@ def forked_reference(dataset):  # noqa: F811
 
 
 def test_kill_9_twice_at_random_moments_then_resume(tmp_path):
-    result = run_trials(tmp_path, "fork", trials=1, kills_per_trial=2, images=12, images_per_shard=2, seed=1)
+    result = run_trials(tmp_path, "fork", kills=2, kills_per_trial=2, images=12, images_per_shard=2, seed=1,
+                        max_trials=1)
     assert result.kills + result.finished_before_kill == 2
     assert result.failures == [], result.summary()
 

@@ -1,0 +1,481 @@
+"""Fashion-MNIST accuracy: MEAL V2 from the cache vs. online MEAL V2 vs. hard labels, at equal epochs.
+
+The experiment of `pipeline demo`, at any scale (default: all 60,000 training
+images, the 10,000 test images, 30 epochs), plus the online comparison:
+
+1. Fashion-MNIST idx files -> PNG trees + manifests (``prepare_fashion_mnist``,
+   ``build_manifest``): the students' training set (``--train-images``) and the
+   teachers' (``--teacher-train-images``; default the same set);
+2. the teachers, trained on hard labels with `pipeline train`'s ``run_train``
+   (each at its own input size, ``--teacher-img-size``), or reused
+   (``--teacher-run NAME=DIR``);
+3. the teacher cache (``stage1_teacher_cache.run``): C crops per training
+   image, the ensemble's mean softmax on each (top-k kept);
+4. per seed, the same student three ways, each for ``--student-epochs``:
+
+   * ``cached``: `pipeline distill` (``run_distill``): KL to the cached targets
+     + the MEAL V2 discriminator;
+   * ``online``: online MEAL V2 on *the same crops*: the Job that
+     ``run_distill`` builds (student, discriminator, ``DistillObjective``,
+     optimizers, the distill loader in mode "distill", so the same plan, the
+     same cached boxes and flips, the same student pixels), with every batch's
+     crops also rendered at each teacher's own size (stage 1's
+     ``make_renderer``, a few batches ahead on a thread pool) and the teachers
+     run in the loop (``teacher_probs``); their mean softmax replaces the
+     cached target. The gap to ``cached`` is what storing top-k in float16
+     costs (plus run-to-run noise); the script also measures the targets'
+     difference directly;
+   * ``hard``: `pipeline train` (``run_train``): cross entropy to the labels,
+     fresh seeded RandomResizedCrops of the same policy every epoch.
+
+Everything runs through the project's own training loop (``train.fit``), on a
+GPU when one is present (``--device``). Runs are resumable: rerunning the same
+command with the same ``--workdir`` skips finished steps.
+
+Writes the JSON (``--out``, default benchmarks/results/fashion_mnist.json) and
+a markdown section (machine, versions, command, table) between markers in
+``--doc`` (default docs/results.md).
+
+    python benchmarks/bench_fashion_mnist.py                       # full scale (GPU recommended)
+    python benchmarks/bench_fashion_mnist.py --train-images 10000 --val-images 2000 \\
+        --teacher-train-images 60000 --teacher-epochs 4 --student-epochs 8   # the demo's scale
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    capture_job, command_line, loadavg, machine_info, machine_line, markdown_table, write_results,
+)
+from common.cache_format import CacheReader  # noqa: E402
+from common.config import load_config  # noqa: E402
+from common.manifest import load_manifest  # noqa: E402
+
+DOC_BEGIN = "<!-- bench_fashion_mnist:begin (written by benchmarks/bench_fashion_mnist.py) -->"
+DOC_END = "<!-- bench_fashion_mnist:end -->"
+
+
+# --------------------------------------------------------------------------- online MEAL V2 on the cached crops
+
+
+class OnlineOnCachedCrops:
+    """The distill loader with the teachers in the loop: same batches, targets computed now.
+
+    Each batch of the wrapped loader (mode "distill") carries its image and crop
+    ids; the crop's box and flip come from the epoch's plan (read from the cache,
+    the same rows the loader replays), are rendered at each teacher's size and
+    normalisation, and the ensemble's mean softmax becomes the batch's target.
+    ``stats`` accumulates how far the cached targets were from these.
+    """
+
+    def __init__(self, loader, teachers, runtime, render_kind: str, temperature: float, workers: int):
+        from stage1_teacher_cache.views import make_renderer
+
+        self.loader, self.teachers, self.runtime, self.temperature = loader, teachers, runtime, temperature
+        self.manifest = loader.manifest
+        self.render = make_renderer(render_kind, runtime, [t.preprocess for t in teachers], 1, loader.images_per_batch)
+        self.render_kind = "dali" if "dali" in self.render.__qualname__ else "torch"
+        self.workers = max(1, workers)
+        self.batch_size = loader.batch_size
+        self.num_samples_per_epoch = loader.num_samples_per_epoch
+        self.stats = {"samples": 0, "abs_diff_max": 0.0, "abs_diff_sum": 0.0, "kl_sum": 0.0, "argmax_agree": 0}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        import contextlib
+
+        from stage1_teacher_cache.ensemble import teacher_probs
+        from stage1_teacher_cache.views import prefetch
+
+        samples = self.loader._plan(epoch)  # the plan the loader replays: boxes/flips from the cache
+        boxes = samples.boxes.reshape(-1, 4)
+        flips = samples.flips.reshape(-1)
+        sample_ids = samples.sample_ids.reshape(-1)
+        m = samples.crop_ids.shape[1]
+        plan = samples.plan
+        n_teachers = len(self.teachers)
+
+        def views(item):
+            index, batch = item
+            rows = plan.batch_slice(index)
+            lo, hi = rows.start * m, rows.stop * m
+            if not torch.equal(batch.sample_ids, torch.from_numpy(sample_ids[lo:hi])):
+                raise RuntimeError(f"online loader: batch {index} does not match the plan")
+            paths = [self.manifest.abspath(int(i)) for i in batch.image_ids.tolist()]
+            b, f = boxes[lo:hi][:, None, :], flips[lo:hi][:, None]
+            return batch, self.render(paths, [b] * n_teachers, f)
+
+        with contextlib.closing(self.loader.epoch(epoch)) as batches:
+            for batch, teacher_views in prefetch(views, enumerate(batches), self.workers, depth=2 * self.workers + 1):
+                online = teacher_probs(self.teachers, teacher_views, self.runtime, self.temperature).mean(0).clone()
+                self._compare(batch.targets, online)
+                yield dataclasses.replace(batch, targets=online)
+
+    def _compare(self, cached: torch.Tensor, online: torch.Tensor) -> None:
+        diff = (cached.float() - online).abs()
+        kl = (torch.xlogy(online, online) - online * torch.log(cached.float().clamp_min(1e-12))).sum(-1)
+        s = self.stats
+        s["samples"] += online.shape[0]
+        s["abs_diff_max"] = max(s["abs_diff_max"], float(diff.max()))
+        s["abs_diff_sum"] += float(diff.sum(-1).sum())
+        s["kl_sum"] += float(kl.sum())
+        s["argmax_agree"] += int((cached.argmax(-1) == online.argmax(-1)).sum())
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_summary(run_dir: Path, seconds: float | None, cpu_s: float | None) -> dict:
+    rows = [r for r in read_metrics(run_dir) if "val_top1" in r]
+    return {
+        "run": str(run_dir),
+        "epochs_done": len(rows),
+        "top1": rows[-1]["val_top1"] if rows else None,
+        "best_top1": max(r["val_top1"] for r in rows) if rows else None,
+        "curve": [r["val_top1"] for r in rows],
+        "img_per_s": float(np.mean([r["img_per_s"] for r in rows])) if rows else None,
+        "seconds": seconds,
+        "cpu_s": cpu_s,
+    }
+
+
+def done(run_dir: Path, epochs: int) -> bool:
+    return len([r for r in read_metrics(run_dir) if "val_top1" in r]) >= epochs
+
+
+def timed(fn, *a):
+    """(result, wall s, process CPU s)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn(*a)
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def prepare_data(source: str, data_dir: Path, train: int, val: int) -> tuple[str, str]:
+    from data_manifests.build import build_manifest
+    from data_manifests.fashion_mnist import prepare_fashion_mnist
+
+    out = data_dir / f"subset-{train}-{val}"
+    train_root, test_root = prepare_fashion_mnist(source, out, train_limit=train, test_limit=val)
+    paths = []
+    for split, root in (("train", train_root), ("test", test_root)):
+        path = out / f"{split}.parquet"
+        if not path.exists():
+            build_manifest(root, path, description=f"Fashion-MNIST {split} subset", progress=False)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def base_config(args, manifest: str, val: str):
+    return load_config(args.config, {
+        "runtime.device": args.device,
+        "runtime.progress": False,
+        "runtime.num_workers": args.num_workers,
+        "data.manifest": manifest,
+        "data.val_manifest": val,
+        "optim.img_size": args.img_size,
+        "optim.batch_size": args.batch_size,
+        "optim.eval_batch_size": 512,
+        "optim.lr": args.lr,
+        "optim.schedule": "cosine",
+        "optim.weight_decay": args.weight_decay,
+        "optim.loader": args.loader,
+        "optim.log_every": 10**9,
+        "crops.num_crops": args.num_crops,
+        "crops.scale": list(args.crop_scale),
+    })
+
+
+def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
+    """How often the cached ensemble's argmax is the label on the students' training crops."""
+    manifest = load_manifest(manifest_path)
+    reader = CacheReader(str(cache_dir), manifest_hash=manifest.content_hash)
+    rows = reader.images(np.arange(reader.num_images))
+    labels = manifest.labels[:, None]
+    index, prob = rows["topk_index"], rows["topk_prob"].astype(np.float32)
+    true_prob = np.where(index == labels[..., None], prob, 0.0).sum(-1)
+    return {"argmax_is_label": float((index[..., 0] == labels).mean()), "mean_true_class_prob": float(true_prob.mean())}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def update_doc(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Results\n"
+    block = f"{DOC_BEGIN}\n{section.rstrip()}\n{DOC_END}"
+    if DOC_BEGIN in text and DOC_END in text:
+        head, rest = text.split(DOC_BEGIN, 1)
+        text = head + block + rest.split(DOC_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def report(payload: dict) -> str:
+    a, info = payload["args"], payload["machine"]
+    lines = [
+        f"### Fashion-MNIST benchmark ({payload['finished_at']})",
+        "",
+        f"* **Command**: `{payload['command']}`",
+        f"* **{machine_line(info)}**; load average at the end {payload['loadavg_end']}; device `{payload['device']}`.",
+        f"* **Data**: students on {a['train_images']:,} training images, teachers on {a['teacher_train_images']:,}, "
+        f"evaluated on {a['val_images']:,} test images (class-balanced subsets, centre crop).",
+        f"* **Teachers**: {', '.join(a['teachers'])} x {a['teacher_epochs']} epochs at "
+        f"{a['teacher_img_size'] or a['img_size']} px; cache C = {a['num_crops']} crops/image, crop scale "
+        f"{a['crop_scale']}, top-{payload['cache']['topk']} kept. Ensemble top-1 on the test images "
+        f"{fmt(payload['cache']['ensemble_top1'])}%; its argmax equals the label on "
+        f"{fmt(100 * payload['cache']['train_crops']['argmax_is_label'])}% of the cached training crops.",
+        f"* **Student**: {a['student']} at {a['img_size']} px, {a['student_epochs']} epochs, batch {a['batch_size']}, "
+        f"SGD lr {a['lr']} cosine, weight decay {a['weight_decay']}, discriminator {'off' if a['no_discriminator'] else 'on'}; "
+        f"seeds {a['seeds']}.",
+        f"* **Wall time** {payload['minutes']:.1f} min.",
+        "",
+    ]
+    rows = []
+    for name, r in payload["teachers"].items():
+        rows.append({"model": f"teacher {name}", "seed": "", "top1": r["top1"], "best": r["best_top1"],
+                     "epochs": a["teacher_epochs"], "img_s": r["img_per_s"], "wall": r["seconds"]})
+    rows.append({"model": "teacher ensemble (mean softmax)", "top1": payload["cache"]["ensemble_top1"],
+                 "wall": payload["cache"]["seconds"], "img_s": payload["cache"].get("crops_per_s")})
+    for seed, runs in payload["students"].items():
+        for variant, r in runs.items():
+            rows.append({"model": f"student, {VARIANT_NAMES[variant]}", "seed": seed, "top1": r["top1"],
+                         "best": r["best_top1"], "epochs": a["student_epochs"], "img_s": r["img_per_s"],
+                         "wall": r["seconds"]})
+    lines.append(markdown_table(rows, [("model", "model"), ("seed", "seed"), ("top1", "final top-1 (%)"),
+                                       ("best", "best top-1 (%)"), ("epochs", "epochs"),
+                                       ("img_s", "train img/s (cache: crops/s)"), ("wall", "wall s")]))
+    s = payload["summary"]
+    lines += ["", "| target | measured (mean over seeds) | met |", "|---|---|---|"]
+    if s.get("cached_minus_hard") is not None:
+        lines.append(f"| MEAL V2 (cached) - hard labels >= +0.5 points | {s['cached_minus_hard']:+.2f} "
+                     f"(per seed {s['cached_minus_hard_per_seed']}) | {'yes' if s['met_kd'] else 'NO'} |")
+    if s.get("cached_minus_online") is not None:
+        lines.append(f"| abs(cached - online) <= 0.3 points | {s['cached_minus_online']:+.2f} "
+                     f"(per seed {s['cached_minus_online_per_seed']}) | {'yes' if s['met_online'] else 'NO'} |")
+    if payload.get("online_targets"):
+        t = payload["online_targets"]
+        lines += ["", f"Cached vs. online targets on the same crops ({t['samples']:,} samples): mean L1 "
+                      f"{t['mean_l1']:.2e}, max abs {t['abs_diff_max']:.2e}, mean KL(online || cached) "
+                      f"{t['mean_kl']:.2e}, argmax agreement {100 * t['argmax_agree']:.2f}%."]
+    return "\n".join(lines) + "\n"
+
+
+VARIANT_NAMES = {"cached": "MEAL V2 (cached KD)", "online": "MEAL V2 (online KD, same crops)", "hard": "hard labels"}
+
+
+def fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    demo = load_config().demo
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
+    p.add_argument("--source", default=demo.source_dir, help="Fashion-MNIST idx files")
+    p.add_argument("--workdir", default="runs/bench-fashion-mnist", help="data, runs and cache (kept; reruns resume)")
+    p.add_argument("--train-images", type=int, default=60000, help="students' training images (max 60000)")
+    p.add_argument("--val-images", type=int, default=10000, help="test images scored (max 10000)")
+    p.add_argument("--teacher-train-images", type=int, default=None,
+                   help="teachers' training images (default: --train-images)")
+    p.add_argument("--teachers", default=",".join(demo.teachers), help="comma list of timm names")
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-img-size", type=int, default=demo.teacher_img_size,
+                   help="teachers' input size (0: --img-size)")
+    p.add_argument("--teacher-run", action="append", default=[], metavar="NAME=DIR",
+                   help="reuse a trained teacher (DIR/best.pt) instead of training it")
+    p.add_argument("--cache", default=None, help="reuse this teacher cache (default: WORKDIR/cache)")
+    p.add_argument("--student", default=demo.student)
+    p.add_argument("--student-epochs", type=int, default=30)
+    p.add_argument("--img-size", type=int, default=demo.img_size, help="student input size")
+    p.add_argument("--num-crops", type=int, default=None, help="cached crops per image (default: --student-epochs)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=list(demo.crop_scale))
+    p.add_argument("--batch-size", type=int, default=demo.batch_size)
+    p.add_argument("--lr", type=float, default=demo.lr)
+    p.add_argument("--weight-decay", type=float, default=demo.weight_decay)
+    p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
+    p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, hard")
+    p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--loader", default="auto", help="stage 2 loader: auto | torch | dali")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/fashion_mnist.json)")
+    p.add_argument("--doc", default="docs/results.md", help="markdown file whose marked section is replaced ('' = none)")
+    args = p.parse_args(argv)
+    args.teacher_train_images = args.teacher_train_images or args.train_images
+    args.num_crops = args.num_crops or args.student_epochs
+    args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(args.variants) - set(VARIANT_NAMES)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; use cached, online, hard")
+    return args
+
+
+def main(argv=None) -> int:
+    from stage1_teacher_cache.run import run as run_teacher_cache
+    from stage1_teacher_cache.teachers import load_teachers
+    import stage2_student_distill.train as train_mod
+
+    args = parse_args(argv)
+    t_start = time.time()
+    info = machine_info()
+    print(machine_line(info), flush=True)
+    wd = Path(args.workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+
+    # 1. data
+    (manifest, val), data_s, _ = timed(prepare_data, args.source, wd / "data", args.train_images, args.val_images)
+    t_manifest = manifest
+    if args.teacher_train_images != args.train_images:
+        t_manifest, _ = prepare_data(args.source, wd / "data", args.teacher_train_images, args.val_images)
+    print(f"data ready in {data_s:.1f} s: students {manifest}, teachers {t_manifest}", flush=True)
+    base = base_config(args, manifest, val)
+
+    # 2. teachers
+    reuse = dict(item.split("=", 1) for item in args.teacher_run)
+    teachers = {}
+    for name in args.teachers:
+        run_dir = Path(reuse.get(name) or wd / f"teacher_{name}")
+        seconds = cpu = None
+        if name not in reuse and not done(run_dir, args.teacher_epochs):
+            cfg = base.replace(**{"data.manifest": t_manifest, "train.model": name, "train.out": str(run_dir),
+                                  "train.resume": (run_dir / "last.pt").exists(), "optim.epochs": args.teacher_epochs,
+                                  "optim.img_size": args.teacher_img_size or args.img_size})
+            print(f"teacher {name}: {args.teacher_epochs} epochs on {args.teacher_train_images} images", flush=True)
+            _, seconds, cpu = timed(train_mod.run_train, cfg)
+        teachers[name] = run_summary(run_dir, seconds, cpu)
+
+    # 3. cache
+    cache_dir = Path(args.cache or wd / "cache")
+    ccfg = base.replace(**{
+        "teacher_cache.teachers": list(args.teachers),
+        "teacher_cache.teacher_weights": [f"{n}={Path(teachers[n]['run']) / 'best.pt'}" for n in args.teachers],
+        "teacher_cache.pretrained": False,
+        "teacher_cache.out": str(cache_dir),
+        "teacher_cache.evaluate_manifest": val,
+        "teacher_cache.batch_size": 256,
+    })
+    summary, cache_s, cache_cpu = timed(run_teacher_cache, ccfg)
+    evaluation = summary.get("teacher_eval") or CacheReader(str(cache_dir)).attrs.get("teacher_eval") or {}
+    cache_info = {
+        "path": str(cache_dir), "seconds": cache_s if summary["shards_written"] else None, "cpu_s": cache_cpu,
+        "crops_per_s": summary["crops_per_s"] if summary["shards_written"] else None,
+        "topk": CacheReader(str(cache_dir)).topk,
+        "ensemble_top1": 100 * evaluation["ensemble"]["top1"] if "ensemble" in evaluation else None,
+        "teacher_top1": {k: 100 * v["top1"] for k, v in evaluation.items() if isinstance(v, dict) and "top1" in v},
+        "train_crops": cached_crop_accuracy(cache_dir, manifest),
+    }
+    print(f"cache: ensemble {cache_info['ensemble_top1']}% on the test images; argmax = label on "
+          f"{100 * cache_info['train_crops']['argmax_is_label']:.2f}% of the cached training crops", flush=True)
+
+    # 4. students
+    students: dict[str, dict] = {}
+    online_stats = None
+    for seed in args.seeds:
+        runs = {}
+        for variant in args.variants:
+            run_dir = wd / f"seed{seed}" / variant
+            over = {"runtime.seed": seed, "optim.epochs": args.student_epochs}
+            seconds = cpu = None
+            if not done(run_dir, args.student_epochs):
+                resume = (run_dir / "last.pt").exists()
+                print(f"seed {seed}: student {args.student}, {VARIANT_NAMES[variant]}, {args.student_epochs} epochs",
+                      flush=True)
+                if variant == "hard":
+                    cfg = base.replace(**over, **{"train.model": args.student, "train.out": str(run_dir),
+                                                  "train.resume": resume})
+                    _, seconds, cpu = timed(train_mod.run_train, cfg)
+                else:
+                    cfg = base.replace(**over, **{"distill.student": args.student, "distill.cache": str(cache_dir),
+                                                  "distill.out": str(run_dir), "distill.resume": resume,
+                                                  "distill.discriminator": not args.no_discriminator,
+                                                  "teacher_cache.teachers": ccfg.teacher_cache.teachers,
+                                                  "teacher_cache.teacher_weights": ccfg.teacher_cache.teacher_weights,
+                                                  "teacher_cache.pretrained": False})
+                    if variant == "cached":
+                        _, seconds, cpu = timed(train_mod.run_distill, cfg)
+                    else:
+                        job = capture_job(train_mod.run_distill, cfg)
+                        live = load_teachers(cfg.teacher_cache, job.train_loader.manifest.num_classes, job.runtime,
+                                             seed=seed)
+                        online = OnlineOnCachedCrops(job.train_loader, live, job.runtime, cfg.teacher_cache.loader,
+                                                     cfg.teacher_cache.temperature, args.num_workers)
+                        _, seconds, cpu = timed(train_mod.fit, dataclasses.replace(job, train_loader=online))
+                        s = online.stats
+                        if s["samples"]:
+                            online_stats = {"samples": s["samples"], "abs_diff_max": s["abs_diff_max"],
+                                            "mean_l1": s["abs_diff_sum"] / s["samples"],
+                                            "mean_kl": s["kl_sum"] / s["samples"],
+                                            "argmax_agree": s["argmax_agree"] / s["samples"]}
+            runs[variant] = run_summary(run_dir, seconds, cpu)
+            print(f"seed {seed} {variant}: top-1 {runs[variant]['top1']}", flush=True)
+        students[str(seed)] = runs
+
+    def deltas(a, b):
+        per = [round(r[a]["top1"] - r[b]["top1"], 2) for r in students.values()
+               if a in r and b in r and r[a]["top1"] is not None and r[b]["top1"] is not None]
+        return (float(np.mean(per)) if per else None), per
+
+    kd, kd_per = deltas("cached", "hard")
+    on, on_per = deltas("cached", "online")
+    payload = {
+        "command": command_line(),
+        "machine": info,
+        "device": str(torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")),
+        "loadavg_end": loadavg(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M"),
+        "minutes": (time.time() - t_start) / 60,
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "data_seconds": data_s,
+        "teachers": teachers,
+        "cache": cache_info,
+        "students": students,
+        "online_targets": online_stats,
+        "summary": {
+            "cached_minus_hard": kd, "cached_minus_hard_per_seed": kd_per,
+            "met_kd": kd is not None and min(kd_per) >= 0.5,
+            "cached_minus_online": on, "cached_minus_online_per_seed": on_per,
+            "met_online": on is not None and max(abs(v) for v in on_per) <= 0.3,
+        },
+    }
+    path = write_results("fashion_mnist", payload, args.out)
+    section = report(payload)
+    print("\n" + section + f"\nJSON: {path}", flush=True)
+    if args.doc:
+        update_doc(Path(args.doc), section)
+        print(f"markdown section updated in {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
