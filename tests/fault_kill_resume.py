@@ -57,30 +57,32 @@ def config_toml(settings: dict) -> str:
     return "\n".join(f"[{t}]\n" + "\n".join(lines) + "\n" for t, lines in tables.items())
 
 
-def _forked_run(settings: dict, env: dict[str, str]) -> None:
+def _forked_run(config_file: Path, env: dict[str, str]) -> None:
     import torch
 
     torch.set_num_threads(1)  # the parent's OpenMP pool is gone in a forked child
     os.environ.update(env)
-    run(load_config(None, settings))
+    run(load_config(config_file))
 
 
 class Writer:
     """One teacher-cache process writing a cache: a CLI subprocess or a forked child.
 
     ``env`` is added to the process environment (e.g. RANK/WORLD_SIZE as torchrun sets them).
+    The settings go through a config file of their own (defaults <- that file), so a
+    concurrent edit of the repository's pipeline.toml cannot change a campaign midway.
     """
 
     def __init__(self, mode: str, settings: dict, workdir: Path, env: dict[str, str] | None = None):
         env = env or {}
+        cfg = workdir / f"config-{time.monotonic_ns()}.toml"
+        cfg.write_text(config_toml(settings))
         if mode == "cli":
-            cfg = workdir / f"config-{time.monotonic_ns()}.toml"
-            cfg.write_text(config_toml(settings))
             cmd = [sys.executable, "-c", "from common.cli import main; main()", "--config", str(cfg), "teacher-cache"]
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **env),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         else:
-            self._proc = multiprocessing.get_context("fork").Process(target=_forked_run, args=(settings, env))
+            self._proc = multiprocessing.get_context("fork").Process(target=_forked_run, args=(cfg, env))
             self._proc.start()
 
     def running(self) -> bool:
