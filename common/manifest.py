@@ -235,14 +235,8 @@ def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None =
     ``data_root`` replaces the recorded root (the images moved); None or ""
     (the config default) keeps the recorded one.
     """
-    path = Path(path)
-    if not path.is_file():
-        what = "is not a file" if path.exists() else "does not exist"
-        raise ManifestError(f"manifest {path} {what}: {_BUILD_HINT}")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as e:
-        raise ManifestError(f"manifest {path} is not a readable Parquet file ({e}): {_BUILD_HINT}") from e
+    table = _read_table(path)
+    path = path if _is_url(path) else Path(path)
 
     fmt = _read_metadata(table.schema, "format", source=path)
     if fmt != MANIFEST_FORMAT:
@@ -308,6 +302,29 @@ def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None =
         heights=table.column("height").to_numpy().astype(np.int32),
         file_bytes=table.column("bytes").to_numpy().astype(np.int64),
     )
+
+
+def _is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def _read_table(path) -> pa.Table:
+    """The Parquet table at a local path or an fsspec URL (file://, memory://, s3://, ...)."""
+    try:
+        if _is_url(path):
+            import fsspec
+
+            with fsspec.open(str(path), "rb") as f:
+                return pq.read_table(pa.BufferReader(f.read()))
+        local = Path(path)
+        if not local.is_file():
+            what = "is not a file" if local.exists() else "does not exist"
+            raise ManifestError(f"manifest {local} {what}: {_BUILD_HINT}")
+        return pq.read_table(local)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {path} does not exist: {_BUILD_HINT}") from None
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"manifest {path} is not a readable Parquet file ({e}): {_BUILD_HINT}") from e
 
 
 def _conform_columns(table: pa.Table, path: Path) -> pa.Table:

@@ -340,3 +340,20 @@ def test_cli_bad_tree_exits_with_message_not_traceback(tree: Path, tmp_path: Pat
 
     result = CliRunner().invoke(manifest_group, ["info", str(tmp_path / "absent.parquet")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_manifest_is_read_from_fsspec_urls(tmp_path):
+    import fsspec
+
+    from common.manifest import load_manifest, write_manifest
+
+    rows = [ManifestRow("a/x.png", 0, 4, 3, 10, "0" * 64), ManifestRow("b/y.png", 1, 5, 6, 11, "1" * 64)]
+    local = tmp_path / "m.parquet"
+    digest = write_manifest(rows, ["a", "b"], tmp_path, local)
+    with fsspec.open("memory://manifests/m.parquet", "wb") as f:
+        f.write(local.read_bytes())
+    for url in (f"file://{local}", "memory://manifests/m.parquet"):
+        m = load_manifest(url)
+        assert m.content_hash == digest and m.paths == ["a/x.png", "b/y.png"]
+    with pytest.raises(ManifestError, match="does not exist"):
+        load_manifest("memory://manifests/missing.parquet")
