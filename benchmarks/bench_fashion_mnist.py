@@ -149,8 +149,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def run_summary(run_dir: Path, seconds: float | None, cpu_s: float | None) -> dict:
     rows = [r for r in read_metrics(run_dir) if "val_top1" in r]
+    try:  # what the run trained on (a reused teacher's may differ from this benchmark's)
+        data = json.loads((run_dir / "config.json").read_text())["data"]
+        train_images = load_manifest(data["manifest"]).num_images
+    except (OSError, KeyError, ValueError):
+        train_images = None
     return {
         "run": str(run_dir),
+        "train_images": train_images,
         "epochs_done": len(rows),
         "top1": rows[-1]["val_top1"] if rows else None,
         "best_top1": max(r["val_top1"] for r in rows) if rows else None,
@@ -242,9 +248,12 @@ def report(payload: dict) -> str:
         "",
         f"* **Command**: `{payload['command']}`",
         f"* **{machine_line(info)}**; load average at the end {payload['loadavg_end']}; device `{payload['device']}`.",
-        f"* **Data**: students on {a['train_images']:,} training images, teachers on {a['teacher_train_images']:,}, "
+        f"* **Data**: students on {a['train_images']:,} training images, teachers on "
+        f"{', '.join(fmt_int(t['train_images']) for t in payload['teachers'].values())}, "
         f"evaluated on {a['val_images']:,} test images (class-balanced subsets, centre crop).",
-        f"* **Teachers**: {', '.join(a['teachers'])} x {a['teacher_epochs']} epochs at "
+        f"* **Teachers**: {', '.join(a['teachers'])}"
+        f"{' (reused: ' + ', '.join(a['teacher_run']) + ')' if a['teacher_run'] else ''} x "
+        f"{', '.join(str(t['epochs_done']) for t in payload['teachers'].values())} epochs at "
         f"{a['teacher_img_size'] or a['img_size']} px; cache C = {a['num_crops']} crops/image, crop scale "
         f"{a['crop_scale']}, top-{payload['cache']['topk']} kept. Ensemble top-1 on the test images "
         f"{fmt(payload['cache']['ensemble_top1'])}%; its argmax equals the label on "
@@ -257,8 +266,10 @@ def report(payload: dict) -> str:
     ]
     rows = []
     for name, r in payload["teachers"].items():
-        rows.append({"model": f"teacher {name}", "seed": "", "top1": r["top1"], "best": r["best_top1"],
-                     "epochs": a["teacher_epochs"], "img_s": r["img_per_s"], "wall": r["seconds"]})
+        # top-1 on this benchmark's test images, measured by teacher-cache on the checkpoint it cached
+        rows.append({"model": f"teacher {name} ({fmt_int(r['train_images'])} training images)", "seed": "",
+                     "top1": payload["cache"]["teacher_top1"].get(name, r["top1"]), "best": r["best_top1"],
+                     "epochs": r["epochs_done"], "img_s": r["img_per_s"], "wall": r["seconds"]})
     rows.append({"model": "teacher ensemble (mean softmax)", "top1": payload["cache"]["ensemble_top1"],
                  "wall": payload["cache"]["seconds"], "img_s": payload["cache"].get("crops_per_s")})
     for seed, runs in payload["students"].items():
@@ -269,6 +280,9 @@ def report(payload: dict) -> str:
     lines.append(markdown_table(rows, [("model", "model"), ("seed", "seed"), ("top1", "final top-1 (%)"),
                                        ("best", "best top-1 (%)"), ("epochs", "epochs"),
                                        ("img_s", "train img/s (cache: crops/s)"), ("wall", "wall s")]))
+    lines.append("")
+    lines.append("Teachers' top-1: on these test images, from `teacher-cache`'s evaluation of the cached checkpoints "
+                 "(best = their best epoch on their own validation set). Students: the last epoch's top-1.")
     s = payload["summary"]
     lines += ["", "| target | measured (mean over seeds) | met |", "|---|---|---|"]
     if s.get("cached_minus_hard") is not None:
@@ -286,6 +300,10 @@ def report(payload: dict) -> str:
 
 
 VARIANT_NAMES = {"cached": "MEAL V2 (cached KD)", "online": "MEAL V2 (online KD, same crops)", "hard": "hard labels"}
+
+
+def fmt_int(v) -> str:
+    return "?" if v is None else f"{v:,}"
 
 
 def fmt(v) -> str:
@@ -308,8 +326,7 @@ def parse_args(argv):
                    help="teachers' training images (default: --train-images)")
     p.add_argument("--teachers", default=",".join(demo.teachers), help="comma list of timm names")
     p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--teacher-img-size", type=int, default=demo.teacher_img_size,
-                   help="teachers' input size (0: --img-size)")
+    p.add_argument("--teacher-img-size", type=int, default=0, help="teachers' input size (0: --img-size)")
     p.add_argument("--teacher-run", action="append", default=[], metavar="NAME=DIR",
                    help="reuse a trained teacher (DIR/best.pt) instead of training it")
     p.add_argument("--cache", default=None, help="reuse this teacher cache (default: WORKDIR/cache)")
@@ -320,7 +337,7 @@ def parse_args(argv):
     p.add_argument("--crop-scale", type=float, nargs=2, default=list(demo.crop_scale))
     p.add_argument("--batch-size", type=int, default=demo.batch_size)
     p.add_argument("--lr", type=float, default=demo.lr)
-    p.add_argument("--weight-decay", type=float, default=demo.weight_decay)
+    p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
     p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
     p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, hard")
     p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")

@@ -9,8 +9,10 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   6. the same student on hard labels for the same epochs (the baseline)
   7. a results table (results.md / results.json) and a plot of validation curves
 
-Expected on a 2-core CPU with the shipped [demo] settings: about 10-15 minutes;
-the MEAL V2 student should beat the hard-label student (see docs/results.md).
+Expected on a 2-core CPU with the shipped [demo] settings: about 10 minutes
+(14 on a loaded machine). With these tiny CPU-trained teachers the MEAL V2
+student does not yet beat the hard-label one; docs/results.md has the runs and
+the reason (teachers barely better than the student).
 """
 from __future__ import annotations
 
