@@ -26,7 +26,6 @@ architectures, same release files):
 from __future__ import annotations
 
 import os
-import pickle
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +134,7 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
             f"could not download {source} ({type(e).__name__}: {e}). Without internet, copy {file_name} "
             f"to {cached} (the torch hub cache) or pass pretrained='/path/to/{file_name}'"
         ) from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except Exception as e:  # weights_only refusal (an UnpicklingError), truncation, corruption
         raise HubError(
             f"{cached}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "delete it to download it again"
