@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout, no install nee
 
 from common.cache_format import CacheReader, CacheWriter, restore_targets  # noqa: E402
 from common.crops import image_boxes  # noqa: E402
+from stage2_student_distill.plan import shard_local_share  # noqa: E402
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # Stage 2 consumption we compare against (assumptions, not measurements):
@@ -349,12 +350,18 @@ def bench_sequential(reader: CountingReader, rng, batch: int, max_crops: int) ->
             "lru_shards": reader.lru_shards, "num_shards": L.num_shards}
 
 
-def bench_epoch_gather(reader: CountingReader, rng, batch: int, world_size: int, restore_s: float) -> dict:
+def bench_epoch_gather(reader: CountingReader, rng, batch: int, world_size: int, restore_s: float,
+                       shard_local: bool = True) -> dict:
     """Stage 2's pattern (stage2_student_distill/loaders.py): at the start of an epoch a rank
-    gathers its whole share (a random 1/world_size of the images, one crop each) in ONE call,
-    which decodes every shard once; then restores one batch at a time."""
+    gathers its whole share (1/world_size of the images, one crop each) in ONE call, then
+    restores one batch at a time. ``shard_local``: the share stage 2 takes now
+    (``plan.shard_local_share``: ~1/world_size of the shards); otherwise the strided share of
+    a global shuffle it took before, which makes every rank decode every shard."""
     N, C = reader.num_images, reader.num_crops
-    ids = rng.permutation(N)[: N // world_size]
+    if shard_local and world_size > 1:
+        ids = shard_local_share(int(rng.integers(1 << 30)), 0, N, 0, world_size, reader.layout.images_per_shard)
+    else:
+        ids = rng.permutation(N)[: N // world_size]
     crops = rng.integers(0, C, len(ids))
     reader.decodes = 0
     t0 = time.perf_counter()
@@ -363,6 +370,7 @@ def bench_epoch_gather(reader: CountingReader, rng, batch: int, world_size: int,
     t_restore = restore_s * -(-len(ids) // batch)
     return {"crops_per_s": rate(len(ids), t_gather + t_restore), "gather_only_crops_per_s": rate(len(ids), t_gather),
             "epoch_gather_s": t_gather, "crops": int(len(ids)), "world_size": world_size,
+            "shares": "shard-local" if shard_local and world_size > 1 else "strided",
             "shard_decodes": reader.decodes, "num_shards": reader.layout.num_shards}
 
 
@@ -572,10 +580,10 @@ def main(argv=None) -> dict:
         read["random, LRU of 1 shard"] = r | {"note": f"{r['shard_decodes_per_batch']:.1f} shard decodes/batch"}
         r = bench_sequential(CountingReader(path, max_cached_shards=2), rng, B, N)
         read["sequential by shard"] = r | {"note": "each shard decoded once"}
-        for w in (1, 8):
-            r = bench_epoch_gather(CountingReader(path), rng, B, w, restore_s)
-            read[f"epoch gather, 1 of {w} ranks (stage 2)"] = r | {
-                "note": f"{r['crops']:,} crops, gather {r['epoch_gather_s']:.2f} s"}
+        for w, local in ((1, True), (8, False), (8, True)):
+            r = bench_epoch_gather(CountingReader(path), rng, B, w, restore_s, shard_local=local)
+            read[f"epoch gather, 1 of {w} ranks, {r['shares']} shares"] = r | {
+                "note": f"{r['crops']:,} crops, {r['shard_decodes']} shard decodes, gather {r['epoch_gather_s']:.2f} s"}
         step("read_small")
 
         if args.imagenet_scale:
@@ -595,10 +603,10 @@ def main(argv=None) -> dict:
             read["ImageNet: random, all shards resident"] = r | {"note": "whole cache decoded in RAM"}
             r = bench_sequential(CountingReader(big, max_cached_shards=2), rng, B, 200_000)
             read["ImageNet: sequential by shard"] = r | {"note": f"first {r['crops']:,} crops"}
-            for w in (1, 8):
-                r = bench_epoch_gather(CountingReader(big), rng, B, w, restore_s)
-                read[f"ImageNet: epoch gather, 1 of {w} ranks (stage 2)"] = r | {
-                    "note": f"{r['crops']:,} crops, gather {r['epoch_gather_s']:.1f} s"}
+            for w, local in ((1, True), (8, False), (8, True)):
+                r = bench_epoch_gather(CountingReader(big), rng, B, w, restore_s, shard_local=local)
+                read[f"ImageNet: epoch gather, 1 of {w} ranks, {r['shares']} shares"] = r | {
+                    "note": f"{r['crops']:,} crops, {r['shard_decodes']} shard decodes, gather {r['epoch_gather_s']:.1f} s"}
             if not args.keep:
                 shutil.rmtree(big)
             step("read_imagenet")

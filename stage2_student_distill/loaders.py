@@ -238,6 +238,9 @@ class Loader:
             world_size=self.runtime.world_size,
             images_per_batch=self.images_per_batch,
             shuffle=self.mode != "eval",
+            # Ranks that read the cache take shard-local shares, so R ranks on a host
+            # decompress the cache once per epoch between them rather than R times.
+            shard_block=self.cache.layout.images_per_shard if self.mode == "distill" else None,
         )
         ids, m = plan.image_ids, self.crops_per_image
         column = np.arange(m, dtype=np.int64)[None, :]

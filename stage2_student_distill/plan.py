@@ -28,6 +28,7 @@ from common.crops import _uniform
 # counters must not give the shuffle and the crop boxes correlated numbers.
 _SHUFFLE_DRAW = 1 << 32
 _CROP_ORDER_DRAW = 2 << 32
+_BLOCK_DRAW = 3 << 32
 
 
 def shuffled_images(seed: int, epoch: int, num_images: int) -> np.ndarray:
@@ -49,6 +50,35 @@ def rank_share(order: np.ndarray, rank: int, world_size: int, drop_remainder: bo
     if drop_remainder:
         order = order[: len(order) // world_size * world_size]
     return order[rank::world_size]
+
+
+def shard_local_share(seed: int, epoch: int, num_images: int, rank: int, world_size: int, block: int) -> np.ndarray:
+    """This rank's training share when targets live in shards of ``block`` consecutive images.
+
+    A strided share of a global shuffle spreads every rank over every cache shard,
+    so each of R ranks on a host decompresses the whole cache every epoch (R-fold
+    redundant work; docs/performance.md). Here the shards are put in a seeded
+    per-epoch order, the images inside them follow their seeded keys, and each
+    rank takes one contiguous 1/R of that sequence: it touches about
+    ``num_shards / R + 1`` shards. The rank then orders its share by the same
+    image keys, so its batches mix all of its shards. Over the ranks an epoch is
+    still a permutation of the images (minus ``num_images % R``, which rotates
+    with the epoch), and a shard's images go to a different rank each epoch.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    ids = np.arange(num_images, dtype=np.int64)
+    keys = _uniform(seed, ids, np.full_like(ids, epoch), _SHUFFLE_DRAW)
+    num_blocks = -(-num_images // block)
+    blocks = np.arange(num_blocks, dtype=np.int64)
+    block_rank = np.empty(num_blocks, dtype=np.int64)
+    block_rank[np.argsort(_uniform(seed, blocks, np.full_like(blocks, epoch), _BLOCK_DRAW), kind="stable")] = blocks
+    order = np.lexsort((keys, block_rank[ids // block]))  # by shard position, then by image key
+    per_rank = num_images // world_size
+    share = order[rank * per_rank : (rank + 1) * per_rank]
+    return share[np.argsort(keys[share], kind="stable")]
 
 
 def crop_permutations(seed: int, image_ids: np.ndarray, cycle: int, num_crops: int) -> np.ndarray:
@@ -100,12 +130,17 @@ def plan_epoch(
     world_size: int,
     images_per_batch: int,
     shuffle: bool,
+    shard_block: int | None = None,
 ) -> EpochPlan:
     """Training (``shuffle``): a seeded global order, equal strided rank shares, full
-    batches only. Evaluation: images in id order, every image exactly once across
-    ranks, the last batch kept however small."""
+    batches only; with ``shard_block`` (the cache's images per shard) and several
+    ranks, shard-local shares instead (``shard_local_share``). Evaluation: images in
+    id order, every image exactly once across ranks, the last batch kept however small."""
     if images_per_batch < 1:
         raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}")
+    if shuffle and shard_block and world_size > 1:
+        ids = shard_local_share(seed, epoch, num_images, rank, world_size, shard_block)
+        return EpochPlan(image_ids=ids, images_per_batch=images_per_batch, drop_last=True)
     order = shuffled_images(seed, epoch, num_images) if shuffle else np.arange(num_images, dtype=np.int64)
     ids = rank_share(order, rank, world_size, drop_remainder=shuffle)
     return EpochPlan(image_ids=ids, images_per_batch=images_per_batch, drop_last=shuffle)

@@ -157,6 +157,20 @@ def test_distill_torch_replays_cached_crops_and_targets(data):
         check_distill_batch(data, b, pp, exact=True)
 
 
+def test_distill_ranks_read_their_own_shards(data):
+    """Two ranks: disjoint equal shares, each from a subset of the cache's shards (3 images each)."""
+    shares = []
+    for r in range(2):
+        ld = loader(data, "torch", "distill", batch_size=2, runtime=dataclasses.replace(CPU, rank=r, world_size=2))
+        batches = list(ld.epoch(0))
+        assert len(batches) == len(ld) == 2
+        for b in batches:
+            check_distill_batch(data, b, preprocess(), exact=True)
+        shares.append(torch.cat([b.image_ids for b in batches]).numpy())
+    assert len(set(shares[0]) | set(shares[1])) == 8  # disjoint, all 8 images
+    assert all(len(np.unique(s // 3)) <= 2 for s in shares)  # of the 3 shards, at most 2 per rank
+
+
 @needs_dali
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("m", [1, 2])

@@ -7,6 +7,7 @@ from stage2_student_distill.plan import (
     epoch_crops,
     plan_epoch,
     rank_share,
+    shard_local_share,
     shuffled_images,
 )
 
@@ -91,3 +92,38 @@ def test_plan_epoch_batches():
     assert ev.num_batches == 2 and ev.batch_slice(1) == slice(4, 5)
     with pytest.raises(IndexError):
         ev.batch_slice(2)
+
+
+@pytest.mark.parametrize("num_images,world,block", [(1000, 8, 64), (1001, 3, 100), (50, 4, 7), (10, 2, 100)])
+def test_shard_local_shares(num_images, world, block):
+    shares = [shard_local_share(3, 5, num_images, r, world, block) for r in range(world)]
+    per_rank = num_images // world
+    assert all(len(s) == per_rank for s in shares)  # equal step counts under DDP
+    flat = np.concatenate(shares)
+    assert len(set(flat.tolist())) == len(flat)  # disjoint
+    num_blocks = -(-num_images // block)
+    for s in shares:  # each rank reads about 1/world of the shards, not all of them (+2: the ends, the short last shard)
+        assert len(np.unique(s // block)) <= -(-per_rank // block) + 2
+    again = [shard_local_share(3, 5, num_images, r, world, block) for r in range(world)]
+    assert all(np.array_equal(a, b) for a, b in zip(shares, again))  # pure function
+    nxt = shard_local_share(3, 6, num_images, 0, world, block)
+    assert not np.array_equal(np.sort(nxt), np.sort(shares[0])) or num_blocks == 1  # shards move between ranks
+
+
+def test_shard_local_shares_cover_every_image_over_epochs():
+    seen = np.zeros(101, bool)
+    for epoch in range(6):
+        seen[shard_local_share(0, epoch, 101, 1, 4, 10)] = True
+    assert seen.sum() > 2 * 25  # rank 1 (25 images an epoch) does not keep the same shards epoch after epoch
+    left_out = [set(range(101)) - set(np.concatenate([shard_local_share(0, e, 101, r, 4, 10) for r in range(4)]).tolist())
+                for e in range(4)]
+    assert all(len(s) == 1 for s in left_out) and len(set.union(*left_out)) > 1  # the remainder rotates
+
+
+def test_plan_epoch_shard_block_only_for_several_ranks():
+    one = plan_epoch(100, seed=0, epoch=2, rank=0, world_size=1, images_per_batch=8, shuffle=True, shard_block=10)
+    assert np.array_equal(one.image_ids, shuffled_images(0, 2, 100))  # single process: the plain global shuffle
+    two = plan_epoch(100, seed=0, epoch=2, rank=1, world_size=2, images_per_batch=8, shuffle=True, shard_block=10)
+    assert np.array_equal(two.image_ids, shard_local_share(0, 2, 100, 1, 2, 10)) and two.num_batches == 6
+    ev = plan_epoch(100, seed=0, epoch=2, rank=1, world_size=2, images_per_batch=8, shuffle=False, shard_block=10)
+    assert ev.image_ids.tolist() == list(range(1, 100, 2))
