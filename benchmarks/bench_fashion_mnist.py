@@ -37,8 +37,8 @@ a markdown section (machine, versions, command, table) between markers in
 ``--doc`` (default docs/results.md).
 
     python benchmarks/bench_fashion_mnist.py                       # full scale (GPU recommended)
-    python benchmarks/bench_fashion_mnist.py --train-images 10000 --val-images 2000 \\
-        --teacher-train-images 60000 --teacher-epochs 4 --student-epochs 8   # the demo's scale
+    python benchmarks/bench_fashion_mnist.py --train-images 2000 --teacher-train-images 60000 \\
+        --teacher-epochs 2 --student-epochs 30 --num-crops 8 --seeds 0,1,2   # the demo's scale
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def run_summary(run_dir: Path, seconds: float | None, cpu_s: float | None) -> di
     return {
         "run": str(run_dir),
         "train_images": train_images,
-        "epochs_done": len(rows),
+        "epochs_done": _epochs_done(run_dir),
         "top1": rows[-1]["val_top1"] if rows else None,
         "best_top1": max(r["val_top1"] for r in rows) if rows else None,
         "curve": [r["val_top1"] for r in rows],
@@ -167,8 +167,12 @@ def run_summary(run_dir: Path, seconds: float | None, cpu_s: float | None) -> di
     }
 
 
+def _epochs_done(run_dir: Path) -> int:
+    return max((r["epoch"] for r in read_metrics(run_dir)), default=0)
+
+
 def done(run_dir: Path, epochs: int) -> bool:
-    return len([r for r in read_metrics(run_dir) if "val_top1" in r]) >= epochs
+    return _epochs_done(run_dir) >= epochs
 
 
 def timed(fn, *a):
@@ -208,6 +212,7 @@ def base_config(args, manifest: str, val: str):
         "optim.weight_decay": args.weight_decay,
         "optim.loader": args.loader,
         "optim.log_every": 10**9,
+        "optim.eval_every": args.eval_every,
         "crops.num_crops": args.num_crops,
         "crops.scale": list(args.crop_scale),
     })
@@ -338,6 +343,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=demo.batch_size)
     p.add_argument("--lr", type=float, default=demo.lr)
     p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
+    p.add_argument("--eval-every", type=int, default=demo.eval_every, help="epochs between validations (and the last)")
     p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
     p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, hard")
     p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import uuid
 import zlib
 from collections import OrderedDict
@@ -412,6 +413,7 @@ class CacheReader:
             )
         self.verify_checksums = verify_checksums
         self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._lock = threading.RLock()  # the LRU is shared by the loader's planning thread and its caller
         self._max_cached = max_cached_shards
         self._cached_bytes = 0
 
@@ -432,6 +434,10 @@ class CacheReader:
         return self.layout.topk
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._read_shard(shard)
+
+    def _read_shard(self, shard: int) -> dict[str, np.ndarray]:
         if shard in self._shards:
             self._shards.move_to_end(shard)
             return self._shards[shard]

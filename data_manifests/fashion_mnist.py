@@ -52,14 +52,22 @@ def prepare_fashion_mnist(
     the lowest class indices). A split already complete with the same source
     and limit is left alone.
     """
-    source_dir, out_dir = Path(source_dir), Path(out_dir)
-    roots = []
-    for split, limit in (("train", train_limit), ("test", test_limit)):
-        if limit is not None and limit < len(CLASS_NAMES):
-            raise FashionMnistError(f"{split} limit {limit} is below one image per class ({len(CLASS_NAMES)})")
-        images_file, labels_file = (_find(source_dir, name) for name in SPLIT_FILES[split])
-        roots.append(_write_split(out_dir / split, images_file, labels_file, limit))
-    return roots[0], roots[1]
+    out_dir = Path(out_dir)
+    train = prepare_split(source_dir, "train", out_dir / "train", train_limit)
+    return train, prepare_split(source_dir, "test", out_dir / "test", test_limit)
+
+
+def prepare_split(source_dir: str | os.PathLike, split: str, split_dir: str | os.PathLike, limit: int | None = None) -> Path:
+    """One split (``train`` or ``test``) as an ImageFolder tree in ``split_dir``; returns it.
+
+    ``limit``: the class-balanced subset of ``prepare_fashion_mnist``.
+    """
+    if split not in SPLIT_FILES:
+        raise FashionMnistError(f"unknown split {split!r}: use {' or '.join(SPLIT_FILES)}")
+    if limit is not None and limit < len(CLASS_NAMES):
+        raise FashionMnistError(f"{split} limit {limit} is below one image per class ({len(CLASS_NAMES)})")
+    images_file, labels_file = (_find(Path(source_dir), name) for name in SPLIT_FILES[split])
+    return _write_split(Path(split_dir), images_file, labels_file, limit)
 
 
 def _find(source_dir: Path, name: str) -> Path:

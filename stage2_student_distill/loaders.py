@@ -16,6 +16,9 @@ the GIL) or the DALI backend (:mod:`stage2_student_distill.loader_dali`). Both
 produce the same boxes, since the boxes are planned here, not by the backend.
 A background thread keeps a few rendered batches ahead of the training loop;
 pixels stay uint8 until they reach the device, where they are normalised.
+Another plans the next epoch (its ids, boxes and cached targets: one read of
+the rank's cache shards) while the current one trains, so epochs start
+without a stall.
 Each rendered batch carries the sample ids it was made from, and they are
 compared with the plan: a mismatch raises instead of training on misaligned
 targets.
@@ -149,6 +152,31 @@ def _prefetch(produce: Callable[[int], object], count: int, depth: int) -> Itera
         thread.join()
 
 
+class _Background:
+    """``fn()`` on a daemon thread; ``result()`` waits and re-raises its exception.
+
+    Daemon: a plan still being built when training ends must not hold up exit.
+    """
+
+    def __init__(self, fn: Callable[[], object]):
+        self._value: object = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="loader-plan", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], object]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised by result()
+            self._error = e
+
+    def result(self) -> object:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class Loader:
     """Batches for one rank; ``epoch(e)`` is deterministic given (seed, e, rank, world_size)."""
 
@@ -194,6 +222,7 @@ class Loader:
         else:
             self._backend = _TorchBackend(manifest, size, interp, runtime.num_workers, pin_memory=runtime.is_cuda)
         self.kind = self._backend.kind
+        self._next: tuple[int, _Background] | None = None  # the next epoch's plan, being built
 
         rank, world = runtime.rank, runtime.world_size
         if mode == "eval":
@@ -213,7 +242,7 @@ class Loader:
         return self._num_batches
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        samples = self._plan(epoch)
+        samples = self._planned(epoch)
         plan = samples.plan
         assert plan.num_batches == self._num_batches, "plan and __len__ disagree"
 
@@ -227,6 +256,19 @@ class Loader:
         with contextlib.closing(_prefetch(produce, plan.num_batches, PREFETCH_BATCHES)) as rendered:
             for index, (pixels, rendered_ids) in enumerate(rendered):
                 yield self._batch(samples, index, pixels, rendered_ids)
+
+    def _planned(self, epoch: int) -> _EpochSamples:
+        """The plan of ``epoch`` (built ahead if it was the one expected), and start on the next.
+
+        Training plans change every epoch and read the cache; planning epoch e + 1
+        while e trains hides that read. The plan is a pure function of the epoch,
+        so building it early changes nothing but the timing.
+        """
+        pending, self._next = self._next, None
+        samples = pending[1].result() if pending is not None and pending[0] == epoch else self._plan(epoch)
+        if self.mode != "eval":
+            self._next = (epoch + 1, _Background(lambda: self._plan(epoch + 1)))
+        return samples
 
     def _plan(self, epoch: int) -> _EpochSamples:
         """The epoch's samples for this rank: ids, boxes, flips and (distill) top-k rows."""

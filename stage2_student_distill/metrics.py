@@ -3,7 +3,8 @@
 Fields: ``epoch`` (1-based, completed), ``train_<part>`` (mean over the
 epoch's samples of each loss part: ``loss`` = the total; distill adds ``kl``
 and, with the discriminator, ``d_loss``), ``val_top1`` / ``val_top5`` (percent)
-and ``val_loss`` (cross entropy), ``lr`` (and ``disc_lr``) at the epoch's
+and ``val_loss`` (cross entropy; the ``val_*`` keys only on validated epochs,
+see ``optim.eval_every``), ``lr`` (and ``disc_lr``) at the epoch's
 first step, ``img_per_s`` (training samples per second, all ranks) and
 ``time_s`` (wall time of the epoch including validation).
 

@@ -68,7 +68,8 @@ class Job:
 
 
 def fit(job: Job) -> dict[str, Any]:
-    """Train ``job.student`` for the configured epochs; validate and checkpoint every epoch."""
+    """Train ``job.student`` for the configured epochs; checkpoint every epoch and validate
+    every ``optim.eval_every`` epochs and after the last (best.pt only moves on validated epochs)."""
     cfg, rt = job.cfg, job.runtime
     student = unwrap(job.student)
     optimizers = {
@@ -102,24 +103,24 @@ def fit(job: Job) -> dict[str, Any]:
     for epoch in range(start_epoch, cfg.optim.epochs):
         epoch_start = time.perf_counter()
         train = train_one_epoch(job, lr_pairs, scaler, epoch)
-        val = evaluate(student, job.val_loader, rt)
+        validate = (epoch + 1) % cfg.optim.eval_every == 0 or epoch + 1 == cfg.optim.epochs
+        val = evaluate(student, job.val_loader, rt) if validate else None
         record = {
             "epoch": epoch + 1,
             **{f"train_{name}": value for name, value in train["losses"].items()},
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "val_loss": val["loss"],
+            # epochs without validation have no val_* keys (consumers filter on "val_top1")
+            **({"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]} if val else {}),
             "lr": cfg.optim.lr * train["lr_factor"],
             **({"disc_lr": cfg.distill.disc_lr * train["lr_factor"]} if job.discriminator is not None else {}),
             "img_per_s": train["img_per_s"],
             "time_s": time.perf_counter() - epoch_start,
         }
         if rt.is_main:
-            meta = {**job.meta, "epoch": epoch + 1, "val_top1": val["top1"], "val_top5": val["top5"]}
+            meta = {**job.meta, "epoch": epoch + 1, **({"val_top1": val["top1"], "val_top5": val["top5"]} if val else {})}
             # Order matters for crash safety: last.pt is the commit point. A
             # crash before it re-runs this epoch on resume, and MetricsLog drops
             # the line of an epoch that last.pt does not cover.
-            if val["top1"] > best_top1:
+            if val and val["top1"] > best_top1:
                 save_model(job.run_dir / "best.pt", student, meta)
             metrics.append(record)
             save_training_state(
@@ -130,10 +131,11 @@ def fit(job: Job) -> dict[str, Any]:
                 optimizers=optimizers,
                 scaler=scaler,
                 epoch=epoch + 1,
-                best_top1=max(best_top1, val["top1"]),
+                best_top1=max(best_top1, val["top1"]) if val else best_top1,
             )
             print(summary_line(record, cfg.optim.epochs), flush=True)
-        best_top1 = max(best_top1, val["top1"])
+        if val:
+            best_top1 = max(best_top1, val["top1"])
         rt.barrier()
     return {
         "run_dir": str(job.run_dir),
@@ -212,9 +214,12 @@ def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: in
 
 def summary_line(record: dict[str, Any], epochs: int) -> str:
     parts = " ".join(f"{k[len('train_'):]} {v:.4f}" for k, v in record.items() if k.startswith("train_"))
-    return (
-        f"epoch {record['epoch']}/{epochs}  train {parts}  "
+    val = (
         f"val top-1 {record['val_top1']:.2f}% top-5 {record['val_top5']:.2f}% loss {record['val_loss']:.4f}  "
+        if "val_top1" in record else ""
+    )
+    return (
+        f"epoch {record['epoch']}/{epochs}  train {parts}  {val}"
         f"lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s  {record['time_s']:.1f} s"
     )
 

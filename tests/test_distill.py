@@ -125,6 +125,15 @@ def test_run_directory_outputs(data, tmp_path):
     assert json.loads((out / "config.json").read_text())["distill"]["discriminator"] is False
 
 
+def test_eval_every_validates_selected_epochs_and_the_last(data, tmp_path):
+    out = tmp_path / "run"
+    result = run_distill(distill_config(data, out, **{"optim.epochs": 3, "optim.eval_every": 2}))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [("val_top1" in r) for r in records] == [False, True, True]  # epoch 2, then the last
+    assert result["best_top1"] == max(r["val_top1"] for r in records[1:])
+    assert read_weights(out / "best.pt")[1]["epoch"] in (2, 3)
+
+
 def test_train_checkpoint_is_usable_as_teacher_and_evaluates(data, tmp_path):
     out = tmp_path / "teacher"
     cfg = distill_config(data, out, **{"train.model": "test_resnet", "train.out": str(out),

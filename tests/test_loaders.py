@@ -157,6 +157,35 @@ def test_distill_torch_replays_cached_crops_and_targets(data):
         check_distill_batch(data, b, pp, exact=True)
 
 
+def test_next_epoch_planned_ahead_equals_planned_fresh(data, monkeypatch):
+    ld = loader(data, "torch", "distill")
+    list(ld.epoch(0))
+    assert ld._next is not None and ld._next[0] == 1  # epoch 1 was planned while epoch 0 ran
+    ld._next[1].result()
+    calls = []
+    monkeypatch.setattr(ld, "_plan", lambda e: calls.append(e) or loaders.Loader._plan(ld, e))
+    ahead = [b.sample_ids for b in ld.epoch(1)]  # the plan built ahead: no new call for epoch 1
+    skipped = [b.sample_ids for b in ld.epoch(5)]  # not the expected epoch: planned now
+    assert 1 not in calls and 5 in calls
+    fresh = loader(data, "torch", "distill")
+    assert all(torch.equal(a, b) for a, b in zip(ahead, [b.sample_ids for b in fresh.epoch(1)]))
+    assert all(torch.equal(a, b) for a, b in zip(skipped, [b.sample_ids for b in fresh.epoch(5)]))
+
+
+def test_error_in_plan_built_ahead_is_raised(data, monkeypatch):
+    ld = loader(data, "torch", "distill")
+
+    def broken(epoch):
+        raise CacheError(f"shard 0 damaged (epoch {epoch})")
+
+    list(ld.epoch(0))  # epoch 1 is already being planned with the real _plan
+    ld._next[1].result()
+    monkeypatch.setattr(ld, "_plan", broken)
+    list(ld.epoch(1))  # uses the plan built ahead; starts planning epoch 2 with the broken one
+    with pytest.raises(CacheError, match="epoch 2"):
+        list(ld.epoch(2))
+
+
 def test_distill_ranks_read_their_own_shards(data):
     """Two ranks: disjoint equal shares, each from a subset of the cache's shards (3 images each)."""
     shares = []
