@@ -219,10 +219,10 @@ def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, im
     reader = CacheReader(cache_path)
     ids = np.arange(min(images, manifest.num_images))
     rows = reader.gather(ids, np.zeros_like(ids))
-    from benchmarks.common import render_crops_uint8
+    from benchmarks.common import render_crops_float32
 
     t = {"open_decode": 0.0, "to_tensor": 0.0, "torch_render": 0.0, "pil_render": 0.0, "view_to_tensor": 0.0,
-         "view_torch_render": 0.0, "view_uint8_render": 0.0}
+         "view_torch_render": 0.0, "view_float32_render": 0.0}
     pil_mode = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
     for j, i in enumerate(ids):
         path = manifest.abspath(int(i))
@@ -244,7 +244,7 @@ def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, im
         t5 = time.perf_counter()
         render_crops(view, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
         t6 = time.perf_counter()
-        render_crops_uint8(view, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
+        render_crops_float32(view, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
         t7 = time.perf_counter()
         for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
             t[key] += dt
@@ -443,8 +443,8 @@ def main(argv=None) -> int:
               f"{a['mean_pixels'] / 1e3:.0f} kpixel): open+decode {a['open_decode_ms']:.2f} ms, to tensor "
               f"{a['to_tensor_ms']:.2f} ms, torch crop+resize {a['torch_render_ms']:.2f} ms; PIL crop+resize "
               f"alternative {a['pil_render_ms']:.2f} ms; CHW view instead of the permuted copy: to tensor "
-              f"{a['view_to_tensor_ms']:.2f} ms, crop+resize {a['view_torch_render_ms']:.2f} ms, uint8 crop+resize "
-              f"{a['view_uint8_render_ms']:.2f} ms")
+              f"{a['view_to_tensor_ms']:.2f} ms, crop+resize (uint8, current) {a['view_torch_render_ms']:.2f} ms, "
+              f"float32 crop+resize (before) {a['view_float32_render_ms']:.2f} ms")
     if extra.get("cuda_syncs"):
         c = extra["cuda_syncs"]
         print(f"\nCUDA synchronisations in {c['steps']} distill steps: {c['total']} ({c['per_step']:.1f} per step): {c['by_line']}")

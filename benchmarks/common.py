@@ -598,9 +598,10 @@ def decode_view(path):
     return torch.from_numpy(np.array(open_image(path), dtype=np.uint8)).permute(2, 0, 1)
 
 
-def render_crops_uint8(image, boxes, flips, size: int, interpolation: str = "bilinear"):
-    """``common.render.render_crops`` without the float32 round trip: torch's antialiased resize on
-    uint8 directly (its AVX2 path, the one torchvision's v2 resize uses), same geometry."""
+def render_crops_float32(image, boxes, flips, size: int, interpolation: str = "bilinear"):
+    """``common.render.render_crops`` as it was before it resized uint8 directly: each crop
+    converted to float32, resized, rounded, clamped and cast back (the "before" of
+    docs/performance.md's render comparison)."""
     import torch
     import torch.nn.functional as F
 
@@ -612,8 +613,11 @@ def render_crops_uint8(image, boxes, flips, size: int, interpolation: str = "bil
     kwargs = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
     out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
     for i, (x, y, w, h) in enumerate(boxes):
-        resized = F.interpolate(image[:, y:y + h, x:x + w].unsqueeze(0), size=(size, size), mode=mode, **kwargs)[0]
-        out[i] = resized.flip(-1) if flips[i] else resized
+        crop = image[:, y:y + h, x:x + w].unsqueeze(0).float()
+        resized = F.interpolate(crop, size=(size, size), mode=mode, **kwargs)[0]
+        if flips[i]:
+            resized = resized.flip(-1)
+        out[i] = resized.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 

@@ -139,8 +139,11 @@ def content_hash(table: pa.Table) -> str:
         table.column("image_id").to_numpy().astype("<i8"),
         table.column("label").to_numpy().astype("<i4"),
         table.column("path").to_pylist(),
-        table.column("sha256").to_pylist(),
+        table.column("sha256"),
     )
+
+
+_HASH_CHUNK = 65536  # rows per hash update: bounds the temporary strings at any dataset size
 
 
 def _hash_columns(
@@ -148,8 +151,14 @@ def _hash_columns(
     image_ids: np.ndarray,
     labels: np.ndarray,
     paths: Sequence[str],
-    digests: Sequence[str],
+    digests: Sequence[str] | pa.ChunkedArray,
 ) -> str:
+    """sha256 of the encoding in ``content_hash``, fed in chunks of rows.
+
+    sha256 is streaming, so the digest equals hashing the whole joined strings
+    at once; building those strings for 1.28M rows was the largest transient
+    allocation of a distill run (~850 MB, docs/performance.md).
+    """
     header = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -161,8 +170,11 @@ def _hash_columns(
     h.update(json.dumps(header, sort_keys=True, ensure_ascii=False).encode("utf-8"))
     h.update(np.ascontiguousarray(image_ids, dtype="<i8").tobytes())
     h.update(np.ascontiguousarray(labels, dtype="<i4").tobytes())
-    h.update("\0".join(paths).encode("utf-8"))
-    h.update("".join(digests).encode("ascii"))
+    for start in range(0, len(paths), _HASH_CHUNK):
+        h.update(("\0" if start else "").encode() + "\0".join(paths[start : start + _HASH_CHUNK]).encode("utf-8"))
+    for start in range(0, len(digests), _HASH_CHUNK):
+        chunk = digests[start : start + _HASH_CHUNK]
+        h.update("".join(chunk.to_pylist() if hasattr(chunk, "to_pylist") else chunk).encode("ascii"))
     return h.hexdigest()
 
 
@@ -281,8 +293,7 @@ def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None =
             f"manifest {path}: image {int(bad[0])} has label {int(labels[bad[0]])} "
             f"outside -1..{len(class_names) - 1}"
         )
-    digests = table.column("sha256").to_pylist()
-    actual_hash = _hash_columns(class_names, np.arange(len(paths)), labels, paths, digests)
+    actual_hash = _hash_columns(class_names, np.arange(len(paths)), labels, paths, table.column("sha256"))
     if actual_hash != recorded_hash:
         raise ManifestError(
             f"manifest {path} was edited after it was built: content hash {actual_hash} "

@@ -102,6 +102,26 @@ def test_hash_stable_across_builds_and_moves(tree: Path, tmp_path: Path):
     assert all(relocated.abspath(i).is_file() for i in range(relocated.num_images))
 
 
+def test_hash_is_the_documented_encoding_whatever_the_chunk_size(tree: Path, tmp_path: Path, monkeypatch):
+    """The hash is fed in chunks of rows; the digest must be that of the whole encoding at once."""
+    import common.manifest as manifest_module
+
+    m = build_manifest(tree, tmp_path / "m.parquet", progress=False)
+    header = {"format": MANIFEST_FORMAT, "version": manifest_module.MANIFEST_VERSION,
+              "hash_algorithm": manifest_module.HASH_ALGORITHM, "class_names": list(m.class_names),
+              "num_images": m.num_images}
+    table = pq.read_table(tmp_path / "m.parquet")
+    whole = hashlib.sha256()
+    whole.update(json.dumps(header, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    whole.update(np.arange(m.num_images, dtype="<i8").tobytes() + m.labels.astype("<i4").tobytes())
+    whole.update("\0".join(m.paths).encode("utf-8") + "".join(table.column("sha256").to_pylist()).encode("ascii"))
+    assert m.content_hash == whole.hexdigest()
+    for chunk in (1, 2, 3):
+        monkeypatch.setattr(manifest_module, "_HASH_CHUNK", chunk)
+        assert content_hash(table) == whole.hexdigest()
+        assert load_manifest(tmp_path / "m.parquet").content_hash == whole.hexdigest()
+
+
 def test_exif_rotated_jpeg_swaps_width_and_height(tree: Path, tmp_path: Path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
