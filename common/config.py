@@ -35,6 +35,7 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the student
     seed: int = 0
     num_workers: int = 2  # decode workers (torch loader) / DALI threads
+    torch_threads: int = 0  # torch intra-op threads per process; 0 = torch's default (the core count)
     progress: bool = True  # progress bars on long work
 
 
@@ -233,6 +234,7 @@ def _validate_table(table: str, t: Any) -> None:
         need(t.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "use auto, fp32, bf16 or fp16")
         need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "device", "use auto, cpu, cuda or cuda:N")
         need(t.num_workers >= 0, "num_workers", "must be >= 0")
+        need(t.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
     elif table == "crops":
         need(t.num_crops >= 1, "num_crops", "must be >= 1")
         need(0 < t.scale[0] <= t.scale[1] <= 1, "scale", "need 0 < min <= max <= 1")

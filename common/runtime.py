@@ -75,6 +75,10 @@ def build_runtime(cfg: RuntimeConfig, init_distributed: bool = True) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
+    if cfg.torch_threads:
+        # On shared or oversubscribed hosts (and with several ranks per host) torch's
+        # default of one thread per core makes small CPU ops collapse (docs/performance.md).
+        torch.set_num_threads(cfg.torch_threads)
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:

@@ -37,3 +37,12 @@ def test_rank_and_world_from_torchrun_env(monkeypatch):
     rt = build_runtime(RuntimeConfig(device="cpu"), init_distributed=False)
     assert (rt.rank, rt.world_size, rt.local_rank) == (3, 4, 1)
     assert rt.distributed and not rt.is_main and not rt.progress
+
+
+def test_torch_threads_applied_only_when_set(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    build_runtime(RuntimeConfig(device="cpu"))
+    assert calls == []  # 0: torch's default is left alone
+    build_runtime(RuntimeConfig(device="cpu", torch_threads=1))
+    assert calls == [1]
