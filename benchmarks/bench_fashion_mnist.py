@@ -37,8 +37,8 @@ a markdown section (machine, versions, command, table) between markers in
 ``--doc`` (default docs/results.md).
 
     python benchmarks/bench_fashion_mnist.py                       # full scale (GPU recommended)
-    python benchmarks/bench_fashion_mnist.py --train-images 2000 --teacher-train-images 60000 \\
-        --teacher-epochs 2 --student-epochs 30 --num-crops 8 --seeds 0,1,2   # the demo's scale
+    python benchmarks/bench_fashion_mnist.py --train-images 1000 --teacher-train-images 60000 \\
+        --teacher-epochs 2 --student-epochs 60 --num-crops 16 --seeds 0,1,2   # the demo's scale
 """
 from __future__ import annotations
 

@@ -119,19 +119,19 @@ class DemoConfig:
     out: str = "runs/demo"
     data_dir: str = "data/fashion-mnist"
     source_dir: str = "/usr/share/datasets/fashion-mnist"
-    train_images: int = 2000  # the students' class-balanced subset of the 60,000 training images
+    train_images: int = 1000  # the students' class-balanced subset of the 60,000 training images
     val_images: int = 10000  # the test images scored (all 10,000: +-0.4 points of sampling noise)
     teacher_train_images: int = 60000  # the teachers' training images (0: the students' subset)
     img_size: int = 32
     teachers: tuple[str, ...] = ("test_resnet", "test_byobnet")
     teacher_epochs: int = 2  # on teacher_train_images
     student: str = "test_efficientnet"
-    student_epochs: int = 30
-    num_crops: int = 8
+    student_epochs: int = 60
+    num_crops: int = 16
     crop_scale: tuple[float, float] = (0.64, 1.0)  # milder than ImageNet's: 28 px garments
     batch_size: int = 128
     lr: float = 0.05
-    eval_every: int = 5  # epochs between validations (and the last)
+    eval_every: int = 10  # epochs between validations (and the last)
 
 
 @dataclass(frozen=True)

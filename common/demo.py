@@ -6,17 +6,17 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   2. manifests for train and test
   3. two teachers of different architectures trained on hard labels
      (on ``teacher_train_images`` images: all 60,000 by default; the students
-     learn from ``train_images``, 2,000 by default: docs/results.md says why)
+     learn from ``train_images``, 1,000 by default: docs/results.md says why)
   4. `teacher-cache` over both teachers (and their evaluation on the test set)
   5. `distill` of a small student from the cache (MEAL V2: KL + discriminator)
   6. the same student on hard labels for the same epochs (the baseline)
   7. a results table (results.md / results.json) and a plot of validation curves
 
-Expected on an idle 2-core CPU with the shipped [demo] settings (9.1 min
-measured): teachers test_resnet 87.0% and test_byobnet 84.4%, ensemble 87.1%;
-student test_efficientnet 81.8% with MEAL V2 vs. 79.7% on hard labels, on the
+Expected on an idle 2-core CPU with the shipped [demo] settings (8.7 min
+measured): teachers test_resnet 87.2% and test_byobnet 84.1%, ensemble 87.0%;
+student test_efficientnet 80.7% with MEAL V2 vs. 78.9% on hard labels, on the
 10,000 test images. docs/results.md has the seeds, the online-KD comparison
-and why the students learn from a 2,000-image subset.
+and why the students learn from a 1,000-image subset.
 """
 from __future__ import annotations
 
