@@ -64,8 +64,10 @@ from common.cache_format import CacheReader  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.manifest import load_manifest  # noqa: E402
 
-DOC_BEGIN = "<!-- bench_fashion_mnist:begin (written by benchmarks/bench_fashion_mnist.py) -->"
-DOC_END = "<!-- bench_fashion_mnist:end -->"
+def doc_markers(tag: str) -> tuple[str, str]:
+    """The comments around the section this script owns in --doc (one section per --doc-tag)."""
+    name = f"bench_fashion_mnist{f'[{tag}]' if tag else ''}"
+    return f"<!-- {name}:begin (written by benchmarks/bench_fashion_mnist.py) -->", f"<!-- {name}:end -->"
 
 
 # --------------------------------------------------------------------------- online MEAL V2 on the cached crops
@@ -232,12 +234,13 @@ def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
 # --------------------------------------------------------------------------- report
 
 
-def update_doc(path: Path, section: str) -> None:
+def update_doc(path: Path, section: str, tag: str = "") -> None:
+    begin, end = doc_markers(tag)
     text = path.read_text() if path.exists() else "# Results\n"
-    block = f"{DOC_BEGIN}\n{section.rstrip()}\n{DOC_END}"
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        text = head + block + rest.split(DOC_END, 1)[1]
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,6 +355,7 @@ def parse_args(argv):
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/fashion_mnist.json)")
     p.add_argument("--doc", default="docs/results.md", help="markdown file whose marked section is replaced ('' = none)")
+    p.add_argument("--doc-tag", default="", help="which marked section of --doc (one per experiment; '' = the demo-scale one)")
     args = p.parse_args(argv)
     args.teacher_train_images = args.teacher_train_images or args.train_images
     args.num_crops = args.num_crops or args.student_epochs
@@ -495,7 +499,7 @@ def main(argv=None) -> int:
     section = report(payload)
     print("\n" + section + f"\nJSON: {path}", flush=True)
     if args.doc:
-        update_doc(Path(args.doc), section)
+        update_doc(Path(args.doc), section, args.doc_tag)
         print(f"markdown section updated in {args.doc}")
     return 0
 
