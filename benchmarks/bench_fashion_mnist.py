@@ -3,8 +3,8 @@
 The experiment of `pipeline demo`, at any scale (default: all 60,000 training
 images, the 10,000 test images, 30 epochs), plus the online comparison:
 
-1. Fashion-MNIST idx files -> PNG trees + manifests (``prepare_fashion_mnist``,
-   ``build_manifest``): the students' training set (``--train-images``) and the
+1. Fashion-MNIST idx files -> PNG trees + manifests (``subset_manifest``, as
+   `pipeline demo`): the students' training set (``--train-images``) and the
    teachers' (``--teacher-train-images``; default the same set);
 2. the teachers, trained on hard labels with `pipeline train`'s ``run_train``
    (each at its own input size, ``--teacher-img-size``), or reused
@@ -63,6 +63,7 @@ from benchmarks.common import (  # noqa: E402
 from common.cache_format import CacheReader  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.manifest import load_manifest  # noqa: E402
+from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
 
 def doc_markers(tag: str) -> tuple[str, str]:
     """The comments around the section this script owns in --doc (one section per --doc-tag)."""
@@ -104,7 +105,7 @@ class OnlineOnCachedCrops:
         from stage1_teacher_cache.ensemble import teacher_probs
         from stage1_teacher_cache.views import prefetch
 
-        samples = self.loader._plan(epoch)  # the plan the loader replays: boxes/flips from the cache
+        samples = self.loader._planned(epoch)  # the plan the loader replays (the same object): boxes/flips
         boxes = samples.boxes.reshape(-1, 4)
         flips = samples.flips.reshape(-1)
         sample_ids = samples.sample_ids.reshape(-1)
@@ -182,21 +183,6 @@ def timed(fn, *a):
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*a)
     return out, time.perf_counter() - t0, time.process_time() - c0
-
-
-def prepare_data(source: str, data_dir: Path, train: int, val: int) -> tuple[str, str]:
-    from data_manifests.build import build_manifest
-    from data_manifests.fashion_mnist import prepare_fashion_mnist
-
-    out = data_dir / f"subset-{train}-{val}"
-    train_root, test_root = prepare_fashion_mnist(source, out, train_limit=train, test_limit=val)
-    paths = []
-    for split, root in (("train", train_root), ("test", test_root)):
-        path = out / f"{split}.parquet"
-        if not path.exists():
-            build_manifest(root, path, description=f"Fashion-MNIST {split} subset", progress=False)
-        paths.append(str(path))
-    return paths[0], paths[1]
 
 
 def base_config(args, manifest: str, val: str):
@@ -381,11 +367,12 @@ def main(argv=None) -> int:
     wd.mkdir(parents=True, exist_ok=True)
 
     # 1. data
-    (manifest, val), data_s, _ = timed(prepare_data, args.source, wd / "data", args.train_images, args.val_images)
-    t_manifest = manifest
-    if args.teacher_train_images != args.train_images:
-        t_manifest, _ = prepare_data(args.source, wd / "data", args.teacher_train_images, args.val_images)
-    print(f"data ready in {data_s:.1f} s: students {manifest}, teachers {t_manifest}", flush=True)
+    def data():
+        return (subset_manifest(args.source, wd / "data", "train", args.train_images),
+                subset_manifest(args.source, wd / "data", "test", args.val_images))
+
+    (manifest, val), data_s, _ = timed(data)
+    print(f"data ready in {data_s:.1f} s: students {manifest}, test {val}", flush=True)
     base = base_config(args, manifest, val)
 
     # 2. teachers
@@ -395,6 +382,8 @@ def main(argv=None) -> int:
         run_dir = Path(reuse.get(name) or wd / f"teacher_{name}")
         seconds = cpu = None
         if name not in reuse and not done(run_dir, args.teacher_epochs):
+            # the teachers' tree only when one is trained here (reused teachers bring their own)
+            t_manifest = subset_manifest(args.source, wd / "data", "train", args.teacher_train_images)
             cfg = base.replace(**{"data.manifest": t_manifest, "train.model": name, "train.out": str(run_dir),
                                   "train.resume": (run_dir / "last.pt").exists(), "optim.epochs": args.teacher_epochs,
                                   "optim.img_size": args.teacher_img_size or args.img_size})

@@ -413,7 +413,7 @@ class CacheReader:
             )
         self.verify_checksums = verify_checksums
         self._shards: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self._lock = threading.RLock()  # the LRU is shared by the loader's planning thread and its caller
+        self._lock = threading.Lock()  # the LRU is shared by the loader's planning thread and its caller
         self._max_cached = max_cached_shards
         self._cached_bytes = 0
 

@@ -20,6 +20,7 @@ and why the students learn from a 1,000-image subset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -45,6 +46,14 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 def _final_top1(run_dir: Path) -> float | None:
     rows = [r for r in _read_metrics(run_dir) if "val_top1" in r]
     return rows[-1]["val_top1"] if rows else None
+
+
+@contextlib.contextmanager
+def _timed(steps: dict[str, float], name: str):
+    """Record the wall seconds of the ``with`` body as ``steps[name]`` (results.json)."""
+    start = time.time()
+    yield
+    steps[name] = time.time() - start
 
 
 def _started(run_dir: Path) -> bool:
@@ -73,6 +82,7 @@ def _shared_overrides(d) -> dict:
 
 
 def run(cfg: Config) -> dict:
+    from data_manifests.fashion_mnist import subset_manifest
     from stage1_teacher_cache.run import run as run_teacher_cache
     from stage2_student_distill.train import run_distill, run_train
 
@@ -95,13 +105,12 @@ def run(cfg: Config) -> dict:
              "(with teachers trained on the students' own images it loses to hard labels; docs/results.md)")
 
     _say("1/7 preparing images")
-    started = time.time()
-    manifests = {
-        "train": _prepare(d, "train", d.train_images, cfg.runtime.progress),
-        "teacher_train": _prepare(d, "train", teacher_images, cfg.runtime.progress),
-        "test": _prepare(d, "test", d.val_images, cfg.runtime.progress),
-    }
-    steps["1-2 images and manifests"] = time.time() - started
+    with _timed(steps, "1-2 images and manifests"):
+        manifests = {
+            key: subset_manifest(d.source_dir, d.data_dir, split, images, cfg.runtime.progress)
+            for key, split, images in (("train", "train", d.train_images), ("teacher_train", "train", teacher_images),
+                                       ("test", "test", d.val_images))
+        }
     _say("2/7 manifests ready")
 
     base = cfg.replace(**_shared_overrides(d), **{"data.manifest": manifests["train"], "data.val_manifest": manifests["test"]})
@@ -111,13 +120,11 @@ def run(cfg: Config) -> dict:
         run_dir = out / f"teacher_{name}"
         _say(f"3/7 training teacher {i + 1}/{len(d.teachers)}: {name} ({d.teacher_epochs} epochs on "
              f"{teacher_images} images) -> {run_dir}")
-        started = time.time()
-        tcfg = base.replace(**{"data.manifest": manifests["teacher_train"], "train.model": name,
-                                "train.out": str(run_dir), "train.resume": _started(run_dir),
-                                "optim.epochs": d.teacher_epochs})
-        run_train(tcfg)
+        with _timed(steps, f"3 teacher {name}"):
+            run_train(base.replace(**{"data.manifest": manifests["teacher_train"], "train.model": name,
+                                      "train.out": str(run_dir), "train.resume": _started(run_dir),
+                                      "optim.epochs": d.teacher_epochs}))
         teacher_runs[name] = run_dir
-        steps[f"3 teacher {name}"] = time.time() - started
 
     cache_dir = out / "cache"
     _say(f"4/7 caching the ensemble's soft labels -> {cache_dir}")
@@ -129,22 +136,20 @@ def run(cfg: Config) -> dict:
         "teacher_cache.evaluate_manifest": manifests["test"],
         "teacher_cache.batch_size": 256,
     })
-    started = time.time()
-    cache_summary = run_teacher_cache(ccfg)
-    steps["4 teacher cache"] = time.time() - started
+    with _timed(steps, "4 teacher cache"):
+        cache_summary = run_teacher_cache(ccfg)
 
     student_runs = {"MEAL V2 (cached KD)": out / "student_mealv2", "hard labels": out / "student_hard"}
     _say(f"5/7 distilling {d.student} from the cache ({d.student_epochs} epochs)")
-    started = time.time()
-    run_distill(base.replace(**{"distill.student": d.student, "distill.cache": str(cache_dir),
-                                "distill.out": str(student_runs["MEAL V2 (cached KD)"]), "distill.resume": _started(student_runs["MEAL V2 (cached KD)"]),
-                                "optim.epochs": d.student_epochs}))
-    steps["5 student, MEAL V2"] = time.time() - started
+    mealv2_dir, hard_dir = student_runs.values()
+    with _timed(steps, "5 student, MEAL V2"):
+        run_distill(base.replace(**{"distill.student": d.student, "distill.cache": str(cache_dir),
+                                    "distill.out": str(mealv2_dir), "distill.resume": _started(mealv2_dir),
+                                    "optim.epochs": d.student_epochs}))
     _say(f"6/7 training {d.student} on hard labels ({d.student_epochs} epochs), the baseline")
-    started = time.time()
-    run_train(base.replace(**{"train.model": d.student, "train.out": str(student_runs["hard labels"]),
-                              "train.resume": _started(student_runs["hard labels"]), "optim.epochs": d.student_epochs}))
-    steps["6 student, hard labels"] = time.time() - started
+    with _timed(steps, "6 student, hard labels"):
+        run_train(base.replace(**{"train.model": d.student, "train.out": str(hard_dir),
+                                  "train.resume": _started(hard_dir), "optim.epochs": d.student_epochs}))
 
     _say("7/7 results")
     teacher_eval = (cache_summary or {}).get("teacher_eval") or {}
@@ -176,23 +181,6 @@ def run(cfg: Config) -> dict:
     click.echo(text)
     click.echo(f"\nplot: {plot}\nfinished in {result['minutes']} min; results in {out}/results.md")
     return result
-
-
-def _prepare(d, split: str, images: int, progress: bool) -> str:
-    """PNG tree + manifest of a class-balanced subset of one split -> the manifest's path.
-
-    One folder per split and size, so changing [demo] never pairs a manifest with
-    another tree, and trees of the same size are shared between steps.
-    """
-    from data_manifests.build import build_manifest
-    from data_manifests.fashion_mnist import prepare_split
-
-    split_dir = Path(d.data_dir) / f"{split}-{images}"
-    root = prepare_split(d.source_dir, split, split_dir / "images", limit=images)
-    path = split_dir / "manifest.parquet"
-    if not path.exists():
-        build_manifest(root, path, description=f"Fashion-MNIST {split}, {images} images", progress=progress)
-    return str(path)
 
 
 def _plot_curves(runs: dict[str, Path], levels: dict[str, float], path: Path) -> Path | None:

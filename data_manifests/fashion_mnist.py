@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_manifests.build import build_manifest
+
 CLASS_NAMES = (
     "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
@@ -68,6 +70,22 @@ def prepare_split(source_dir: str | os.PathLike, split: str, split_dir: str | os
         raise FashionMnistError(f"{split} limit {limit} is below one image per class ({len(CLASS_NAMES)})")
     images_file, labels_file = (_find(Path(source_dir), name) for name in SPLIT_FILES[split])
     return _write_split(Path(split_dir), images_file, labels_file, limit)
+
+
+def subset_manifest(source_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, images: int,
+                    progress: bool = False) -> str:
+    """PNG tree + manifest of the first ``images`` (class-balanced) of ``split`` -> the manifest's path.
+
+    One folder per split and size (``DATA_DIR/{split}-{images}``), so a manifest is
+    never paired with another tree and runs of the same size share it; both steps
+    are skipped when already complete.
+    """
+    split_dir = Path(data_dir) / f"{split}-{images}"
+    root = prepare_split(source_dir, split, split_dir / "images", limit=images)
+    path = split_dir / "manifest.parquet"
+    if not path.exists():
+        build_manifest(root, path, description=f"Fashion-MNIST {split}, {images} images", progress=progress)
+    return str(path)
 
 
 def _find(source_dir: Path, name: str) -> Path:

@@ -167,6 +167,8 @@ def test_next_epoch_planned_ahead_equals_planned_fresh(data, monkeypatch):
     ahead = [b.sample_ids for b in ld.epoch(1)]  # the plan built ahead: no new call for epoch 1
     skipped = [b.sample_ids for b in ld.epoch(5)]  # not the expected epoch: planned now
     assert 1 not in calls and 5 in calls
+    n = len(calls)
+    assert ld._planned(5) is ld._planned(5) and len(calls) == n  # the epoch being replayed is not planned again
     fresh = loader(data, "torch", "distill")
     assert all(torch.equal(a, b) for a, b in zip(ahead, [b.sample_ids for b in fresh.epoch(1)]))
     assert all(torch.equal(a, b) for a, b in zip(skipped, [b.sample_ids for b in fresh.epoch(5)]))
