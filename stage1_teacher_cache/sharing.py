@@ -120,14 +120,19 @@ def check_same_crops(readers: Sequence[CacheReader]) -> None:
 
 def merge_targets(parts: Sequence[dict[str, np.ndarray]], weights: np.ndarray, num_classes: int,
                   k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of the weighted mean of the sources' restored dense targets: ([n, C, k], [n, C, k])."""
+    """Top-k of the weighted mean of the sources' restored dense targets: ([n, C, k], [n, C, k]).
+
+    The probabilities stay float32: ``CacheWriter.write_shard`` rounds them to
+    float16 *downwards*, which a float16 array here would pre-empt by rounding to
+    nearest (and a confident row's top-k could then sum to 1, leaving no residual).
+    """
     shape = parts[0]["topk_index"].shape[:-1]
     flat = [(p["topk_index"].reshape(-1, p["topk_index"].shape[-1]),
              p["topk_prob"].reshape(-1, p["topk_prob"].shape[-1])) for p in parts]
     rows = flat[0][0].shape[0]
     block = max(1, _MERGE_BLOCK_ELEMENTS // num_classes)
     index = np.empty((rows, k), index_dtype(num_classes))
-    prob = np.empty((rows, k), np.float16)
+    prob = np.empty((rows, k), np.float32)
     for lo in range(0, rows, block):
         hi = min(lo + block, rows)
         mean = sum(float(w) * restore_targets(i[lo:hi], p[lo:hi], num_classes) for w, (i, p) in zip(weights, flat))

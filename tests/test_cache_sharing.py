@@ -12,7 +12,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from common.cache_format import CacheError, CacheReader, restore_targets, verify_cache
+from common.cache_format import CacheError, CacheReader, restore_targets, round_down_fp16, verify_cache
 from common.cli import main
 from common.config import RuntimeConfig
 from common.manifest import load_manifest
@@ -130,6 +130,21 @@ def test_merge_weights_sources_by_their_number_of_teachers():
     got = restore_targets(index, prob, classes).numpy()
     np.testing.assert_allclose(got, expected, atol=2e-3)
     assert np.array_equal(index[..., 0], expected.argmax(-1))
+
+
+def test_merge_of_confident_rows_keeps_a_residual_for_the_other_classes():
+    """Both sources keep ~4e-4 for their 8 other classes; rounded to nearest, the merged top-2 would sum to 1."""
+    classes, k = 10, 2
+    sources = [[0.563, 0.4366], [0.626, 0.3738]]  # top-2 of each source, same two classes
+    parts = [{"topk_index": np.array([[[3, 5]]]), "topk_prob": round_down_fp16(np.array([[p]], np.float32))}
+             for p in sources]
+    index, prob = merge_targets(parts, np.array([0.5, 0.5]), classes, k)
+    assert index.tolist() == [[[3, 5]]]
+    assert prob.astype(np.float16).astype(np.float32).sum() == 1  # why rounding must go down
+    stored = round_down_fp16(prob)  # what CacheWriter.write_shard keeps
+    assert stored.astype(np.float32).sum() < 1
+    target = restore_targets(index, stored, classes)
+    assert float(target[0, 0].min()) > 1e-5  # every other class keeps a share
 
 
 def _edit_attrs(path: Path, **changes) -> None:
