@@ -154,6 +154,24 @@ def subset_command(cache: str, out: str, manifest: str, subset_manifest_out: str
                f"cache {s['cache']} ({s['shards_written']} of {s['shards_total']} shard(s) written)")
 
 
+@cache_group.command("reduce")
+@click.argument("cache")
+@click.option("--out", required=True, help="The new cache (directory or URL); rerun to resume.")
+@click.option("--topk", required=True, type=int, help="Classes kept per crop, below CACHE's k.")
+def reduce_command(cache: str, out: str, topk: int) -> None:
+    """Copy CACHE keeping each crop's TOPK most probable classes (fewer bytes; no teacher runs).
+
+    The kept probabilities are the stored ones, so OUT equals what `teacher-cache --topk TOPK` would
+    have written on the same crops; the dropped mass joins the residual spread over the other classes.
+    """
+    from stage1_teacher_cache.sharing import reduce_topk
+
+    with user_errors():
+        s = reduce_topk(cache, out, topk)
+    click.echo(f"reduced {s['source']} from top-{s['source_k']} to top-{s['k']} in {s['cache']}: "
+               f"wrote {s['shards_written']} of {s['shards_total']} shard(s)")
+
+
 @cache_group.command("pack")
 @click.argument("cache", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pack file (a tar).")

@@ -63,9 +63,10 @@ def cache_info(path: str) -> dict[str, Any]:
         },
         "bytes_on_disk": size,
         "bytes_per_crop": float(size / total_crops) if size is not None and complete.all() and total_crops else None,
-        # provenance of caches made from other caches (pipeline cache merge|subset, --reuse-crops)
+        # provenance of caches made from other caches (pipeline cache merge|subset|reduce, --reuse-crops)
         "merge": a.get("merge"),
         "subset": a.get("subset"),
+        "reduced": a.get("reduced"),
         "crops_from": a.get("crops_from"),
     }
 
@@ -126,6 +127,9 @@ def _provenance(info: dict[str, Any]) -> list[str]:
         sub = info["subset"]
         lines.append(f"subset        {sub['num_images']:,} images of {sub['source']} "
                      f"(manifest {sub['source_manifest']['hash'][:16]}...), selected by {sub['selection']}")
+    if info.get("reduced"):
+        r = info["reduced"]
+        lines.append(f"reduced       to top-{r['k']} from top-{r['source_k']} of {r['source']}")
     return lines
 
 

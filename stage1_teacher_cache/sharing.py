@@ -1,4 +1,4 @@
-"""`pipeline cache merge` and `pipeline cache subset`: new caches made from existing ones.
+"""`pipeline cache merge`, `cache subset` and `cache reduce`: new caches made from existing ones.
 
 Both write through :class:`CacheWriter`, shard by shard, so they are resumable
 (rerun the same command) and their output is an ordinary cache: `cache verify`
@@ -16,6 +16,11 @@ measures how much.
 **Subset.** Image ids are dense positions in a manifest, so a cache of some of
 the images needs a manifest of exactly those images: subset writes both, the
 manifest first (its content hash goes into the cache's attributes).
+
+**Reduce.** A smaller k for a team that needs fewer bytes: the k most probable
+of each crop's stored classes, with the same float16 values, which is what
+stage 1 would have stored with that k (same crops, same rounding), so no
+teacher has to run again. The residual grows by the dropped classes' mass.
 """
 from __future__ import annotations
 
@@ -285,3 +290,31 @@ def _id_spec_record(spec: str) -> dict[str, Any]:
 def _subset_description(manifest: Manifest, selection: dict[str, Any]) -> str:
     base = f"{manifest.description} " if manifest.description else ""
     return f"{base}(subset of {manifest.content_hash[:16]}...: {json.dumps(selection)})"
+
+
+# --------------------------------------------------------------------------------------------- reduce
+
+
+def reduce_topk(cache: str, out: str, topk: int) -> dict[str, Any]:
+    """Write ``out``: ``cache`` with each crop's ``topk`` most probable stored classes; returns a summary."""
+    reader = CacheReader(cache, verify_checksums=True)
+    if not 1 <= topk < reader.topk:
+        raise CacheError(f"--topk {topk}: must be between 1 and {reader.topk - 1} ({cache} keeps k = {reader.topk}; "
+                         "a larger k cannot be recovered from it: rerun `pipeline teacher-cache --reuse-crops`)")
+    if reader.attrs["storage"].get("residual") != "uniform":
+        raise CacheError(f"{cache}: residual rule {reader.attrs['storage'].get('residual')!r}; reduce knows 'uniform'")
+    attrs = dict(reader.attrs)
+    attrs["storage"] = dict(attrs["storage"], k=topk)
+    attrs["reduced"] = {"source": reader.path, "source_k": reader.topk, "k": topk}
+    attrs["created_at"] = _now()
+    writer = CacheWriter(out, attrs)
+    complete = writer.complete_shards()
+    todo = [s for s in range(len(complete)) if not complete[s]]
+    for shard in todo:
+        rows = reader.images(np.arange(*writer.shard_range(shard)))
+        # most probable first whatever order the source kept (stable: ties keep their stored order)
+        order = np.argsort(-rows["topk_prob"].astype(np.float32), axis=-1, kind="stable")[..., :topk]
+        writer.write_shard(shard, rows["boxes"], rows["flip"], np.take_along_axis(rows["topk_index"], order, -1),
+                           np.take_along_axis(rows["topk_prob"], order, -1))
+    return {"cache": out, "source": reader.path, "source_k": reader.topk, "k": topk,
+            "shards_written": len(todo), "shards_total": len(complete)}

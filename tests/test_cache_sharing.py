@@ -12,7 +12,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from common.cache_format import CacheError, CacheReader, restore_targets, round_down_fp16, verify_cache
+from common.cache_format import CacheError, CacheReader, CacheWriter, restore_targets, round_down_fp16, verify_cache
 from common.cli import main
 from common.config import RuntimeConfig
 from common.manifest import load_manifest
@@ -21,7 +21,7 @@ from common.runtime import build_runtime
 from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset  # noqa: F401
 from stage1_teacher_cache.pack import INDEX_NAME, PackError, pack_cache, unpack_cache
 from stage1_teacher_cache.run import run
-from stage1_teacher_cache.sharing import merge_caches, merge_targets, parse_image_ids, subset_cache
+from stage1_teacher_cache.sharing import merge_caches, merge_targets, parse_image_ids, reduce_topk, subset_cache
 from stage2_student_distill.loaders import build_loader
 
 ARRAYS = ("boxes", "flip", "topk_index", "topk_prob")
@@ -145,6 +145,50 @@ def test_merge_of_confident_rows_keeps_a_residual_for_the_other_classes():
     assert stored.astype(np.float32).sum() < 1
     target = restore_targets(index, stored, classes)
     assert float(target[0, 0].min()) > 1e-5  # every other class keeps a share
+
+
+def test_reduce_keeps_the_most_probable_stored_classes(caches, tmp_path):
+    """k = 3 -> 1 through the CLI: the first stored column, same values, same crops; identical to a k = 1 run."""
+    out = tmp_path / "AB-k1"
+    result = cli("cache", "reduce", str(caches["AB"]), "--topk", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "from top-3 to top-1" in result.output
+    full, reduced = read_all(caches["AB"]), read_all(out)
+    assert np.array_equal(reduced["boxes"], full["boxes"]) and np.array_equal(reduced["flip"], full["flip"])
+    assert np.array_equal(reduced["topk_index"], full["topk_index"][..., :1])
+    assert np.array_equal(reduced["topk_prob"], full["topk_prob"][..., :1])
+    attrs = CacheReader(out).attrs
+    assert attrs["storage"]["k"] == 1 and attrs["reduced"] == {"source": str(caches["AB"]), "source_k": 3, "k": 1}
+    manifest = load_manifest(caches["train"])
+    assert verify_cache(out, manifest_hash=manifest.content_hash) == []
+    info = cli("cache", "info", str(out))
+    assert info.exit_code == 0 and f"reduced       to top-1 from top-3 of {caches['AB']}" in info.output, info.output
+
+    # what stage 1 itself writes with k = 1 on the same crops and teachers
+    direct = tmp_path / "AB-direct-k1"
+    run(config(caches["train"], direct, **{"teacher_cache.topk": 1}))
+    assert {n: v.tolist() for n, v in read_all(direct).items()} == {n: v.tolist() for n, v in reduced.items()}
+
+    rerun = cli("cache", "reduce", str(caches["AB"]), "--topk", "1", "--out", str(out))
+    assert rerun.exit_code == 0 and "wrote 0 of" in rerun.output, rerun.output  # complete: nothing to redo
+
+
+def test_reduce_sorts_an_unsorted_source_and_refuses_a_larger_k(caches, tmp_path):
+    reader, source = CacheReader(caches["AB"]), tmp_path / "unsorted"
+    writer = CacheWriter(source, reader.attrs)  # the same cache with its classes stored least probable first
+    for shard in range(reader.layout.num_shards):
+        rows = reader.images(np.arange(*writer.shard_range(shard)))
+        writer.write_shard(shard, rows["boxes"], rows["flip"], rows["topk_index"][..., ::-1],
+                           rows["topk_prob"][..., ::-1])
+    reduce_topk(str(source), str(tmp_path / "from-unsorted"), 2)
+    full, reduced = read_all(caches["AB"]), read_all(tmp_path / "from-unsorted")
+    assert np.array_equal(reduced["topk_index"], full["topk_index"][..., :2])
+    assert np.array_equal(reduced["topk_prob"], full["topk_prob"][..., :2])
+
+    for k in (3, 0):
+        result = cli("cache", "reduce", str(caches["AB"]), "--topk", str(k), "--out", str(tmp_path / f"bad{k}"))
+        assert result.exit_code != 0 and "must be between 1 and 2" in result.output, result.output
+        assert not (tmp_path / f"bad{k}").exists()
 
 
 def _edit_attrs(path: Path, **changes) -> None:
