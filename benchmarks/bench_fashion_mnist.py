@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -58,18 +57,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    capture_job, command_line, loadavg, machine_info, machine_line, markdown_table, write_results,
+    begin, capture_job, machine_line, markdown_table, run_header, update_marked_section,
+    write_results,
 )
 from common.cache_format import CacheReader  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.manifest import load_manifest  # noqa: E402
 from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
-
-def doc_markers(tag: str) -> tuple[str, str]:
-    """The comments around the section this script owns in --doc (one section per --doc-tag)."""
-    name = f"bench_fashion_mnist{f'[{tag}]' if tag else ''}"
-    return f"<!-- {name}:begin (written by benchmarks/bench_fashion_mnist.py) -->", f"<!-- {name}:end -->"
-
 
 # --------------------------------------------------------------------------- online MEAL V2 on the cached crops
 
@@ -206,6 +200,16 @@ def base_config(args, manifest: str, val: str):
     })
 
 
+def student_overrides(args, seed: int) -> dict:
+    return {"runtime.seed": seed, "optim.epochs": args.student_epochs}
+
+
+def hard_label_config(base, args, seed: int, run_dir: Path, resume: bool):
+    """The student on hard labels (`pipeline train`): the baseline every KD run is compared with."""
+    return base.replace(**student_overrides(args, seed), **{"train.model": args.student, "train.out": str(run_dir),
+                                                            "train.resume": resume})
+
+
 def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
     """How often the cached ensemble's argmax is the label on the students' training crops."""
     manifest = load_manifest(manifest_path)
@@ -221,18 +225,8 @@ def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
 
 
 def update_doc(path: Path, section: str, tag: str = "") -> None:
-    begin, end = doc_markers(tag)
-    text = path.read_text() if path.exists() else "# Results\n"
-    block = f"{begin}\n{section.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """One marked section of ``path`` per ``--doc-tag``."""
+    update_marked_section(path, section, f"bench_fashion_mnist{f'[{tag}]' if tag else ''}")
 
 
 def report(payload: dict) -> str:
@@ -360,11 +354,7 @@ def main(argv=None) -> int:
     import stage2_student_distill.train as train_mod
 
     args = parse_args(argv)
-    t_start = time.time()
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    wd = Path(args.workdir)
-    wd.mkdir(parents=True, exist_ok=True)
+    t_start, info, wd = begin(args.workdir)
 
     # 1. data
     def data():
@@ -421,16 +411,14 @@ def main(argv=None) -> int:
         runs = {}
         for variant in args.variants:
             run_dir = wd / f"seed{seed}" / variant
-            over = {"runtime.seed": seed, "optim.epochs": args.student_epochs}
+            over = student_overrides(args, seed)
             seconds = cpu = None
             if not done(run_dir, args.student_epochs):
                 resume = (run_dir / "last.pt").exists()
                 print(f"seed {seed}: student {args.student}, {VARIANT_NAMES[variant]}, {args.student_epochs} epochs",
                       flush=True)
                 if variant == "hard":
-                    cfg = base.replace(**over, **{"train.model": args.student, "train.out": str(run_dir),
-                                                  "train.resume": resume})
-                    _, seconds, cpu = timed(train_mod.run_train, cfg)
+                    _, seconds, cpu = timed(train_mod.run_train, hard_label_config(base, args, seed, run_dir, resume))
                 else:
                     cfg = base.replace(**over, **{"distill.student": args.student, "distill.cache": str(cache_dir),
                                                   "distill.out": str(run_dir), "distill.resume": resume,
@@ -465,13 +453,7 @@ def main(argv=None) -> int:
     kd, kd_per = deltas("cached", "hard")
     on, on_per = deltas("cached", "online")
     payload = {
-        "command": command_line(),
-        "machine": info,
-        "device": str(torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")),
-        "loadavg_end": loadavg(),
-        "finished_at": time.strftime("%Y-%m-%d %H:%M"),
-        "minutes": (time.time() - t_start) / 60,
-        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        **run_header(args, t_start, info),
         "data_seconds": data_s,
         "teachers": teachers,
         "cache": cache_info,

@@ -433,6 +433,48 @@ def write_results(name: str, payload: dict[str, Any], out: str | None = None) ->
     return path
 
 
+def begin(workdir: str | Path) -> tuple[float, dict[str, Any], Path]:
+    """Start of an accuracy benchmark: its clock, the machine (printed) and its work directory (created)."""
+    started, info = time.time(), machine_info()
+    print(machine_line(info), flush=True)
+    path = Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    return started, info, path
+
+
+def run_header(args: argparse.Namespace, started: float, info: dict[str, Any]) -> dict[str, Any]:
+    """The fields every accuracy benchmark's JSON starts with: command, machine, device, load, time, args."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and getattr(args, "device", "auto") != "cpu"
+    return {
+        "command": command_line(),
+        "machine": info,
+        "device": "cuda" if on_gpu else "cpu",
+        "loadavg_end": loadavg(),
+        "finished_at": time.strftime("%Y-%m-%d %H:%M"),
+        "minutes": (time.time() - started) / 60,
+        "args": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+    }
+
+
+def update_marked_section(path: Path, section: str, name: str) -> None:
+    """Replace the text between ``<!-- NAME:begin ... -->`` and ``<!-- NAME:end -->`` in ``path``
+    (appended when absent), so a benchmark owns its section of a hand-written document."""
+    begin, end = f"<!-- {name}:begin (written by benchmarks/{name.split('[')[0]}.py) -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Results\n"
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer,)):
         return int(obj)

@@ -149,6 +149,28 @@ def test_train_checkpoint_is_usable_as_teacher_and_evaluates(data, tmp_path):
     assert scores["images"] == 6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_run_resumes_and_evaluates_on_the_cpu(data, tmp_path, precision):
+    """Autocast (bf16; fp16 with loss scaling), channels_last and the GPU loader, then the checkpoints on a
+    machine without a GPU: evaluation and resume both load them there."""
+    out = tmp_path / "run"
+    cfg = distill_config(data, out, **{"runtime.device": "cuda", "runtime.precision": precision,
+                                       "optim.loader": "auto", "optim.epochs": 1})
+    run_distill(cfg)
+    (record,) = read_metrics(out / "metrics.jsonl")
+    assert np.isfinite(record["train_loss"]) and np.isfinite(record["val_loss"])
+    state, meta = read_weights(out / "best.pt")
+    assert all(t.device.type == "cpu" for t in state.values()) and meta["epoch"] == 1
+    cpu = {"runtime.device": "cpu", "runtime.precision": "fp32"}
+    scores = run_evaluate(out / "best.pt", data["val"], distill_config(data, out, **cpu))
+    assert scores["images"] == 6 and np.isfinite(scores["loss"])
+    if precision == "bf16":  # the device may change on resume, the precision may not (fp16 needs CUDA)
+        run_distill(distill_config(data, out, **{"runtime.device": "cpu", "runtime.precision": precision,
+                                                 "optim.loader": "auto", "optim.epochs": 2, "distill.resume": True}))
+        assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
 def test_mismatches_are_refused(data, tmp_path):
     with pytest.raises(CacheError, match="manifest"):  # cache built from another manifest
         run_distill(distill_config(data, tmp_path / "a", **{"data.manifest": str(data["val"])}))

@@ -33,6 +33,7 @@ TOPK = 3
 SEED = 11
 CPU = Runtime(device=torch.device("cpu"), dtype=torch.float32, channels_last=False, num_workers=2)
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 KINDS = ["torch", pytest.param("dali", marks=needs_dali)]
 
 # Mean |torch - DALI| in uint8 levels. Both resize the same decoded pixels with
@@ -371,3 +372,59 @@ def test_dali_renderer_exif_frame_and_multi_crop(data):
         # the same box in the un-rotated file frame would be a very different picture
         wrong = render_crops(decode(f).flip(-1).flip(-2), boxes[n], flips[n], 16, "bilinear")
         assert (out[2 * n : 2 * n + 2].float() - wrong.float()).abs().mean() > 5
+
+
+# --------------------------------------------------------------------------- CUDA twins (skipped without a GPU)
+
+
+def cuda_runtime() -> Runtime:
+    return Runtime(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.bfloat16,
+                   channels_last=True, num_workers=2)
+
+
+def on_cpu(batch: Batch) -> Batch:
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).cpu() for f in dataclasses.fields(batch)
+                                         if isinstance(getattr(batch, f.name), torch.Tensor)})
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_batches_equal_the_cpu_batches(data, kind):
+    """The GPU path serves the CPU path's samples and targets. torch: the same rendered pixels behind
+    pinned, non-blocking copies (a missing wait would show as garbage); DALI: the "mixed" (GPU)
+    decoder, within the resamplers' tolerance."""
+    pp = preprocess(size=32)
+    cpu_batches = list(loader(data, "torch", "distill", pp=pp).epoch(1))
+    gpu_loader = loader(data, kind, "distill", pp=pp, runtime=cuda_runtime())
+    gpu_batches = []
+    for batch in gpu_loader.epoch(1):
+        assert batch.images.is_cuda and batch.targets.is_cuda and batch.labels.is_cuda
+        assert batch.images.is_contiguous(memory_format=torch.channels_last)
+        gpu_batches.append(on_cpu(batch))
+    assert len(gpu_batches) == len(cpu_batches) == len(gpu_loader)
+    for cb, gb in zip(cpu_batches, gpu_batches):
+        assert torch.equal(gb.sample_ids, cb.sample_ids) and torch.equal(gb.labels, cb.labels)
+        torch.testing.assert_close(gb.targets, cb.targets)
+        if kind == "torch":
+            torch.testing.assert_close(gb.images, cb.images, atol=1e-5, rtol=0)
+        else:
+            diff = (pixels(gb, pp) - pixels(cb, pp)).abs().flatten(1).mean(1)
+            assert diff.max() < 2 * MEAN_TOLERANCE, diff
+
+
+@needs_cuda
+@needs_dali
+@pytest.mark.parametrize("m", [1, 2])
+def test_dali_mixed_decoder_matches_the_cpu_decoder(data, m):
+    """m = 1 decodes only the box (ROI decode), m = 2 one full decode sliced twice; EXIF frames included."""
+    from common.dali_crops import DaliCropRenderer
+
+    manifest = data["manifest"]
+    files = [manifest.abspath(i) for i in range(manifest.num_images)]
+    b = image_boxes(SEED, manifest.image_ids, manifest.widths, manifest.heights, m)
+    args = dict(size=24, interpolation="bilinear", batch_size=3, num_threads=2, crops_per_image=m)
+    cpu = DaliCropRenderer(**args).render(files, b.as_array(), b.flip)
+    gpu = DaliCropRenderer(**args, device_id=torch.cuda.current_device()).render(files, b.as_array(), b.flip)
+    assert gpu.is_cuda and gpu.dtype == torch.uint8 and gpu.shape == cpu.shape == (len(files) * m, 3, 24, 24)
+    diff = (gpu.cpu().float() - cpu.float()).abs().flatten(1).mean(1)
+    assert diff.max() < MEAN_TOLERANCE, diff

@@ -291,6 +291,27 @@ def test_dali_loader_gives_the_torch_loader_targets(built, dataset, tmp_path):  
                                atol=5e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-2), ("bf16", 3e-2)])
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=pytest.mark.skipif(
+    not dali_available(), reason="nvidia-dali not installed"))])
+def test_cuda_run_gives_the_cpu_targets(built, dataset, tmp_path, loader, precision, atol):  # noqa: F811
+    """Stage 1 on the GPU (TF32 matmuls in fp32; bf16 autocast) caches the CPU run's crops and, within
+    rounding, its targets. Dense targets are compared, not top-k indices: random-init teachers give
+    near-uniform probabilities whose order rounding may swap."""
+    cache = tmp_path / "cache"
+    run(config(dataset["train"], cache, **{"runtime.device": "cuda", "runtime.precision": precision,
+                                           "teacher_cache.loader": loader}))
+    gpu, cpu = read_all(cache), read_all(built[0])
+    for name in ("boxes", "flip"):
+        assert np.array_equal(gpu[name], cpu[name]), name
+    classes = CacheReader(cache).num_classes
+    dense = [restore_targets(a["topk_index"], a["topk_prob"], classes) for a in (gpu, cpu)]
+    torch.testing.assert_close(dense[0], dense[1], atol=atol, rtol=0)
+    assert verify_cache(cache) == []
+    assert CacheReader(cache).attrs["compute"]["device"].startswith("cuda")
+
+
 def test_cli_builds_then_reports_and_verifies(dataset, tmp_path):  # noqa: F811
     from common.cli import main
 

@@ -1,0 +1,214 @@
+"""What the cache's k costs the distilled student: the same student from top-k caches of the same crops.
+
+Issue 6 item 3 asks for the reconstruction fidelity of the stored top-k target
+*and its effect on the distilled student*. This script takes one teacher cache
+of Fashion-MNIST (``--cache``: the one `benchmarks/bench_fashion_mnist.py` or
+`pipeline demo` built; its largest k is the reference, and with k = 10 = all
+classes that reference is the full softmax), derives a cache per smaller k with
+`pipeline cache reduce` (identical to what stage 1 writes with that k on the
+same crops), and per seed trains the student from each through
+`pipeline distill`'s ``run_distill``, plus the hard-label baseline through
+``run_train``. All else is equal: crops, flips, plan, seed, schedule.
+
+Per k it also records bytes per crop on disk, the mean top-k mass, and the
+mean KL(reference || restored top-k target) over every cached crop, so the
+fidelity numbers of section 3 of docs/performance.md meet their effect.
+
+    python benchmarks/bench_fashion_mnist.py --train-images 1000 --teacher-train-images 60000 \\
+        --teacher-epochs 2 --student-epochs 60 --num-crops 16 --seeds 0 --variants cached --workdir W
+    python benchmarks/bench_topk_student.py --cache W/cache --workdir W/topk --topk 1,2,3,5,10 --seeds 0,1,2
+
+Runs are resumable (rerun with the same ``--workdir``). Writes
+benchmarks/results/topk_student.json and its section of docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.bench_fashion_mnist import (  # noqa: E402
+    base_config, done, fmt, hard_label_config, run_summary, student_overrides, timed,
+)
+from benchmarks.common import (  # noqa: E402
+    begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
+)
+from common.cache_format import CacheReader, restore_targets  # noqa: E402
+from common.config import load_config  # noqa: E402
+from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
+from stage1_teacher_cache.info import cache_info  # noqa: E402
+from stage1_teacher_cache.sharing import reduce_topk  # noqa: E402
+
+DOC_SECTION = "bench_topk_student"
+
+
+def fidelity(reference: CacheReader, reduced: CacheReader, block: int = 4096) -> dict:
+    """Mean top-k mass and KL(reference target || reduced target) over every cached crop, in nats."""
+    classes, mass, kl, rows = reference.num_classes, 0.0, 0.0, 0
+    for start in range(0, reference.num_images, block):
+        ids = np.arange(start, min(start + block, reference.num_images))
+        ref, red = reference.images(ids), reduced.images(ids)
+        p = restore_targets(ref["topk_index"], ref["topk_prob"], classes).reshape(-1, classes).double()
+        q = restore_targets(red["topk_index"], red["topk_prob"], classes).reshape(-1, classes).double()
+        kl += float((torch.xlogy(p, p) - p * q.clamp_min(1e-300).log()).sum())
+        mass += float(red["topk_prob"].astype(np.float64).sum())
+        rows += p.shape[0]
+    return {"mean_topk_mass": mass / rows, "mean_kl": kl / rows, "crops": rows}
+
+
+def report(payload: dict) -> str:
+    a, info = payload["args"], payload["machine"]
+    ks = payload["ks"]
+    lines = [
+        f"#### Student accuracy vs. k ({payload['finished_at']})",
+        "",
+        f"* **Command**: `{payload['command']}`",
+        f"* **{machine_line(info)}**; load average at the end {payload['loadavg_end']}; device `{payload['device']}`.",
+        f"* **Cache**: `{a['cache']}` ({payload['reference']['num_classes']} classes, "
+        f"{payload['reference']['num_crops']} crops x {payload['reference']['num_images']:,} images, top-"
+        f"{payload['reference']['k']} kept = the reference"
+        f"{', i.e. the full softmax' if payload['reference']['k'] == payload['reference']['num_classes'] else ''}); "
+        f"teachers {', '.join(payload['reference']['teachers'])}; smaller k by `pipeline cache reduce`.",
+        f"* **Student**: {a['student']} at {a['img_size']} px, {a['student_epochs']} epochs, batch {a['batch_size']}, "
+        f"SGD lr {a['lr']} cosine, weight decay {a['weight_decay']}, discriminator on; seeds {a['seeds']}; "
+        f"scored on {a['val_images']:,} test images. Wall time {payload['minutes']:.1f} min.",
+        "",
+    ]
+    rows = []
+    for k in ks:
+        c = payload["caches"][str(k)]
+        per_seed = [payload["students"][str(s)].get(f"k{k}", {}).get("top1") for s in a["seeds"]]
+        rows.append({"k": k, "bytes": c["bytes_per_crop"], "mass": c["mean_topk_mass"], "kl": max(0.0, c["mean_kl"]),
+                     "seeds": " / ".join(fmt(v) for v in per_seed), "mean": _mean(per_seed),
+                     "delta": _delta(per_seed, payload, "hard")})
+    if "hard" in a["variants"]:
+        per_seed = [payload["students"][str(s)].get("hard", {}).get("top1") for s in a["seeds"]]
+        rows.append({"k": "hard labels", "seeds": " / ".join(fmt(v) for v in per_seed), "mean": _mean(per_seed)})
+    lines.append(markdown_table(rows, [
+        ("k", "k"), ("bytes", "bytes/crop on disk"), ("mass", "mean top-k mass"),
+        ("kl", "mean KL(ref ‖ top-k), nats"), ("seeds", "student top-1 per seed (%)"), ("mean", "mean top-1 (%)"),
+        ("delta", "mean - hard labels")]))
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _delta(per_seed, payload, other):
+    ref = [payload["students"][str(s)].get(other, {}).get("top1") for s in payload["args"]["seeds"]]
+    pairs = [(a, b) for a, b in zip(per_seed, ref) if a is not None and b is not None]
+    return round(float(np.mean([a - b for a, b in pairs])), 2) if pairs else None
+
+
+def parse_args(argv):
+    demo = load_config().demo
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True, help="a Fashion-MNIST teacher cache (its k is the reference)")
+    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
+    p.add_argument("--source", default=demo.source_dir, help="Fashion-MNIST idx files")
+    p.add_argument("--workdir", default="runs/bench-topk-student", help="data, caches and runs (kept; reruns resume)")
+    p.add_argument("--data-dir", default=None, help="where the PNG trees are (default WORKDIR/data)")
+    p.add_argument("--val-images", type=int, default=demo.val_images, help="test images scored (max 10000)")
+    p.add_argument("--topk", default="1,2,3,5,10", help="comma list of k (each <= the cache's)")
+    p.add_argument("--student", default=demo.student)
+    p.add_argument("--student-epochs", type=int, default=demo.student_epochs)
+    p.add_argument("--img-size", type=int, default=demo.img_size)
+    p.add_argument("--batch-size", type=int, default=demo.batch_size)
+    p.add_argument("--lr", type=float, default=demo.lr)
+    p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
+    p.add_argument("--eval-every", type=int, default=demo.eval_every)
+    p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
+    p.add_argument("--variants", default="topk,hard", help="topk (the k sweep) and/or hard (the baseline)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--loader", default="auto")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/topk_student.json)")
+    p.add_argument("--doc", default="docs/performance.md", help="file whose marked section is replaced ('' = none)")
+    args = p.parse_args(argv)
+    args.ks = sorted({int(k) for k in args.topk.split(",") if k.strip()})
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(args.variants) - {"topk", "hard"}:
+        p.error("--variants: use topk and/or hard")
+    return args
+
+
+def main(argv=None) -> int:
+    import stage2_student_distill.train as train_mod
+
+    args = parse_args(argv)
+    t_start, info, wd = begin(args.workdir)
+
+    reference = CacheReader(args.cache, verify_checksums=True)
+    if max(args.ks) > reference.topk:
+        raise SystemExit(f"--topk {max(args.ks)}: {args.cache} keeps only k = {reference.topk}")
+    # the students' manifest is rebuilt from the idx files; the cache's manifest hash must match it
+    data_dir = Path(args.data_dir or wd / "data")
+    manifest = subset_manifest(args.source, data_dir, "train", reference.num_images)
+    val = subset_manifest(args.source, data_dir, "test", args.val_images)
+    crops = reference.attrs["crops"]
+    args.num_crops, args.crop_scale = int(crops["num_crops"]), tuple(crops["scale"])  # the hard baseline's policy
+    base = base_config(args, manifest, val)
+
+    caches = {}
+    for k in args.ks:
+        path = args.cache if k == reference.topk else str(wd / f"cache-k{k}")
+        if k != reference.topk:
+            reduce_topk(args.cache, path, k)
+        reduced = CacheReader(path)
+        caches[str(k)] = {"path": path, "bytes_per_crop": cache_info(path)["bytes_per_crop"],
+                          **fidelity(reference, reduced)}
+        print(f"k = {k}: {caches[str(k)]}", flush=True)
+
+    students: dict[str, dict] = {}
+    for seed in args.seeds:
+        runs = {}
+        names = ([f"k{k}" for k in args.ks] if "topk" in args.variants else []) + \
+                (["hard"] if "hard" in args.variants else [])
+        for name in names:
+            run_dir = wd / f"seed{seed}" / name
+            seconds = cpu = None
+            if not done(run_dir, args.student_epochs):
+                resume = (run_dir / "last.pt").exists()
+                print(f"seed {seed}: {args.student}, {name}, {args.student_epochs} epochs", flush=True)
+                if name == "hard":
+                    _, seconds, cpu = timed(train_mod.run_train, hard_label_config(base, args, seed, run_dir, resume))
+                else:
+                    cfg = base.replace(**student_overrides(args, seed), **{
+                        "distill.student": args.student, "distill.out": str(run_dir),
+                        "distill.cache": caches[name[1:]]["path"], "distill.resume": resume})
+                    _, seconds, cpu = timed(train_mod.run_distill, cfg)
+            runs[name] = run_summary(run_dir, seconds, cpu)
+            print(f"seed {seed} {name}: top-1 {runs[name]['top1']}", flush=True)
+        students[str(seed)] = runs
+
+    payload = {
+        **run_header(args, t_start, info),
+        "ks": args.ks,
+        "reference": {"path": args.cache, "k": reference.topk, "num_classes": reference.num_classes,
+                      "num_images": reference.num_images, "num_crops": reference.num_crops,
+                      "teachers": [t["name"] for t in reference.attrs["teachers"]]},
+        "caches": caches,
+        "students": students,
+    }
+    path = write_results("topk_student", payload, args.out)
+    section = report(payload)
+    print("\n" + section + f"\nJSON: {path}", flush=True)
+    if args.doc:
+        update_marked_section(Path(args.doc), section, DOC_SECTION)
+        print(f"markdown section updated in {args.doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
