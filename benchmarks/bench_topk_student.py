@@ -78,7 +78,8 @@ def report(payload: dict) -> str:
         f"teachers {', '.join(payload['reference']['teachers'])}; smaller k by `pipeline cache reduce`.",
         f"* **Student**: {a['student']} at {a['img_size']} px, {a['student_epochs']} epochs, batch {a['batch_size']}, "
         f"SGD lr {a['lr']} cosine, weight decay {a['weight_decay']}, discriminator on; seeds {a['seeds']}; "
-        f"scored on {a['val_images']:,} test images. Wall time {payload['minutes']:.1f} min.",
+        f"scored on {a['val_images']:,} test images; stage 2 loader `{a['loader']}`. "
+        f"Wall time {payload['minutes']:.1f} min.",
         "",
     ]
     rows = []
@@ -86,11 +87,11 @@ def report(payload: dict) -> str:
         c = payload["caches"][str(k)]
         per_seed = [payload["students"][str(s)].get(f"k{k}", {}).get("top1") for s in a["seeds"]]
         rows.append({"k": k, "bytes": c["bytes_per_crop"], "mass": c["mean_topk_mass"], "kl": max(0.0, c["mean_kl"]),
-                     "seeds": " / ".join(fmt(v) for v in per_seed), "mean": _mean(per_seed),
-                     "delta": _delta(per_seed, payload, "hard")})
+                     "seeds": " / ".join(fmt(v) for v in per_seed), "mean": fmt(_mean(per_seed)),
+                     "delta": _signed(_delta(per_seed, payload, "hard"))})
     if "hard" in a["variants"]:
         per_seed = [payload["students"][str(s)].get("hard", {}).get("top1") for s in a["seeds"]]
-        rows.append({"k": "hard labels", "seeds": " / ".join(fmt(v) for v in per_seed), "mean": _mean(per_seed)})
+        rows.append({"k": "hard labels", "seeds": " / ".join(fmt(v) for v in per_seed), "mean": fmt(_mean(per_seed))})
     lines.append(markdown_table(rows, [
         ("k", "k"), ("bytes", "bytes/crop on disk"), ("mass", "mean top-k mass"),
         ("kl", "mean KL(ref ‖ top-k), nats"), ("seeds", "student top-1 per seed (%)"), ("mean", "mean top-1 (%)"),
@@ -101,6 +102,10 @@ def report(payload: dict) -> str:
 def _mean(values):
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
+
+
+def _signed(value) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
 
 
 def _delta(per_seed, payload, other):
