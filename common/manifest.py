@@ -35,6 +35,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common.images import ImageError
+
 MANIFEST_FORMAT = "meal-v2-manifest"
 MANIFEST_VERSION = 1
 HASH_ALGORITHM = "sha256"
@@ -98,6 +100,40 @@ class Manifest:
 
     def abspath(self, image_id: int) -> Path:
         return self.root / self.paths[image_id]
+
+
+class ConfinedPaths:
+    """``manifest.abspath``, refusing a file reached through a symlink added after the build.
+
+    The builder rejects every symlink, so a link met at read time was planted
+    later (or the data moved): reading through it could leave the data root.
+    Per file this costs one ``lstat``; each directory is resolved once and
+    remembered, so stage 2 can afford it on every image of every epoch.
+    Thread-safe (the memo is a dict written whole under the GIL).
+    """
+
+    def __init__(self, manifest: Manifest):
+        self.manifest = manifest
+        self.real_root = os.path.realpath(manifest.root)
+        self._dir_inside: dict[str, bool] = {}
+
+    def _inside(self, real: str) -> bool:
+        return real == self.real_root or real.startswith(self.real_root.rstrip(os.sep) + os.sep)
+
+    def __call__(self, image_id: int) -> Path:
+        path = self.manifest.abspath(int(image_id))
+        folder = os.path.dirname(path)
+        inside = self._dir_inside.get(folder)
+        if inside is None:
+            inside = self._dir_inside[folder] = self._inside(os.path.realpath(folder))
+        if inside and not os.path.islink(path):
+            return path
+        resolved = os.path.realpath(path)
+        if not self._inside(resolved):
+            raise ImageError(path, f"resolves to {resolved}, outside the data root {self.real_root} (a symlink "
+                                   "added after the manifest was built?); remove it or rebuild the manifest")
+        raise ImageError(path, f"is a symbolic link to {resolved}, added after the manifest was built (the "
+                               "builder accepts none); replace it with the file or rebuild the manifest")
 
 
 def check_relative_path(path: str) -> str | None:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from common.crops import centre_box
-from common.manifest import Manifest
+from common.manifest import ConfinedPaths, Manifest
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import teacher_probs
 from stage1_teacher_cache.teachers import Teacher
@@ -34,11 +34,12 @@ def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: 
     labels = torch.as_tensor(manifest.labels[ids].astype(np.int64), device=runtime.device)
     k5 = min(5, manifest.num_classes)
     pres = [t.preprocess for t in teachers]
+    path_of = ConfinedPaths(manifest)
 
     def centre_crops(group: np.ndarray) -> list[torch.Tensor]:
         sizes = [(int(manifest.widths[i]), int(manifest.heights[i])) for i in group]
         boxes = [np.array([[centre_box(w, h, p.crop_pct)] for w, h in sizes]) for p in pres]  # [n, 1, 4] each
-        return render([manifest.abspath(i) for i in group], boxes, np.zeros((len(group), 1), np.uint8))
+        return render([path_of(i) for i in group], boxes, np.zeros((len(group), 1), np.uint8))
 
     groups = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     views = prefetch(centre_crops, groups, runtime.num_workers, depth=2 * runtime.num_workers + 2)

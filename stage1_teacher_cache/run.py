@@ -22,7 +22,6 @@ import json
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -32,8 +31,7 @@ from tqdm import tqdm
 from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, image_boxes
-from common.images import ImageError
-from common.manifest import Manifest, load_manifest
+from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers, format_eval_table
@@ -80,7 +78,7 @@ def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
     C = crop_attrs["num_crops"]
     group = max(1, tc.batch_size // C)  # images per render call: about one forward batch
     render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], C, group)
-    real_root = manifest.root.resolve()
+    path_of = ConfinedPaths(manifest)
 
     def render_jobs() -> Iterator[tuple[range, list[np.ndarray], np.ndarray]]:
         for shard in todo:
@@ -93,7 +91,7 @@ def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
     def render_group(job: tuple[range, list[np.ndarray], np.ndarray]) -> list[torch.Tensor]:
         # Paths are checked here, in the job, so a bad file surfaces in order: after every shard before it is written.
         ids, boxes, flips = job
-        return render([image_path(manifest, i, real_root) for i in ids], boxes, flips)
+        return render([path_of(i) for i in ids], boxes, flips)
 
     # One iterator over every shard of this rank, so rendering runs ahead across shard boundaries.
     views = prefetch(render_group, render_jobs(), runtime.num_workers, depth=2 * runtime.num_workers + 2)
@@ -189,20 +187,6 @@ def check_boxes_fit(boxes: np.ndarray, flip: np.ndarray, manifest: Manifest, sta
             f"not inside the {manifest.widths[start + i]}x{manifest.heights[start + i]} image; "
             "that cache's crops cannot be reused"
         )
-
-
-def image_path(manifest: Manifest, image_id: int, real_root: Path) -> Path:
-    """The file of an image, refusing one that resolves outside the data root.
-
-    The manifest builder rejects symlinks, so a path that leaves the root now is a
-    link planted after the build (or a moved root): never read through it.
-    """
-    path = manifest.abspath(image_id)
-    resolved = path.resolve()
-    if not resolved.is_relative_to(real_root):
-        raise ImageError(path, f"resolves to {resolved}, outside the data root {real_root} (a symlink added "
-                               "after the manifest was built?); remove it or rebuild the manifest")
-    return path
 
 
 def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], runtime: Runtime) -> dict:

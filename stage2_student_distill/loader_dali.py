@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from common.dali_crops import DaliCropRenderer, read_encoded
+from common.manifest import ConfinedPaths
 from stage2_student_distill.loaders import check_decoded_size
 
 
@@ -26,6 +27,7 @@ class DaliBackend:
 
     def __init__(self, manifest, size: int, interpolation: str, images_per_batch: int, crops_per_image: int, runtime):
         self.manifest = manifest
+        self.path_of = ConfinedPaths(manifest)
         device_id = None
         if runtime.is_cuda:
             device_id = runtime.device.index if runtime.device.index is not None else torch.cuda.current_device()
@@ -35,7 +37,7 @@ class DaliBackend:
 
     def render(self, image_ids, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 [n*m, 3, S, S] (CPU, or the GPU with CUDA) and the sample ids DALI carried through."""
-        paths = [self.manifest.abspath(int(i)) for i in image_ids]
+        paths = [self.path_of(i) for i in image_ids]
         encoded = list(self.pool.map(read_encoded, paths))
         out = self.renderer.render_encoded(encoded, boxes, flips, sample_ids)
         for path, image_id, size in zip(paths, image_ids, out.image_sizes.tolist()):

@@ -38,6 +38,7 @@ import torch
 from common.cache_format import CacheError, restore_targets
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box
+from common.manifest import ConfinedPaths
 from common.render import decode, normalize, render_crops
 from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
 
@@ -82,6 +83,7 @@ class _TorchBackend:
 
     def __init__(self, manifest, size: int, interpolation: str, num_workers: int, pin_memory: bool):
         self.manifest = manifest
+        self.path_of = ConfinedPaths(manifest)
         self.size = size
         self.interpolation = interpolation
         self.pin_memory = pin_memory
@@ -95,7 +97,7 @@ class _TorchBackend:
         return (crops.pin_memory() if self.pin_memory else crops), ids
 
     def _render_image(self, image_id, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.manifest.abspath(int(image_id))
+        path = self.path_of(image_id)
         image = decode(path)
         check_decoded_size(path, (image.shape[2], image.shape[1]), self.manifest, image_id)
         crops = render_crops(image, boxes, flips, self.size, self.interpolation)

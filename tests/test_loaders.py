@@ -8,6 +8,8 @@ whose boxes only land right if the decoder uses PIL's ``exif_transpose`` frame.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from common.cache_format import CacheError, CacheReader, CacheWriter, restore_ta
 from common.config import CropConfig
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box, image_boxes
+from common.images import ImageError
 from common.models import Preprocess
 from common.render import decode, render_crops
 from common.runtime import Runtime
@@ -372,6 +375,39 @@ def test_dali_renderer_exif_frame_and_multi_crop(data):
         # the same box in the un-rotated file frame would be a very different picture
         wrong = render_crops(decode(f).flip(-1).flip(-2), boxes[n], flips[n], 16, "bilinear")
         assert (out[2 * n : 2 * n + 2].float() - wrong.float()).abs().mean() > 5
+
+
+def _link_file_outside(root, tmp):
+    outside = tmp / "elsewhere.png"
+    shutil.move(root / "dog/e_gray.png", outside)  # the same bytes: only where they live is wrong
+    os.symlink(outside, root / "dog/e_gray.png")
+    return "dog/e_gray.png", "outside the data root"
+
+
+def _link_folder_outside(root, tmp):
+    shutil.move(root / "dog", tmp / "dog-elsewhere")
+    os.symlink(tmp / "dog-elsewhere", root / "dog")
+    return "dog/", "outside the data root"
+
+
+def _link_file_inside(root, tmp):
+    shutil.copy(root / "dog/e_gray.png", root / "cat/copy.png")
+    (root / "dog/e_gray.png").unlink()
+    os.symlink(root / "cat/copy.png", root / "dog/e_gray.png")
+    return "dog/e_gray.png", "is a symbolic link to"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("plant", [_link_file_outside, _link_folder_outside, _link_file_inside])
+def test_symlink_planted_after_the_build_stops_the_epoch_by_name(data, tmp_path, kind, plant):
+    """The builder refuses symlinks; one that appears later is refused at read time, every epoch."""
+    root = shutil.copytree(data["manifest"].root, tmp_path / "images")
+    manifest = build_manifest(root, tmp_path / "m.parquet", progress=False)
+    assert len(list(loader({"manifest": manifest}, kind, "eval").epoch(0))) == 2  # 8 images, batches of 4
+    where, reason = plant(root, tmp_path)
+    with pytest.raises(ImageError, match=reason) as err:
+        list(loader({"manifest": manifest}, kind, "eval").epoch(0))
+    assert where in str(err.value)
 
 
 # --------------------------------------------------------------------------- CUDA twins (skipped without a GPU)
