@@ -115,10 +115,11 @@ class ConfinedPaths:
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
         self.real_root = os.path.realpath(manifest.root)
+        self._prefix = self.real_root.rstrip(os.sep) + os.sep
         self._dir_inside: dict[str, bool] = {}
 
     def _inside(self, real: str) -> bool:
-        return real == self.real_root or real.startswith(self.real_root.rstrip(os.sep) + os.sep)
+        return real == self.real_root or real.startswith(self._prefix)
 
     def __call__(self, image_id: int) -> Path:
         path = self.manifest.abspath(int(image_id))

@@ -1,6 +1,6 @@
 """`pipeline cache merge`, `cache subset` and `cache reduce`: new caches made from existing ones.
 
-Both write through :class:`CacheWriter`, shard by shard, so they are resumable
+All three write through :class:`CacheWriter`, shard by shard, so they are resumable
 (rerun the same command) and their output is an ordinary cache: `cache verify`
 checks it and `pipeline distill` reads it. Sources are read with their shard
 checksums verified, so damage is refused rather than copied.
