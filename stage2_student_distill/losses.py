@@ -127,7 +127,9 @@ def cutmix(
     cy, cx = rng.integers(height), rng.integers(width)
     y1, y2 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
     x1, x2 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
-    perm = torch.as_tensor(rng.permutation(batch), device=images.device)
+    perm = torch.from_numpy(rng.permutation(batch))
+    if images.is_cuda:  # a pageable copy would wait for the whole GPU queue; a pinned one is queued with it
+        perm = perm.pin_memory().to(images.device, non_blocking=True)
     images = images.clone()
     images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
     kept = 1.0 - float((y2 - y1) * (x2 - x1)) / (height * width)
