@@ -30,14 +30,15 @@ def evaluate(model: nn.Module, loader, runtime: Runtime) -> dict[str, float]:
     for batch in loader.epoch(0):
         with runtime.autocast():
             logits = model(batch.images)
-        labeled = batch.labels >= 0
-        logits, labels = logits.float()[labeled], batch.labels[labeled]
-        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        # Unlabeled rows are masked, not dropped: boolean indexing would wait for the GPU every batch.
+        logits, labels = logits.float(), batch.labels
+        labeled = labels >= 0
+        hits = (logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]) & labeled[:, None]
         sums += torch.stack(
             [
                 hits[:, 0].sum(),
                 hits.any(-1).sum(),
-                F.cross_entropy(logits, labels, reduction="sum"),
+                F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum"),
                 labeled.sum(),
             ]
         ).double()

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
@@ -18,10 +20,11 @@ from common.cache_format import CacheError
 from common.cli import main
 from common.config import load_config
 from common.models import create_model, read_weights
+from common.runtime import Runtime
 from data_manifests.build import build_manifest
 from stage2_student_distill.checkpoint import RunError, save_training_state
 from stage2_student_distill.discriminator import Discriminator
-from stage2_student_distill.evaluate import run_evaluate
+from stage2_student_distill.evaluate import evaluate, run_evaluate
 from stage2_student_distill.metrics import read_metrics
 from stage2_student_distill.train import run_distill, run_train
 
@@ -244,3 +247,23 @@ def test_cli_end_to_end(data, tmp_path):
     report = invoke("evaluate", "--checkpoint", str(out / "best.pt"), "--manifest", str(data["val"]),
                     "--loader", "torch", "--device", "cpu")
     assert f"top-1 {record['val_top1']:.2f}%" in report and f"loss {record['val_loss']:.4f}" in report
+
+def test_evaluate_scores_labelled_rows_only_and_sums_over_batches():
+    """Unlabelled rows (-1) are masked out of top-1/top-5/loss, the same numbers as dropping them."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 8, generator=g)
+    model = torch.nn.Linear(8, 6, bias=False)
+    model.weight.data.copy_(weight)
+    images = [torch.randn(5, 8, generator=g) for _ in range(3)]
+    labels = [torch.tensor([0, -1, 3, 5, -1]), torch.tensor([2, 2, 1, 0, 4]), torch.tensor([-1, -1, -1, -1, -1])]
+    loader = SimpleNamespace(epoch=lambda e: [SimpleNamespace(images=x, labels=y) for x, y in zip(images, labels)])
+    scores = evaluate(model, loader, Runtime(device=torch.device("cpu"), dtype=torch.float32, channels_last=False))
+
+    x, y = torch.cat(images), torch.cat(labels)
+    keep = y >= 0
+    logits, y = x[keep] @ weight.T, y[keep]
+    top5 = logits.topk(5, -1).indices
+    assert scores["images"] == 8
+    assert scores["top1"] == pytest.approx(100 * (top5[:, 0] == y).float().mean().item())
+    assert scores["top5"] == pytest.approx(100 * (top5 == y[:, None]).any(-1).float().mean().item())
+    assert scores["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
