@@ -461,12 +461,13 @@ def run_header(args: argparse.Namespace, started: float, info: dict[str, Any]) -
 def update_marked_section(path: Path, section: str, name: str) -> None:
     """Replace the text between ``<!-- NAME:begin ... -->`` and ``<!-- NAME:end -->`` in ``path``
     (appended when absent), so a benchmark owns its section of a hand-written document."""
-    begin, end = f"<!-- {name}:begin (written by benchmarks/{name.split('[')[0]}.py) -->", f"<!-- {name}:end -->"
+    opening = f"<!-- {name}:begin (written by benchmarks/{name.split('[')[0]}.py) -->"
+    closing = f"<!-- {name}:end -->"
     text = path.read_text() if path.exists() else "# Results\n"
-    block = f"{begin}\n{section.rstrip()}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
+    block = f"{opening}\n{section.rstrip()}\n{closing}"
+    if opening in text and closing in text:
+        head, rest = text.split(opening, 1)
+        text = head + block + rest.split(closing, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

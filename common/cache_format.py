@@ -46,6 +46,8 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from common.runtime import to_device
+
 FORMAT_NAME = "meal-v2-teacher-cache"
 FORMAT_VERSION = 1
 TOOL_VERSION = "0.1.0"
@@ -504,13 +506,6 @@ class CacheReader:
         return out
 
 
-def _to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """Pinned, asynchronous copy to CUDA (a pageable copy blocks the host until the GPU catches up)."""
-    if device is None or torch.device(device).type != "cuda":
-        return t if device is None else t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 def restore_targets(topk_index, topk_prob, num_classes: int, device=None) -> torch.Tensor:
     """Dense (B, num_classes) float32 targets from stored top-k.
 
@@ -518,8 +513,8 @@ def restore_targets(topk_index, topk_prob, num_classes: int, device=None) -> tor
     other classes (the cache's ``storage.residual = "uniform"``), so every row
     sums to 1 and no class gets zero probability unless k = num_classes.
     """
-    idx = _to_device(torch.from_numpy(np.asarray(topk_index).astype(np.int64)), device)
-    prob = _to_device(torch.from_numpy(np.asarray(topk_prob).astype(np.float32)), device).clamp_min_(0)
+    idx = to_device(torch.from_numpy(np.asarray(topk_index).astype(np.int64)), device)
+    prob = to_device(torch.from_numpy(np.asarray(topk_prob).astype(np.float32)), device).clamp_min_(0)
     k = idx.shape[-1]
     kept = prob.sum(-1, keepdim=True)
     if k < num_classes:

@@ -63,6 +63,14 @@ class Runtime:
             torch.distributed.barrier()
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``; to CUDA through pinned memory and ``non_blocking``, because a copy
+    from pageable memory makes the host wait for the whole GPU queue first."""
+    if device is None or torch.device(device).type != "cuda":
+        return t if device is None else t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (1 << 32))

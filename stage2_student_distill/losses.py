@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.runtime import to_device
+
 
 def kl_to_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(logits)) = sum_k t_k (log t_k - log_softmax(s)_k), mean over the batch.
@@ -127,9 +129,7 @@ def cutmix(
     cy, cx = rng.integers(height), rng.integers(width)
     y1, y2 = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
     x1, x2 = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
-    perm = torch.from_numpy(rng.permutation(batch))
-    if images.is_cuda:  # a pageable copy would wait for the whole GPU queue; a pinned one is queued with it
-        perm = perm.pin_memory().to(images.device, non_blocking=True)
+    perm = to_device(torch.from_numpy(rng.permutation(batch)), images.device)
     images = images.clone()
     images[:, :, y1:y2, x1:x2] = images[perm, :, y1:y2, x1:x2]
     kept = 1.0 - float((y2 - y1) * (x2 - x1)) / (height * width)
