@@ -97,7 +97,7 @@ class OnlineOnCachedCrops:
         import contextlib
 
         from stage1_teacher_cache.ensemble import teacher_probs
-        from stage1_teacher_cache.views import prefetch
+        from common.prefetch import prefetch
 
         samples = self.loader._planned(epoch)  # the plan the loader replays (the same object): boxes/flips
         boxes = samples.boxes.reshape(-1, 4)

@@ -62,7 +62,8 @@ from common.manifest import load_manifest  # noqa: E402
 from common.runtime import build_runtime  # noqa: E402
 from stage1_teacher_cache.ensemble import ensemble_topk, teacher_probs  # noqa: E402
 from stage1_teacher_cache.teachers import load_teachers  # noqa: E402
-from stage1_teacher_cache.views import make_renderer, prefetch  # noqa: E402
+from common.prefetch import prefetch  # noqa: E402
+from stage1_teacher_cache.views import make_renderer  # noqa: E402
 
 
 def config(p, manifest: Path, out: Path, seed: int, loader: str = "auto"):

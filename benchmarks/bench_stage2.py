@@ -15,7 +15,7 @@ and checkpointing are left out, nothing else). Only the loader differs:
 * ``online MEAL V2``: the teachers in the loop. Each batch is rendered once per
   model at that model's size (student + every teacher, ``make_renderer`` of
   stage 1: one decode per image with the torch renderer, DALI per model on
-  CUDA) a few batches ahead on a thread pool (stage 1's ``prefetch``); the
+  CUDA) a few batches ahead on a thread pool (``common.prefetch``); the
   teachers run under inference_mode (``teacher_probs``), the mean softmax is
   the target, then the same student step;
 * ``online compute limit``: the same with synthetic views on the device (the
@@ -80,7 +80,8 @@ from common.crops import boxes as crop_boxes  # noqa: E402
 from common.render import decode, normalize, render_crops  # noqa: E402
 from stage1_teacher_cache.ensemble import teacher_probs  # noqa: E402
 from stage1_teacher_cache.teachers import load_teachers  # noqa: E402
-from stage1_teacher_cache.views import make_renderer, prefetch  # noqa: E402
+from common.prefetch import prefetch  # noqa: E402
+from stage1_teacher_cache.views import make_renderer  # noqa: E402
 from stage2_student_distill.loaders import Batch, dali_available  # noqa: E402
 from stage2_student_distill.plan import plan_epoch  # noqa: E402
 from stage2_student_distill.train import run_distill, run_train  # noqa: E402

@@ -13,7 +13,7 @@ handled without a Python loop.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -131,3 +131,30 @@ def centre_box(width: int, height: int, crop_pct: float = 0.875) -> tuple[int, i
     """The square centre crop used for evaluation: side = crop_pct * shorter side."""
     side = max(1, int(round(min(width, height) * crop_pct)))
     return (width - side) // 2, (height - side) // 2, side, side
+
+
+def check_boxes_inside(boxes, widths, heights, *, where: Callable[[int, int], str], remedy: str,
+                       flips=None, error: Callable[[str], Exception] = ValueError) -> None:
+    """Raise ``error(message)`` naming the first box that does not lie inside its image.
+
+    ``boxes``: int [n, m, 4] x, y, w, h (m crops of each of n images); ``widths`` /
+    ``heights``: [n], the frame the boxes must fit. ``flips`` [n, m], when given,
+    must be 0 or 1. ``where(i, j)`` names crop j of image i in the message, which
+    ends with ``remedy``. The one check for every place boxes come from outside
+    :func:`boxes` (which stays inside by construction): a cache's stored boxes,
+    or a frame that may have changed since the boxes were drawn.
+    """
+    boxes = np.asarray(boxes).astype(np.int64, copy=False)
+    boxes = boxes.reshape(len(boxes), -1, 4)
+    w = np.asarray(widths, dtype=np.int64).reshape(-1, 1)
+    h = np.asarray(heights, dtype=np.int64).reshape(-1, 1)
+    x, y, bw, bh = (boxes[..., k] for k in range(4))
+    bad = (x < 0) | (y < 0) | (bw < 1) | (bh < 1) | (x + bw > w) | (y + bh > h)
+    if flips is not None:
+        flips = np.asarray(flips).reshape(bad.shape)
+        bad |= (flips != 0) & (flips != 1)
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        flip = f" flip {int(flips[i, j])}" if flips is not None else ""
+        raise error(f"{where(i, j)}: box {boxes[i, j].tolist()}{flip} is not inside the "
+                    f"{int(w[i, 0])}x{int(h[i, 0])} image; {remedy}")

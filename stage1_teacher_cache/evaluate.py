@@ -18,7 +18,8 @@ from common.manifest import ConfinedPaths, Manifest
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import teacher_probs
 from stage1_teacher_cache.teachers import Teacher
-from stage1_teacher_cache.views import Renderer, batches, prefetch
+from common.prefetch import prefetch
+from stage1_teacher_cache.views import Renderer, batches
 
 
 class TeacherCheckError(ValueError):

@@ -30,14 +30,15 @@ from tqdm import tqdm
 
 from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype
 from common.config import Config, ConfigError, CropConfig
-from common.crops import Boxes, image_boxes
+from common.crops import Boxes, check_boxes_inside, image_boxes
 from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers, format_eval_table
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
 from stage1_teacher_cache.teachers import Teacher, load_teachers
-from stage1_teacher_cache.views import batches, make_renderer, prefetch
+from common.prefetch import prefetch
+from stage1_teacher_cache.views import batches, make_renderer
 
 CROP_ALGORITHM = "torchvision.RandomResizedCrop/counter-hash-v1"
 
@@ -176,17 +177,10 @@ def crop_source(crops: CropConfig, manifest: Manifest, reuse: str | None) -> tup
 
 def check_boxes_fit(boxes: np.ndarray, flip: np.ndarray, manifest: Manifest, start: int, source: str) -> None:
     """Boxes read from a cache (maybe a stranger's) must lie inside their images."""
-    x, y, w, h = (boxes[..., j].astype(np.int64) for j in range(4))
-    ids = np.arange(start, start + len(boxes))[:, None]
-    bad = (x < 0) | (y < 0) | (w < 1) | (h < 1) | (x + w > manifest.widths[ids]) | (y + h > manifest.heights[ids])
-    bad |= flip > 1
-    if bad.any():
-        i, c = (int(v) for v in np.argwhere(bad)[0])
-        raise CacheError(
-            f"{source}: crop {c} of image {start + i} is box {boxes[i, c].tolist()} flip {int(flip[i, c])}, "
-            f"not inside the {manifest.widths[start + i]}x{manifest.heights[start + i]} image; "
-            "that cache's crops cannot be reused"
-        )
+    ids = np.arange(start, start + len(boxes))
+    check_boxes_inside(boxes, manifest.widths[ids], manifest.heights[ids], flips=flip, error=CacheError,
+                       where=lambda i, c: f"{source}: crop {c} of image {start + i}",
+                       remedy="that cache's crops cannot be reused")
 
 
 def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], runtime: Runtime) -> dict:

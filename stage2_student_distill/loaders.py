@@ -14,9 +14,10 @@ Rendering (decode + crop + resize + mirror, uint8) is pluggable: the pure
 PyTorch backend here (``common.render`` in a thread pool; PIL decoding releases
 the GIL) or the DALI backend (:mod:`stage2_student_distill.loader_dali`). Both
 produce the same boxes, since the boxes are planned here, not by the backend.
-A background thread keeps a few rendered batches ahead of the training loop;
-pixels stay uint8 until they reach the device, where they are normalised.
-Another plans the next epoch (its ids, boxes and cached targets: one read of
+A background thread (``common.prefetch``) keeps a few rendered batches ahead of
+the training loop; pixels stay uint8 until they reach the device, where they
+are normalised, and labels travel through pinned memory
+(``common.runtime.to_device``). Another thread plans the next epoch (its ids, boxes and cached targets: one read of
 the rank's cache shards) while the current one trains, so epochs start
 without a stall.
 Each rendered batch carries the sample ids it was made from, and they are
@@ -26,20 +27,21 @@ targets.
 from __future__ import annotations
 
 import contextlib
-import queue
-import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 
 from common.cache_format import CacheError, restore_targets
 from common.crops import boxes as crop_boxes
-from common.crops import centre_box
+from common.crops import centre_box, check_boxes_inside
+from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
 from common.manifest import ConfinedPaths
+from common.prefetch import in_background, prefetch
 from common.render import decode, normalize, render_crops
+from common.runtime import to_device
 from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
     from common.runtime import Runtime
 
 MODES = ("distill", "train", "eval")
-PREFETCH_BATCHES = 2  # rendered batches waiting in the queue (one more is being rendered)
+PREFETCH_BATCHES = 3  # batches rendered (or being rendered) ahead of the one the training step uses
 
 
 @dataclass
@@ -115,70 +117,6 @@ def check_decoded_size(path, size: tuple[int, int], manifest, image_id) -> None:
         )
 
 
-def _prefetch(produce: Callable[[int], object], count: int, depth: int) -> Iterator[object]:
-    """``produce(0..count-1)`` in a background thread, at most ``depth`` results ahead, in order.
-
-    Errors in the producer are re-raised in the consumer. Closing the generator
-    early (``break`` in the training loop) stops the producer after its current item.
-    """
-    results: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item) -> None:
-        while not stop.is_set():
-            try:
-                results.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def work() -> None:
-        try:
-            for i in range(count):
-                if stop.is_set():
-                    return
-                put((produce(i), None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            put((None, e))
-
-    thread = threading.Thread(target=work, name="loader-prefetch", daemon=True)
-    thread.start()
-    try:
-        for _ in range(count):
-            item, error = results.get()
-            if error is not None:
-                raise error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
-
-
-class _Background:
-    """``fn()`` on a daemon thread; ``result()`` waits and re-raises its exception.
-
-    Daemon: a plan still being built when training ends must not hold up exit.
-    """
-
-    def __init__(self, fn: Callable[[], object]):
-        self._value: object = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="loader-plan", daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], object]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised by result()
-            self._error = e
-
-    def result(self) -> object:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 class Loader:
     """Batches for one rank; ``epoch(e)`` is deterministic given (seed, e, rank, world_size)."""
 
@@ -225,7 +163,7 @@ class Loader:
             self._backend = _TorchBackend(manifest, size, interp, runtime.num_workers, pin_memory=runtime.is_cuda)
         self.kind = self._backend.kind
         self._current: tuple[int, _EpochSamples] | None = None  # the plan being replayed
-        self._next: tuple[int, _Background] | None = None  # the next epoch's plan, being built
+        self._next: tuple[int, Future] | None = None  # the next epoch's plan, being built
 
         rank, world = runtime.rank, runtime.world_size
         if mode == "eval":
@@ -255,8 +193,11 @@ class Loader:
                 plan.image_ids[rows], samples.boxes[rows], samples.flips[rows], samples.sample_ids[rows]
             )
 
-        # closing(): a training loop that stops early also stops the prefetch thread.
-        with contextlib.closing(_prefetch(produce, plan.num_batches, PREFETCH_BATCHES)) as rendered:
+        # One producer thread (the backend parallelises within a batch; DALI runs one batch at a time).
+        # closing(): a training loop that stops early also stops the producer.
+        rendered = prefetch(produce, range(plan.num_batches), workers=1, depth=PREFETCH_BATCHES + 1,
+                            name="loader-prefetch")
+        with contextlib.closing(rendered):
             for index, (pixels, rendered_ids) in enumerate(rendered):
                 yield self._batch(samples, index, pixels, rendered_ids)
 
@@ -273,7 +214,8 @@ class Loader:
         pending, self._next = self._next, None
         samples = pending[1].result() if pending is not None and pending[0] == epoch else self._plan(epoch)
         if self.mode != "eval":
-            self._next = (epoch + 1, _Background(lambda: self._plan(epoch + 1)))
+            # On a daemon thread: the plan after the last epoch is never collected and must not delay exit.
+            self._next = (epoch + 1, in_background(lambda: self._plan(epoch + 1), name="loader-plan"))
         self._current = (epoch, samples)
         return samples
 
@@ -308,6 +250,7 @@ class Loader:
                 rows["topk_index"].reshape(len(ids), m, -1),
                 rows["topk_prob"].reshape(len(ids), m, -1),
             )
+            self._check_cached_boxes(ids, samples.boxes)
         elif self.mode == "train":
             crop_ids = np.repeat(epoch * m + column, len(ids), axis=0)
             c = self.crops
@@ -324,22 +267,16 @@ class Loader:
                 self._centre_boxes[ids][:, None, :],
                 np.zeros((len(ids), 1), dtype=np.uint8),
             )
-        self._check_boxes(ids, samples.boxes)
         return samples
 
-    def _check_boxes(self, ids: np.ndarray, boxes: np.ndarray) -> None:
-        """Every box must lie inside its image: a cache built from other files/orientation fails here."""
-        w = self.manifest.widths[ids][:, None].astype(np.int64)
-        h = self.manifest.heights[ids][:, None].astype(np.int64)
-        x, y, bw, bh = (boxes[..., i].astype(np.int64) for i in range(4))
-        bad = (x < 0) | (y < 0) | (bw < 1) | (bh < 1) | (x + bw > w) | (y + bh > h)
-        if bad.any():
-            row = int(np.argwhere(bad)[0][0])
-            raise RuntimeError(
-                f"image {int(ids[row])} ({self.manifest.paths[int(ids[row])]}, {int(w[row, 0])}x{int(h[row, 0])}): "
-                f"crop box {boxes[row][bad[row]][0].tolist()} lies outside the image; the teacher cache was "
-                "built from different image files -- rebuild it for this manifest"
-            )
+    def _check_cached_boxes(self, ids: np.ndarray, boxes: np.ndarray) -> None:
+        """Cached boxes must lie inside their images: a cache built from other files/orientation fails here.
+        (Train and eval boxes are drawn from the manifest's sizes, inside by construction.)"""
+        check_boxes_inside(
+            boxes, self.manifest.widths[ids], self.manifest.heights[ids], error=CacheError,
+            where=lambda i, j: f"image {int(ids[i])} ({self.manifest.paths[int(ids[i])]})",
+            remedy="the teacher cache was built from different image files -- rebuild it for this manifest",
+        )
 
     def _batch(self, samples: _EpochSamples, index: int, pixels: torch.Tensor, rendered_ids: torch.Tensor) -> Batch:
         rows = samples.plan.batch_slice(index)
@@ -365,7 +302,8 @@ class Loader:
             image_ids=torch.from_numpy(image_ids),
             crop_ids=torch.from_numpy(np.ascontiguousarray(samples.crop_ids[rows]).reshape(-1)),
             sample_ids=planned_ids,
-            labels=torch.from_numpy(self.manifest.labels[image_ids].astype(np.int64)).to(device, non_blocking=True),
+            # Pinned + non_blocking: a copy from pageable memory would make the host wait for the GPU every step.
+            labels=to_device(torch.from_numpy(self.manifest.labels[image_ids].astype(np.int64)), device),
             targets=targets,
         )
 
@@ -401,15 +339,6 @@ def _validate(manifest, mode, batch_size, cache, crops, crops_per_image) -> None
             )
 
 
-def dali_available() -> bool:
-    """Whether DALI imports here (a broken install, e.g. missing shared libraries, counts as absent)."""
-    try:
-        import stage2_student_distill.loader_dali  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
-
-
 def build_loader(
     kind: str,
     *,
@@ -424,15 +353,9 @@ def build_loader(
     crops_per_image: int = 1,
     max_images: int | None = None,
 ) -> Loader:
-    """A :class:`Loader`; ``kind``: "auto" (DALI if importable, else torch) | "dali" | "torch"."""
-    if kind not in ("auto", "dali", "torch"):
-        raise ValueError(f"loader kind {kind!r}: use auto, dali or torch")
-    if kind == "auto":
-        kind = "dali" if dali_available() else "torch"
-    elif kind == "dali" and not dali_available():
-        raise ImportError("loader 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); or use loader 'torch'")
+    """A :class:`Loader`; ``kind`` is ``optim.loader``: auto | dali | torch (the rule: ``common.loader_kind``)."""
     return Loader(
-        kind,
+        choose_loader(kind, runtime, "optim.loader"),
         manifest=manifest,
         mode=mode,
         preprocess=preprocess,
