@@ -64,6 +64,7 @@ from common.cache_format import CacheReader  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.manifest import load_manifest  # noqa: E402
 from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
+from stage2_student_distill.metrics import read_metrics  # noqa: E402
 
 # --------------------------------------------------------------------------- online MEAL V2 on the cached crops
 
@@ -137,15 +138,8 @@ class OnlineOnCachedCrops:
 # --------------------------------------------------------------------------- steps
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_summary(run_dir: Path, seconds: float | None, cpu_s: float | None) -> dict:
-    rows = [r for r in read_metrics(run_dir) if "val_top1" in r]
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r]
     try:  # what the run trained on (a reused teacher's may differ from this benchmark's)
         data = json.loads((run_dir / "config.json").read_text())["data"]
         train_images = load_manifest(data["manifest"]).num_images
@@ -165,7 +159,7 @@ def run_summary(run_dir: Path, seconds: float | None, cpu_s: float | None) -> di
 
 
 def _epochs_done(run_dir: Path) -> int:
-    return max((r["epoch"] for r in read_metrics(run_dir)), default=0)
+    return max((r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")), default=0)
 
 
 def done(run_dir: Path, epochs: int) -> bool:

@@ -21,7 +21,6 @@ and why the students learn from a 1,000-image subset.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 
@@ -30,21 +29,15 @@ import click
 from common.atomic import atomic_write_bytes, atomic_write_json
 from common.cli_support import resolve_config, user_errors
 from common.config import Config
+from stage2_student_distill.metrics import read_metrics
 
 
 def _say(msg: str) -> None:
     click.echo(click.style(f"[demo] {msg}", fg="cyan"), err=True)
 
 
-def _read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _final_top1(run_dir: Path) -> float | None:
-    rows = [r for r in _read_metrics(run_dir) if "val_top1" in r]
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r]
     return rows[-1]["val_top1"] if rows else None
 
 
@@ -192,7 +185,7 @@ def _plot_curves(runs: dict[str, Path], levels: dict[str, float], path: Path) ->
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, run_dir in runs.items():
-        rows = [r for r in _read_metrics(run_dir) if "val_top1" in r]
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r]
         if rows:
             ax.plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows], marker="o", label=label)
     for i, (label, top1) in enumerate(levels.items()):

@@ -24,6 +24,10 @@ from common.atomic import atomic_write_bytes
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of ``RUN/metrics.jsonl``, oldest first; ``[]`` when the run has not written one yet.
+
+    The one reader of the file: training (to cut it back on resume), the demo and the benchmarks.
+    """
     path = Path(path)
     if not path.is_file():
         return []

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from common.crops import boxes, centre_box, image_boxes
+from common.crops import boxes, centre_box, check_boxes_inside, image_boxes
 
 
 def _ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -107,3 +107,36 @@ def test_bad_arguments_are_refused():
 def test_centre_box():
     assert centre_box(200, 100, 0.875) == (56, 6, 88, 88)
     assert centre_box(1, 1) == (0, 0, 1, 1)
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _check(boxes, widths=(10, 6), heights=(8, 4), flips=None):
+    check_boxes_inside(np.array(boxes), widths, heights, flips=flips, error=_Refused,
+                       where=lambda i, j: f"crop {j} of image {i}", remedy="rebuild it")
+
+
+def test_boxes_that_touch_the_edges_are_inside():
+    _check([[[0, 0, 10, 8], [9, 7, 1, 1]], [[0, 0, 6, 4], [5, 3, 1, 1]]], flips=[[0, 1], [1, 0]])
+
+
+@pytest.mark.parametrize("image, crop, box, flip", [
+    (0, 1, [1, 0, 10, 8], 0),  # one pixel past the right edge of the 10x8 image
+    (1, 0, [0, 1, 6, 4], 0),  # one past the bottom of the 6x4 image
+    (1, 1, [-1, 0, 2, 2], 0),  # left of the image
+    (0, 0, [2, 2, 0, 3], 0),  # empty
+    (1, 0, [0, 0, 1, 1], 2),  # a flip that is not 0/1
+])
+def test_the_first_box_not_inside_is_named(image, crop, box, flip):
+    boxes = [[[0, 0, 10, 8], [9, 7, 1, 1]], [[0, 0, 6, 4], [5, 3, 1, 1]]]
+    flips = [[0, 0], [0, 0]]
+    boxes[image][crop], flips[image][crop] = box, flip
+    size = ["10x8", "6x4"][image]
+    with pytest.raises(_Refused, match=rf"^crop {crop} of image {image}: box \[{', '.join(map(str, box))}\] "
+                                       rf"flip {flip} is not inside the {size} image; rebuild it$"):
+        _check(boxes, flips=flips)
+    if flip == 0:  # without flips the message leaves them out
+        with pytest.raises(_Refused, match=rf"^crop {crop} of image {image}: box \[.*\] is not inside"):
+            _check(boxes)

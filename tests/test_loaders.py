@@ -25,6 +25,7 @@ from common.images import ImageError
 from common.models import Preprocess
 from common.render import decode, render_crops
 from common.runtime import Runtime
+from common.runtime import to_device as real_to_device
 from data_manifests.build import build_manifest
 from stage2_student_distill import loaders
 from stage2_student_distill.loaders import Batch, build_loader, dali_available
@@ -335,6 +336,41 @@ def test_decoded_frame_must_match_manifest(data, kind):
     ld = build_loader(kind, manifest=wrong, mode="eval", preprocess=preprocess(), batch_size=8, runtime=CPU)
     with pytest.raises(RuntimeError, match="decoded as 64x64"):
         list(ld.epoch(0))
+
+
+@pytest.mark.parametrize("mode", ["distill", "train", "eval"])
+def test_labels_reach_the_device_through_the_pinned_copy(data, mode, monkeypatch):
+    """A pageable host-to-device copy makes the host wait for the whole GPU queue every step; the labels
+    must take common.runtime.to_device (pinned memory + non_blocking), like the pixels and the targets."""
+    returned = []
+
+    def spy(t, device):
+        out = real_to_device(t, device).clone()
+        returned.append(out)
+        return out
+
+    monkeypatch.setattr(loaders, "to_device", spy)
+    for b in loader(data, "torch", mode, batch_size=2).epoch(0):
+        assert any(b.labels is r for r in returned)
+        assert b.labels.tolist() == data["manifest"].labels[b.image_ids.numpy()].tolist()
+
+
+def test_a_cached_box_outside_its_image_is_refused_by_name(data, monkeypatch):
+    """A stranger's cache (other files, another orientation): refused before a sliver is rendered."""
+    cache = data["cache"]
+    real_gather = type(cache).gather
+
+    def gather(self, image_ids, crop_ids):
+        rows = real_gather(self, image_ids, crop_ids)
+        first = int(np.flatnonzero(np.asarray(image_ids) == 2)[0])  # image 2 is 36 x 48
+        rows["boxes"] = rows["boxes"].copy()
+        rows["boxes"][first] = [10, 0, 30, 48]  # 10 + 30 > 36
+        return rows
+
+    monkeypatch.setattr(type(cache), "gather", gather)
+    with pytest.raises(CacheError, match=r"image 2 \(cat/c_rot6.jpg\): box \[10, 0, 30, 48\] is not inside the "
+                                         r"36x48 image; the teacher cache was built from different image files"):
+        list(loader(data, "torch", "distill").epoch(0))
 
 
 def test_early_break_then_next_epoch(data):

@@ -280,6 +280,21 @@ def test_auto_loader_renders_with_torch_on_cpu(dataset):  # noqa: F811
         assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32), (3, 3, 40, 40)]
 
 
+def test_reused_crops_outside_their_images_are_refused_naming_the_cache():
+    from types import SimpleNamespace
+
+    from stage1_teacher_cache.run import check_boxes_fit
+
+    manifest = SimpleNamespace(widths=np.array([9, 20, 30]), heights=np.array([9, 10, 40]))
+    boxes = np.array([[[0, 0, 20, 10], [5, 0, 15, 10]], [[0, 0, 30, 40], [1, 0, 29, 40]]], np.int32)  # images 1, 2
+    flips = np.zeros((2, 2), np.uint8)
+    check_boxes_fit(boxes, flips, manifest, 1, "other-cache")  # every box fits, edges included
+    boxes[1, 1] = [1, 1, 29, 40]  # one row past the bottom of image 2
+    with pytest.raises(CacheError, match=r"^other-cache: crop 1 of image 2: box \[1, 1, 29, 40\] flip 0 is not "
+                                         r"inside the 30x40 image; that cache's crops cannot be reused$"):
+        check_boxes_fit(boxes, flips, manifest, 1, "other-cache")
+
+
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 def test_dali_loader_gives_the_torch_loader_targets(built, dataset, tmp_path):  # noqa: F811
     cache = tmp_path / "cache"
