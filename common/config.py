@@ -66,7 +66,7 @@ class TeacherCacheConfig:
     temperature: float = 1.0
     batch_size: int = 64  # crops per teacher forward pass
     images_per_shard: int = 1024
-    loader: str = "auto"  # auto (DALI on CUDA when importable, else torch) | dali | torch
+    loader: str = "auto"  # auto (DALI on CUDA when importable, else torch; common/loader_kind.py) | dali | torch
     evaluate_manifest: str = ""  # measure teachers on this manifest before caching
     min_top1_over_chance: float = 2.0  # stop if a teacher's top-1 < this x chance
 
@@ -83,7 +83,7 @@ class OptimConfig:
     lr_decay_epochs: tuple[int, ...] = (80, 160)  # step schedule milestones
     lr_decay_factor: float = 0.1
     warmup_epochs: int = 0
-    loader: str = "auto"  # auto | dali | torch
+    loader: str = "auto"  # as teacher_cache.loader: auto (DALI on CUDA when importable, else torch) | dali | torch
     img_size: int = 0  # 0: the model's own default input size
     log_every: int = 50  # steps between loss logs
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
