@@ -15,10 +15,10 @@ from tqdm import tqdm
 
 from common.crops import centre_box
 from common.manifest import ConfinedPaths, Manifest
+from common.prefetch import prefetch
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import teacher_probs
 from stage1_teacher_cache.teachers import Teacher
-from common.prefetch import prefetch
 from stage1_teacher_cache.views import Renderer, batches
 
 

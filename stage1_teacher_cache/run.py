@@ -32,12 +32,12 @@ from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtyp
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, check_boxes_inside, image_boxes
 from common.manifest import ConfinedPaths, Manifest, load_manifest
+from common.prefetch import prefetch
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers, format_eval_table
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
 from stage1_teacher_cache.teachers import Teacher, load_teachers
-from common.prefetch import prefetch
 from stage1_teacher_cache.views import batches, make_renderer
 
 CROP_ALGORITHM = "torchvision.RandomResizedCrop/counter-hash-v1"

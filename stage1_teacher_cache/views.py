@@ -26,7 +26,7 @@ from common.models import Preprocess
 from common.render import decode, render_crops
 from common.runtime import Runtime
 
-DECODED_ELSEWHERE = ("the file decodes to another size than the manifest recorded, so it changed after the "
+_FILE_CHANGED = ("the file decodes to another size than the manifest recorded, so it changed after the "
                      "manifest was built; rebuild the manifest")
 
 # (paths [n], per-teacher boxes [n, m, 4], flips [n, m]) -> per-teacher uint8 [n*m, 3, S_t, S_t]
@@ -41,7 +41,7 @@ def torch_renderer(preprocesses: Sequence[Preprocess]) -> Renderer:
             for b in boxes:
                 # A box past the decoded image would render a sliver (or nothing) silently.
                 check_boxes_inside(b[i][None], [image.shape[2]], [image.shape[1]], where=lambda _, j: f"crop {j}",
-                                   error=lambda msg, path=path: ImageError(path, msg), remedy=DECODED_ELSEWHERE)
+                                   error=lambda msg, path=path: ImageError(path, msg), remedy=_FILE_CHANGED)
             per_image.append([render_crops(image, b[i], flips[i], p.input_size, p.interpolation)
                               for b, p in zip(boxes, preprocesses)])
         return [torch.cat(parts) for parts in zip(*per_image)]

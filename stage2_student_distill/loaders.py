@@ -17,9 +17,9 @@ produce the same boxes, since the boxes are planned here, not by the backend.
 A background thread (``common.prefetch``) keeps a few rendered batches ahead of
 the training loop; pixels stay uint8 until they reach the device, where they
 are normalised, and labels travel through pinned memory
-(``common.runtime.to_device``). Another thread plans the next epoch (its ids, boxes and cached targets: one read of
-the rank's cache shards) while the current one trains, so epochs start
-without a stall.
+(``common.runtime.to_device``). Another thread plans the next epoch (its ids,
+boxes and cached targets: one read of the rank's cache shards) while the
+current one trains, so epochs start without a stall.
 Each rendered batch carries the sample ids it was made from, and they are
 compared with the plan: a mismatch raises instead of training on misaligned
 targets.
@@ -250,7 +250,7 @@ class Loader:
                 rows["topk_index"].reshape(len(ids), m, -1),
                 rows["topk_prob"].reshape(len(ids), m, -1),
             )
-            self._check_cached_boxes(ids, samples.boxes)
+            self._check_cached_boxes(ids, samples.boxes, samples.flips)
         elif self.mode == "train":
             crop_ids = np.repeat(epoch * m + column, len(ids), axis=0)
             c = self.crops
@@ -269,11 +269,11 @@ class Loader:
             )
         return samples
 
-    def _check_cached_boxes(self, ids: np.ndarray, boxes: np.ndarray) -> None:
+    def _check_cached_boxes(self, ids: np.ndarray, boxes: np.ndarray, flips: np.ndarray) -> None:
         """Cached boxes must lie inside their images: a cache built from other files/orientation fails here.
         (Train and eval boxes are drawn from the manifest's sizes, inside by construction.)"""
         check_boxes_inside(
-            boxes, self.manifest.widths[ids], self.manifest.heights[ids], error=CacheError,
+            boxes, self.manifest.widths[ids], self.manifest.heights[ids], flips=flips, error=CacheError,
             where=lambda i, j: f"image {int(ids[i])} ({self.manifest.paths[int(ids[i])]})",
             remedy="the teacher cache was built from different image files -- rebuild it for this manifest",
         )

@@ -368,8 +368,8 @@ def test_a_cached_box_outside_its_image_is_refused_by_name(data, monkeypatch):
         return rows
 
     monkeypatch.setattr(type(cache), "gather", gather)
-    with pytest.raises(CacheError, match=r"image 2 \(cat/c_rot6.jpg\): box \[10, 0, 30, 48\] is not inside the "
-                                         r"36x48 image; the teacher cache was built from different image files"):
+    with pytest.raises(CacheError, match=r"image 2 \(cat/c_rot6.jpg\): box \[10, 0, 30, 48\] flip [01] is not inside "
+                                         r"the 36x48 image; the teacher cache was built from different image files"):
         list(loader(data, "torch", "distill").epoch(0))
 
 
