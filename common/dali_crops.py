@@ -45,6 +45,14 @@ class RenderedCrops(NamedTuple):
     image_sizes: torch.Tensor  # int64 [n, 2] (CPU): (width, height) of each image after EXIF orientation
 
 
+def device_id_for(runtime) -> int | None:
+    """DALI's ``device_id`` for a :class:`~common.runtime.Runtime`: None (DALI's CPU backend) off CUDA,
+    else the runtime's GPU ("cuda" without an index means the current device, which the runtime has set)."""
+    if not runtime.is_cuda:
+        return None
+    return runtime.device.index if runtime.device.index is not None else torch.cuda.current_device()
+
+
 def read_encoded(path: str | os.PathLike) -> np.ndarray:
     """The file's bytes as a uint8 array (what DALI's decoders take)."""
     data = np.fromfile(path, dtype=np.uint8)

@@ -51,11 +51,9 @@ def torch_renderer(preprocesses: Sequence[Preprocess]) -> Renderer:
 
 def dali_renderer(preprocesses: Sequence[Preprocess], runtime: Runtime, crops_per_image: int,
                   images_per_call: int) -> Renderer:
-    from common.dali_crops import DaliCropRenderer
+    from common.dali_crops import DaliCropRenderer, device_id_for
 
-    device_id = None  # DALI's CPU backend
-    if runtime.is_cuda:  # "cuda" without an index means the current device, which the runtime has set
-        device_id = runtime.device.index if runtime.device.index is not None else torch.cuda.current_device()
+    device_id = device_id_for(runtime)
     renderers = [DaliCropRenderer(p.input_size, p.interpolation, batch_size=images_per_call,
                                   num_threads=max(1, runtime.num_workers), device_id=device_id,
                                   crops_per_image=crops_per_image) for p in preprocesses]

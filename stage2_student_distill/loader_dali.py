@@ -8,8 +8,8 @@ which case the crops arrive already on the device. The Loader runs this a few
 batches ahead in a background thread, compares the returned sample ids with its
 plan and normalises on the device, exactly as for the PyTorch backend.
 
-Importing this module raises ImportError when DALI is not installed; that is
-how ``build_loader("auto", ...)`` decides.
+Importing this module raises ImportError when DALI is not installed
+(``common.loader_kind`` decides which backend a run uses).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from common.dali_crops import DaliCropRenderer, read_encoded
+from common.dali_crops import DaliCropRenderer, device_id_for, read_encoded
 from common.manifest import ConfinedPaths
 from stage2_student_distill.loaders import check_decoded_size
 
@@ -28,11 +28,9 @@ class DaliBackend:
     def __init__(self, manifest, size: int, interpolation: str, images_per_batch: int, crops_per_image: int, runtime):
         self.manifest = manifest
         self.path_of = ConfinedPaths(manifest)
-        device_id = None
-        if runtime.is_cuda:
-            device_id = runtime.device.index if runtime.device.index is not None else torch.cuda.current_device()
         threads = max(1, runtime.num_workers)
-        self.renderer = DaliCropRenderer(size, interpolation, images_per_batch, threads, device_id, crops_per_image)
+        self.renderer = DaliCropRenderer(size, interpolation, images_per_batch, threads, device_id_for(runtime),
+                                         crops_per_image)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="read")
 
     def render(self, image_ids, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:

@@ -413,6 +413,14 @@ def test_dali_renderer_exif_frame_and_multi_crop(data):
         assert (out[2 * n : 2 * n + 2].float() - wrong.float()).abs().mean() > 5
 
 
+@needs_dali
+def test_dali_device_follows_the_runtime():
+    from common.dali_crops import device_id_for
+
+    assert device_id_for(CPU) is None  # DALI's CPU backend
+    assert device_id_for(dataclasses.replace(CPU, device=torch.device("cuda", 3))) == 3  # that GPU, not GPU 0
+
+
 def _link_file_outside(root, tmp):
     outside = tmp / "elsewhere.png"
     shutil.move(root / "dog/e_gray.png", outside)  # the same bytes: only where they live is wrong
