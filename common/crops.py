@@ -145,6 +145,8 @@ def check_boxes_inside(boxes, widths, heights, *, where: Callable[[int, int], st
     or a frame that may have changed since the boxes were drawn.
     """
     boxes = np.asarray(boxes).astype(np.int64, copy=False)
+    if boxes.size == 0:  # e.g. a rank with no images this epoch
+        return
     boxes = boxes.reshape(len(boxes), -1, 4)
     w = np.asarray(widths, dtype=np.int64).reshape(-1, 1)
     h = np.asarray(heights, dtype=np.int64).reshape(-1, 1)

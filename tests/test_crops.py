@@ -120,6 +120,7 @@ def _check(boxes, widths=(10, 6), heights=(8, 4), flips=None):
 
 def test_boxes_that_touch_the_edges_are_inside():
     _check([[[0, 0, 10, 8], [9, 7, 1, 1]], [[0, 0, 6, 4], [5, 3, 1, 1]]], flips=[[0, 1], [1, 0]])
+    _check(np.zeros((0, 2, 4), np.int32), widths=[], heights=[], flips=np.zeros((0, 2)))  # no images: nothing to check
 
 
 @pytest.mark.parametrize("image, crop, box, flip", [
