@@ -9,6 +9,7 @@ which wins. When neither works the error names both, on one line.
 """
 from __future__ import annotations
 
+import timm
 from torch import nn
 
 from common.config import Config
@@ -22,8 +23,8 @@ def create_student(cfg: Config, num_classes: int) -> tuple[nn.Module, Preprocess
         model, pre = create_model(d.student, num_classes, pretrained=d.pretrained and not weights,
                                   weights=weights, input_size=cfg.optim.img_size or None)
     except WeightsError as e:
-        if weights or not d.pretrained:
-            raise
+        if weights or not d.pretrained or not timm.is_model(resolve_name(d.student)):
+            raise  # a bad file or an unknown name: create_model's message says so
         raise WeightsError(
             f"student {d.student}: timm hub weights could not be fetched ({hub_reason(e)}) and no "
             f"--student-weights was given; on an offline machine download {hub_file(d.student)} elsewhere "
@@ -42,10 +43,8 @@ def hub_reason(e: Exception) -> str:
 def hub_file(name: str) -> str:
     """Where the student's pretrained weights live (timm's pretrained config), for the error message."""
     try:
-        from timm.models import get_pretrained_cfg
-
-        pcfg = get_pretrained_cfg(resolve_name(name))
-    except Exception:  # an unknown name fails earlier, in create_model; this only words a message
+        pcfg = timm.models.get_pretrained_cfg(resolve_name(name))
+    except Exception:  # this only words a message: no tag known to timm, say so plainly
         pcfg = None
     if pcfg is None:
         return f"the timm weights of {name}"

@@ -188,3 +188,9 @@ def test_checkpoints_without_a_preprocess_override_keep_the_models_own(tmp_path)
     path = tmp_path / "old.pt"
     save_model(path, model, {"model": "test_resnet", "num_classes": 3, "preprocess": pre.to_dict()})
     assert load_checkpoint_model(path).preprocess == pre
+
+
+def test_an_unknown_student_is_not_reported_as_a_download_failure():
+    cfg = load_config(recipe="mealv2_resnet50_224").replace(**{"distill.student": "resnet51"})
+    with pytest.raises(WeightsError, match="unknown model 'resnet51'"):
+        create_student(cfg, 1000)
