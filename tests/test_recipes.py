@@ -194,3 +194,14 @@ def test_an_unknown_student_is_not_reported_as_a_download_failure():
     cfg = load_config(recipe="mealv2_resnet50_224").replace(**{"distill.student": "resnet51"})
     with pytest.raises(WeightsError, match="unknown model 'resnet51'"):
         create_student(cfg, 1000)
+
+
+def test_recipes_ship_with_the_package(tmp_path):
+    """recipes/ is a package whose .toml files are package data, so an installed `pipeline` finds them."""
+    from recipes import RECIPES_DIR
+
+    project = tomllib.loads((RECIPES_DIR.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "recipes" in project["packages"] and "*.toml" in project["package-data"]["recipes"]
+    shown = tmp_path / "default.toml"
+    shown.write_text(cli("config", "show").output)
+    assert load_config(shown) == load_config()  # without a recipe, too, the output is the config
