@@ -10,17 +10,23 @@ from dataclasses import dataclass
 
 import click
 
-from common.config import Config, ConfigError, load_config
+from common.config import Config, ConfigError, config_to_toml, load_config
 
 
 @dataclass(frozen=True)
 class ConfigSource:
     path: str | None
     assignments: tuple[str, ...]
+    recipe: str | None = None  # --recipe NAME (or a recipe file)
+    show_only: bool = False  # `pipeline config show COMMAND ...`: print the resolved config, run nothing
+
+
+class ConfigShown(Exception):
+    """Raised by resolve_config in show-only mode, after printing, so the command stops there."""
 
 
 def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -> Config:
-    """pipeline.toml (or --config) <- --set TABLE.KEY=VALUE <- command flags (None = not given)."""
+    """pipeline.toml (or --config) <- --recipe <- --set TABLE.KEY=VALUE <- command flags (None = not given)."""
     src: ConfigSource = ctx.find_root().obj or ConfigSource(None, ())
     overrides: dict[str, object] = {}
     for item in src.assignments:
@@ -30,7 +36,11 @@ def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -
         overrides[key.strip()] = value.strip()
     overrides.update({k: v for k, v in (flags or {}).items() if v is not None and v != ()})
     with user_errors():
-        return load_config(src.path, overrides)
+        cfg = load_config(src.path, overrides, recipe=src.recipe)
+    if src.show_only:
+        click.echo(config_to_toml(cfg), nl=False)
+        raise ConfigShown
+    return cfg
 
 
 @contextlib.contextmanager

@@ -98,10 +98,21 @@ class DistillConfig:
     out: str = ""
     discriminator: bool = True
     disc_lr: float = 1e-4
+    disc_lr_mode: str = "own"  # own: disc_lr, scaled by the schedule | as_released: the student's lr (original code)
     crops_per_image: int = 1  # m crops per decoded image (FKD multi-crop)
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
     resume: bool = False
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """The student's pixels where its timm pretrained config is not what a recipe was evaluated with."""
+
+    interpolation: str = ""  # "" = the model's own | bilinear | bicubic | nearest
+    crop_pct: float = 0.0  # evaluation centre crop / shorter side; 0 = the model's own
+    mean: tuple[float, ...] = ()  # () = the model's own; else 3 values
+    std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +153,7 @@ class Config:
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
@@ -262,6 +274,14 @@ def _validate_table(table: str, t: Any) -> None:
         need(t.disc_lr > 0, "disc_lr", "must be > 0")
         need(t.crops_per_image >= 1, "crops_per_image", "must be >= 1")
         need(0 <= t.cutmix_prob <= 1, "cutmix_prob", "must be in [0, 1]")
+        need(t.disc_lr_mode in ("own", "as_released"), "disc_lr_mode", "use own or as_released")
+    elif table == "preprocess":
+        need(t.interpolation in ("", "bilinear", "bicubic", "nearest"), "interpolation",
+             "use bilinear, bicubic, nearest or \"\" (the model's own)")
+        need(0 <= t.crop_pct <= 1, "crop_pct", "must be in (0, 1], or 0 for the model's own")
+        for key in ("mean", "std"):
+            need(len(getattr(t, key)) in (0, 3), key, "give 3 values (R, G, B) or [] for the model's own")
+        need(all(v > 0 for v in t.std), "std", "values must be > 0")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "override") -> Config:
@@ -284,32 +304,70 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
     return dataclasses.replace(cfg, **updates)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- TOML file (``path``, default: the repo's pipeline.toml) <- overrides."""
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str | None = None
+) -> Config:
+    """Defaults <- TOML file (``path``, default: the repo's pipeline.toml) <- recipe <- overrides.
+
+    ``recipe`` is a name from ``recipes/`` or a path to a partial config file
+    (common/recipes.py); it is laid over the file, and overrides still win.
+    """
     cfg = Config()
     path = Path(path) if path else DEFAULT_CONFIG_PATH
     if path.exists():
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax at the position given") from None
-        flat: dict[str, Any] = {}
-        for table, values in data.items():
-            if table not in _TABLE_TYPES or not isinstance(values, dict):
-                raise ConfigError(f"{path}: unknown table [{table}]; known tables: {', '.join(_TABLE_TYPES)}")
-            for key, value in values.items():
-                flat[f"{table}.{key}"] = value
-        cfg = apply_overrides(cfg, flat, source=str(path))
+        cfg = apply_overrides(cfg, read_config_file(path), source=str(path))
     elif path != DEFAULT_CONFIG_PATH:
         raise ConfigError(f"config file {path} does not exist; pass an existing --config or omit it")
+    if recipe:
+        from common.recipes import recipe_path  # recipes build on this module
+
+        recipe_file = recipe_path(recipe)
+        cfg = apply_overrides(cfg, read_config_file(recipe_file), source=f"recipe {recipe_file}")
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     return cfg
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A TOML config (whole or partial) as flat ``{"table.key": value}``; unknown tables fail by name."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax at the position given") from None
+    flat: dict[str, Any] = {}
+    for table, values in data.items():
+        if table not in _TABLE_TYPES or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown table [{table}]; known tables: {', '.join(_TABLE_TYPES)}")
+        for key, value in values.items():
+            flat[f"{table}.{key}"] = value
+    return flat
+
+
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """JSON-ready dict of the resolved config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The whole resolved config as TOML; ``load_config`` of it gives ``cfg`` back."""
+    lines = []
+    for table, values in config_to_dict(cfg).items():
+        lines.append(f"[{table}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # repr round-trips floats (and inf/nan are TOML too)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")  # pragma: no cover - config values are the types above
 
 
 def parse_assignments(items: tuple[str, ...] | list[str], key: str) -> dict[str, str]:

@@ -57,6 +57,27 @@ class Preprocess:
         )
 
 
+def apply_preprocess_config(pre: Preprocess, cfg: Any) -> Preprocess:
+    """``pre`` with the set fields of a ``[preprocess]`` table (common.config.PreprocessConfig) replacing its own.
+
+    How a recipe states the evaluation its published number was measured
+    with (MEAL V2: bilinear, resize 256/224 then centre crop = crop_pct 0.875,
+    ImageNet mean/std) where timm's pretrained config says otherwise. The
+    result is recorded in the checkpoint's ``meta["preprocess"]``, which
+    evaluate, predict, export and the hub entry points read back.
+    """
+    updates: dict[str, Any] = {}
+    if cfg.interpolation:
+        updates["interpolation"] = cfg.interpolation
+    if cfg.crop_pct:
+        updates["crop_pct"] = float(cfg.crop_pct)
+    if cfg.mean:
+        updates["mean"] = tuple(float(v) for v in cfg.mean)
+    if cfg.std:
+        updates["std"] = tuple(float(v) for v in cfg.std)
+    return replace(pre, **updates)
+
+
 def resolve_name(name: str) -> str:
     """Short alias -> timm name with weights tag; timm names pass through."""
     return ALIASES.get(name, name)

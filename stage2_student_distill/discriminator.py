@@ -14,7 +14,8 @@ Two deliberate differences, both documented where they matter:
 * The original also applies a ReLU to the *final* layer, so its "logits" are
   never negative and BCE-with-logits can never push a probability below 0.5.
   That clamps half of the loss surface away; here the last layer is linear,
-  as BCE-with-logits expects.
+  as BCE-with-logits expects. The recipes of the released models do not
+  restore it either: no switch is offered (why: docs/recipes.md).
 
 The input is probabilities (the student's softmax and the cached ensemble
 target). The original fed raw logits because it had the teachers' logits at

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from common.cache_format import CacheReader
 from common.config import Config
 from common.manifest import Manifest, load_manifest
-from common.models import Preprocess, create_model, resolve_name
+from common.models import Preprocess, apply_preprocess_config, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
 from stage2_student_distill.checkpoint import (
     RunError,
@@ -42,11 +42,12 @@ from stage2_student_distill.evaluate import evaluate
 from stage2_student_distill.loaders import build_loader
 from stage2_student_distill.losses import DistillObjective, HardLabelObjective, cutmix
 from stage2_student_distill.metrics import MetricsLog
-from stage2_student_distill.schedule import lr_factor, set_learning_rates
+from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
+from stage2_student_distill.student import create_student
 
 # Config tables whose values decide a run's result (checked on --resume).
-DISTILL_TABLES = ("runtime", "data", "optim", "distill")
-TRAIN_TABLES = ("runtime", "data", "crops", "optim", "train")
+DISTILL_TABLES = ("runtime", "data", "optim", "distill", "preprocess")
+TRAIN_TABLES = ("runtime", "data", "crops", "optim", "train", "preprocess")
 
 
 @dataclass
@@ -79,11 +80,11 @@ def fit(job: Job) -> dict[str, Any]:
     }
     base_lrs = {"student": cfg.optim.lr}
     if job.discriminator is not None:
-        # Its own optimizer and base lr: the schedule scales it, never replaces it.
+        # Its own optimizer; its base lr is distill.disc_lr, or the student's "as released" (schedule.py).
+        base_lrs["discriminator"] = discriminator_base_lr(cfg)
         optimizers["discriminator"] = torch.optim.SGD(
-            unwrap(job.discriminator).parameters(), lr=cfg.distill.disc_lr, momentum=cfg.optim.momentum
+            unwrap(job.discriminator).parameters(), lr=base_lrs["discriminator"], momentum=cfg.optim.momentum
         )
-        base_lrs["discriminator"] = cfg.distill.disc_lr
     lr_pairs = [(optimizers[name], base_lrs[name]) for name in optimizers]
     scaler = rt.grad_scaler()
 
@@ -111,7 +112,7 @@ def fit(job: Job) -> dict[str, Any]:
             # epochs without validation have no val_* keys (consumers filter on "val_top1")
             **({"val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"]} if val else {}),
             "lr": cfg.optim.lr * train["lr_factor"],
-            **({"disc_lr": cfg.distill.disc_lr * train["lr_factor"]} if job.discriminator is not None else {}),
+            **({"disc_lr": discriminator_base_lr(cfg) * train["lr_factor"]} if job.discriminator is not None else {}),
             "img_per_s": train["img_per_s"],
             "time_s": time.perf_counter() - epoch_start,
         }
@@ -235,10 +236,7 @@ def run_distill(cfg: Config) -> dict[str, Any]:
     run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, DISTILL_TABLES, write=runtime.is_main)
 
     seed_everything(cfg.runtime.seed)  # same initial student (and discriminator) on every run and rank
-    student, preprocess = create_model(
-        d.student, manifest.num_classes, pretrained=d.pretrained,
-        weights=d.student_weights or None, input_size=cfg.optim.img_size or None,
-    )
+    student, preprocess = create_student(cfg, manifest.num_classes)
     discriminator = Discriminator(manifest.num_classes) if d.discriminator else None
     student = _place(student, runtime, compile=runtime.compile)
     if discriminator is not None:
@@ -270,6 +268,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         t.model, manifest.num_classes, pretrained=t.pretrained,
         weights=t.weights or None, input_size=cfg.optim.img_size or None,
     )
+    preprocess = apply_preprocess_config(preprocess, cfg.preprocess)
     model = _place(model, runtime, compile=runtime.compile)
     train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train",
                                         crops=cfg.crops)
