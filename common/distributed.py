@@ -80,6 +80,20 @@ def fail_together(runtime: Runtime) -> Iterator[None]:
         raise PeerError(f"rank {rank} of {runtime.world_size} stopped: {message}")
 
 
+@contextlib.contextmanager
+def peer_may_be_gone(waiting_for: str) -> Iterator[None]:
+    """Around a collective that a failed peer will never reach: the lost connection (gloo raises a
+    ``RuntimeError`` once the peer's process is gone) becomes one message instead of a traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        first = (str(error).splitlines() or [""])[0][:200]
+        raise PeerError(
+            f"another rank stopped while this one was waiting for {waiting_for} ({type(error).__name__}: {first}); "
+            "its own error is in its output"
+        ) from error
+
+
 def broadcast_buffers(runtime: Runtime, *modules: torch.nn.Module | None) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics) of ``modules``.
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, image_boxes
-from common.distributed import fail_together
+from common.distributed import fail_together, peer_may_be_gone
 from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
@@ -267,7 +267,10 @@ def summarize(writer: CacheWriter, runtime: Runtime, path: str, *, shards_writte
               images: int, crops: int, started: float) -> dict[str, Any]:
     counts = torch.tensor([shards_written, skipped, images, crops], dtype=torch.int64, device=runtime.device)
     if runtime.distributed and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)  # totals over ranks; also waits for every rank's last shard
+        # Totals over ranks; also waits for every rank's last shard. A rank that failed on a shard has
+        # exited at once with its message (torchrun then stops the others); one already waiting here says so.
+        with peer_may_be_gone("every rank's last shard"):
+            torch.distributed.all_reduce(counts)
     shards_written, skipped, images, crops = counts.tolist()
     seconds = time.perf_counter() - started  # after the reduce: the wall time of the slowest rank
     complete = writer.complete_shards()

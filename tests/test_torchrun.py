@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from common.cache_format import CacheReader
+from common.manifest import load_manifest
 from stage1_fixtures import dataset  # noqa: F401
 from test_distill import invoke, without_timing, write_images
 from torchrun_probe import state_digest
@@ -86,6 +88,25 @@ def test_teacher_check_failure_stops_every_rank_with_the_message(dataset, tmp_pa
     # Each rank scored a share, the table (all 6 images) is printed once, and nothing was written.
     assert "on 6 images" in launch.stdout[0] and "on 6 images" not in launch.stdout[1]
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_bad_image_on_one_rank_stops_both_ranks_with_messages(dataset, tmp_path):  # noqa: F811
+    """Rank 1's shard holds an unreadable image: rank 1 exits with the image's error at once; rank 0,
+    done with its shards and waiting for rank 1's, says another rank stopped (before: a gloo traceback)."""
+    manifest = load_manifest(dataset["train"])
+    root = tmp_path / "images"
+    shutil.copytree(manifest.root, root)
+    (root / manifest.paths[5]).write_bytes(b"not an image")  # image 5: shard 1 (images 4-7), rank 1's
+    launch = torchrun(tmp_path, "bad", "--set", f"data.data_root={root}", "teacher-cache", "--teachers",
+                      "test_resnet", "--no-pretrained", "--input-size", "test_resnet=32",
+                      "--manifest", str(dataset["train"]), "--out", str(tmp_path / "cache"), "--num-crops", "2",
+                      "--images-per-shard", "4", "--loader", "torch")
+    assert launch.returncode != 0 and launch.seconds < TIMEOUT / 2
+    assert f"Error: {root / manifest.paths[5]}: not an image file" in launch.stderr[1]
+    # rank 0 may be stopped by torchrun before it reaches the exchange; if it got there, it said why
+    assert "Traceback" not in launch.stderr[0] + launch.stderr[1], launch.stderr
+    if "Error:" in launch.stderr[0]:
+        assert "Error: another rank stopped while this one was waiting for every rank's last shard" in launch.stderr[0]
 
 
 @pytest.fixture(scope="module")
