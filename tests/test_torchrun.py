@@ -20,20 +20,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 from common.cache_format import CacheReader
 from common.manifest import load_manifest
 from stage1_fixtures import dataset  # noqa: F401
-from test_distill import invoke, without_timing, write_images
+from test_distill import data, without_timing  # noqa: F401  (data: 12 + 6 images, a C = 3 cache)
 from torchrun_probe import state_digest
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = REPO / "tests" / "torchrun_probe.py"
 TIMEOUT = 300
 RANKS = 2
-CROPS = 3
+CROPS = 3  # the crops per image of test_distill's cache
 
 
 @dataclass
@@ -109,21 +108,7 @@ def test_a_bad_image_on_one_rank_stops_both_ranks_with_messages(dataset, tmp_pat
         assert "Error: another rank stopped while this one was waiting for every rank's last shard" in launch.stderr[0]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """12 training images (6 per rank), 6 validation images, a C = 3 teacher cache in shards of 4."""
-    tmp = tmp_path_factory.mktemp("torchrun")
-    for split, count, seed in (("train", 12, 0), ("val", 6, 1)):
-        invoke("manifest", "build", str(write_images(tmp / split, count, seed)),
-               "--out", str(tmp / f"{split}.parquet"), "--no-progress")
-    invoke("--set", "runtime.device=cpu", "--set", "runtime.progress=false", "--set", "runtime.seed=0",
-           "teacher-cache", "--teachers", "test_resnet", "--input-size", "test_resnet=32", "--no-pretrained",
-           "--manifest", str(tmp / "train.parquet"), "--out", str(tmp / "cache"),
-           "--num-crops", str(CROPS), "--topk", "2", "--images-per-shard", "4", "--loader", "torch")
-    return {"tmp": tmp, "train": tmp / "train.parquet", "val": tmp / "val.parquet", "cache": tmp / "cache"}
-
-
-def distill(data, tmp: Path, name: str, out: Path, epochs: int, *extra: str) -> Launch:
+def distill(data, tmp: Path, name: str, out: Path, epochs: int, *extra: str) -> Launch:  # noqa: F811
     return torchrun(tmp, name, "distill", "--student", "test_resnet", "--cache", str(data["cache"]),
                     "--manifest", str(data["train"]), "--val-manifest", str(data["val"]), "--out", str(out),
                     "--epochs", str(epochs), "--batch-size", "3", "--eval-batch-size", "4", "--img-size", "32",
@@ -131,7 +116,7 @@ def distill(data, tmp: Path, name: str, out: Path, epochs: int, *extra: str) -> 
                     "--log-every", "1", "--cutmix-prob", "0.5", *extra)
 
 
-def test_distill_ddp_shares_weights_checkpoints_and_resume(data, tmp_path):
+def test_distill_ddp_shares_weights_checkpoints_and_resume(data, tmp_path):  # noqa: F811
     whole = tmp_path / "whole"
     run = distill(data, tmp_path, "whole", whole, 2)
     check_ok(run)
