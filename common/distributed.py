@@ -63,7 +63,8 @@ def fail_together(runtime: Runtime) -> Iterator[None]:
 
     Every rank must enter the block (it ends in a collective). A failing rank
     re-raises its own error, unchanged; if the exchange itself fails (a peer
-    is already gone), the original error still wins.
+    is already gone), the original error still wins, and a rank that did not
+    fail reports the lost peer (``peer_may_be_gone``).
     """
     if not (runtime.distributed and dist.is_initialized()):
         yield
@@ -74,7 +75,9 @@ def fail_together(runtime: Runtime) -> Iterator[None]:
         with contextlib.suppress(Exception):
             all_gather_json(runtime, failure_message(error))
         raise
-    failures = [(rank, message) for rank, message in enumerate(all_gather_json(runtime, None)) if message is not None]
+    with peer_may_be_gone("the other ranks to finish this step"):  # a peer that failed before the block
+        outcomes = all_gather_json(runtime, None)
+    failures = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
     if failures:
         rank, message = failures[0]
         raise PeerError(f"rank {rank} of {runtime.world_size} stopped: {message}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -63,3 +64,29 @@ def test_every_rank_learns_the_outcome(tmp_path):
     assert r0["all_fail"] == ["RuntimeError", "bug on rank 0"] and r1["all_fail"] == ["RuntimeError", "bug on rank 1"]
     assert r0["nobody_fails"] is None and r1["nobody_fails"] is None
     assert r0["running_mean"] == r1["running_mean"] == [1.0, 1.0]  # rank 0's buffers everywhere
+
+
+def _rank_that_may_vanish(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    if rank == 1:
+        os._exit(3)  # dies before the step, as a rank does that failed outside any exchange
+    rt = Runtime(device=torch.device("cpu"), dtype=torch.float32, channels_last=False, rank=rank, world_size=2)
+
+    def step():
+        with fail_together(rt):
+            pass
+
+    Path(out_dir, "rank0.json").write_text(json.dumps(_outcome(step)))
+    os._exit(0)  # skip the process group's teardown, which would wait for the dead peer
+
+
+def test_a_vanished_peer_is_reported_not_a_traceback(tmp_path):
+    context = mp.start_processes(_rank_that_may_vanish, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    for process in context.processes:  # not context.join(): it would kill rank 0 once rank 1 has died
+        process.join(timeout=120)
+    assert [process.exitcode for process in context.processes] == [0, 3]
+    kind, message = json.loads((tmp_path / "rank0.json").read_text())
+    assert kind == PeerError.__name__
+    assert message.startswith("another rank stopped while this one was waiting for the other ranks to finish this step")
