@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from common.crops import centre_box
+from common.distributed import all_gather_json, fail_together
 from common.manifest import ConfinedPaths, Manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime
@@ -28,10 +29,32 @@ class TeacherCheckError(ValueError):
 
 def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: Runtime, render: Renderer,
                       batch_size: int, temperature: float) -> dict[str, Any]:
-    """Top-1/top-5 of every teacher (its own centre crop) and of the ensemble on the labelled images."""
+    """Top-1/top-5 of every teacher (its own centre crop) and of the ensemble on the labelled images.
+
+    Under torchrun each rank scores a strided share and the hit counts are
+    summed, so every rank returns the same numbers (and reaches the same
+    verdict) and no rank waits in a collective while another evaluates alone.
+    """
     ids = np.flatnonzero(manifest.labels >= 0)
     if not len(ids):
         raise ValueError(f"evaluation manifest {manifest.path} has no labelled images; top-1 cannot be measured")
+    with fail_together(runtime):  # a bad image on one rank stops every rank with its message
+        hits = count_hits(teachers, manifest, ids[runtime.rank :: runtime.world_size], runtime, render,
+                          batch_size, temperature)
+    hits = np.sum(all_gather_json(runtime, hits.tolist()), axis=0)
+    acc = (hits / len(ids)).tolist()
+    return {
+        "manifest": {"hash": manifest.content_hash, "path": str(manifest.path), "num_images": int(len(ids))},
+        "crop": "centre (each teacher's crop_pct)",
+        "teachers": {t.name: {"top1": a[0], "top5": a[1]} for t, a in zip(teachers, acc)},
+        "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]},
+        "chance_top1": 1.0 / manifest.num_classes,
+    }
+
+
+def count_hits(teachers: Sequence[Teacher], manifest: Manifest, ids: np.ndarray, runtime: Runtime,
+               render: Renderer, batch_size: int, temperature: float) -> np.ndarray:
+    """int64 [teachers + 1, 2]: top-1 and top-5 hits of each teacher, then of the ensemble, on images ``ids``."""
     labels = torch.as_tensor(manifest.labels[ids].astype(np.int64), device=runtime.device)
     k5 = min(5, manifest.num_classes)
     pres = [t.preprocess for t in teachers]
@@ -45,7 +68,6 @@ def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: 
     groups = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     views = prefetch(centre_crops, groups, runtime.num_workers, depth=2 * runtime.num_workers + 2)
     views = tqdm(views, total=len(groups), desc="evaluating teachers", unit="batch", disable=not runtime.progress)
-    # rows: each teacher, then the ensemble; columns: top-1, top-5 hits
     hits = torch.zeros(len(teachers) + 1, 2, dtype=torch.int64, device=runtime.device)
     done = 0
     for batch in batches(views, batch_size):
@@ -56,14 +78,7 @@ def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: 
         hits[:, 0] += top[..., 0].sum(-1)
         hits[:, 1] += top.any(-1).sum(-1)
         done += probs.shape[1]
-    acc = (hits.double() / len(ids)).tolist()
-    return {
-        "manifest": {"hash": manifest.content_hash, "path": str(manifest.path), "num_images": int(len(ids))},
-        "crop": "centre (each teacher's crop_pct)",
-        "teachers": {t.name: {"top1": a[0], "top5": a[1]} for t, a in zip(teachers, acc)},
-        "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]},
-        "chance_top1": 1.0 / manifest.num_classes,
-    }
+    return hits.cpu().numpy()
 
 
 def format_eval_table(result: dict[str, Any]) -> str:

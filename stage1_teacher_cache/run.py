@@ -31,6 +31,7 @@ from tqdm import tqdm
 from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, check_boxes_inside, image_boxes
+from common.distributed import fail_together, peer_may_be_gone
 from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime, build_runtime
@@ -58,19 +59,20 @@ def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
     if not tc.out:
         raise ConfigError("no cache directory: pass --out CACHE (or set teacher_cache.out)")
     runtime = build_runtime(cfg.runtime)
-    manifest = load_manifest(cfg.data.manifest, data_root=cfg.data.data_root or None)
-    k = kept_classes(tc.topk, manifest.num_classes)
-    teachers = load_teachers(tc, manifest.num_classes, runtime, seed=cfg.runtime.seed)
-
-    crop_attrs, crop_boxes = crop_source(cfg.crops, manifest, reuse_crops)
+    # Under torchrun every rank reads the inputs; one that cannot stops them all (common/distributed.py).
+    with fail_together(runtime):
+        manifest = load_manifest(cfg.data.manifest, data_root=cfg.data.data_root or None)
+        k = kept_classes(tc.topk, manifest.num_classes)
+        teachers = load_teachers(tc, manifest.num_classes, runtime, seed=cfg.runtime.seed)
+        crop_attrs, crop_boxes = crop_source(cfg.crops, manifest, reuse_crops)
 
     evaluation = None
-    if tc.evaluate_manifest and runtime.is_main:
+    if tc.evaluate_manifest:  # on every rank: each scores a share, all reach the same verdict
         evaluation = check_before_caching(cfg, manifest, teachers, runtime)
 
     attrs = cache_attrs(cfg, manifest, teachers, k, evaluation, runtime, crop_attrs, reuse_crops)
     writer = open_cache(tc.out, attrs, runtime)
-    if evaluation is not None:
+    if evaluation is not None and runtime.is_main:
         writer.group.attrs.update({"teacher_eval": evaluation})  # also when resuming an existing cache
     complete = writer.complete_shards()
     mine = [s for s in range(len(complete)) if s % runtime.world_size == runtime.rank]
@@ -184,18 +186,20 @@ def check_boxes_fit(boxes: np.ndarray, flip: np.ndarray, manifest: Manifest, sta
 
 
 def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], runtime: Runtime) -> dict:
-    """Evaluate the teachers on the validation manifest; stop if one is near chance."""
+    """Evaluate the teachers on the validation manifest; stop (every rank) if one is near chance."""
     tc = cfg.teacher_cache
-    val = load_manifest(tc.evaluate_manifest, data_root=cfg.data.data_root or None)
-    if val.class_names != train.class_names:
-        raise ConfigError(
-            f"evaluation manifest {val.path} has classes {list(val.class_names)[:5]}... but the training manifest "
-            f"has {list(train.class_names)[:5]}...; both must list the same classes in the same order"
-        )
-    render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], 1, tc.batch_size)
+    with fail_together(runtime):
+        val = load_manifest(tc.evaluate_manifest, data_root=cfg.data.data_root or None)
+        if val.class_names != train.class_names:
+            raise ConfigError(
+                f"evaluation manifest {val.path} has classes {list(val.class_names)[:5]}... but the training "
+                f"manifest has {list(train.class_names)[:5]}...; both must list the same classes in the same order"
+            )
+        render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], 1, tc.batch_size)
     result = evaluate_teachers(teachers, val, runtime, render, tc.batch_size, tc.temperature)
-    print(format_eval_table(result))
-    check_teachers(result, tc.min_top1_over_chance)
+    if runtime.is_main:
+        print(format_eval_table(result))
+    check_teachers(result, tc.min_top1_over_chance)  # same numbers on every rank, so every rank stops
     return result
 
 
@@ -234,9 +238,10 @@ def cache_attrs(cfg: Config, manifest: Manifest, teachers: list[Teacher], k: int
 
 
 def open_cache(path: str, attrs: dict[str, Any], runtime: Runtime) -> CacheWriter:
-    """Rank 0 creates (or checks) the cache before any other rank opens it."""
-    writer = CacheWriter(path, attrs) if runtime.is_main else None
-    runtime.barrier()
+    """Rank 0 creates (or checks) the cache before any other rank opens it; if rank 0 refuses it
+    (other inputs, unreadable), every rank stops with that message."""
+    with fail_together(runtime):
+        writer = CacheWriter(path, attrs) if runtime.is_main else None
     return writer or CacheWriter(path, attrs)
 
 
@@ -256,7 +261,10 @@ def summarize(writer: CacheWriter, runtime: Runtime, path: str, *, shards_writte
               images: int, crops: int, started: float) -> dict[str, Any]:
     counts = torch.tensor([shards_written, skipped, images, crops], dtype=torch.int64, device=runtime.device)
     if runtime.distributed and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)  # totals over ranks; also waits for every rank's last shard
+        # Totals over ranks; also waits for every rank's last shard. A rank that failed on a shard has
+        # exited at once with its message (torchrun then stops the others); one already waiting here says so.
+        with peer_may_be_gone("every rank's last shard"):
+            torch.distributed.all_reduce(counts)
     shards_written, skipped, images, crops = counts.tolist()
     seconds = time.perf_counter() - started  # after the reduce: the wall time of the slowest rank
     complete = writer.complete_shards()

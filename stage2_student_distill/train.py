@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from common.cache_format import CacheReader
 from common.config import Config
+from common.distributed import broadcast_buffers, fail_together
 from common.manifest import Manifest, load_manifest
 from common.models import Preprocess, apply_preprocess_config, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
@@ -98,12 +99,14 @@ def fit(job: Job) -> dict[str, Any]:
         start_epoch, best_top1 = state["epoch"], state["best_top1"]
         if rt.is_main:
             print(f"resuming {job.run_dir} after epoch {start_epoch} (best top-1 {best_top1:.2f}%)", flush=True)
-    metrics = MetricsLog(job.run_dir / "metrics.jsonl", completed_epochs=start_epoch) if rt.is_main else None
+    with fail_together(rt):  # rank-0-only work before a collective: a failure stops every rank
+        metrics = MetricsLog(job.run_dir / "metrics.jsonl", completed_epochs=start_epoch) if rt.is_main else None
 
     record: dict[str, Any] | None = None
     for epoch in range(start_epoch, cfg.optim.epochs):
         epoch_start = time.perf_counter()
         train = train_one_epoch(job, lr_pairs, scaler, epoch)
+        broadcast_buffers(rt, job.student, job.discriminator)  # the model rank 0 saves is every rank's
         validate = (epoch + 1) % cfg.optim.eval_every == 0 or epoch + 1 == cfg.optim.epochs
         val = evaluate(student, job.val_loader, rt) if validate else None
         record = {
@@ -116,28 +119,29 @@ def fit(job: Job) -> dict[str, Any]:
             "img_per_s": train["img_per_s"],
             "time_s": time.perf_counter() - epoch_start,
         }
-        if rt.is_main:
-            meta = {**job.meta, "epoch": epoch + 1, **({"val_top1": val["top1"], "val_top5": val["top5"]} if val else {})}
-            # Order matters for crash safety: last.pt is the commit point. A
-            # crash before it re-runs this epoch on resume, and MetricsLog drops
-            # the line of an epoch that last.pt does not cover.
-            if val and val["top1"] > best_top1:
-                save_model(job.run_dir / "best.pt", student, meta)
-            metrics.append(record)
-            save_training_state(
-                job.run_dir / "last.pt",
-                model=student,
-                meta=meta,
-                discriminator=job.discriminator,
-                optimizers=optimizers,
-                scaler=scaler,
-                epoch=epoch + 1,
-                best_top1=max(best_top1, val["top1"]) if val else best_top1,
-            )
-            print(summary_line(record, cfg.optim.epochs), flush=True)
-        if val:
-            best_top1 = max(best_top1, val["top1"])
-        rt.barrier()
+        with fail_together(rt):  # rank 0 writes; if that fails (disk full), every rank stops with its message
+            if rt.is_main:
+                meta = {**job.meta, "epoch": epoch + 1,
+                        **({"val_top1": val["top1"], "val_top5": val["top5"]} if val else {})}
+                # Order matters for crash safety: last.pt is the commit point. A
+                # crash before it re-runs this epoch on resume, and MetricsLog drops
+                # the line of an epoch that last.pt does not cover.
+                if val and val["top1"] > best_top1:
+                    save_model(job.run_dir / "best.pt", student, meta)
+                metrics.append(record)
+                save_training_state(
+                    job.run_dir / "last.pt",
+                    model=student,
+                    meta=meta,
+                    discriminator=job.discriminator,
+                    optimizers=optimizers,
+                    scaler=scaler,
+                    epoch=epoch + 1,
+                    best_top1=max(best_top1, val["top1"]) if val else best_top1,
+                )
+                print(summary_line(record, cfg.optim.epochs), flush=True)
+            if val:
+                best_top1 = max(best_top1, val["top1"])
     return {
         "run_dir": str(job.run_dir),
         "epochs": cfg.optim.epochs,
@@ -233,7 +237,8 @@ def run_distill(cfg: Config) -> dict[str, Any]:
     runtime = build_runtime(cfg.runtime)
     manifest, val_manifest = _load_manifests(cfg)
     cache = CacheReader(d.cache, manifest_hash=manifest.content_hash, num_classes=manifest.num_classes)
-    run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, DISTILL_TABLES, write=runtime.is_main)
+    with fail_together(runtime):
+        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, DISTILL_TABLES, write=runtime.is_main)
 
     seed_everything(cfg.runtime.seed)  # same initial student (and discriminator) on every run and rank
     student, preprocess = create_student(cfg, manifest.num_classes)
@@ -261,7 +266,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
     unlabeled = int((manifest.labels < 0).sum())
     if unlabeled:
         raise RunError(f"{manifest.path}: {unlabeled} images have no label (-1); `pipeline train` needs every label")
-    run_dir = prepare_run_dir(t.out, cfg.to_dict(), t.resume, TRAIN_TABLES, write=runtime.is_main)
+    with fail_together(runtime):
+        run_dir = prepare_run_dir(t.out, cfg.to_dict(), t.resume, TRAIN_TABLES, write=runtime.is_main)
 
     seed_everything(cfg.runtime.seed)
     model, preprocess = create_model(
