@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from common.runtime import Runtime
 
 MODES = ("distill", "train", "eval")
+# (paths [n], boxes int32 [n, m, 4], flips uint8 [n, m]) -> uint8 [n*m, 3, S, S] per teacher (image-major)
+ViewRenderer = Callable[[list, np.ndarray, np.ndarray], list[torch.Tensor]]
 PREFETCH_BATCHES = 2  # rendered batches waiting in the queue (one more is being rendered)
 
 
@@ -61,6 +63,9 @@ class Batch:
     sample_ids: torch.Tensor  # int64 [B] (CPU): distill image_id * C + crop_id; train image_id * m + j; eval image_id
     labels: torch.Tensor  # int64 [B] on device (-1 = unlabeled)
     targets: torch.Tensor | None  # float32 [B, K] dense soft targets on device (mode "distill"), else None
+    boxes: np.ndarray | None = None  # int32 [B, 4] x, y, w, h of each crop in its image
+    flips: np.ndarray | None = None  # uint8 [B]
+    views: list[torch.Tensor] | None = None  # online MEAL V2: uint8 [B, 3, S_t, S_t] per teacher (CPU)
 
 
 @dataclass
@@ -196,6 +201,7 @@ class Loader:
         crops: CropConfig | None = None,
         crops_per_image: int = 1,
         max_images: int | None = None,
+        views: ViewRenderer | None = None,
     ):
         _validate(manifest, mode, batch_size, cache, crops, crops_per_image)
         self.manifest = manifest
@@ -209,6 +215,9 @@ class Loader:
         self.crops_per_image = crops_per_image
         self.images_per_batch = batch_size // crops_per_image
         self.num_images = manifest.num_images if max_images is None else min(manifest.num_images, max_images)
+        # Online MEAL V2: each batch's crops rendered again per teacher, in the prefetch thread.
+        self.views = views
+        self._view_paths = ConfinedPaths(manifest) if views is not None else None
         self._centre_boxes = None
         if mode == "eval":
             self._centre_boxes = np.array(
@@ -251,14 +260,15 @@ class Loader:
 
         def produce(index: int):
             rows = plan.batch_slice(index)
-            return self._backend.render(
-                plan.image_ids[rows], samples.boxes[rows], samples.flips[rows], samples.sample_ids[rows]
-            )
+            ids, boxes, flips = plan.image_ids[rows], samples.boxes[rows], samples.flips[rows]
+            pixels, rendered_ids = self._backend.render(ids, boxes, flips, samples.sample_ids[rows])
+            views = self.views([self._view_paths(int(i)) for i in ids], boxes, flips) if self.views is not None else None
+            return pixels, rendered_ids, views
 
         # closing(): a training loop that stops early also stops the prefetch thread.
         with contextlib.closing(_prefetch(produce, plan.num_batches, PREFETCH_BATCHES)) as rendered:
-            for index, (pixels, rendered_ids) in enumerate(rendered):
-                yield self._batch(samples, index, pixels, rendered_ids)
+            for index, (pixels, rendered_ids, views) in enumerate(rendered):
+                yield self._batch(samples, index, pixels, rendered_ids, views)
 
     def _planned(self, epoch: int) -> _EpochSamples:
         """The plan of ``epoch`` (built ahead if it was the one expected), and start on the next.
@@ -341,7 +351,8 @@ class Loader:
                 "built from different image files -- rebuild it for this manifest"
             )
 
-    def _batch(self, samples: _EpochSamples, index: int, pixels: torch.Tensor, rendered_ids: torch.Tensor) -> Batch:
+    def _batch(self, samples: _EpochSamples, index: int, pixels: torch.Tensor, rendered_ids: torch.Tensor,
+               views: list[torch.Tensor] | None = None) -> Batch:
         rows = samples.plan.batch_slice(index)
         planned_ids = torch.from_numpy(np.ascontiguousarray(samples.sample_ids[rows]).reshape(-1))
         if not torch.equal(rendered_ids.cpu(), planned_ids):
@@ -367,6 +378,9 @@ class Loader:
             sample_ids=planned_ids,
             labels=torch.from_numpy(self.manifest.labels[image_ids].astype(np.int64)).to(device, non_blocking=True),
             targets=targets,
+            boxes=samples.boxes[rows].reshape(-1, 4),
+            flips=samples.flips[rows].reshape(-1),
+            views=views,
         )
 
 
@@ -423,6 +437,7 @@ def build_loader(
     crops: CropConfig | None = None,
     crops_per_image: int = 1,
     max_images: int | None = None,
+    views: ViewRenderer | None = None,
 ) -> Loader:
     """A :class:`Loader`; ``kind``: "auto" (DALI if importable, else torch) | "dali" | "torch"."""
     if kind not in ("auto", "dali", "torch"):
@@ -443,4 +458,5 @@ def build_loader(
         crops=crops,
         crops_per_image=crops_per_image,
         max_images=max_images,
+        views=views,
     )
