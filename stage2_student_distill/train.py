@@ -295,15 +295,15 @@ def setup(cfg: Config, command: str = "distill") -> Job:
 def _setup_distill(cfg: Config) -> Job:
     d = cfg.distill
     required = {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "distill.out": "--out"}
-    if not d.online:
-        required["distill.cache"] = "--cache (or --online to run the teachers in the loop)"
-    _require(cfg, required)
-    if d.online and d.cache:
-        raise RunError("--online runs the teachers on fresh crops, --cache replays cached targets: give one "
-                       "(config keys distill.online, distill.cache); --online --replay-cache CACHE uses a cache's crops")
     if d.replay_cache and not d.online:
         raise RunError("--replay-cache CACHE scores the cache's crops with live teachers: it needs --online "
                        "(without it, pass the cache as --cache)")
+    if d.online and d.cache:
+        raise RunError("--online runs the teachers on fresh crops, --cache replays cached targets: give one "
+                       "(config keys distill.online, distill.cache); --online --replay-cache CACHE uses a cache's crops")
+    if not d.online:
+        required["distill.cache"] = "--cache (or --online to run the teachers in the loop)"
+    _require(cfg, required)
     runtime = build_runtime(cfg.runtime)
     manifest, val_manifest = _load_manifests(cfg)
     cache_path = d.cache or d.replay_cache
