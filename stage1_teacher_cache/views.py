@@ -82,14 +82,21 @@ def dali_available() -> bool:
     return True
 
 
-def make_renderer(loader: str, runtime: Runtime, preprocesses: Sequence[Preprocess], crops_per_image: int,
-                  images_per_call: int) -> Renderer:
+def renderer_kind(loader: str, runtime: Runtime) -> str:
     """``torch`` always; ``dali`` when installed; ``auto`` = DALI on CUDA only (on CPU torch is as fast)."""
     if loader == "torch" or (loader == "auto" and not (runtime.is_cuda and dali_available())):
-        return torch_renderer(preprocesses)
+        return "torch"
     if not dali_available():
         raise ValueError("teacher_cache.loader = \"dali\" but NVIDIA DALI is not installed here; "
                          "install nvidia-dali or use --loader torch")
+    return "dali"
+
+
+def make_renderer(loader: str, runtime: Runtime, preprocesses: Sequence[Preprocess], crops_per_image: int,
+                  images_per_call: int) -> Renderer:
+    """The renderer ``renderer_kind(loader, runtime)`` names."""
+    if renderer_kind(loader, runtime) == "torch":
+        return torch_renderer(preprocesses)
     return dali_renderer(preprocesses, runtime, crops_per_image, images_per_call)
 
 

@@ -20,6 +20,7 @@ Hard-label training keeps its objective's one-hot targets (losses.py).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import RULE, teacher_probs
 from stage1_teacher_cache.teachers import Teacher
-from stage1_teacher_cache.views import make_renderer
+from stage1_teacher_cache.views import make_renderer, renderer_kind
 
 
 class CachedTargets:
@@ -53,18 +54,29 @@ class OnlineTargets:
 
     kind = "online"
 
-    def __init__(self, teachers: Sequence[Teacher], runtime: Runtime, temperature: float, render_kind: str,
+    def __init__(self, teachers: Sequence[Teacher], runtime: Runtime, temperature: float, loader: str,
                  crops_per_image: int, images_per_batch: int):
         self.teachers = list(teachers)
         self.runtime = runtime
         self.temperature = temperature
-        self._render = make_renderer(render_kind, runtime, [t.preprocess for t in self.teachers],
+        self.render_kind = renderer_kind(loader, runtime)  # "torch" | "dali" (teacher_cache.loader)
+        self._render = make_renderer(loader, runtime, [t.preprocess for t in self.teachers],
                                      crops_per_image, images_per_batch)
         self._clock = _DeviceClock(runtime)
+        # The torch renderer works image by image: split a batch over the decode workers (PIL and
+        # torch's resize release the GIL). DALI renders a whole batch in one call.
+        self._workers = max(1, runtime.num_workers)
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="teacher-views") \
+            if self.render_kind == "torch" and self._workers > 1 else None
 
     def render(self, paths: Sequence[str], boxes: np.ndarray, flips: np.ndarray) -> list[torch.Tensor]:
         """uint8 views [n*m, 3, S_t, S_t] per teacher, image-major like the student's batch."""
-        return self._render(paths, [boxes] * len(self.teachers), flips)
+        teachers = len(self.teachers)
+        if self._pool is None or len(paths) < 2:
+            return self._render(paths, [boxes] * teachers, flips)
+        chunks = [c for c in np.array_split(np.arange(len(paths)), self._workers) if len(c)]
+        parts = self._pool.map(lambda c: self._render([paths[i] for i in c], [boxes[c]] * teachers, flips[c]), chunks)
+        return [torch.cat(views) for views in zip(*parts)]
 
     def __call__(self, batch) -> torch.Tensor:
         if batch.views is None:

@@ -115,7 +115,8 @@ def test_replay_cache_without_online_is_refused(data, tmp_path):
 
 def test_fresh_online_crops_of_epoch_e_are_the_seeded_boxes_e_times_m_plus_j(data, tmp_path):
     m = 2
-    job = setup(online_config(data, tmp_path / "run", **{"distill.crops_per_image": m}))
+    # two workers: the teachers' views of a batch are rendered in chunks, then joined in order
+    job = setup(online_config(data, tmp_path / "run", **{"distill.crops_per_image": m, "runtime.num_workers": 2}))
     manifest = load_manifest(str(data["train"]))
     c = job.cfg.crops
     teacher = job.targets.teachers[0]
