@@ -161,3 +161,14 @@ def test_replayed_online_targets_equal_the_cache_within_float16(data, tmp_path):
             batches += 1
     assert batches == 2 * 3
     assert spread > 2e-2  # the targets differ between crops by far more than the tolerance
+
+
+def test_replay_cache_runs_through_the_cli(data, tmp_path):
+    out = tmp_path / "run"
+    args = online_args(data, out, "--epochs", "1", "--replay-cache", str(data["cache"]))
+    args[args.index("test_resnet,test_byobnet")] = "test_resnet"
+    invoke(*args)
+    (record,) = read_metrics(out / "metrics.jsonl")
+    assert record["epoch"] == 1 and np.isfinite(record["train_kl"]) and record["teacher_s"] > 0
+    online = torch.load(out / "last.pt", weights_only=True)["meta"]["online"]
+    assert online["crops"] == "replayed" and online["replay_cache"] == str(data["cache"])
