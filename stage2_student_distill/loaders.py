@@ -22,6 +22,10 @@ without a stall.
 Each rendered batch carries the sample ids it was made from, and they are
 compared with the plan: a mismatch raises instead of training on misaligned
 targets.
+
+For online MEAL V2 (``views=``, stage2_student_distill/targets.py) the same
+background thread also renders every crop of the batch once per teacher, at
+that teacher's size (stage 1's renderer); the views travel with the batch.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ class Batch:
     targets: torch.Tensor | None  # float32 [B, K] dense soft targets on device (mode "distill"), else None
     boxes: np.ndarray | None = None  # int32 [B, 4] x, y, w, h of each crop in its image
     flips: np.ndarray | None = None  # uint8 [B]
-    views: list[torch.Tensor] | None = None  # online MEAL V2: uint8 [B, 3, S_t, S_t] per teacher (CPU)
+    views: list[torch.Tensor] | None = None  # online MEAL V2: uint8 [B, 3, S_t, S_t] per teacher (CPU; DALI: device)
 
 
 @dataclass
@@ -276,7 +280,7 @@ class Loader:
         Training plans change every epoch and read the cache; planning epoch e + 1
         while e trains hides that read. The plan is a pure function of the epoch,
         so building it early changes nothing but the timing. Asking again for the
-        epoch being replayed (as the online benchmark does) returns the same plan.
+        epoch being replayed returns the same plan.
         """
         if self._current is not None and self._current[0] == epoch:
             return self._current[1]
