@@ -43,7 +43,6 @@ a markdown section (machine, versions, command, table) between markers in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
