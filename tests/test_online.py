@@ -172,3 +172,27 @@ def test_replay_cache_runs_through_the_cli(data, tmp_path):
     assert record["epoch"] == 1 and np.isfinite(record["train_kl"]) and record["teacher_s"] > 0
     online = torch.load(out / "last.pt", weights_only=True)["meta"]["online"]
     assert online["crops"] == "replayed" and online["replay_cache"] == str(data["cache"])
+
+
+def test_teacher_weights_file_is_used_and_recorded(data, tmp_path):
+    from common.models import file_sha256
+    from stage2_student_distill.train import run_train
+
+    teacher_run = tmp_path / "teacher"
+    run_train(load_config(None, {
+        "runtime.device": "cpu", "runtime.progress": False, "runtime.num_workers": 1,
+        "data.manifest": str(data["train"]), "data.val_manifest": str(data["val"]), "optim.epochs": 1,
+        "optim.batch_size": 4, "optim.img_size": TEACHER_SIZE, "optim.loader": "torch",
+        "train.model": "test_byobnet", "train.out": str(teacher_run)}))
+    weights = teacher_run / "best.pt"
+    out = tmp_path / "run"
+    args = online_args(data, out, "--epochs", "1", "--teacher-weights", f"test_byobnet={weights}")
+    args[args.index("test_resnet,test_byobnet")] = "test_byobnet"
+    i = args.index("--teacher-input-size")
+    del args[i:i + 2]
+    invoke(*args)
+    (teacher,) = torch.load(out / "last.pt", weights_only=True)["meta"]["online"]["teachers"]
+    assert teacher["weights"] == "file" and teacher["weights_sha256"] == file_sha256(str(weights))
+    assert teacher["preprocess"]["input_size"] == TEACHER_SIZE  # from the checkpoint's own metadata
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher_cache"]["teacher_weights"] == [f"test_byobnet={weights}"]
