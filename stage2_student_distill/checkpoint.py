@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_torch_save, atomic_write_json
+from common.config import Config
 
 
 class RunError(ValueError):
@@ -74,8 +75,12 @@ def flatten_config(cfg: dict[str, Any], tables: tuple[str, ...]) -> dict[str, An
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any], tables: tuple[str, ...]) -> list[str]:
-    """``"table.key: run has X, now Y"`` for every relevant key that changed."""
-    old, new = flatten_config(saved, tables), flatten_config(current, tables)
+    """``"table.key: run has X, now Y"`` for every relevant key that changed.
+
+    A key the run's config.json predates counts as its default (what that run used).
+    """
+    old = {**flatten_config(Config().to_dict(), tables), **flatten_config(saved, tables)}
+    new = flatten_config(current, tables)
     return [
         f"{key}: run has {old.get(key)!r}, now {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())

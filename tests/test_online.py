@@ -196,3 +196,15 @@ def test_teacher_weights_file_is_used_and_recorded(data, tmp_path):
     assert teacher["preprocess"]["input_size"] == TEACHER_SIZE  # from the checkpoint's own metadata
     config = json.loads((out / "config.json").read_text())
     assert config["teacher_cache"]["teacher_weights"] == [f"test_byobnet={weights}"]
+
+
+def test_a_cached_run_from_before_the_online_keys_still_resumes(tmp_path):
+    from stage2_student_distill.checkpoint import config_differences
+
+    current = load_config(None, {"distill.cache": "C"}).to_dict()
+    old = json.loads(json.dumps(current))
+    del old["distill"]["online"], old["distill"]["replay_cache"]  # a config.json written before they existed
+    assert config_differences(old, current, ("distill",)) == []
+    online = load_config(None, {"distill.online": True}).to_dict()
+    assert config_differences(old, online, ("distill",)) == [
+        "distill.cache: run has 'C', now ''", "distill.online: run has False, now True"]
