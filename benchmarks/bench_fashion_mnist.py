@@ -15,20 +15,20 @@ images, the 10,000 test images, 30 epochs), plus the online comparison:
 
    * ``cached``: `pipeline distill` (``run_distill``): KL to the cached targets
      + the MEAL V2 discriminator;
-   * ``online``: online MEAL V2 on *the same crops*: the Job that
-     ``run_distill`` builds (student, discriminator, ``DistillObjective``,
-     optimizers, the distill loader in mode "distill", so the same plan, the
-     same cached boxes and flips, the same student pixels), with every batch's
-     crops also rendered at each teacher's own size (stage 1's
-     ``make_renderer``, a few batches ahead on a thread pool) and the teachers
-     run in the loop (``teacher_probs``); their mean softmax replaces the
-     cached target. The gap to ``cached`` is what storing top-k in float16
-     costs (plus run-to-run noise); the script also measures the targets'
-     difference directly;
+   * ``online``: online MEAL V2 on *the same crops*: `pipeline distill
+     --online --replay-cache CACHE` (the library's online target source: the
+     cache's plan, boxes and flips, each crop rendered at every teacher's own
+     size and the teachers run in the loop; their full mean softmax is the
+     target). The gap to ``cached`` is what storing top-k in float16 costs
+     (plus run-to-run noise); the script also measures the targets'
+     difference directly (``--compare-batches``);
+   * ``fresh``: online MEAL V2 as the paper runs it, `pipeline distill
+     --online`: a fresh seeded crop every step (crop index epoch * m + j);
    * ``hard``: `pipeline train` (``run_train``): cross entropy to the labels,
      fresh seeded RandomResizedCrops of the same policy every epoch.
 
-Everything runs through the project's own training loop (``train.fit``), on a
+Everything runs through the library's entry points (``run_train``,
+``run_distill``, ``setup``: the benchmark is a thin driver), on a
 GPU when one is present (``--device``). Runs are resumable: rerunning the same
 command with the same ``--workdir`` skips finished steps.
 
@@ -43,7 +43,6 @@ a markdown section (machine, versions, command, table) between markers in
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -57,7 +56,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    begin, capture_job, machine_line, markdown_table, run_header, update_marked_section,
+    begin, machine_line, markdown_table, run_header, update_marked_section,
     write_results,
 )
 from common.cache_format import CacheReader  # noqa: E402
@@ -66,73 +65,34 @@ from common.manifest import load_manifest  # noqa: E402
 from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
 from stage2_student_distill.metrics import read_metrics  # noqa: E402
 
-# --------------------------------------------------------------------------- online MEAL V2 on the cached crops
+# --------------------------------------------------------------------------- online targets against the cache
 
 
-class OnlineOnCachedCrops:
-    """The distill loader with the teachers in the loop: same batches, targets computed now.
+def compare_targets(cfg, batches: int) -> dict | None:
+    """Cached vs. live targets on the same crops: the library's online source replaying the cache
+    (``distill.replay_cache``) next to the cache's own targets, over the first ``batches`` batches."""
+    import contextlib
+    import itertools
 
-    Each batch of the wrapped loader (mode "distill") carries its image and crop
-    ids; the crop's box and flip come from the epoch's plan (read from the cache,
-    the same rows the loader replays), are rendered at each teacher's size and
-    normalisation, and the ensemble's mean softmax becomes the batch's target.
-    ``stats`` accumulates how far the cached targets were from these.
-    """
+    from stage2_student_distill.train import setup
 
-    def __init__(self, loader, teachers, runtime, render_kind: str, temperature: float, workers: int):
-        from stage1_teacher_cache.views import make_renderer
-
-        self.loader, self.teachers, self.runtime, self.temperature = loader, teachers, runtime, temperature
-        self.manifest = loader.manifest
-        self.render = make_renderer(render_kind, runtime, [t.preprocess for t in teachers], 1, loader.images_per_batch)
-        self.render_kind = "dali" if "dali" in self.render.__qualname__ else "torch"
-        self.workers = max(1, workers)
-        self.batch_size = loader.batch_size
-        self.num_samples_per_epoch = loader.num_samples_per_epoch
-        self.stats = {"samples": 0, "abs_diff_max": 0.0, "abs_diff_sum": 0.0, "kl_sum": 0.0, "argmax_agree": 0}
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def epoch(self, epoch: int):
-        import contextlib
-
-        from stage1_teacher_cache.ensemble import teacher_probs
-        from common.prefetch import prefetch
-
-        samples = self.loader._planned(epoch)  # the plan the loader replays (the same object): boxes/flips
-        boxes = samples.boxes.reshape(-1, 4)
-        flips = samples.flips.reshape(-1)
-        sample_ids = samples.sample_ids.reshape(-1)
-        m = samples.crop_ids.shape[1]
-        plan = samples.plan
-        n_teachers = len(self.teachers)
-
-        def views(item):
-            index, batch = item
-            rows = plan.batch_slice(index)
-            lo, hi = rows.start * m, rows.stop * m
-            if not torch.equal(batch.sample_ids, torch.from_numpy(sample_ids[lo:hi])):
-                raise RuntimeError(f"online loader: batch {index} does not match the plan")
-            paths = [self.manifest.abspath(int(i)) for i in batch.image_ids.tolist()]
-            b, f = boxes[lo:hi][:, None, :], flips[lo:hi][:, None]
-            return batch, self.render(paths, [b] * n_teachers, f)
-
-        with contextlib.closing(self.loader.epoch(epoch)) as batches:
-            for batch, teacher_views in prefetch(views, enumerate(batches), self.workers, depth=2 * self.workers + 1):
-                online = teacher_probs(self.teachers, teacher_views, self.runtime, self.temperature).mean(0).clone()
-                self._compare(batch.targets, online)
-                yield dataclasses.replace(batch, targets=online)
-
-    def _compare(self, cached: torch.Tensor, online: torch.Tensor) -> None:
-        diff = (cached.float() - online).abs()
-        kl = (torch.xlogy(online, online) - online * torch.log(cached.float().clamp_min(1e-12))).sum(-1)
-        s = self.stats
-        s["samples"] += online.shape[0]
-        s["abs_diff_max"] = max(s["abs_diff_max"], float(diff.max()))
-        s["abs_diff_sum"] += float(diff.sum(-1).sum())
-        s["kl_sum"] += float(kl.sum())
-        s["argmax_agree"] += int((cached.argmax(-1) == online.argmax(-1)).sum())
+    job = setup(cfg, "distill")
+    s = {"samples": 0, "abs_diff_max": 0.0, "abs_diff_sum": 0.0, "kl_sum": 0.0, "argmax_agree": 0}
+    with contextlib.closing(job.train_loader.epoch(0)) as epoch:
+        for batch in itertools.islice(epoch, batches):
+            cached, online = batch.targets.float(), job.targets(batch)
+            diff = (cached - online).abs()
+            kl = (torch.xlogy(online, online) - online * torch.log(cached.clamp_min(1e-12))).sum(-1)
+            s["samples"] += online.shape[0]
+            s["abs_diff_max"] = max(s["abs_diff_max"], float(diff.max()))
+            s["abs_diff_sum"] += float(diff.sum())
+            s["kl_sum"] += float(kl.sum())
+            s["argmax_agree"] += int((cached.argmax(-1) == online.argmax(-1)).sum())
+    if not s["samples"]:
+        return None
+    n = s["samples"]
+    return {"samples": n, "abs_diff_max": s["abs_diff_max"], "mean_l1": s["abs_diff_sum"] / n,
+            "mean_kl": s["kl_sum"] / n, "argmax_agree": s["argmax_agree"] / n}
 
 
 # --------------------------------------------------------------------------- steps
@@ -273,6 +233,9 @@ def report(payload: dict) -> str:
     if s.get("cached_minus_online") is not None:
         lines.append(f"| abs(cached - online) <= 0.3 points | {s['cached_minus_online']:+.2f} "
                      f"(per seed {s['cached_minus_online_per_seed']}) | {'yes' if s['met_online'] else 'NO'} |")
+    if s.get("cached_minus_fresh") is not None:
+        lines.append(f"| cached - online with fresh crops (no target; the cache's crop budget) | "
+                     f"{s['cached_minus_fresh']:+.2f} (per seed {s['cached_minus_fresh_per_seed']}) | - |")
     if payload.get("online_targets"):
         t = payload["online_targets"]
         lines += ["", f"Cached vs. online targets on the same crops ({t['samples']:,} samples): mean L1 "
@@ -281,7 +244,8 @@ def report(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-VARIANT_NAMES = {"cached": "MEAL V2 (cached KD)", "online": "MEAL V2 (online KD, same crops)", "hard": "hard labels"}
+VARIANT_NAMES = {"cached": "MEAL V2 (cached KD)", "online": "MEAL V2 (online KD, same crops)",
+                 "fresh": "MEAL V2 (online KD, fresh crops)", "hard": "hard labels"}
 
 
 def fmt_int(v) -> str:
@@ -322,7 +286,9 @@ def parse_args(argv):
     p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
     p.add_argument("--eval-every", type=int, default=demo.eval_every, help="epochs between validations (and the last)")
     p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
-    p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, hard")
+    p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, fresh, hard")
+    p.add_argument("--compare-batches", type=int, default=20,
+                   help="batches over which cached and live targets are compared (with variant online; 0 = skip)")
     p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")
     p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     p.add_argument("--loader", default="auto", help="stage 2 loader: auto | torch | dali")
@@ -338,14 +304,13 @@ def parse_args(argv):
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANT_NAMES)
     if unknown:
-        p.error(f"--variants: unknown {sorted(unknown)}; use cached, online, hard")
+        p.error(f"--variants: unknown {sorted(unknown)}; use cached, online, fresh, hard")
     return args
 
 
 def main(argv=None) -> int:
     from stage1_teacher_cache.run import run as run_teacher_cache
-    from stage1_teacher_cache.teachers import load_teachers
-    import stage2_student_distill.train as train_mod
+    from stage2_student_distill.train import run_distill, run_train
 
     args = parse_args(argv)
     t_start, info, wd = begin(args.workdir)
@@ -372,7 +337,7 @@ def main(argv=None) -> int:
                                   "train.resume": (run_dir / "last.pt").exists(), "optim.epochs": args.teacher_epochs,
                                   "optim.img_size": args.teacher_img_size or args.img_size})
             print(f"teacher {name}: {args.teacher_epochs} epochs on {args.teacher_train_images} images", flush=True)
-            _, seconds, cpu = timed(train_mod.run_train, cfg)
+            _, seconds, cpu = timed(run_train, cfg)
         teachers[name] = run_summary(run_dir, seconds, cpu)
 
     # 3. cache
@@ -399,45 +364,40 @@ def main(argv=None) -> int:
           f"{100 * cache_info['train_crops']['argmax_is_label']:.2f}% of the cached training crops", flush=True)
 
     # 4. students
+    def distill_config(variant: str, seed: int, run_dir: Path, resume: bool):
+        """cached: `pipeline distill --cache`; online: `--online --replay-cache`; fresh: `--online`."""
+        return base.replace(**student_overrides(args, seed), **{
+            "distill.student": args.student, "distill.out": str(run_dir), "distill.resume": resume,
+            "distill.discriminator": not args.no_discriminator,
+            "distill.cache": str(cache_dir) if variant == "cached" else "",
+            "distill.online": variant != "cached",
+            "distill.replay_cache": str(cache_dir) if variant == "online" else "",
+            "teacher_cache.teachers": ccfg.teacher_cache.teachers,
+            "teacher_cache.teacher_weights": ccfg.teacher_cache.teacher_weights,
+            "teacher_cache.pretrained": False})
+
     students: dict[str, dict] = {}
     online_stats = None
     for seed in args.seeds:
         runs = {}
         for variant in args.variants:
             run_dir = wd / f"seed{seed}" / variant
-            over = student_overrides(args, seed)
             seconds = cpu = None
             if not done(run_dir, args.student_epochs):
                 resume = (run_dir / "last.pt").exists()
                 print(f"seed {seed}: student {args.student}, {VARIANT_NAMES[variant]}, {args.student_epochs} epochs",
                       flush=True)
                 if variant == "hard":
-                    _, seconds, cpu = timed(train_mod.run_train, hard_label_config(base, args, seed, run_dir, resume))
+                    _, seconds, cpu = timed(run_train, hard_label_config(base, args, seed, run_dir, resume))
                 else:
-                    cfg = base.replace(**over, **{"distill.student": args.student, "distill.cache": str(cache_dir),
-                                                  "distill.out": str(run_dir), "distill.resume": resume,
-                                                  "distill.discriminator": not args.no_discriminator,
-                                                  "teacher_cache.teachers": ccfg.teacher_cache.teachers,
-                                                  "teacher_cache.teacher_weights": ccfg.teacher_cache.teacher_weights,
-                                                  "teacher_cache.pretrained": False})
-                    if variant == "cached":
-                        _, seconds, cpu = timed(train_mod.run_distill, cfg)
-                    else:
-                        job = capture_job(train_mod.run_distill, cfg)
-                        live = load_teachers(cfg.teacher_cache, job.train_loader.manifest.num_classes, job.runtime,
-                                             seed=seed)
-                        online = OnlineOnCachedCrops(job.train_loader, live, job.runtime, cfg.teacher_cache.loader,
-                                                     cfg.teacher_cache.temperature, args.num_workers)
-                        _, seconds, cpu = timed(train_mod.fit, dataclasses.replace(job, train_loader=online))
-                        s = online.stats
-                        if s["samples"]:
-                            online_stats = {"samples": s["samples"], "abs_diff_max": s["abs_diff_max"],
-                                            "mean_l1": s["abs_diff_sum"] / s["samples"],
-                                            "mean_kl": s["kl_sum"] / s["samples"],
-                                            "argmax_agree": s["argmax_agree"] / s["samples"]}
+                    cfg = distill_config(variant, seed, run_dir, resume)
+                    _, seconds, cpu = timed(run_distill, cfg)
             runs[variant] = run_summary(run_dir, seconds, cpu)
             print(f"seed {seed} {variant}: top-1 {runs[variant]['top1']}", flush=True)
         students[str(seed)] = runs
+    if "online" in args.variants and args.compare_batches > 0:
+        online_stats = compare_targets(distill_config("online", args.seeds[0], wd / "targets-check", False),
+                                       args.compare_batches)
 
     def deltas(a, b):
         per = [round(r[a]["top1"] - r[b]["top1"], 2) for r in students.values()
@@ -446,6 +406,7 @@ def main(argv=None) -> int:
 
     kd, kd_per = deltas("cached", "hard")
     on, on_per = deltas("cached", "online")
+    fr, fr_per = deltas("cached", "fresh")
     payload = {
         **run_header(args, t_start, info),
         "data_seconds": data_s,
@@ -458,6 +419,7 @@ def main(argv=None) -> int:
             "met_kd": kd is not None and min(kd_per) >= 0.5,
             "cached_minus_online": on, "cached_minus_online_per_seed": on_per,
             "met_online": on is not None and max(abs(v) for v in on_per) <= 0.3,
+            "cached_minus_fresh": fr, "cached_minus_fresh_per_seed": fr_per,
         },
     }
     path = write_results("fashion_mnist", payload, args.out)

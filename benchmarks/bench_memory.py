@@ -13,8 +13,8 @@ child process that trains, so each peak is that size's alone:
 * images: only the files the run will open exist -- hard links to a few real
   400x300 JPEGs, one per image id of the first ``steps`` (+ prefetch) batches of
   epoch 0, found with the loader's own ``plan_epoch``;
-* the child builds the Job with ``run_distill`` itself (``fit`` swapped for a
-  hook, see benchmarks/common.py) and runs the real ``train_one_epoch`` for
+* the child builds the Job with the library's ``train.setup`` (what
+  `pipeline distill` trains) and runs the real ``train_one_epoch`` for
   ``--steps`` steps. The training loop has no "max steps" setting, so the
   loader is wrapped to stop after ``--steps`` batches; the epoch's start-up
   (the shuffle, the crop order, the one gather of every cache row the epoch
@@ -69,10 +69,10 @@ def child(args) -> None:
 
     import torch  # noqa: F401
 
-    from benchmarks.common import capture_job, fit_optimizers, timed_epoch
+    from benchmarks.common import timed_epoch
     from common.config import load_config
     from stage2_student_distill.checkpoint import unwrap
-    from stage2_student_distill.train import run_distill, train_one_epoch  # noqa: F401
+    from stage2_student_distill.train import setup, train_one_epoch  # noqa: F401
 
     phases["imports"] = rss_bytes()
     p = resolve_preset(args)
@@ -85,13 +85,12 @@ def child(args) -> None:
         "distill.student": p.student, "distill.cache": args.cache, "distill.out": args.run_dir,
     })
     t0 = time.perf_counter()
-    job = capture_job(run_distill, cfg)
+    job = setup(cfg, "distill")
     assembled_s = time.perf_counter() - t0
     phases["job_assembled"] = rss_bytes()
     params = sum(x.numel() * x.element_size() for x in unwrap(job.student).parameters())
     if job.discriminator is not None:
         params += sum(x.numel() * x.element_size() for x in unwrap(job.discriminator).parameters())
-    pairs, scaler = fit_optimizers(job)
     first = {}
 
     class Probe:  # records RSS once the first batch (epoch plan + gather done) arrives
@@ -110,7 +109,7 @@ def child(args) -> None:
                 yield batch
 
     probe_job = dataclasses.replace(job, train_loader=Probe(job.train_loader))
-    res = timed_epoch(probe_job, pairs, scaler, 0, warmup=min(2, args.steps - 1), max_steps=args.steps)
+    res = timed_epoch(probe_job, 0, warmup=min(2, args.steps - 1), max_steps=args.steps)
     phases["end"] = rss_bytes()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     manifest = job.train_loader.manifest

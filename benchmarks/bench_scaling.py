@@ -69,9 +69,9 @@ def worker(args) -> None:
 
     from benchmarks.bench_stage1 import config as stage1_config, timed_run
     from benchmarks.bench_stage2 import SyntheticLoader
-    from benchmarks.common import capture_job, fit_optimizers, timed_epoch
+    from benchmarks.common import timed_epoch
     from common.config import load_config
-    from stage2_student_distill.train import run_distill
+    from stage2_student_distill.train import setup
 
     p = resolve_preset(args, num_workers=1)
     torch.set_num_threads(1)
@@ -102,17 +102,16 @@ def worker(args) -> None:
         "optim.img_size": p.student_size, "optim.loader": args.loader,
         "distill.student": p.student, "distill.cache": str(wd / "s2-cache"), "distill.out": str(wd / f"w{world}-run"),
     })
-    job = capture_job(run_distill, cfg)
-    pairs, scaler = fit_optimizers(job)
+    job = setup(cfg, "distill")
     steps = len(job.train_loader)
     synth = dataclasses.replace(job, train_loader=SyntheticLoader(job.train_loader, steps))
-    timed_epoch(job, pairs, scaler, 0, warmup=0, max_steps=2)
-    timed_epoch(synth, pairs, scaler, 0, warmup=0, max_steps=2)
+    timed_epoch(job, 0, warmup=0, max_steps=2)
+    timed_epoch(synth, 0, warmup=0, max_steps=2)
     warmup = min(args.warmup, steps - 2)
     results = {"distill": [], "compute limit (DDP)": []}
     for r in range(args.rounds):
         for name, j in (("distill", job), ("compute limit (DDP)", synth)):
-            res = timed_epoch(j, pairs, scaler, r + 1, warmup)
+            res = timed_epoch(j, r + 1, warmup)
             seconds = res["timed_images"] / res["img_per_s"]
             t = torch.tensor([res["timed_images"], seconds, res["process_cpu_ms_per_img"] / world], dtype=torch.float64)
             if world > 1:

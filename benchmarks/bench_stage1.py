@@ -6,7 +6,7 @@ Rows (measured side by side, in interleaved rounds; each row reports its median 
   command runs -- on a generated ImageFolder dataset (JPEGs of 256-500 px, the
   manifest built by ``build_manifest``): render every crop at each teacher's
   size, forward, top-k, write Zarr shards. Two rates: steady state (timestamps
-  taken at each shard's end via a wrapper around ``run.shard_targets``; the
+  taken at each shard's end, from the run's summary (``shard_stamps``); the
   first shard, which pays the render pipeline fill, is left out) and the
   command's own figure (its summary's crops/s, whole run, teacher loading
   excluded).
@@ -87,23 +87,12 @@ def config(p, manifest: Path, out: Path, seed: int, loader: str = "auto"):
 
 
 def timed_run(cfg) -> dict:
-    """run(cfg) with a timestamp at the end of every shard's forward passes."""
-    stamps = []
-    original = s1.shard_targets
-
-    def shard_targets(views, teachers, runtime, batch_size, temperature, k):
-        out = original(views, teachers, runtime, batch_size, temperature, k)
-        # .numpy() inside synced the device
-        stamps.append((time.perf_counter(), time.thread_time(), time.process_time(), len(out[0])))
-        return out
-
+    """run(cfg) and its timestamps at the end of every shard's forward passes (``shard_stamps``;
+    the top-k's .numpy() has synced the device by then)."""
     load = loadavg()[0]
-    s1.shard_targets = shard_targets
-    try:
-        with Timer() as t:
-            summary = s1.run(cfg)
-    finally:
-        s1.shard_targets = original
+    with Timer() as t:
+        summary = s1.run(cfg)
+    stamps = summary["shard_stamps"]
     steady = main_cpu = proc_cpu = None
     if len(stamps) >= 2:
         n = sum(x[-1] for x in stamps[1:])

@@ -1,9 +1,9 @@
 """Stage 2 throughput: `pipeline distill` against its compute limit, hard-label training and online MEAL V2.
 
 Every row runs the project's own training step, ``train_one_epoch`` of
-stage2_student_distill/train.py, on a ``Job`` assembled by ``run_distill`` /
-``run_train`` themselves (their ``fit`` is swapped for a hook, so validation
-and checkpointing are left out, nothing else). Only the loader differs:
+stage2_student_distill/train.py, on a ``Job`` built by the library's
+``setup(cfg)`` (what `pipeline distill` / `pipeline train` train; validation and
+checkpointing, which are ``fit``'s, are left out). Only the loader differs:
 
 * ``compute limit``: the distill Job with its loader replaced by synthetic
   batches already on the device (same student, discriminator, optimizers,
@@ -12,14 +12,16 @@ and checkpointing are left out, nothing else). Only the loader differs:
   decoded and cropped, soft targets gathered from a teacher cache;
 * ``train [..]``: hard labels (``pipeline train``), the same loader in mode
   ``train``, cross entropy, no discriminator;
-* ``online MEAL V2``: the teachers in the loop. Each batch is rendered once per
-  model at that model's size (student + every teacher, ``make_renderer`` of
-  stage 1: one decode per image with the torch renderer, DALI per model on
-  CUDA) a few batches ahead on a thread pool (``common.prefetch``); the
-  teachers run under inference_mode (``teacher_probs``), the mean softmax is
-  the target, then the same student step;
-* ``online compute limit``: the same with synthetic views on the device (the
-  best online MEAL V2 can do with an infinitely fast loader);
+* ``online MEAL V2``: `pipeline distill --online`, the library's online
+  target source: fresh seeded crops, each batch rendered for the student by
+  the stage 2 loader and once more per teacher at that teacher's size by
+  stage 1's renderer, in the loader's background thread (the torch path
+  decodes each image twice: once for the student, once for the teachers);
+  the teachers run under inference_mode, the mean softmax is the target,
+  then the same student step;
+* ``online compute limit``: the same Job with synthetic student and teacher
+  views on the device (the best online MEAL V2 can do with an infinitely
+  fast loader);
 * ``loader only``: the distill loader iterated without training.
 
 Throughput is steady state: the clock starts after ``--warmup`` steps (after
@@ -70,21 +72,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    LimitedLoader, Timer, count_cuda_syncs, Workdir, add_common_args, capture_job, command_line, fit_optimizers, image_dataset, loadavg,
+    LimitedLoader, Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg,
     machine_info, machine_line, markdown_table, profile_table, profile_top, resolve_preset, subset_manifest,
     sync, synthetic_cache, timed_epoch, write_results,
 )
 from common.cache_format import restore_targets  # noqa: E402
 from common.config import load_config  # noqa: E402
-from common.crops import boxes as crop_boxes  # noqa: E402
-from common.render import decode, normalize, render_crops  # noqa: E402
-from stage1_teacher_cache.ensemble import teacher_probs  # noqa: E402
-from stage1_teacher_cache.teachers import load_teachers  # noqa: E402
-from common.prefetch import prefetch  # noqa: E402
-from stage1_teacher_cache.views import make_renderer  # noqa: E402
+from common.render import normalize, render_crops  # noqa: E402
 from stage2_student_distill.loaders import Batch, dali_available  # noqa: E402
-from stage2_student_distill.plan import plan_epoch  # noqa: E402
-from stage2_student_distill.train import run_distill, run_train  # noqa: E402
+from stage2_student_distill.train import setup, train_one_epoch  # noqa: E402
 
 
 def config(p, wd: Path, manifest: Path, val: Path, cache: Path, loader: str, tag: str, seed: int):
@@ -117,7 +113,8 @@ def config(p, wd: Path, manifest: Path, val: Path, cache: Path, loader: str, tag
 
 
 class SyntheticLoader:
-    """Batches already on the device, shaped like the distill loader's (the compute limit)."""
+    """Batches already on the device, shaped like the distill loader's (the compute limit); with
+    ``teachers``, also a uint8 view per teacher (for an online Job's target source to score)."""
 
     def __init__(self, real, steps: int, teachers=None, runtime=None):
         rt, pp = real.runtime, real.preprocess
@@ -132,9 +129,8 @@ class SyntheticLoader:
         self.labels = torch.randint(0, K, (B,), generator=g).to(rt.device)
         self.ids = torch.arange(B)
         # online compute limit: uint8 views per teacher, already on the device
-        self.teachers, self.runtime = teachers, rt
         self.views = [torch.randint(0, 256, (B, 3, t.preprocess.input_size, t.preprocess.input_size),
-                                    dtype=torch.uint8, generator=g).to(rt.device) for t in (teachers or [])]
+                                    dtype=torch.uint8, generator=g).to(rt.device) for t in teachers] if teachers else None
         self.steps, self.batch_size, self.num_samples_per_epoch = steps, B, steps * B
 
     def __len__(self) -> int:
@@ -142,54 +138,7 @@ class SyntheticLoader:
 
     def epoch(self, epoch: int):
         for _ in range(self.steps):
-            targets = self.targets
-            if self.teachers:
-                targets = teacher_probs(self.teachers, self.views, self.runtime).mean(0).clone()
-            yield Batch(self.images, self.ids, self.ids, self.ids, self.labels, targets)
-
-
-class OnlineLoader:
-    """Online MEAL V2: fresh RandomResizedCrop per step, rendered for the student and each teacher;
-    the ensemble's mean softmax computed in the training loop."""
-
-    def __init__(self, real, teachers, cfg):
-        self.real, self.teachers, self.cfg = real, teachers, cfg
-        rt = real.runtime
-        self.renderer = make_renderer(cfg.teacher_cache.loader, rt, [real.preprocess] + [t.preprocess for t in teachers],
-                                      1, real.images_per_batch)
-        self.batch_size = real.batch_size
-        self.num_samples_per_epoch = real.num_samples_per_epoch
-
-    def __len__(self) -> int:
-        return len(self.real)
-
-    def epoch(self, epoch: int):
-        real, rt, c = self.real, self.real.runtime, self.cfg.crops
-        m = real.manifest
-        plan = plan_epoch(real.num_images, seed=real.seed, epoch=epoch, rank=rt.rank, world_size=rt.world_size,
-                          images_per_batch=real.images_per_batch, shuffle=True)
-        ids = plan.image_ids
-        b = crop_boxes(c.seed, ids[:, None], np.full((len(ids), 1), epoch), m.widths[ids][:, None],
-                       m.heights[ids][:, None], scale=c.scale, ratio=c.ratio, flip_p=c.flip_p)
-        xywh, flips = b.as_array(), b.flip
-
-        def jobs():
-            for i in range(plan.num_batches):
-                rows = plan.batch_slice(i)
-                yield i, [m.abspath(int(j)) for j in ids[rows]], [xywh[rows]] * (1 + len(self.teachers)), flips[rows]
-
-        def render(job):
-            i, paths, boxes, fl = job
-            return i, self.renderer(paths, boxes, fl)
-
-        workers = rt.num_workers
-        for i, views in prefetch(render, jobs(), workers, depth=2 * workers + 2):
-            targets = teacher_probs(self.teachers, views[1:], rt).mean(0).clone()  # clone: a normal tensor for autograd
-            pp = real.preprocess
-            rows = plan.batch_slice(i)
-            image_ids = torch.from_numpy(ids[rows])
-            yield Batch(normalize(views[0], pp.mean, pp.std, rt.device, rt.memory_format()), image_ids, image_ids,
-                        image_ids, torch.from_numpy(m.labels[ids[rows]].astype(np.int64)).to(rt.device), targets)
+            yield Batch(self.images, self.ids, self.ids, self.ids, self.labels, self.targets, views=self.views)
 
 
 def loader_only(loader, warmup: int, device) -> dict:
@@ -317,38 +266,33 @@ def main(argv=None) -> int:
         rows_spec = []
 
         def add_row(mode, label, job, max_steps=None):
-            pairs, scaler = fit_optimizers(job)
-            rows_spec.append({"mode": mode, "loader": label, "job": job, "pairs": pairs, "scaler": scaler,
-                              "max_steps": max_steps, "runs": []})
+            rows_spec.append({"mode": mode, "loader": label, "job": job, "max_steps": max_steps, "runs": []})
 
         first = loaders[0]
-        base = capture_job(run_distill, cfg_for(first, "limit"))
+        base = setup(cfg_for(first, "limit"), "distill")
         add_row("compute limit", "-", dataclasses.replace(base, train_loader=SyntheticLoader(base.train_loader, steps_per_epoch)))
         distill_jobs = {}
         for loader in loaders:
-            job = capture_job(run_distill, cfg_for(loader, "distill"))
+            job = setup(cfg_for(loader, "distill"), "distill")
             distill_jobs[job.train_loader.kind] = job
             add_row("distill", job.train_loader.kind, job)
             if loader == first:
-                job = capture_job(run_train, cfg_for(loader, "train"))
+                job = setup(cfg_for(loader, "train"), "train")
                 add_row("train (hard labels)", job.train_loader.kind, job)
-        cfg = cfg_for(first, "online")
-        online_base = capture_job(run_distill, cfg)
-        teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, online_base.runtime, seed=args.seed)
+        online_job = setup(cfg_for(first, "online").replace(**{"distill.online": True, "distill.cache": ""}), "distill")
         online_steps = args.online_steps or (min(steps_per_epoch, 40) if on_gpu else None)
-        online_loader = OnlineLoader(online_base.train_loader, teachers, cfg)
-        render_kind = "dali" if "dali" in online_loader.renderer.__qualname__ else "torch"
-        add_row("online MEAL V2", render_kind, dataclasses.replace(online_base, train_loader=online_loader), online_steps)
-        add_row("online compute limit", "-", dataclasses.replace(online_base, train_loader=SyntheticLoader(
-            online_base.train_loader, online_steps or steps_per_epoch, teachers=teachers)))
+        render_kind = online_job.targets.render_kind
+        add_row("online MEAL V2", render_kind, online_job, online_steps)
+        add_row("online compute limit", "-", dataclasses.replace(online_job, train_loader=SyntheticLoader(
+            online_job.train_loader, online_steps or steps_per_epoch, teachers=online_job.targets.teachers)))
 
         # warm every row once (allocator, autotuning, thread pools), then interleaved rounds
         for spec in rows_spec:
-            timed_epoch(spec["job"], spec["pairs"], spec["scaler"], 0, warmup=0, max_steps=2)
+            timed_epoch(spec["job"], 0, warmup=0, max_steps=2)
         loader_runs = {kind: [] for kind in distill_jobs}
         for r in range(rounds):
             for spec in rows_spec:
-                res = timed_epoch(spec["job"], spec["pairs"], spec["scaler"], r, warmup, spec["max_steps"])
+                res = timed_epoch(spec["job"], r, warmup, spec["max_steps"])
                 spec["runs"].append(res)
                 print(f"  round {r + 1}: {spec['mode']:<22} {spec['loader']:<6} {res['img_per_s']:>8.1f} img/s, "
                       f"CPU ms/img: main thread {res['main_cpu_ms_per_img']:.2f}, process "
@@ -377,22 +321,19 @@ def main(argv=None) -> int:
         # where the time goes: cProfile of the distill loop (main thread), render cost per image
         if not args.no_profile:
             job = distill_jobs[next(iter(distill_jobs))]
-            pairs, scaler = fit_optimizers(job)
             if not args.quick:
-                _, top = profile_top(lambda: timed_epoch(job, pairs, scaler, rounds, warmup), n=10)
+                _, top = profile_top(lambda: timed_epoch(job, rounds, warmup), n=10)
                 extra["profile_distill_main_thread"] = top
                 extra["profile_loader"] = job.train_loader.kind
             pp = job.train_loader.preprocess
             extra["render_anatomy"] = render_anatomy(manifest, cache, pp.input_size, pp.interpolation,
                                                      16 if args.quick else 64)
             if on_gpu:  # host<->device synchronisations per training step, and where they come from
-                from stage2_student_distill.train import train_one_epoch
-
                 n = min(10, steps_per_epoch)
                 syncs = count_cuda_syncs(lambda: train_one_epoch(
-                    dataclasses.replace(job, train_loader=LimitedLoader(job.train_loader, n)), pairs, scaler, rounds + 1))
+                    dataclasses.replace(job, train_loader=LimitedLoader(job.train_loader, n)), rounds + 1))
                 extra["cuda_syncs"] = {**syncs, "steps": n, "per_step": syncs["total"] / n}
-        del rows_spec, distill_jobs, base, online_base, teachers, online_loader
+        del rows_spec, distill_jobs, base, online_job
         gc.collect()
 
     def find(mode, loader):

@@ -524,40 +524,6 @@ class Timer:
 # --------------------------------------------------------------------------- stage 2 harness
 
 
-def capture_job(run_fn: Callable, cfg):
-    """The ``Job`` that ``run_distill`` / ``run_train`` assemble for ``cfg``, without running ``fit``.
-
-    ``fit`` (validation, checkpoints, metrics) is swapped for a function that
-    hands the Job back, so the student, discriminator, objective and loaders
-    are exactly what ``pipeline distill`` / ``pipeline train`` would train with.
-    """
-    import stage2_student_distill.train as train_mod
-
-    captured = {}
-    original = train_mod.fit
-    train_mod.fit = lambda job: captured.setdefault("job", job)
-    try:
-        run_fn(cfg)
-    finally:
-        train_mod.fit = original
-    return captured["job"]
-
-
-def fit_optimizers(job):
-    """The optimizers, (optimizer, base lr) pairs and grad scaler that ``train.fit`` builds."""
-    import torch
-
-    from stage2_student_distill.checkpoint import unwrap
-
-    cfg = job.cfg
-    pairs = [(torch.optim.SGD(unwrap(job.student).parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                              weight_decay=cfg.optim.weight_decay), cfg.optim.lr)]
-    if job.discriminator is not None:
-        pairs.append((torch.optim.SGD(unwrap(job.discriminator).parameters(), lr=cfg.distill.disc_lr,
-                                      momentum=cfg.optim.momentum), cfg.distill.disc_lr))
-    return pairs, job.runtime.grad_scaler()
-
-
 class TimedLoader:
     """Wraps a loader for ``train_one_epoch``: optional step cap, steady-state timestamps.
 
@@ -611,8 +577,8 @@ class TimedLoader:
         return tuple(1000 * (b - a) / max(self.images, 1) for a, b in zip(self.cpu_warm, self.cpu_end))
 
 
-def timed_epoch(job, pairs, scaler, epoch: int, warmup: int, max_steps: int | None = None) -> dict[str, Any]:
-    """Run the project's ``train_one_epoch`` on ``job`` through a :class:`TimedLoader`."""
+def timed_epoch(job, epoch: int, warmup: int, max_steps: int | None = None) -> dict[str, Any]:
+    """Run the project's ``train_one_epoch`` on ``job`` (from ``train.setup``) through a :class:`TimedLoader`."""
     import dataclasses
 
     from stage2_student_distill.train import train_one_epoch
@@ -620,7 +586,7 @@ def timed_epoch(job, pairs, scaler, epoch: int, warmup: int, max_steps: int | No
     timed = TimedLoader(job.train_loader, warmup, job.runtime.device, max_steps)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    out = train_one_epoch(dataclasses.replace(job, train_loader=timed), pairs, scaler, epoch)
+    out = train_one_epoch(dataclasses.replace(job, train_loader=timed), epoch)
     seconds = time.perf_counter() - t0
     main_cpu, proc_cpu = timed.cpu_ms_per_img
     return {"img_per_s": timed.img_per_s, "epoch_img_per_s": out["img_per_s"], "steps": len(timed),

@@ -103,6 +103,8 @@ class DistillConfig:
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
     resume: bool = False
+    online: bool = False  # teachers in the loop ([teacher_cache] teachers) instead of a cache
+    replay_cache: str = ""  # with online: replay this cache's boxes and flips instead of fresh crops
 
 
 @dataclass(frozen=True)

@@ -102,17 +102,22 @@ def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
     bar = tqdm(total=total_images, desc=f"teacher cache (rank {runtime.rank})" if runtime.distributed
                else "teacher cache", unit="img", disable=not (runtime.progress and todo), smoothing=0.05)
     started = time.perf_counter()
+    # (wall, main-thread CPU, process CPU, crops) after each shard's forward passes: the steady-state
+    # rate without the first shard's pipeline fill (benchmarks/bench_stage1.py)
+    shard_stamps: list[tuple[float, float, float, int]] = []
     with bar:
         for shard in todo:
             start, stop = writer.shard_range(shard)
             xywh, flip = crop_boxes(start, stop)
             shard_views = _progress(itertools.islice(views, -(-(stop - start) // group)), bar, C, started)
             index, prob = shard_targets(shard_views, teachers, runtime, tc.batch_size, tc.temperature, k)
+            shard_stamps.append((time.perf_counter(), time.thread_time(), time.process_time(), len(index)))
             writer.write_shard(shard, xywh, flip, index, prob)
 
     summary = summarize(writer, runtime, tc.out, shards_written=len(todo), skipped=len(mine) - len(todo),
                         images=total_images, crops=total_images * C, started=started)
     summary["teacher_eval"] = evaluation
+    summary["shard_stamps"] = shard_stamps
     if runtime.is_main:
         print(format_summary(summary))
     return summary

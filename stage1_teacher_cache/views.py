@@ -64,10 +64,15 @@ def dali_renderer(preprocesses: Sequence[Preprocess], runtime: Runtime, crops_pe
     return render
 
 
+def renderer_kind(loader: str, runtime: Runtime) -> str:
+    """``torch`` or ``dali`` for ``teacher_cache.loader`` (auto | dali | torch; the rule is ``common.loader_kind``'s)."""
+    return choose_loader(loader, runtime, "teacher_cache.loader")
+
+
 def make_renderer(loader: str, runtime: Runtime, preprocesses: Sequence[Preprocess], crops_per_image: int,
                   images_per_call: int) -> Renderer:
-    """The renderer for ``teacher_cache.loader`` (auto | dali | torch; the rule is ``common.loader_kind``'s)."""
-    if choose_loader(loader, runtime, "teacher_cache.loader") == "torch":
+    """The renderer ``renderer_kind(loader, runtime)`` names."""
+    if renderer_kind(loader, runtime) == "torch":
         return torch_renderer(preprocesses)
     return dali_renderer(preprocesses, runtime, crops_per_image, images_per_call)
 

@@ -77,15 +77,14 @@ def flatten_config(cfg: dict[str, Any], tables: tuple[str, ...]) -> dict[str, An
 def config_differences(saved: dict[str, Any], current: dict[str, Any], tables: tuple[str, ...]) -> list[str]:
     """``"table.key: run has X, now Y"`` for every relevant key that changed.
 
-    A key the run's config.json lacks (a run made before the key existed) counts
-    as unchanged while it holds its default, which is what that run did.
+    A key the run's config.json predates counts as its default (what that run used).
     """
-    old, new = flatten_config(saved, tables), flatten_config(current, tables)
-    defaults = flatten_config(Config().to_dict(), tables)
+    old = {**flatten_config(Config().to_dict(), tables), **flatten_config(saved, tables)}
+    new = flatten_config(current, tables)
     return [
         f"{key}: run has {old.get(key)!r}, now {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
-        if key not in RESUME_MAY_CHANGE and old.get(key, defaults.get(key)) != new.get(key)
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)
     ]
 
 

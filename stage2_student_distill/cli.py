@@ -46,6 +46,17 @@ _DISTILL_OPTIONS = {
     "--cutmix-prob": ("distill.cutmix_prob", dict(type=float, help="Probability of CutMix per batch.")),
     "--cutmix-alpha": ("distill.cutmix_alpha", dict(type=float, help="Beta(alpha, alpha) of the CutMix area.")),
     "--resume": ("distill.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
+    # online MEAL V2: the teachers in the loop instead of a cache
+    "--online": ("distill.online", dict(is_flag=True, flag_value=True, default=None,
+                                        help="Run the teachers in the loop on fresh [crops] (no --cache).")),
+    "--replay-cache": ("distill.replay_cache", dict(metavar="CACHE", help="With --online: score this cache's crops.")),
+    "--teachers": ("teacher_cache.teachers", dict(metavar="A,B", help="With --online: the ensemble (timm names).")),
+    "--teacher-weights": ("teacher_cache.teacher_weights", dict(multiple=True, metavar="NAME=PATH",
+                                                                help="With --online: a teacher's weights (repeatable).")),
+    "--teacher-input-size": ("teacher_cache.input_sizes", dict(multiple=True, metavar="NAME=SIZE",
+                                                               help="With --online: a teacher's input size (repeatable).")),
+    "--no-teacher-pretrained": ("teacher_cache.pretrained", dict(is_flag=True, flag_value=False, default=None,
+                                                                 help="With --online: no timm hub weights for teachers.")),
 }
 
 _TRAIN_OPTIONS = {
@@ -78,7 +89,7 @@ def _overrides(flags: dict[str, object]) -> dict[str, object]:
 @_config_options({**_DISTILL_OPTIONS, **_LOOP_OPTIONS})
 @click.pass_context
 def distill_command(ctx: click.Context, **flags) -> None:
-    """Train a student from a teacher cache: KL to the ensemble + MEAL V2 discriminator."""
+    """Train a student from a teacher cache (or --online, from live teachers): KL to the ensemble + MEAL V2 discriminator."""
     from stage2_student_distill.train import run_distill
 
     cfg = resolve_config(ctx, _overrides(flags))

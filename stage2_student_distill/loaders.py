@@ -23,13 +23,17 @@ current one trains, so epochs start without a stall.
 Each rendered batch carries the sample ids it was made from, and they are
 compared with the plan: a mismatch raises instead of training on misaligned
 targets.
+
+For online MEAL V2 (``views=``, stage2_student_distill/targets.py) the same
+background thread also renders every crop of the batch once per teacher, at
+that teacher's size (stage 1's renderer); the views travel with the batch.
 """
 from __future__ import annotations
 
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,6 +56,8 @@ if TYPE_CHECKING:
     from common.runtime import Runtime
 
 MODES = ("distill", "train", "eval")
+# (paths [n], boxes int32 [n, m, 4], flips uint8 [n, m]) -> uint8 [n*m, 3, S, S] per teacher (image-major)
+ViewRenderer = Callable[[list, np.ndarray, np.ndarray], list[torch.Tensor]]
 PREFETCH_BATCHES = 3  # batches rendered (or being rendered) ahead of the one the training step uses
 
 
@@ -63,6 +69,9 @@ class Batch:
     sample_ids: torch.Tensor  # int64 [B] (CPU): distill image_id * C + crop_id; train image_id * m + j; eval image_id
     labels: torch.Tensor  # int64 [B] on device (-1 = unlabeled)
     targets: torch.Tensor | None  # float32 [B, K] dense soft targets on device (mode "distill"), else None
+    boxes: np.ndarray | None = None  # int32 [B, 4] x, y, w, h of each crop in its image
+    flips: np.ndarray | None = None  # uint8 [B]
+    views: list[torch.Tensor] | None = None  # online MEAL V2: uint8 [B, 3, S_t, S_t] per teacher (CPU; DALI: device)
 
 
 @dataclass
@@ -134,6 +143,7 @@ class Loader:
         crops: CropConfig | None = None,
         crops_per_image: int = 1,
         max_images: int | None = None,
+        views: ViewRenderer | None = None,
     ):
         _validate(manifest, mode, batch_size, cache, crops, crops_per_image)
         self.manifest = manifest
@@ -147,6 +157,9 @@ class Loader:
         self.crops_per_image = crops_per_image
         self.images_per_batch = batch_size // crops_per_image
         self.num_images = manifest.num_images if max_images is None else min(manifest.num_images, max_images)
+        # Online MEAL V2: each batch's crops rendered again per teacher, in the prefetch thread.
+        self.views = views
+        self._view_paths = ConfinedPaths(manifest) if views is not None else None
         self._centre_boxes = None
         if mode == "eval":
             self._centre_boxes = np.array(
@@ -189,17 +202,18 @@ class Loader:
 
         def produce(index: int):
             rows = plan.batch_slice(index)
-            return self._backend.render(
-                plan.image_ids[rows], samples.boxes[rows], samples.flips[rows], samples.sample_ids[rows]
-            )
+            ids, boxes, flips = plan.image_ids[rows], samples.boxes[rows], samples.flips[rows]
+            pixels, rendered_ids = self._backend.render(ids, boxes, flips, samples.sample_ids[rows])
+            views = self.views([self._view_paths(int(i)) for i in ids], boxes, flips) if self.views is not None else None
+            return pixels, rendered_ids, views
 
         # One producer thread (the backend parallelises within a batch; DALI runs one batch at a time).
         # closing(): a training loop that stops early also stops the producer.
         rendered = prefetch(produce, range(plan.num_batches), workers=1, depth=PREFETCH_BATCHES + 1,
                             name="loader-prefetch")
         with contextlib.closing(rendered):
-            for index, (pixels, rendered_ids) in enumerate(rendered):
-                yield self._batch(samples, index, pixels, rendered_ids)
+            for index, (pixels, rendered_ids, views) in enumerate(rendered):
+                yield self._batch(samples, index, pixels, rendered_ids, views)
 
     def _planned(self, epoch: int) -> _EpochSamples:
         """The plan of ``epoch`` (built ahead if it was the one expected), and start on the next.
@@ -207,7 +221,7 @@ class Loader:
         Training plans change every epoch and read the cache; planning epoch e + 1
         while e trains hides that read. The plan is a pure function of the epoch,
         so building it early changes nothing but the timing. Asking again for the
-        epoch being replayed (as the online benchmark does) returns the same plan.
+        epoch being replayed returns the same plan.
         """
         if self._current is not None and self._current[0] == epoch:
             return self._current[1]
@@ -278,7 +292,8 @@ class Loader:
             remedy="the teacher cache was built from different image files -- rebuild it for this manifest",
         )
 
-    def _batch(self, samples: _EpochSamples, index: int, pixels: torch.Tensor, rendered_ids: torch.Tensor) -> Batch:
+    def _batch(self, samples: _EpochSamples, index: int, pixels: torch.Tensor, rendered_ids: torch.Tensor,
+               views: list[torch.Tensor] | None = None) -> Batch:
         rows = samples.plan.batch_slice(index)
         planned_ids = torch.from_numpy(np.ascontiguousarray(samples.sample_ids[rows]).reshape(-1))
         if not torch.equal(rendered_ids.cpu(), planned_ids):
@@ -305,6 +320,9 @@ class Loader:
             # Pinned + non_blocking: a copy from pageable memory would make the host wait for the GPU every step.
             labels=to_device(torch.from_numpy(self.manifest.labels[image_ids].astype(np.int64)), device),
             targets=targets,
+            boxes=samples.boxes[rows].reshape(-1, 4),
+            flips=samples.flips[rows].reshape(-1),
+            views=views,
         )
 
 
@@ -352,6 +370,7 @@ def build_loader(
     crops: CropConfig | None = None,
     crops_per_image: int = 1,
     max_images: int | None = None,
+    views: ViewRenderer | None = None,
 ) -> Loader:
     """A :class:`Loader`; ``kind`` is ``optim.loader``: auto | dali | torch (the rule: ``common.loader_kind``)."""
     return Loader(
@@ -366,4 +385,5 @@ def build_loader(
         crops=crops,
         crops_per_image=crops_per_image,
         max_images=max_images,
+        views=views,
     )

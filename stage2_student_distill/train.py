@@ -1,9 +1,13 @@
 """Stage 2's training loop, shared by `pipeline distill` and `pipeline train`.
 
-``run_distill`` and ``run_train`` only assemble a ``Job`` (data, models,
-objective); ``fit`` is the one loop both run, top to bottom. What differs is
-the objective (losses.py): KL to the cached ensemble targets plus the MEAL V2
-discriminator, or cross entropy to hard labels.
+``setup(cfg)`` builds a ``Job`` (runtime, data, models, optimizers, target
+source); ``fit(job)`` is the one loop every run goes through, top to bottom.
+``run_distill`` / ``run_train`` are ``fit(setup(cfg, ...))``. What differs
+between runs is the objective (losses.py: KL to the ensemble's targets plus
+the MEAL V2 discriminator, or cross entropy to hard labels) and, for
+distillation, where the targets come from (targets.py): the teacher cache, or
+the teachers themselves in the loop (online MEAL V2, ``distill.online``).
+Benchmarks drive ``setup`` / ``train_one_epoch`` / ``fit`` directly.
 
 Reproducibility contract: the loader's epoch order and crops, the CutMix
 draws and the global RNG (dropout, drop-path) are seeded from (seed, epoch,
@@ -30,6 +34,7 @@ from common.distributed import broadcast_buffers, fail_together
 from common.manifest import Manifest, load_manifest
 from common.models import Preprocess, apply_preprocess_config, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
+from stage1_teacher_cache.teachers import load_teachers
 from stage2_student_distill.checkpoint import (
     RunError,
     load_training_state,
@@ -45,6 +50,7 @@ from stage2_student_distill.losses import DistillObjective, HardLabelObjective, 
 from stage2_student_distill.metrics import MetricsLog
 from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
 from stage2_student_distill.student import create_student
+from stage2_student_distill.targets import CachedTargets, OnlineTargets
 
 # Config tables whose values decide a run's result (checked on --resume).
 DISTILL_TABLES = ("runtime", "data", "optim", "distill", "preprocess")
@@ -53,7 +59,7 @@ TRAIN_TABLES = ("runtime", "data", "crops", "optim", "train", "preprocess")
 
 @dataclass
 class Job:
-    """Everything ``fit`` needs; assembled by ``run_distill`` / ``run_train``."""
+    """Everything ``fit`` needs; built by ``setup``."""
 
     cfg: Config
     runtime: Runtime
@@ -62,32 +68,26 @@ class Job:
     student: nn.Module  # on device; compiled and DDP-wrapped as configured
     discriminator: nn.Module | None  # on device, DDP-wrapped under torchrun
     objective: DistillObjective | HardLabelObjective
+    targets: Any  # batch -> dense float32 [B, K] targets: CachedTargets, OnlineTargets or objective.targets
     train_loader: Any
     val_loader: Any
-    meta: dict[str, Any]  # checkpoint metadata (model, classes, preprocess, ...)
+    meta: dict[str, Any]  # checkpoint metadata (model, classes, preprocess, teachers, ...)
+    optimizers: dict[str, torch.optim.Optimizer]  # "student" (+ "discriminator"), as saved in last.pt
+    base_lrs: dict[str, float]  # each optimizer's own base lr; the schedule scales it
+    scaler: torch.amp.GradScaler
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
+
+    @property
+    def lr_pairs(self) -> list[tuple[torch.optim.Optimizer, float]]:
+        return [(self.optimizers[name], self.base_lrs[name]) for name in self.optimizers]
 
 
 def fit(job: Job) -> dict[str, Any]:
     """Train ``job.student`` for the configured epochs; checkpoint every epoch and validate
     every ``optim.eval_every`` epochs and after the last (best.pt only moves on validated epochs)."""
     cfg, rt = job.cfg, job.runtime
-    student = unwrap(job.student)
-    optimizers = {
-        "student": torch.optim.SGD(
-            student.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
-        )
-    }
-    base_lrs = {"student": cfg.optim.lr}
-    if job.discriminator is not None:
-        # Its own optimizer; its base lr is distill.disc_lr, or the student's "as released" (schedule.py).
-        base_lrs["discriminator"] = discriminator_base_lr(cfg)
-        optimizers["discriminator"] = torch.optim.SGD(
-            unwrap(job.discriminator).parameters(), lr=base_lrs["discriminator"], momentum=cfg.optim.momentum
-        )
-    lr_pairs = [(optimizers[name], base_lrs[name]) for name in optimizers]
-    scaler = rt.grad_scaler()
+    student, optimizers, scaler = unwrap(job.student), job.optimizers, job.scaler
 
     start_epoch, best_top1 = 0, -math.inf
     if job.resume:
@@ -96,6 +96,7 @@ def fit(job: Job) -> dict[str, Any]:
         )
         if state["meta"].get("manifest_hash") != job.meta["manifest_hash"]:
             raise RunError(f"cannot resume {job.run_dir}: it was trained on a different manifest (content hash differs)")
+        check_same_teachers(job.run_dir, state["meta"].get("online"), job.meta.get("online"))
         start_epoch, best_top1 = state["epoch"], state["best_top1"]
         if rt.is_main:
             print(f"resuming {job.run_dir} after epoch {start_epoch} (best top-1 {best_top1:.2f}%)", flush=True)
@@ -105,7 +106,7 @@ def fit(job: Job) -> dict[str, Any]:
     record: dict[str, Any] | None = None
     for epoch in range(start_epoch, cfg.optim.epochs):
         epoch_start = time.perf_counter()
-        train = train_one_epoch(job, lr_pairs, scaler, epoch)
+        train = train_one_epoch(job, epoch)
         broadcast_buffers(rt, job.student, job.discriminator)  # the model rank 0 saves is every rank's
         validate = (epoch + 1) % cfg.optim.eval_every == 0 or epoch + 1 == cfg.optim.epochs
         val = evaluate(student, job.val_loader, rt) if validate else None
@@ -117,6 +118,7 @@ def fit(job: Job) -> dict[str, Any]:
             "lr": cfg.optim.lr * train["lr_factor"],
             **({"disc_lr": discriminator_base_lr(cfg) * train["lr_factor"]} if job.discriminator is not None else {}),
             "img_per_s": train["img_per_s"],
+            **({"teacher_s": train["teacher_s"], "student_s": train["student_s"]} if "teacher_s" in train else {}),
             "time_s": time.perf_counter() - epoch_start,
         }
         with fail_together(rt):  # rank 0 writes; if that fails (disk full), every rank stops with its message
@@ -151,9 +153,27 @@ def fit(job: Job) -> dict[str, Any]:
     }
 
 
-def train_one_epoch(job: Job, lr_pairs, scaler: torch.amp.GradScaler, epoch: int) -> dict[str, Any]:
+def check_same_teachers(run_dir: Path, saved: dict | None, current: dict | None) -> None:
+    """An online run resumes only with the teachers (weights hashes), ensemble rule and crop source
+    it was started with; where the weights files or the replayed cache live may change."""
+    def essence(online):
+        return None if online is None else {k: online[k] for k in ("teachers", "ensemble", "crops")}
+
+    if essence(saved) != essence(current):
+        def describe(online):
+            if online is None:
+                return "cached targets"
+            names = ", ".join(f"{t['name']} ({t['weights']} {str(t['weights_sha256'] or t['init_seed'])[:12]})"
+                              for t in online["teachers"])
+            return f"online teachers {names}, temperature {online['ensemble']['temperature']}, {online['crops']} crops"
+
+        raise RunError(f"cannot resume {run_dir}: it was trained with {describe(saved)}, this run has "
+                       f"{describe(current)}; resume with the run's teachers or start a new run with another --out")
+
+
+def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     """One pass over ``job.train_loader``; loss sums stay on the device except on log steps."""
-    cfg, rt, objective = job.cfg, job.runtime, job.objective
+    cfg, rt, objective, lr_pairs, scaler = job.cfg, job.runtime, job.objective, job.lr_pairs, job.scaler
     job.student.train()
     if job.discriminator is not None:
         job.discriminator.train()
@@ -165,11 +185,13 @@ def train_one_epoch(job: Job, lr_pairs, scaler: torch.amp.GradScaler, epoch: int
         total=job.train_loader.num_samples_per_epoch, unit="img", disable=not rt.progress, leave=False,
         desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", dynamic_ncols=True,
     )
-    start = time.perf_counter()
+    online = getattr(job.targets, "kind", None) == "online"
+    clock = Clock(job.targets.seconds() if online else 0.0)
     for step, batch in enumerate(job.train_loader.epoch(epoch)):
+        clock.fetched()
         set_learning_rates(lr_pairs, lr_factor(cfg.optim, epoch, step, steps))
         rng = np.random.default_rng([cfg.runtime.seed, epoch, step, rt.rank])
-        images, targets = cutmix(batch.images, objective.targets(batch), job.cutmix_prob, job.cutmix_alpha, rng)
+        images, targets = cutmix(batch.images, job.targets(batch), job.cutmix_prob, job.cutmix_alpha, rng)
 
         with rt.autocast():
             logits = job.student(images)
@@ -186,9 +208,11 @@ def train_one_epoch(job: Job, lr_pairs, scaler: torch.amp.GradScaler, epoch: int
         sums[-1] += n
         bar.update(n)
         if (step + 1) % cfg.optim.log_every == 0:
-            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], start)
+            times = clock.split(job.targets.seconds()) if online else None
+            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock.start, times)
+        clock.stepped()
     bar.close()
-    elapsed = time.perf_counter() - start
+    elapsed = time.perf_counter() - clock.start
     if rt.distributed:
         torch.distributed.all_reduce(sums)
     totals = sums.tolist()  # the epoch's one sync
@@ -197,10 +221,31 @@ def train_one_epoch(job: Job, lr_pairs, scaler: torch.amp.GradScaler, epoch: int
         "losses": {name: value / images_seen for name, value in zip(objective.parts, totals[:-1])},
         "img_per_s": totals[-1] / max(elapsed, 1e-9),
         "lr_factor": lr_factor(cfg.optim, epoch, 0, steps),
+        **(clock.split(job.targets.seconds()) if online else {}),
     }
 
 
-def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, start: float) -> None:
+class Clock:
+    """An epoch's wall time split into waiting for the loader, teachers (online) and the student."""
+
+    def __init__(self, teacher_at_start: float):
+        self.start = self.last = time.perf_counter()
+        self.waited = 0.0
+        self.teacher_at_start = teacher_at_start
+
+    def fetched(self) -> None:
+        self.waited += time.perf_counter() - self.last
+
+    def stepped(self) -> None:
+        self.last = time.perf_counter()
+
+    def split(self, teacher_total: float) -> dict[str, float]:
+        teacher = teacher_total - self.teacher_at_start
+        return {"teacher_s": teacher, "student_s": max(time.perf_counter() - self.start - self.waited - teacher, 0.0)}
+
+
+def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, start: float,
+             times: dict[str, float] | None = None) -> None:
     """Running means of this rank's losses: on the bar, or as a line when progress is off."""
     values = sums.tolist()
     means = {name: v / max(values[-1], 1.0) for name, v in zip(job.objective.parts, values[:-1])}
@@ -210,6 +255,8 @@ def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: in
             f"lower the learning rate (--lr, now {job.cfg.optim.lr})"
         )
     text = " ".join(f"{name} {value:.4f}" for name, value in means.items()) + f" lr {lr:.3g}"
+    if times:  # online: where the step time goes
+        text += f" teacher {times['teacher_s']:.1f}s student {times['student_s']:.1f}s"
     if job.runtime.progress:
         bar.set_postfix_str(text, refresh=False)
     elif job.runtime.is_main:
@@ -226,19 +273,64 @@ def summary_line(record: dict[str, Any], epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{epochs}  train {parts}  {val}"
         f"lr {record['lr']:.3g}  {record['img_per_s']:.0f} img/s  {record['time_s']:.1f} s"
+        + (f" (teachers {record['teacher_s']:.1f} s, student {record['student_s']:.1f} s)" if "teacher_s" in record else "")
     )
 
 
 def run_distill(cfg: Config) -> dict[str, Any]:
-    """`pipeline distill`: train ``distill.student`` from a teacher cache (no teacher is loaded)."""
+    """`pipeline distill`: train ``distill.student`` from a teacher cache, or online from live teachers."""
+    return fit(setup(cfg, "distill"))
+
+
+def run_train(cfg: Config) -> dict[str, Any]:
+    """`pipeline train`: hard-label training (baselines, and teachers for custom datasets)."""
+    return fit(setup(cfg, "train"))
+
+
+def setup(cfg: Config, command: str = "distill") -> Job:
+    """Everything ``fit`` needs for `pipeline distill` (``command="distill"``) or `pipeline train`:
+    runtime, manifests, run directory, student (+ discriminator), loaders, optimizers, target source."""
+    if command == "distill":
+        return _setup_distill(cfg)
+    if command == "train":
+        return _setup_train(cfg)
+    raise ValueError(f"setup: command {command!r} is not 'distill' or 'train'")
+
+
+def _setup_distill(cfg: Config) -> Job:
     d = cfg.distill
-    _require(cfg, {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest",
-                   "distill.cache": "--cache", "distill.out": "--out"})
+    required = {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "distill.out": "--out"}
+    if d.replay_cache and not d.online:
+        raise RunError("--replay-cache CACHE scores the cache's crops with live teachers: it needs --online "
+                       "(without it, pass the cache as --cache)")
+    if d.online and d.cache:
+        raise RunError("--online runs the teachers on fresh crops, --cache replays cached targets: give one "
+                       "(config keys distill.online, distill.cache); --online --replay-cache CACHE uses a cache's crops")
+    if not d.online:
+        required["distill.cache"] = "--cache (or --online to run the teachers in the loop)"
+    _require(cfg, required)
     runtime = build_runtime(cfg.runtime)
     manifest, val_manifest = _load_manifests(cfg)
-    cache = CacheReader(d.cache, manifest_hash=manifest.content_hash, num_classes=manifest.num_classes)
+    cache_path = d.cache or d.replay_cache
+    cache = CacheReader(cache_path, manifest_hash=manifest.content_hash,
+                        num_classes=manifest.num_classes) if cache_path else None
+    # Fresh online crops depend on [crops]; cached and replayed ones on the cache alone.
+    tables = DISTILL_TABLES + (("crops",) if cache is None else ())
     with fail_together(runtime):
-        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, DISTILL_TABLES, write=runtime.is_main)
+        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, tables, write=runtime.is_main)
+
+    m = d.crops_per_image
+    meta_extra: dict[str, Any] = {}
+    if d.online:
+        # Before the student is seeded, so the student starts as in a cached run.
+        teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=cfg.runtime.seed)
+        targets: Any = OnlineTargets(teachers, runtime, cfg.teacher_cache.temperature, cfg.teacher_cache.loader,
+                                     crops_per_image=m, images_per_batch=max(1, cfg.optim.batch_size // m))
+        meta_extra["online"] = {**targets.identity(), "crops": "replayed" if cache else "fresh",
+                                "replay_cache": d.replay_cache or None}
+    else:
+        targets = CachedTargets()
+        meta_extra["cache"] = {"path": d.cache, "teachers": cache.attrs.get("teachers")}
 
     seed_everything(cfg.runtime.seed)  # same initial student (and discriminator) on every run and rank
     student, preprocess = create_student(cfg, manifest.num_classes)
@@ -246,19 +338,23 @@ def run_distill(cfg: Config) -> dict[str, Any]:
     student = _place(student, runtime, compile=runtime.compile)
     if discriminator is not None:
         discriminator = _place(discriminator, runtime, compile=False)
-    train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="distill",
-                                        cache=cache, crops_per_image=d.crops_per_image)
-    meta = _meta("distill", d.student, preprocess, manifest)
-    meta["cache"] = {"path": d.cache, "teachers": cache.attrs.get("teachers")}
-    return fit(Job(
+    # Cached and replayed runs take the cache's boxes (mode "distill"); fresh online runs draw
+    # crop index epoch * m + j from [crops] (mode "train"), as hard-label training does.
+    crops = {"cache": cache} if cache is not None else {"crops": cfg.crops}
+    train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess,
+                                        mode="distill" if cache is not None else "train", crops_per_image=m,
+                                        views=targets.render if d.online else None, **crops)
+    meta = {**_meta("distill", d.student, preprocess, manifest), **meta_extra}
+    optimizers, base_lrs = _optimizers(cfg, student, discriminator)
+    return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=d.resume, student=student, discriminator=discriminator,
-        objective=DistillObjective(discriminator), train_loader=train_loader, val_loader=val_loader, meta=meta,
+        objective=DistillObjective(discriminator), targets=targets, train_loader=train_loader, val_loader=val_loader,
+        meta=meta, optimizers=optimizers, base_lrs=base_lrs, scaler=runtime.grad_scaler(),
         cutmix_prob=d.cutmix_prob, cutmix_alpha=d.cutmix_alpha,
-    ))
+    )
 
 
-def run_train(cfg: Config) -> dict[str, Any]:
-    """`pipeline train`: hard-label training (baselines, and teachers for custom datasets)."""
+def _setup_train(cfg: Config) -> Job:
     t = cfg.train
     _require(cfg, {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "train.out": "--out"})
     runtime = build_runtime(cfg.runtime)
@@ -278,11 +374,32 @@ def run_train(cfg: Config) -> dict[str, Any]:
     model = _place(model, runtime, compile=runtime.compile)
     train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train",
                                         crops=cfg.crops)
-    return fit(Job(
+    objective = HardLabelObjective(manifest.num_classes, t.label_smoothing)
+    optimizers, base_lrs = _optimizers(cfg, model, None)
+    return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=t.resume, student=model, discriminator=None,
-        objective=HardLabelObjective(manifest.num_classes, t.label_smoothing),
-        train_loader=train_loader, val_loader=val_loader, meta=_meta("train", t.model, preprocess, manifest),
-    ))
+        objective=objective, targets=objective.targets, train_loader=train_loader, val_loader=val_loader,
+        meta=_meta("train", t.model, preprocess, manifest), optimizers=optimizers, base_lrs=base_lrs,
+        scaler=runtime.grad_scaler(),
+    )
+
+
+def _optimizers(cfg: Config, student: nn.Module, discriminator: nn.Module | None):
+    """SGD for the student and (MEAL V2) for the discriminator: {name: optimizer}, {name: base lr}."""
+    optimizers = {
+        "student": torch.optim.SGD(
+            unwrap(student).parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+            weight_decay=cfg.optim.weight_decay,
+        )
+    }
+    base_lrs = {"student": cfg.optim.lr}
+    if discriminator is not None:
+        # Its own optimizer; its base lr is distill.disc_lr, or the student's "as released" (schedule.py).
+        base_lrs["discriminator"] = discriminator_base_lr(cfg)
+        optimizers["discriminator"] = torch.optim.SGD(
+            unwrap(discriminator).parameters(), lr=base_lrs["discriminator"], momentum=cfg.optim.momentum
+        )
+    return optimizers, base_lrs
 
 
 def _require(cfg: Config, keys: dict[str, str]) -> None:

@@ -1,0 +1,129 @@
+"""Where a distill step's soft targets come from: the teacher cache, or the teachers themselves.
+
+The training loop asks ``job.targets(batch)`` for dense [B, K] float32 targets
+and does not care which source answers:
+
+* :class:`CachedTargets`: the cache's top-k, restored by the loader (the
+  product's main path; no teacher is loaded);
+* :class:`OnlineTargets`: online MEAL V2. The loader renders every crop of the
+  batch once more per teacher, at that teacher's size and interpolation,
+  through stage 1's renderer (``stage1_teacher_cache.views.make_renderer``), in
+  its background thread; here the ensemble runs on those views under
+  inference_mode (bf16 + channels_last on CUDA, as stage 1) and the *full*
+  mean softmax (``stage1_teacher_cache.ensemble.teacher_probs``) is the target.
+  Which crops: fresh seeded ones (the loader's mode "train": crop index
+  epoch * m + j of ``[crops]``) or a cache's boxes (mode "distill",
+  ``--replay-cache``): one code path for every variant.
+
+Hard-label training keeps its objective's one-hot targets (losses.py).
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from common.runtime import Runtime
+from stage1_teacher_cache.ensemble import RULE, teacher_probs
+from stage1_teacher_cache.teachers import Teacher
+from stage1_teacher_cache.views import make_renderer, renderer_kind
+
+
+class CachedTargets:
+    """The cache's soft targets, restored to dense rows by the loader (mode "distill")."""
+
+    kind = "cached"
+
+    def __call__(self, batch) -> torch.Tensor:
+        return batch.targets
+
+    def seconds(self) -> float:
+        return 0.0
+
+
+class OnlineTargets:
+    """The teachers' mean softmax on the batch's crops, computed in the loop.
+
+    ``render`` is the loader's hook (paths, boxes [n, m, 4], flips [n, m]) ->
+    one uint8 view batch per teacher; ``__call__`` runs the ensemble on the
+    views the loader attached to the batch.
+    """
+
+    kind = "online"
+
+    def __init__(self, teachers: Sequence[Teacher], runtime: Runtime, temperature: float, loader: str,
+                 crops_per_image: int, images_per_batch: int):
+        self.teachers = list(teachers)
+        self.runtime = runtime
+        self.temperature = temperature
+        self.render_kind = renderer_kind(loader, runtime)  # "torch" | "dali" (teacher_cache.loader)
+        self._render = make_renderer(loader, runtime, [t.preprocess for t in self.teachers],
+                                     crops_per_image, images_per_batch)
+        self._clock = _DeviceClock(runtime)
+        # The torch renderer works image by image: split a batch over the decode workers (PIL and
+        # torch's resize release the GIL). DALI renders a whole batch in one call.
+        self._workers = max(1, runtime.num_workers)
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="teacher-views") \
+            if self.render_kind == "torch" and self._workers > 1 else None
+
+    def render(self, paths: Sequence[str], boxes: np.ndarray, flips: np.ndarray) -> list[torch.Tensor]:
+        """uint8 views [n*m, 3, S_t, S_t] per teacher, image-major like the student's batch."""
+        teachers = len(self.teachers)
+        if self._pool is None or len(paths) < 2:
+            return self._render(paths, [boxes] * teachers, flips)
+        chunks = [c for c in np.array_split(np.arange(len(paths)), self._workers) if len(c)]
+        parts = self._pool.map(lambda c: self._render([paths[i] for i in c], [boxes[c]] * teachers, flips[c]), chunks)
+        return [torch.cat(views) for views in zip(*parts)]
+
+    def __call__(self, batch) -> torch.Tensor:
+        if batch.views is None:
+            raise RuntimeError("online targets need a loader built with the teachers' renderer (views=...)")
+        with self._clock:
+            probs = teacher_probs(self.teachers, batch.views, self.runtime, self.temperature)
+            # clone(): the inference-mode result becomes a normal tensor the loss may save for backward
+            return probs.mean(0).clone()
+
+    def seconds(self) -> float:
+        """Teacher time so far (device time on CUDA); syncs on CUDA, so call it on log steps only."""
+        return self._clock.seconds()
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must match (recorded in the checkpoint metadata)."""
+        return {"teachers": [t.identity() for t in self.teachers],
+                "ensemble": {"rule": RULE, "temperature": self.temperature}}
+
+
+class _DeviceClock:
+    """Accumulated time of a stretch of work: CUDA events on a GPU (kernels are timed when they
+    run, not when launched, with no sync per step); wall clock on a CPU."""
+
+    def __init__(self, runtime: Runtime):
+        self.cuda = runtime.is_cuda
+        self.total = 0.0
+        self.pending: list[tuple[Any, Any]] = []
+
+    def __enter__(self):
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.pending.append((self.start, end))
+        else:
+            self.total += time.perf_counter() - self.start
+
+    def seconds(self) -> float:
+        if self.pending:
+            self.pending[-1][1].synchronize()
+            self.total += sum(a.elapsed_time(b) for a, b in self.pending) / 1000.0
+            self.pending.clear()
+        return self.total
