@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from common.crops import centre_box
+from common.errors import PipelineError
 from common.manifest import ConfinedPaths, Manifest
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import teacher_probs
@@ -21,7 +22,7 @@ from stage1_teacher_cache.teachers import Teacher
 from stage1_teacher_cache.views import Renderer, batches, prefetch
 
 
-class TeacherCheckError(ValueError):
+class TeacherCheckError(PipelineError):
     """A teacher is too close to chance on the validation set to be trusted."""
 
 
@@ -30,7 +31,7 @@ def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: 
     """Top-1/top-5 of every teacher (its own centre crop) and of the ensemble on the labelled images."""
     ids = np.flatnonzero(manifest.labels >= 0)
     if not len(ids):
-        raise ValueError(f"evaluation manifest {manifest.path} has no labelled images; top-1 cannot be measured")
+        raise TeacherCheckError(f"evaluation manifest {manifest.path} has no labelled images; top-1 cannot be measured")
     labels = torch.as_tensor(manifest.labels[ids].astype(np.int64), device=runtime.device)
     k5 = min(5, manifest.num_classes)
     pres = [t.preprocess for t in teachers]

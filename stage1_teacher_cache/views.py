@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 import torch
 
+from common.config import ConfigError
 from common.images import ImageError
 from common.models import Preprocess
 from common.render import decode, render_crops
@@ -88,7 +89,7 @@ def make_renderer(loader: str, runtime: Runtime, preprocesses: Sequence[Preproce
     if loader == "torch" or (loader == "auto" and not (runtime.is_cuda and dali_available())):
         return torch_renderer(preprocesses)
     if not dali_available():
-        raise ValueError("teacher_cache.loader = \"dali\" but NVIDIA DALI is not installed here; "
+        raise ConfigError("teacher_cache.loader = \"dali\" but NVIDIA DALI is not installed here; "
                          "install nvidia-dali or use --loader torch")
     return dali_renderer(preprocesses, runtime, crops_per_image, images_per_call)
 

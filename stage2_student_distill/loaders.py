@@ -36,8 +36,10 @@ import numpy as np
 import torch
 
 from common.cache_format import CacheError, restore_targets
+from common.config import ConfigError
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box
+from common.images import ImageError
 from common.manifest import ConfinedPaths
 from common.render import decode, normalize, render_crops
 from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
@@ -108,8 +110,8 @@ def check_decoded_size(path, size: tuple[int, int], manifest, image_id) -> None:
     """The decoder's frame must be the manifest's, or every cached box lands elsewhere."""
     expected = (int(manifest.widths[image_id]), int(manifest.heights[image_id]))
     if tuple(size) != expected:
-        raise RuntimeError(
-            f"{path}: decoded as {size[0]}x{size[1]} (after EXIF orientation) but the manifest says "
+        raise ImageError(
+            path, f"decoded as {size[0]}x{size[1]} (after EXIF orientation) but the manifest says "
             f"{expected[0]}x{expected[1]}; the file changed since the manifest was built -- rebuild the manifest "
             "(and the teacher cache)"
         )
@@ -236,9 +238,9 @@ class Loader:
             self._num_batches = (self.num_images // world) // self.images_per_batch
             self.num_samples_per_epoch = self._num_batches * batch_size
             if self._num_batches == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.num_images} images over {world} rank(s) do not fill one batch of "
-                    f"{self.images_per_batch} images; an epoch would train on nothing -- lower the batch size"
+                    f"{self.images_per_batch} images; an epoch would train on nothing -- lower optim.batch_size"
                 )
 
     def __len__(self) -> int:
@@ -335,7 +337,7 @@ class Loader:
         bad = (x < 0) | (y < 0) | (bw < 1) | (bh < 1) | (x + bw > w) | (y + bh > h)
         if bad.any():
             row = int(np.argwhere(bad)[0][0])
-            raise RuntimeError(
+            raise CacheError(
                 f"image {int(ids[row])} ({self.manifest.paths[int(ids[row])]}, {int(w[row, 0])}x{int(h[row, 0])}): "
                 f"crop box {boxes[row][bad[row]][0].tolist()} lies outside the image; the teacher cache was "
                 "built from different image files -- rebuild it for this manifest"
@@ -376,8 +378,8 @@ def _validate(manifest, mode, batch_size, cache, crops, crops_per_image) -> None
     if crops_per_image < 1 or batch_size < 1:
         raise ValueError("batch_size and crops_per_image must be >= 1")
     if batch_size % crops_per_image:
-        raise ValueError(
-            f"batch_size {batch_size} must be a multiple of crops_per_image {crops_per_image}: "
+        raise ConfigError(
+            f"optim.batch_size {batch_size} must be a multiple of distill.crops_per_image {crops_per_image}: "
             "the crops of one decoded image travel in the same batch"
         )
     if mode == "eval" and crops_per_image != 1:
@@ -395,8 +397,8 @@ def _validate(manifest, mode, batch_size, cache, crops, crops_per_image) -> None
                 "pass the manifest the cache was built from"
             )
         if crops_per_image > cache.num_crops:
-            raise ValueError(
-                f"crops_per_image {crops_per_image} > the cache's {cache.num_crops} crops per image; "
+            raise ConfigError(
+                f"distill.crops_per_image {crops_per_image} > the cache's {cache.num_crops} crops per image; "
                 "an epoch's crops of one image must be distinct"
             )
 
@@ -430,7 +432,7 @@ def build_loader(
     if kind == "auto":
         kind = "dali" if dali_available() else "torch"
     elif kind == "dali" and not dali_available():
-        raise ImportError("loader 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); or use loader 'torch'")
+        raise ConfigError("loader 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); or use loader 'torch'")
     return Loader(
         kind,
         manifest=manifest,

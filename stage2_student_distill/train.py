@@ -31,6 +31,7 @@ from common.models import Preprocess, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
 from stage2_student_distill.checkpoint import (
     RunError,
+    check_resume_epochs,
     load_training_state,
     prepare_run_dir,
     save_model,
@@ -95,6 +96,7 @@ def fit(job: Job) -> dict[str, Any]:
         if state["meta"].get("manifest_hash") != job.meta["manifest_hash"]:
             raise RunError(f"cannot resume {job.run_dir}: it was trained on a different manifest (content hash differs)")
         start_epoch, best_top1 = state["epoch"], state["best_top1"]
+        check_resume_epochs(job.run_dir, start_epoch, cfg.optim.epochs)
         if rt.is_main:
             print(f"resuming {job.run_dir} after epoch {start_epoch} (best top-1 {best_top1:.2f}%)", flush=True)
     metrics = MetricsLog(job.run_dir / "metrics.jsonl", completed_epochs=start_epoch) if rt.is_main else None
