@@ -100,7 +100,8 @@ def _extends(key: str, old: dict[str, Any]) -> bool:
 def _difference(key: str, was: Any, now: Any, old: dict[str, Any]) -> str:
     if key == "optim.epochs":  # the cosine schedule spans optim.epochs: a new span makes the lr jump
         return (f"optim.epochs: run has {was!r}, now {now!r}; the {old.get('optim.schedule')} schedule spans "
-                f"optim.epochs, so the learning rate would jump on resume (resume with --set optim.epochs={was!r})")
+                f"optim.epochs, so the learning rate would jump on resume (resume with --set optim.epochs={was!r}, "
+                "or train longer in a new run that starts from this run's last.pt as its weights)")
     return f"{key}: run has {was!r}, now {now!r}"
 
 
