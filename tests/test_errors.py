@@ -224,3 +224,26 @@ def test_demo_without_its_module_says_why_when_run():
     assert ("`pipeline demo` cannot run here: ModuleNotFoundError: No module named 'plotlib'; "
             "install the missing module (plotlib)") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- DALI's errors name no file: the renderer names it (stage 1's path; stage 2's is in test_bad_images)
+
+
+def test_a_dali_decode_failure_names_the_file(tmp_path):
+    from stage2_student_distill.loaders import dali_available
+
+    if not dali_available():
+        pytest.skip("nvidia-dali is not installed")
+    from PIL import Image
+
+    from common.dali_crops import DaliCropRenderer
+
+    rng = np.random.default_rng(0)
+    good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(good)
+    bad.write_bytes(good.read_bytes()[:200])  # truncated after the manifest was built
+    renderer = DaliCropRenderer(16, "bilinear", batch_size=2, num_threads=1)
+    with pytest.raises(ImageError) as err:
+        renderer.render([str(good), str(bad)], [[0, 0, 10, 10], [0, 0, 10, 10]], [0, 0])
+    assert str(err.value).startswith(f"{bad}: ") and "truncated or corrupt image" in str(err.value)
+    assert isinstance(err.value.__cause__, RuntimeError)  # DALI's own error, kept
