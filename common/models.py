@@ -99,11 +99,15 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            raw_meta = f.metadata() or {}
-        if "meta" in raw_meta:
-            meta = json.loads(raw_meta["meta"])
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                raw_meta = f.metadata() or {}
+            if "meta" in raw_meta:
+                meta = json.loads(raw_meta["meta"])
+        except Exception as e:  # SafetensorError (truncated, bad header), a bad meta JSON
+            raise WeightsError(f"{path}: cannot be read as a safetensors file ({cause_text(e)}); "
+                               "is it truncated or damaged?") from e
     else:
         obj = load_torch_file(path)
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict):

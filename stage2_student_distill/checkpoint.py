@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_torch_save, atomic_write_json
-from common.models import load_torch_file
 from common.errors import PipelineError
+from common.models import load_torch_file
 
 
 class RunError(PipelineError):

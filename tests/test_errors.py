@@ -247,3 +247,14 @@ def test_a_dali_decode_failure_names_the_file(tmp_path):
         renderer.render([str(good), str(bad)], [[0, 0, 10, 10], [0, 0, 10, 10]], [0, 0])
     assert str(err.value).startswith(f"{bad}: ") and "truncated or corrupt image" in str(err.value)
     assert isinstance(err.value.__cause__, RuntimeError)  # DALI's own error, kept
+
+
+def test_a_truncated_safetensors_file_is_named_with_its_cause(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.zeros(64)}, str(path))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(WeightsError, match=r"w\.safetensors: cannot be read as a safetensors file \(\w+") as err:
+        read_weights(path)
+    assert err.value.__cause__ is not None
