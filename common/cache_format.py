@@ -46,6 +46,7 @@ import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from common.errors import PipelineError, cause_text
 from common.runtime import to_device
 
 FORMAT_NAME = "meal-v2-teacher-cache"
@@ -64,7 +65,7 @@ MAX_CACHED_BYTES = 1 << 30  # a reader's shard LRU, whatever the shard size
 ALLOWED_CODECS = frozenset({"bytes", "zstd", "crc32c"})  # what CacheWriter writes
 
 
-class CacheError(ValueError):
+class CacheError(PipelineError):
     """The cache is missing, incomplete, damaged or does not match its inputs."""
 
 
@@ -182,7 +183,7 @@ def _layout(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
     try:
         layout = CacheLayout.from_attrs(attrs)
     except (KeyError, TypeError, ValueError) as e:
-        raise CacheError(f"{path}: malformed cache attributes ({type(e).__name__}: {e})") from None
+        raise CacheError(f"{path}: malformed cache attributes ({type(e).__name__}: {e})") from e
     L = layout
     if L.num_images < 0 or L.num_crops < 1 or L.images_per_shard < 1 or not 1 <= L.topk <= L.num_classes:
         raise CacheError(
@@ -296,7 +297,7 @@ class CacheWriter:
 
     def complete_shards(self) -> np.ndarray:
         """Boolean mask of shards whose completion record is written."""
-        return _read_records(self.arrays[RECORD_ARRAY])[:, 0] == 1
+        return _read_records(self.arrays[RECORD_ARRAY], self.path)[:, 0] == 1
 
     def write_shard(self, shard: int, boxes: np.ndarray, flip: np.ndarray, topk_index: np.ndarray, topk_prob: np.ndarray) -> None:
         """Write one whole shard, then its completion record (the commit point)."""
@@ -346,18 +347,32 @@ def round_down_fp16(prob) -> np.ndarray:
     return p16
 
 
-def _read_records(arr) -> np.ndarray:
-    """Shard records; a damaged record chunk reads as 'incomplete'."""
+def _read_records(arr, path: str) -> np.ndarray:
+    """Shard records. "Incomplete" means a record that is absent (it reads as the fill value 0)
+    or not marked done; a record that cannot be *read* is an error, never "incomplete": a
+    transient object-store failure must stop the run, not make it recompute finished shards."""
     try:
         return np.asarray(arr[:])
-    except Exception:
-        rows = []
-        for s in range(arr.shape[0]):
-            try:
-                rows.append(np.asarray(arr[s : s + 1])[0])
-            except Exception:
-                rows.append(np.zeros(arr.shape[1], dtype=np.uint32))
-        return np.stack(rows)
+    except Exception as e:
+        unreadable = _unreadable_records(arr)[1]
+        shards = f"shard(s) {sorted(unreadable)[:5]}" if unreadable else "the records"
+        raise CacheError(
+            f"{path}: cannot read the completion record of {shards} ({cause_text(e)}). If the storage failed "
+            "for a moment, rerun; if `pipeline cache verify` reports the record damaged, "
+            "`pipeline cache verify --repair` resets it so that the shard is recomputed"
+        ) from e
+
+
+def _unreadable_records(arr) -> tuple[np.ndarray, dict[int, str]]:
+    """Records read one by one: (records with unreadable rows zeroed, {shard: why unreadable})."""
+    rows, unreadable = [], {}
+    for s in range(arr.shape[0]):
+        try:
+            rows.append(np.asarray(arr[s : s + 1])[0])
+        except Exception as e:
+            unreadable[s] = cause_text(e, 120)
+            rows.append(np.zeros(arr.shape[1], dtype=np.uint32))
+    return np.stack(rows), unreadable
 
 
 class CacheReader:
@@ -378,6 +393,7 @@ class CacheReader:
         require_complete: bool = True,
         max_cached_shards: int = 64,
         verify_checksums: bool = False,
+        _report_unreadable_records: bool = False,
     ):
         self.path = str(path)
         local = local_path(self.path)
@@ -389,7 +405,7 @@ class CacheReader:
         except CacheError:
             raise
         except Exception as e:
-            raise CacheError(f"{self.path}: not a readable Zarr v3 teacher cache ({type(e).__name__}: {e})") from None
+            raise CacheError(f"{self.path}: not a readable Zarr v3 teacher cache ({cause_text(e, 300)})") from e
         self.attrs = dict(group.attrs)
         _check_format(self.attrs, self.path)
         self.layout = _layout(self.attrs, self.path)
@@ -405,7 +421,12 @@ class CacheReader:
                 f"{self.path}: cache has {self.layout.num_classes} classes but {num_classes} were expected; "
                 "the student's class count must equal the teachers'"
             )
-        self.records = _read_records(self.arrays[RECORD_ARRAY])
+        # {shard: why its record is unreadable}; only `verify` asks for a report instead of an error
+        self.unreadable_records: dict[int, str] = {}
+        if _report_unreadable_records:
+            self.records, self.unreadable_records = _unreadable_records(self.arrays[RECORD_ARRAY])
+        else:
+            self.records = _read_records(self.arrays[RECORD_ARRAY], self.path)
         self.complete = self.records[:, 0] == 1
         if require_complete and not self.complete.all():
             missing = np.flatnonzero(~self.complete)
@@ -450,9 +471,10 @@ class CacheReader:
             data = {name: np.asarray(self.arrays[name][start:stop]) for name in DATA_ARRAYS}
         except Exception as e:
             raise CacheError(
-                f"{self.path}: shard {shard} (images {start}..{stop - 1}) is damaged ({type(e).__name__}: {e}); "
-                "run `pipeline cache verify` and rebuild the damaged shards"
-            ) from None
+                f"{self.path}: shard {shard} (images {start}..{stop - 1}) is damaged or unreadable ({cause_text(e, 300)}); "
+                "if the storage failed for a moment, rerun; else run `pipeline cache verify --repair` and rebuild "
+                "the damaged shards"
+            ) from e
         if self.verify_checksums:
             altered = [name for j, name in enumerate(DATA_ARRAYS) if _checksum(data[name]) != self.records[shard, 1 + j]]
             if altered:
@@ -554,12 +576,16 @@ def _shard_problems(reader: CacheReader, shard: int) -> list[str]:
 def _scan(path: str | Path, manifest_hash: str | None) -> tuple[list[str], list[int]]:
     """(every problem, the complete shards that are damaged)."""
     try:
-        reader = CacheReader(path, manifest_hash=manifest_hash, require_complete=False)
+        reader = CacheReader(path, manifest_hash=manifest_hash, require_complete=False, _report_unreadable_records=True)
     except CacheError as e:
         return [str(e)], []
     problems, damaged = [], []
     L = reader.layout
     for s in range(L.num_shards):
+        if s in reader.unreadable_records:  # --repair rewrites it as "incomplete"
+            problems.append(f"shard {s}: completion record unreadable ({reader.unreadable_records[s]})")
+            damaged.append(s)
+            continue
         if not reader.complete[s]:
             start, stop = shard_bounds(s, L.images_per_shard, L.num_images)
             problems.append(f"shard {s} (images {start}..{stop - 1}): incomplete (no completion record)")

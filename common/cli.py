@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from common.cli_support import ConfigSource
+from common.errors import cause_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,9 +33,21 @@ def _register() -> None:
         main.add_command(cmd)
     try:
         from common.demo import demo_command
-    except ImportError:
-        return
+    except ImportError as e:  # an optional dependency is missing: say so when the command is run
+        demo_command = _unavailable("demo", e)
     main.add_command(demo_command)
+
+
+def _unavailable(name: str, error: ImportError) -> click.Command:
+    """A stand-in for a command whose module does not import: listed, and explains itself when run."""
+    why = f"{cause_text(error)}; install the missing module ({error.name or 'see the message'}) to use it"
+
+    @click.command(name, help=f"(unavailable here: {why})", add_help_option=False,
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def command() -> None:
+        raise click.ClickException(f"`pipeline {name}` cannot run here: {why}")
+
+    return command
 
 
 _register()

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import click
 
-from common.config import Config, ConfigError, config_to_toml, load_config
+from common.config import Config, config_to_toml, load_config
+from common.errors import PipelineError, user_message, wrapped_user_error
 
 
 @dataclass(frozen=True)
@@ -47,15 +48,24 @@ def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -
 def user_errors():
     """Expected failures (bad input, bad config) -> message + exit 1, no traceback.
 
-    Every error type of this project derives from ValueError (ConfigError,
-    ManifestError, CacheError, WeightsError, ImageError, ...); OSErrors (missing
-    file, permission, disk full) are the user's to fix too.
+    Every error type of this project is a ``common.errors.PipelineError``
+    (ConfigError, ManifestError, CacheError, WeightsError, ImageError, ...),
+    also when a DataLoader worker re-raised it under another type; OSErrors
+    (missing file, permission, disk full) are the user's to fix too. A
+    ValueError from a library refusing its input is printed with its type.
+    Anything else is a bug and keeps its traceback.
     """
     try:
         yield
     except click.ClickException:
         raise
-    except (ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    except (PipelineError, OSError) as e:
+        raise click.ClickException(user_message(e)) from None
+    except ValueError as e:
+        raise click.ClickException(f"{type(e).__name__}: {user_message(e)}") from None
+    except RuntimeError as e:
+        if wrapped_user_error(e):
+            raise click.ClickException(user_message(e)) from None
+        raise
     except KeyboardInterrupt:
         raise click.ClickException("interrupted; rerun the same command to resume") from None

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.errors import PipelineError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = REPO_ROOT / "pipeline.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
@@ -239,44 +241,82 @@ def _build_table(table: str, values: dict[str, Any], base: Any, source: str) -> 
     return table_cfg
 
 
+# Seeds feed 64-bit hashes (common.crops) and torch.manual_seed; TOML integers are signed
+# 64-bit, so this is the range a config file can hold and every consumer accepts.
+SEED_RANGE = (0, 2**63 - 1)
+
+
 def _validate_table(table: str, t: Any) -> None:
+    """Every range check of every key, in one place; a message names the key and the rule."""
+
     def need(cond: bool, key: str, what: str) -> None:
         if not cond:
             raise ConfigError(f"config key '{table}.{key}' = {getattr(t, key)!r}: {what}")
 
+    def seed(key: str) -> None:
+        lo, hi = SEED_RANGE
+        need(lo <= getattr(t, key) <= hi, key, f"must be in {lo}..2**63-1 (a 64-bit seed)")
+
+    def at_least(minimum: int, *keys: str) -> None:
+        for key in keys:
+            need(getattr(t, key) >= minimum, key, f"must be >= {minimum}")
+
+    def probability(*keys: str) -> None:
+        for key in keys:
+            need(0 <= getattr(t, key) <= 1, key, "must be in [0, 1]")
+
+    def positive(*keys: str) -> None:
+        for key in keys:
+            need(getattr(t, key) > 0, key, "must be > 0")
+
+    def area_range(key: str) -> None:
+        lo, hi = getattr(t, key)
+        need(0 < lo <= hi <= 1, key, "need 0 < min <= max <= 1")
+
     if table == "runtime":
         need(t.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "use auto, fp32, bf16 or fp16")
         need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "device", "use auto, cpu, cuda or cuda:N")
-        need(t.num_workers >= 0, "num_workers", "must be >= 0")
+        seed("seed")
+        at_least(0, "num_workers")
         need(t.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
     elif table == "crops":
-        need(t.num_crops >= 1, "num_crops", "must be >= 1")
-        need(0 < t.scale[0] <= t.scale[1] <= 1, "scale", "need 0 < min <= max <= 1")
+        at_least(1, "num_crops")
+        area_range("scale")
         need(0 < t.ratio[0] <= t.ratio[1], "ratio", "need 0 < min <= max")
-        need(0 <= t.flip_p <= 1, "flip_p", "must be in [0, 1]")
-        need(t.seed >= 0, "seed", "must be >= 0")
+        probability("flip_p")
+        seed("seed")
     elif table == "teacher_cache":
-        need(t.topk >= 1, "topk", "must be >= 1")
-        need(t.temperature > 0, "temperature", "must be > 0")
-        need(t.batch_size >= 1, "batch_size", "must be >= 1")
-        need(t.images_per_shard >= 1, "images_per_shard", "must be >= 1")
+        at_least(1, "topk", "batch_size", "images_per_shard")
+        positive("temperature")
+        need(t.min_top1_over_chance >= 0, "min_top1_over_chance", "must be >= 0 (0 = no check)")
         need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
         for key in ("teacher_weights", "input_sizes"):
             for item in getattr(t, key):
                 need("=" in item, key, f"entry {item!r} must look like NAME=VALUE")
     elif table == "optim":
-        need(t.epochs >= 1, "epochs", "must be >= 1")
-        need(t.batch_size >= 1, "batch_size", "must be >= 1")
-        need(t.lr > 0, "lr", "must be > 0")
+        at_least(1, "epochs", "batch_size", "eval_batch_size", "log_every")
+        positive("lr", "lr_decay_factor")
+        need(0 <= t.momentum < 1, "momentum", "must be in [0, 1)")
+        need(t.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(all(m >= 1 for m in t.lr_decay_epochs), "lr_decay_epochs", "milestones are epochs >= 1")
+        at_least(0, "warmup_epochs")
         need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
         need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
         need(t.img_size >= 0, "img_size", "must be >= 0 (0 = model default)")
         need(t.eval_every >= 1, "eval_every", "must be >= 1 (the last epoch is always validated)")
     elif table == "distill":
-        need(t.disc_lr > 0, "disc_lr", "must be > 0")
-        need(t.crops_per_image >= 1, "crops_per_image", "must be >= 1")
-        need(0 <= t.cutmix_prob <= 1, "cutmix_prob", "must be in [0, 1]")
+        positive("disc_lr", "cutmix_alpha")
+        at_least(1, "crops_per_image")
+        probability("cutmix_prob")
         need(t.disc_lr_mode in ("own", "as_released"), "disc_lr_mode", "use own or as_released")
+    elif table == "train":
+        need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+    elif table == "demo":
+        at_least(1, "train_images", "val_images", "img_size", "teacher_epochs", "student_epochs", "num_crops",
+                 "batch_size", "eval_every")
+        at_least(0, "teacher_train_images")
+        area_range("crop_scale")
+        positive("lr")
     elif table == "preprocess":
         need(t.interpolation in ("", "bilinear", "bicubic", "nearest"), "interpolation",
              "use bilinear, bicubic, nearest or \"\" (the model's own)")

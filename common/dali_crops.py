@@ -34,6 +34,8 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from common.errors import PipelineError, cause_text
+from common.images import ImageError, open_image
 from common.render import resize_mode
 
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
@@ -57,8 +59,22 @@ def read_encoded(path: str | os.PathLike) -> np.ndarray:
     """The file's bytes as a uint8 array (what DALI's decoders take)."""
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
-        raise ValueError(f"{path}: zero-byte file")
+        raise ImageError(path, "zero-byte file")
     return data
+
+
+def decode_failure(paths: Sequence[str | os.PathLike], error: Exception) -> PipelineError:
+    """The user-facing error for a failed DALI run, whose message names no file: the first file of
+    the batch that Pillow cannot decode either (an ImageError naming it), else the batch itself."""
+    for path in paths:
+        try:
+            open_image(path)
+        except ImageError as bad:
+            return bad
+    return PipelineError(
+        f"DALI could not decode the {len(paths)} images starting with {paths[0]} ({cause_text(error)}) although "
+        "Pillow decodes each of them; use the torch loader (loader = \"torch\") for this data"
+    )
 
 
 def _crop_pipeline(size: int, interpolation: str, batch_size: int, num_threads: int, device_id: int | None, m: int):
@@ -143,7 +159,10 @@ class DaliCropRenderer:
         for start in range(0, len(files), self.batch_size):
             rows = slice(start, start + self.batch_size)
             encoded = [read_encoded(f) for f in files[rows]]
-            out = self.render_encoded(encoded, boxes[rows], flips[rows], sample_ids[rows])
+            try:
+                out = self.render_encoded(encoded, boxes[rows], flips[rows], sample_ids[rows])
+            except RuntimeError as e:  # DALI's errors are RuntimeErrors that name no file
+                raise decode_failure(files[rows], e) from e
             if not torch.equal(out.sample_ids, torch.from_numpy(sample_ids[rows].reshape(-1))):
                 raise RuntimeError("DALI returned crops in a different order than they were fed")
             parts.append(out.crops)

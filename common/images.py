@@ -19,11 +19,13 @@ from typing import BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from common.errors import PipelineError
+
 # Orientation tag values that turn the picture by 90 degrees (width <-> height).
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
-class ImageError(ValueError):
+class ImageError(PipelineError):
     """An image file cannot be decoded; the message names the file and why."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common.errors import PipelineError
 from common.images import ImageError
 
 MANIFEST_FORMAT = "meal-v2-manifest"
@@ -59,7 +60,7 @@ _BUILD_HINT = "build one with `pipeline manifest build ROOT --out M.parquet`"
 _REBUILD_HINT = "rebuild it with `pipeline manifest build`"
 
 
-class ManifestError(ValueError):
+class ManifestError(PipelineError):
     """A manifest is missing, malformed or inconsistent; the message says how to fix it."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+
+from common.errors import PipelineError, cause_text
 
 # The teachers of the MEAL V2 paper, by their short names -> timm weights tags.
 ALIASES: dict[str, str] = {
@@ -29,7 +32,7 @@ ALIASES: dict[str, str] = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(PipelineError):
     """A weights file is missing, unsafe or does not fit the model."""
 
 
@@ -117,19 +120,17 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-            raw_meta = f.metadata() or {}
-        if "meta" in raw_meta:
-            meta = json.loads(raw_meta["meta"])
-    else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling refused or corrupt file
-            raise WeightsError(
-                f"{path}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                "Only safetensors files and plain tensor state dicts are accepted."
-            ) from None
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                raw_meta = f.metadata() or {}
+            if "meta" in raw_meta:
+                meta = json.loads(raw_meta["meta"])
+        except Exception as e:  # SafetensorError (truncated, bad header), a bad meta JSON
+            raise WeightsError(f"{path}: cannot be read as a safetensors file ({cause_text(e)}); "
+                               "is it truncated or damaged?") from e
+    else:
+        obj = load_torch_file(path)
         if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
             meta = obj.get("meta") or {}
             obj = obj["model"]
@@ -140,6 +141,25 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         state = obj
     state = {_strip_prefixes(k): v for k, v in state.items()}
     return state, meta
+
+
+def load_failure(path: str | Path, e: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed: code it refused to run, or a file it could not read."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line), lines[0])
+        return (f"{path}: cannot be loaded safely: it holds Python objects, not only tensors ({detail[:200]}). "
+                "Only safetensors files and plain tensor state dicts are accepted.")
+    return f"{path}: cannot be read as a torch file ({cause_text(e)}); is it truncated, damaged or another format?"
+
+
+def load_torch_file(path: str | Path) -> Any:
+    """``torch.load`` without executing code; a WeightsError naming the path and the cause otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsError(load_failure(path, e)) from e
 
 
 def _strip_prefixes(key: str) -> str:
@@ -170,17 +190,12 @@ def create_model(
         pretrained = False
     try:
         model = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise WeightsError(f"unknown model {name!r}: not a timm model name nor one of {sorted(ALIASES)}") from None
-        raise
     except Exception as e:
-        if pretrained:
-            raise WeightsError(
-                f"could not fetch pretrained weights for {timm_name!r} ({type(e).__name__}: {e}). "
-                f"Without internet, pass a local file: --teacher-weights {name}=PATH (or --student-weights PATH)"
-            ) from None
-        raise
+        if isinstance(e, RuntimeError) and "Unknown model" in str(e):
+            raise WeightsError(f"unknown model {name!r}: not a timm model name nor one of {sorted(ALIASES)}") from e
+        if not pretrained:
+            raise
+        raise WeightsError(_pretrained_failure(name, timm_name, e)) from e
     if state is not None:
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -189,7 +204,7 @@ def create_model(
                 f"{weights}: does not fit {timm_name} with {num_classes} classes "
                 f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
                 "Check the model name and the number of classes."
-            ) from None
+            ) from e
         if missing or unexpected:
             raise WeightsError(
                 f"{weights}: does not fit {timm_name} with {num_classes} classes "
@@ -202,6 +217,15 @@ def create_model(
         if input_size:
             pre = replace(pre, input_size=int(input_size))
     return model, pre
+
+
+def _pretrained_failure(name: str, timm_name: str, e: Exception) -> str:
+    """A download failure (OSError) is told from weights timm fetched but could not use; both name the cause."""
+    local = f"pass a local file: --teacher-weights {name}=PATH (or --student-weights PATH)"
+    if isinstance(e, OSError):
+        return f"could not fetch pretrained weights for {timm_name!r} ({cause_text(e, 300)}). Without internet, {local}"
+    return (f"timm could not load the pretrained weights of {timm_name!r} ({cause_text(e, 300)}); if its copy in the "
+            f"hub cache (~/.cache/huggingface) is damaged, delete it to download it again, or {local}")
 
 
 def checkpoint_num_classes(path: str | Path) -> int | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.config import RuntimeConfig
+from common.config import ConfigError, RuntimeConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -92,7 +92,7 @@ def build_runtime(cfg: RuntimeConfig, init_distributed: bool = True) -> Runtime:
     else:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
+            raise ConfigError(
                 f"runtime.device = {cfg.device!r} but CUDA is not available here; use device = \"auto\" or \"cpu\""
             )
         if device.type == "cuda" and world_size > 1:
@@ -108,7 +108,7 @@ def build_runtime(cfg: RuntimeConfig, init_distributed: bool = True) -> Runtime:
     else:
         dtype = _DTYPES[cfg.precision]
     if dtype == torch.float16 and device.type != "cuda":
-        raise RuntimeError("runtime.precision = \"fp16\" needs CUDA; use fp32 or bf16 on CPU")
+        raise ConfigError("runtime.precision = \"fp16\" needs CUDA; use fp32 or bf16 on CPU")
 
     if world_size > 1 and init_distributed and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

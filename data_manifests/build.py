@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import PipelineError
 from common.images import ImageError, decoded_size
 from common.manifest import Manifest, ManifestRow, check_relative_path, load_manifest, write_manifest
 
@@ -47,7 +48,7 @@ MAX_LISTED_PROBLEMS = 20
 _BATCH = 1024  # files in flight per thread-pool round; bounds memory on huge trees
 
 
-class ManifestBuildError(ValueError):
+class ManifestBuildError(PipelineError):
     """The input tree cannot be turned into a manifest; the message lists what to fix."""
 
 

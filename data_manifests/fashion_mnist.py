@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.errors import PipelineError
 from data_manifests.build import build_manifest
 
 CLASS_NAMES = (
@@ -37,7 +38,7 @@ _LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 _INSTALL_HINT = "install it with `apt-get install -y dataset-fashion-mnist`"
 
 
-class FashionMnistError(ValueError):
+class FashionMnistError(PipelineError):
     """The Fashion-MNIST source files are missing or malformed."""
 
 

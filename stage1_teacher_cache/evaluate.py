@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from common.crops import centre_box
 from common.distributed import all_gather_json, fail_together
+from common.errors import PipelineError
 from common.manifest import ConfinedPaths, Manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime
@@ -23,7 +24,7 @@ from stage1_teacher_cache.teachers import Teacher
 from stage1_teacher_cache.views import Renderer, batches
 
 
-class TeacherCheckError(ValueError):
+class TeacherCheckError(PipelineError):
     """A teacher is too close to chance on the validation set to be trusted."""
 
 
@@ -37,7 +38,7 @@ def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: 
     """
     ids = np.flatnonzero(manifest.labels >= 0)
     if not len(ids):
-        raise ValueError(f"evaluation manifest {manifest.path} has no labelled images; top-1 cannot be measured")
+        raise TeacherCheckError(f"evaluation manifest {manifest.path} has no labelled images; top-1 cannot be measured")
     with fail_together(runtime):  # a bad image on one rank stops every rank with its message
         hits = count_hits(teachers, manifest, ids[runtime.rank :: runtime.world_size], runtime, render,
                           batch_size, temperature)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from common.cache_format import CacheReader, local_path
+from common.errors import PipelineError
 from common.manifest import check_relative_path
 
 PACK_FORMAT = "meal-v2-cache-pack"
@@ -34,7 +35,7 @@ MAX_INDEX_BYTES = 64 << 20
 _PARTIAL_SUFFIX = ".partial"  # temp files a killed zarr write leaves behind: not part of the cache
 
 
-class PackError(ValueError):
+class PackError(PipelineError):
     """A pack cannot be written or is not a sound pack; the message names the member."""
 
 

@@ -28,24 +28,31 @@ from torch import nn
 
 from common.atomic import atomic_torch_save, atomic_write_json
 from common.config import Config
+from common.errors import PipelineError
+from common.models import load_torch_file
 
 
-class RunError(ValueError):
+class RunError(PipelineError):
     """A run directory, checkpoint or input does not fit the requested run."""
 
 
 # Keys that may change between a run and its resumption: they do not change
-# the math (device placement, logging, workers) or are the reason to resume
-# (more epochs, the resume flag itself, a relocated image root).
+# the math (device placement, memory layout, threads, logging, validation
+# cadence) or are the reason to resume (the resume flag itself, a relocated
+# image root). Every other key of the checked tables is refused: a resumed run
+# with another student, cache, seed, batch size, lr, schedule, loader... would
+# be neither the old run nor a new one (docs/reliability.md lists them).
 RESUME_MAY_CHANGE = frozenset(
     {
         "runtime.device",
+        "runtime.channels_last",
         "runtime.compile",
         "runtime.num_workers",
+        "runtime.torch_threads",
         "runtime.progress",
         "data.data_root",
-        "optim.epochs",
         "optim.eval_batch_size",
+        "optim.eval_every",
         "optim.log_every",
         "distill.resume",
         "train.resume",
@@ -82,10 +89,34 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], tables: t
     old = {**flatten_config(Config().to_dict(), tables), **flatten_config(saved, tables)}
     new = flatten_config(current, tables)
     return [
-        f"{key}: run has {old.get(key)!r}, now {new.get(key)!r}"
+        _difference(key, old.get(key), new.get(key), old)
         for key in sorted(old.keys() | new.keys())
-        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key)
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key) and not _extends(key, old)
     ]
+
+
+def _extends(key: str, old: dict[str, Any]) -> bool:
+    """More (or fewer) epochs under the step schedule: its milestones are absolute epochs, so every
+    completed step had the lr the longer run would have given it; the lr stays at its last value.
+    (Fewer epochs than already completed is refused by :func:`check_resume_epochs`.)"""
+    return key == "optim.epochs" and old.get("optim.schedule") == "step"
+
+
+def _difference(key: str, was: Any, now: Any, old: dict[str, Any]) -> str:
+    if key == "optim.epochs":  # the cosine schedule spans optim.epochs: a new span makes the lr jump
+        return (f"optim.epochs: run has {was!r}, now {now!r}; the {old.get('optim.schedule')} schedule spans "
+                f"optim.epochs, so the learning rate would jump on resume (resume with --set optim.epochs={was!r}, "
+                "or train longer in a new run that starts from this run's last.pt as its weights)")
+    return f"{key}: run has {was!r}, now {now!r}"
+
+
+def check_resume_epochs(run_dir: str | Path, completed: int, epochs: int) -> None:
+    """A resumed run cannot end before the epochs it has already completed."""
+    if epochs < completed:
+        raise RunError(
+            f"cannot resume {run_dir}: it has completed {completed} epochs but optim.epochs = {epochs}; "
+            f"a run cannot be shortened (resume with optim.epochs >= {completed}, or use its best.pt / last.pt)"
+        )
 
 
 def prepare_run_dir(out: str | Path, cfg: dict[str, Any], resume: bool, tables: tuple[str, ...], write: bool) -> Path:
@@ -157,10 +188,7 @@ def load_training_state(
     scaler: torch.amp.GradScaler,
 ) -> dict[str, Any]:
     """Restore last.pt into the given objects; returns its ``epoch``, ``best_top1`` and ``meta``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RunError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    state = load_torch_file(path)  # a WeightsError naming the cause if unsafe or unreadable
     if not isinstance(state, dict) or "optimizers" not in state or "epoch" not in state:
         raise RunError(f"{path}: not a training checkpoint written by `pipeline distill/train`")
     if (state["discriminator"] is None) != (discriminator is None):

@@ -14,7 +14,7 @@ _LOOP_OPTIONS = {
     "--manifest": ("data.manifest", dict(type=click.Path(dir_okay=False), help="Training manifest.")),
     "--val-manifest": ("data.val_manifest", dict(type=click.Path(dir_okay=False), help="Validation manifest (scored every epoch).")),
     "--data-root": ("data.data_root", dict(type=click.Path(file_okay=False), help="Image root replacing the manifests' recorded root.")),
-    "--epochs": ("optim.epochs", dict(type=int, help="Total epochs (raise it with --resume to train longer).")),
+    "--epochs": ("optim.epochs", dict(type=int, help="Total epochs (with --resume it may grow under the step schedule, not under cosine).")),
     "--batch-size": ("optim.batch_size", dict(type=int, help="Training batch size per process.")),
     "--eval-batch-size": ("optim.eval_batch_size", dict(type=int, help="Validation batch size per process.")),
     "--lr": ("optim.lr", dict(type=float, help="Student learning rate (SGD, momentum optim.momentum).")),

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_write_bytes
+from common.errors import PipelineError
 from stage2_student_distill.hub import LoadedModel
 
 FORMATS = ("safetensors", "onnx")
@@ -33,7 +34,7 @@ ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 _ONNX_SINGLE_FILE_LIMIT = 1.8 * 2**30  # protobuf's 2 GiB cap, with headroom for the graph
 
 
-class ExportError(ValueError):
+class ExportError(PipelineError):
     """The export cannot be written, or the exported model does not reproduce PyTorch's."""
 
 

@@ -36,7 +36,8 @@ import timm
 import torch
 from torch import nn
 
-from common.models import Preprocess, WeightsError, create_model, read_weights
+from common.errors import PipelineError
+from common.models import Preprocess, WeightsError, create_model, load_failure, read_weights
 
 RELEASE = "https://github.com/szq0214/MEAL-V2/releases/download/v1.0.0/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,7 +78,7 @@ HUB_MODELS: dict[str, HubModel] = {
 IMAGENET_CLASSES = 1000
 
 
-class HubError(ValueError):
+class HubError(PipelineError):
     """Unknown hub name, or weights that cannot be fetched or do not fit."""
 
 
@@ -123,7 +124,7 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
         try:
             state, _ = read_weights(source)
         except WeightsError as e:
-            raise HubError(f"{name}: {e}") from None
+            raise HubError(f"{name}: {e}") from e
         return state
     file_name = Path(urlparse(source).path).name
     cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
@@ -133,12 +134,9 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
         raise HubError(
             f"could not download {source} ({type(e).__name__}: {e}). Without internet, copy {file_name} "
             f"to {cached} (the torch hub cache) or pass pretrained='/path/to/{file_name}'"
-        ) from None
+        ) from e
     except Exception as e:  # weights_only refusal (an UnpicklingError), truncation, corruption
-        raise HubError(
-            f"{cached}: cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "delete it to download it again"
-        ) from None
+        raise HubError(f"{load_failure(cached, e)} Delete it to download it again.") from e
     return _state_from_object(obj, str(cached))
 
 
@@ -178,7 +176,7 @@ def load_hub_model(
             first = str(e).splitlines()
             raise HubError(
                 f"weights for {name} do not fit {spec.arch} ({' '.join(l.strip() for l in first[:2])[:300]})"
-            ) from None
+            ) from e
     model.to(device).eval()
     pre = spec.preprocess
     _describe(model, pre, None, num_classes=IMAGENET_CLASSES, url=spec.url, architecture=spec.arch)

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from common.dali_crops import DaliCropRenderer, device_id_for, read_encoded
+from common.dali_crops import DaliCropRenderer, decode_failure, device_id_for, read_encoded
 from common.manifest import ConfinedPaths
 from stage2_student_distill.loaders import check_decoded_size
 
@@ -37,7 +37,10 @@ class DaliBackend:
         """uint8 [n*m, 3, S, S] (CPU, or the GPU with CUDA) and the sample ids DALI carried through."""
         paths = [self.path_of(i) for i in image_ids]
         encoded = list(self.pool.map(read_encoded, paths))
-        out = self.renderer.render_encoded(encoded, boxes, flips, sample_ids)
+        try:
+            out = self.renderer.render_encoded(encoded, boxes, flips, sample_ids)
+        except RuntimeError as e:  # DALI's errors are RuntimeErrors that name no file
+            raise decode_failure(paths, e) from e
         for path, image_id, size in zip(paths, image_ids, out.image_sizes.tolist()):
             check_decoded_size(path, tuple(size), self.manifest, int(image_id))
         return out.crops, out.sample_ids

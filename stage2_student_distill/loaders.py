@@ -39,9 +39,11 @@ import numpy as np
 import torch
 
 from common.cache_format import CacheError, restore_targets
+from common.config import ConfigError
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box, check_boxes_inside
 from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
+from common.images import ImageError
 from common.manifest import ConfinedPaths
 from common.prefetch import in_background, prefetch
 from common.render import decode, normalize, render_crops
@@ -119,8 +121,8 @@ def check_decoded_size(path, size: tuple[int, int], manifest, image_id) -> None:
     """The decoder's frame must be the manifest's, or every cached box lands elsewhere."""
     expected = (int(manifest.widths[image_id]), int(manifest.heights[image_id]))
     if tuple(size) != expected:
-        raise RuntimeError(
-            f"{path}: decoded as {size[0]}x{size[1]} (after EXIF orientation) but the manifest says "
+        raise ImageError(
+            path, f"decoded as {size[0]}x{size[1]} (after EXIF orientation) but the manifest says "
             f"{expected[0]}x{expected[1]}; the file changed since the manifest was built -- rebuild the manifest "
             "(and the teacher cache)"
         )
@@ -187,9 +189,9 @@ class Loader:
             self._num_batches = (self.num_images // world) // self.images_per_batch
             self.num_samples_per_epoch = self._num_batches * batch_size
             if self._num_batches == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.num_images} images over {world} rank(s) do not fill one batch of "
-                    f"{self.images_per_batch} images; an epoch would train on nothing -- lower the batch size"
+                    f"{self.images_per_batch} images; an epoch would train on nothing -- lower optim.batch_size"
                 )
 
     def __len__(self) -> int:
@@ -332,8 +334,8 @@ def _validate(manifest, mode, batch_size, cache, crops, crops_per_image) -> None
     if crops_per_image < 1 or batch_size < 1:
         raise ValueError("batch_size and crops_per_image must be >= 1")
     if batch_size % crops_per_image:
-        raise ValueError(
-            f"batch_size {batch_size} must be a multiple of crops_per_image {crops_per_image}: "
+        raise ConfigError(
+            f"optim.batch_size {batch_size} must be a multiple of distill.crops_per_image {crops_per_image}: "
             "the crops of one decoded image travel in the same batch"
         )
     if mode == "eval" and crops_per_image != 1:
@@ -351,8 +353,8 @@ def _validate(manifest, mode, batch_size, cache, crops, crops_per_image) -> None
                 "pass the manifest the cache was built from"
             )
         if crops_per_image > cache.num_crops:
-            raise ValueError(
-                f"crops_per_image {crops_per_image} > the cache's {cache.num_crops} crops per image; "
+            raise ConfigError(
+                f"distill.crops_per_image {crops_per_image} > the cache's {cache.num_crops} crops per image; "
                 "an epoch's crops of one image must be distinct"
             )
 

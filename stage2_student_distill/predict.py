@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from common.crops import centre_box
+from common.errors import PipelineError
 from common.images import ImageError
 from common.manifest import load_manifest
 from common.models import Preprocess
@@ -22,7 +23,7 @@ from common.render import decode, normalize, render_crops
 from stage2_student_distill.hub import IMAGENET_CLASSES, LoadedModel, load_checkpoint_model, load_hub_model
 
 
-class PredictError(ValueError):
+class PredictError(PipelineError):
     """Bad arguments to predict (the message says which)."""
 
 

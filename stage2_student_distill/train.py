@@ -37,6 +37,7 @@ from common.runtime import Runtime, build_runtime, seed_everything
 from stage1_teacher_cache.teachers import load_teachers
 from stage2_student_distill.checkpoint import (
     RunError,
+    check_resume_epochs,
     load_training_state,
     prepare_run_dir,
     save_model,
@@ -98,6 +99,7 @@ def fit(job: Job) -> dict[str, Any]:
             raise RunError(f"cannot resume {job.run_dir}: it was trained on a different manifest (content hash differs)")
         check_same_teachers(job.run_dir, state["meta"].get("online"), job.meta.get("online"))
         start_epoch, best_top1 = state["epoch"], state["best_top1"]
+        check_resume_epochs(job.run_dir, start_epoch, cfg.optim.epochs)
         if rt.is_main:
             print(f"resuming {job.run_dir} after epoch {start_epoch} (best top-1 {best_top1:.2f}%)", flush=True)
     with fail_together(rt):  # rank-0-only work before a collective: a failure stops every rank

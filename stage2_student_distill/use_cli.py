@@ -52,10 +52,7 @@ def predict_command(ctx: click.Context, images, checkpoint, hub_name, hub_weight
     _one_model(checkpoint, hub_name, hub_weights)
     cfg = resolve_config(ctx, {"runtime.device": runtime__device})
     with user_errors():
-        try:
-            device = build_runtime(cfg.runtime, init_distributed=False).device
-        except RuntimeError as e:  # e.g. cuda asked for on a machine without it
-            raise ValueError(str(e)) from None
+        device = build_runtime(cfg.runtime, init_distributed=False).device  # ConfigError: e.g. no CUDA
         predictions = run_predict(images, checkpoint=checkpoint, hub=hub_name, hub_weights=hub_weights,
                                   manifest=manifest, topk=topk, batch_size=batch_size, device=device)
     if as_json:

@@ -11,6 +11,7 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -214,3 +215,93 @@ def test_oversized_or_foreign_cache_metadata_is_refused_before_parsing(intact, t
     with pytest.raises(ValueError, match="a shard would decode to 48,000,000,000 bytes, over the 268,435,456 limit"):
         CacheReader(grown)
 
+
+
+# -- stage 2: files and caches that no longer fit the manifest stop `pipeline distill` by name
+
+
+@pytest.fixture()
+def distill_inputs(tmp_path):
+    """Train/val manifests of six and three 32x32 images and a valid teacher cache written directly
+    (boxes inside every image), so each test can break exactly one thing."""
+    from common.cache_format import CacheWriter
+
+    paths = {}
+    for split, count in (("train", 6), ("val", 3)):
+        root = tmp_path / split
+        for i in range(count):
+            save(random_rgb(32, 32, 10 * i + len(split)), root / ("a" if i % 2 else "b") / f"{i}.png")
+        paths[split] = tmp_path / f"{split}.parquet"
+        build_manifest(root, paths[split], progress=False)
+    manifest = load_manifest(paths["train"])
+    attrs = {
+        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
+        "num_classes": manifest.num_classes,
+        "teachers": [{"name": "t", "timm_name": "t", "weights": "file", "weights_sha256": "cd" * 32}],
+        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
+        "crops": {"num_crops": 2, "seed": 0},
+        "storage": {"k": 1, "images_per_shard": 8, "residual": "uniform"},
+    }
+
+    def write_cache(boxes: np.ndarray) -> Path:
+        writer = CacheWriter(tmp_path / "cache", attrs)
+        n = manifest.num_images
+        writer.write_shard(0, boxes, np.zeros((n, 2)), np.zeros((n, 2, 1)), np.full((n, 2, 1), 0.9))
+        return tmp_path / "cache"
+
+    def distill(loader: str) -> "click.testing.Result":
+        return CliRunner().invoke(main, [
+            "--set", "runtime.device=cpu", "--set", "runtime.progress=false",
+            "distill", "--manifest", str(paths["train"]), "--val-manifest", str(paths["val"]),
+            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / f"run-{loader}"), "--student", "test_resnet",
+            "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--eval-batch-size", "3",
+            "--loader", loader, "--num-workers", "1"])
+
+    inside = np.tile(np.array([2, 3, 20, 24], dtype=np.int32), (manifest.num_images, 2, 1))
+    return SimpleNamespace(manifest=manifest, write_cache=write_cache, distill=distill, inside=inside)
+
+
+def _loaders():
+    from stage2_student_distill.loaders import dali_available
+
+    dali = pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed"))
+    return ["torch", dali]
+
+
+def _user_error(result) -> str:
+    """The CLI's output for an expected failure: exit 1, one line, no traceback."""
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "Traceback" not in result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0][len("Error: "):]
+
+
+def test_distill_refuses_a_cached_box_outside_its_image_by_name(distill_inputs):
+    boxes = distill_inputs.inside.copy()
+    boxes[4, 1] = [20, 3, 20, 24]  # x + w = 40 > 32
+    distill_inputs.write_cache(boxes)
+    line = _user_error(distill_inputs.distill("torch"))
+    assert f"image 4 ({distill_inputs.manifest.paths[4]}, 32x32): crop box [20, 3, 20, 24] lies outside" in line
+    assert "rebuild it for this manifest" in line
+
+
+@pytest.mark.parametrize("loader", _loaders())
+def test_distill_stops_by_name_when_a_file_changed_size_after_the_manifest(distill_inputs, loader):
+    distill_inputs.write_cache(distill_inputs.inside)
+    m = distill_inputs.manifest
+    for i in range(m.num_images):  # every image: whichever the first batch holds
+        random_rgb(40, 36, i).save(m.root / m.paths[i], format="PNG")
+    line = _user_error(distill_inputs.distill(loader))
+    assert "decoded as 40x36 (after EXIF orientation) but the manifest says 32x32" in line
+    assert any(line.startswith(f"{m.root / p}:") for p in m.paths), line
+
+
+@pytest.mark.parametrize("loader", _loaders())
+def test_distill_names_a_file_truncated_after_the_manifest(distill_inputs, loader):
+    distill_inputs.write_cache(distill_inputs.inside)
+    m = distill_inputs.manifest
+    for p in m.paths:
+        _truncate(m.root / p, m.root)
+    line = _user_error(distill_inputs.distill(loader))
+    assert "truncated or corrupt image" in line and any(line.startswith(f"{m.root / p}:") for p in m.paths), line

@@ -196,6 +196,33 @@ def test_mismatches_are_refused(data, tmp_path):
         run_evaluate(out / "best.pt", tmp_path / "two.parquet", distill_config(data, out))
 
 
+
+def test_resume_refuses_a_new_cosine_span_and_a_shorter_run(data, tmp_path):
+    """The cosine schedule spans optim.epochs: resuming a 1-epoch run as a 2-epoch one would restart the
+    lr from lr * (1 + cos(pi / 2)) / 2 = lr / 2 instead of continuing at ~0. The step schedule's milestones
+    are absolute epochs, so it may be extended (test_resume_reproduces_an_uninterrupted_run), not shortened."""
+    quick = {"distill.discriminator": False, "distill.cutmix_prob": 0.0}
+    cosine = tmp_path / "cosine"
+    run_distill(distill_config(data, cosine, **quick, **{"optim.epochs": 1, "optim.schedule": "cosine"}))
+    with pytest.raises(RunError) as err:
+        run_distill(distill_config(data, cosine, **quick, **{"optim.epochs": 2, "optim.schedule": "cosine",
+                                                              "distill.resume": True}))
+    message = str(err.value)
+    assert "optim.epochs: run has 1, now 2; the cosine schedule spans optim.epochs" in message
+    assert "--set optim.epochs=1" in message
+    # keys that do not change the math may change: validation cadence, logging, memory layout
+    result = run_distill(distill_config(data, cosine, **quick, **{
+        "optim.epochs": 1, "optim.schedule": "cosine", "distill.resume": True,
+        "optim.eval_every": 3, "optim.log_every": 1, "runtime.channels_last": False}))
+    assert result["last"] is None and len(read_metrics(cosine / "metrics.jsonl")) == 1  # nothing left to run
+
+    step = tmp_path / "step"
+    run_distill(distill_config(data, step, **quick, **{"optim.epochs": 2}))
+    with pytest.raises(RunError, match=r"has completed 2 epochs but optim\.epochs = 1; a run cannot be shortened"):
+        run_distill(distill_config(data, step, **quick, **{"optim.epochs": 1, "distill.resume": True}))
+    assert len(read_metrics(step / "metrics.jsonl")) == 2
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     model, disc = torch.nn.Linear(3, 3), Discriminator(3)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common.config import RuntimeConfig
+from common.config import ConfigError, RuntimeConfig
 from common.runtime import build_runtime
 
 
@@ -24,9 +24,9 @@ def test_bf16_on_cpu_autocasts_without_a_scaler():
 
 def test_fp16_and_cuda_refused_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match="fp16"):
+    with pytest.raises(ConfigError, match="fp16"):
         build_runtime(RuntimeConfig(device="cpu", precision="fp16"))
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
+    with pytest.raises(ConfigError, match="CUDA is not available"):
         build_runtime(RuntimeConfig(device="cuda"))
 
 
