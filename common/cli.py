@@ -18,13 +18,14 @@ def main(ctx: click.Context, config_path: str | None, assignments: tuple[str, ..
 
 
 def _register() -> None:
+    from common.serve.cli import serve_command
     from data_manifests.cli import fashion_mnist_command, manifest_group
     from stage1_teacher_cache.cli import cache_group, teacher_cache_command
     from stage2_student_distill.cli import distill_command, evaluate_command, train_command
     from stage2_student_distill.use_cli import export_command, predict_command
 
     for cmd in (manifest_group, fashion_mnist_command, teacher_cache_command, cache_group,
-                distill_command, train_command, evaluate_command, predict_command, export_command):
+                distill_command, train_command, evaluate_command, predict_command, export_command, serve_command):
         main.add_command(cmd)
     try:
         from common.demo import demo_command
