@@ -92,18 +92,16 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flas
         if view is None or not view.ok:
             status = 404 if view is None else (503 if view.verifying else 409)
             return page("cache.html", status, view=view)
-        args = request.args
-        chosen = args.get("class") or None
+        chosen, error = request.args.get("class") or None, None
         try:
-            n = int(args.get("n", GALLERY_DEFAULT))
-            seed = int(args.get("seed", 0))
+            n, seed = int(request.args.get("n", GALLERY_DEFAULT)), int(request.args.get("seed", 0))
         except ValueError:
-            return page("cache.html", 400, view=view, summary=view.summary(), classes=view.class_names,
-                        error="n and seed must be integers")
-        ids, error = view.sample(chosen, n, seed)
+            n, seed, error = GALLERY_DEFAULT, 0, "images and sample must be integers"
+        ids, sample_error = view.sample(chosen, n, seed)
+        error = error or sample_error
         return page("cache.html", 400 if error else 200, view=view, summary=view.summary(),
                     classes=view.class_names, chosen=chosen, n=n, seed=seed, max_n=MAX_GALLERY,
-                    cards=[view.card(i) for i in ids], error=error, student=view.student_view())
+                    cards=[] if error else [view.card(i) for i in ids], error=error, student=view.student_view())
 
     @app.get("/runs")
     def runs():

@@ -104,7 +104,7 @@ def plot_svg(runs: Sequence[Run]) -> str | None:
         buf = io.StringIO()
         fig.savefig(buf, format="svg")
     svg = buf.getvalue()
-    return svg[svg.index("<svg"):]  # drop the XML prolog and doctype: it is embedded in HTML
+    return svg[svg.index("<svg"):].strip()  # drop the XML prolog and doctype: it is embedded in HTML
 
 
 def runs_page(roots: Sequence[Path], selected: Sequence[str]) -> dict[str, Any]:
