@@ -100,6 +100,25 @@ def test_a_truncated_image_is_a_message(client):
     assert response.status_code == 400 and message.startswith("cut.png: ") and "truncated" in message
 
 
+def test_a_released_model_by_hub_name_with_local_weights(inputs, tmp_path):
+    import timm
+
+    weights = tmp_path / "MEALV2_MobileNet_V3_Small_0.75_224.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("tf_mobilenetv3_small_075", num_classes=1000).state_dict(), weights)
+    client = create_app(served(inputs, checkpoint=None, hub="mealv2_mobilenetv3_small_075", hub_weights=weights,
+                               cache=None, manifest=None, runs=[])).test_client()
+    html = client.get("/predict").text
+    assert "<h1>tf_mobilenetv3_small_075</h1>" in html and "meal_v2:mealv2_mobilenetv3_small_075" in html
+    assert "1000 classes" in html and "224 px, bilinear, centre crop 0.875" in html  # MEAL V2's, not timm's
+    bars = _bars(_upload(client, png_bytes(120, 90)).text)
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    imagenet = {info.index_to_description(i) for i in range(1000)}
+    assert len(bars) == 5 and all(html_lib.unescape(name) in imagenet for name, _ in bars)
+
+
 def test_too_many_pixels_is_refused_from_the_header(inputs):
     app = create_app(served(inputs, cache=None, manifest=None, runs=[], max_pixels=100 * 100))
     client = app.test_client()
@@ -182,6 +201,12 @@ def test_a_cache_for_another_manifest_is_shown_with_the_message_and_not_served(i
     assert "but the given manifest is" in response.text
     assert "<article" not in response.text and "facts" not in response.text
     assert client.get("/runs").status_code == 200  # the other pages are unaffected
+
+
+def test_a_missing_manifest_is_shown_on_the_cache_page(inputs, tmp_path):
+    client = create_app(served(inputs, manifest=tmp_path / "gone.parquet")).test_client()
+    response = client.get("/cache")
+    assert response.status_code == 409 and "gone.parquet" in response.text and "<article" not in response.text
 
 
 def test_a_damaged_cache_lists_the_verify_problems(inputs, tmp_path):
