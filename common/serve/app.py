@@ -36,7 +36,7 @@ class Served:
     def __init__(self, checkpoint=None, hub=None, hub_weights=None, cache=None, manifest=None,
                  runs: Sequence[str | os.PathLike] = (), device: str | torch.device = "cpu",
                  max_pixels: int = MAX_PIXELS):
-        self.loaded = None
+        self.loaded, self.model, self.names = None, None, []
         if checkpoint is not None or hub is not None:
             self.loaded = load_model(checkpoint, hub, hub_weights, device)
             self.names = class_names(self.loaded)
@@ -70,7 +70,7 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flas
 
     @app.get("/predict")
     def predict():
-        return page("predict.html", model=served.model if served.loaded else None)
+        return page("predict.html", model=served.model)
 
     @app.post("/predict")
     def predict_post():
@@ -117,7 +117,7 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flas
     def too_large(e):
         msg = (f"the upload is larger than this server accepts ({max_upload_bytes / 1e6:.0f} MB); "
                "send a smaller image")
-        return page("predict.html", 413, model=served.model if served.loaded else None, error=msg)
+        return page("predict.html", 413, model=served.model, error=msg)
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):

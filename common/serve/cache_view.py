@@ -48,7 +48,7 @@ class CacheView:
         self.problems: list[str] = []
         self.info: dict[str, Any] | None = None
         self.reader: CacheReader | None = None
-        self.manifest = None
+        self.manifest, self._paths = None, None
         threading.Thread(target=self._verify, name="cache-verify", daemon=True).start()
 
     def _verify(self) -> None:
