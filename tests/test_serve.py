@@ -317,6 +317,9 @@ def test_serve_command_checks_its_arguments(inputs):
     assert both.exit_code == 2
     missing = runner.invoke(serve_command, ["--checkpoint", str(inputs["tmp"] / "none.pt")])
     assert missing.exit_code == 1 and "none.pt" in missing.output and "Traceback" not in missing.output
+    no_gpu = runner.invoke(serve_command, ["--runs", str(inputs["runs"]), "--device", "cuda:7"])
+    if not torch.cuda.is_available():
+        assert no_gpu.exit_code == 1 and "Traceback" not in no_gpu.output and "cuda" in no_gpu.output.lower()
     assert {p.name: p.default for p in serve_command.params}["host"] == "127.0.0.1"
     assert _is_local("127.0.0.1") and _is_local("::1") and _is_local("localhost") and not _is_local("0.0.0.0")
 

@@ -5,7 +5,7 @@ import ipaddress
 
 import click
 
-from common.cli_support import user_errors
+from common.cli_support import resolve_config, user_errors
 
 _LOCAL_HOSTS = {"localhost"}
 
@@ -28,12 +28,13 @@ def _is_local(host: str) -> bool:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the pages (and the data they show) to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@click.option("--device", default="cpu", show_default=True, help="Where the Predict model runs: cpu | cuda | cuda:N.")
+@click.option("--device", "runtime__device", help="Where the Predict model runs: auto | cpu | cuda | cuda:N. [runtime.device]")
 @click.option("--max-upload-mb", default=32, show_default=True, type=click.IntRange(1), help="Largest upload accepted.")
 @click.option("--max-pixels", default=50_000_000, show_default=True, type=click.IntRange(1),
               help="Largest decoded image accepted (width x height).")
-def serve_command(checkpoint, hub_name, hub_weights, cache, manifest, runs, host, port, device, max_upload_mb,
-                  max_pixels) -> None:
+@click.pass_context
+def serve_command(ctx, checkpoint, hub_name, hub_weights, cache, manifest, runs, host, port, runtime__device,
+                  max_upload_mb, max_pixels) -> None:
     """Web pages on HOST:PORT: Predict (--checkpoint/--hub), Cache (--cache with --manifest), Runs (--runs).
 
     Nothing is fetched from outside at run time; the pages read only the files given here.
@@ -49,7 +50,14 @@ def serve_command(checkpoint, hub_name, hub_weights, cache, manifest, runs, host
     except ImportError as e:
         raise click.ClickException(f"pipeline serve needs Flask ({e}); install the extra: pip install "
                                    "'mealv2-pipeline[serve]'") from None
+    from common.runtime import build_runtime
+
+    cfg = resolve_config(ctx, {"runtime.device": runtime__device})
     with user_errors():
+        try:
+            device = build_runtime(cfg.runtime, init_distributed=False).device
+        except RuntimeError as e:  # e.g. cuda asked for on a machine without it
+            raise ValueError(str(e)) from None
         served = Served(checkpoint, hub_name, hub_weights, cache, manifest, runs, device, max_pixels)
         server = make_server(create_app(served, max_upload_mb << 20), host, port)
     if not _is_local(host):
