@@ -95,8 +95,12 @@ def plot_svg(runs: Sequence[Run]) -> str | None:
             loss_rows = [m for m in rows if "val_loss" in m]
             loss.plot([m["epoch"] for m in loss_rows], [m["val_loss"] for m in loss_rows], marker="o",
                       color=line.get_color(), label=run.name)
+        losses = [m["val_loss"] for _, rows in series for m in rows if m.get("val_loss", 0) > 0]
+        log = bool(losses) and max(losses) > 10 * min(losses)  # early epochs would flatten the rest
+        if log:
+            loss.set_yscale("log")
         top1.set(title="validation top-1 (%)", xlabel="epoch")
-        loss.set(title="validation loss (cross entropy)", xlabel="epoch")
+        loss.set(title="validation loss (cross entropy" + (", log scale)" if log else ")"), xlabel="epoch")
         for ax in (top1, loss):
             ax.grid(alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)

@@ -17,14 +17,15 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from common.serve.app import Served, create_app, make_server
+from stage1_teacher_cache.info import cache_info
 
 HERE = Path(__file__).resolve().parent
 
 
 def main(run: Path, data: Path) -> None:
-    student = run / "student_meal_v2"
+    student = run / "student_mealv2"
     served = Served(checkpoint=student / "best.pt", cache=str(run / "cache"),
-                    manifest=next(data.glob("train*.parquet")), runs=[run])
+                    manifest=cache_info(str(run / "cache"))["manifest"]["path"], runs=[run])
     served.cache.wait()
     server = make_server(create_app(served), "127.0.0.1", 0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -35,7 +36,7 @@ def main(run: Path, data: Path) -> None:
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
-        test_image = sorted((data / "test").rglob("*.png"))[7]
+        test_image = sorted(next(data.glob("test-*")).rglob("*.png"))[7]
         driver.set_window_size(1200, 620)
         driver.get(url + "/predict")
         driver.find_element(By.ID, "image").send_keys(str(test_image))
@@ -44,8 +45,8 @@ def main(run: Path, data: Path) -> None:
         driver.set_window_size(1200, 1250)
         driver.get(url + "/cache?n=6&seed=3")
         driver.save_screenshot(str(HERE / "serve_cache.png"))
-        driver.set_window_size(1200, 1050)
-        driver.get(url + "/runs?run=student_meal_v2&run=student_hard_labels")
+        driver.set_window_size(1200, 1120)
+        driver.get(url + "/runs?run=student_mealv2&run=student_hard")
         driver.save_screenshot(str(HERE / "serve_runs.png"))
     finally:
         driver.quit()
