@@ -303,6 +303,19 @@ def test_nothing_outside_the_served_directories_is_readable(inputs, tmp_path):
         live.close()
 
 
+def test_pages_fetch_nothing_from_another_host(client):
+    """What a browser would fetch: src/href attributes, CSS url()/@import, JS fetch/XHR; only same-server paths."""
+    package = ROOT / "common" / "serve"
+    shipped = [p.read_text() for p in sorted((package / "templates").iterdir()) + sorted((package / "static").iterdir())]
+    pages = [client.get(url).text for url in ("/predict", "/cache", "/runs")]
+    for text in shipped + pages:
+        targets = re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", text)
+        targets += re.findall(r"""url\(\s*["']?([^"')]*)""", text) + re.findall(r"""@import\s+["']([^"']*)""", text)
+        assert not re.search(r"\b(fetch|XMLHttpRequest|import)\s*\(", text)
+        for target in targets:
+            assert target.startswith(("/", "#", "data:", "{{")), target
+
+
 # ----------------------------------------------------------------------------------------------- The command
 
 def test_serve_command_checks_its_arguments(inputs):

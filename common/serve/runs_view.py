@@ -106,7 +106,7 @@ def plot_svg(runs: Sequence[Run]) -> str | None:
             ax.xaxis.get_major_locator().set_params(integer=True)
         top1.legend(loc="lower right", fontsize=9)
         buf = io.StringIO()
-        fig.savefig(buf, format="svg")
+        fig.savefig(buf, format="svg", metadata={"Creator": None, "Date": None, "Format": None, "Type": None})
     svg = buf.getvalue()
     return svg[svg.index("<svg"):].strip()  # drop the XML prolog and doctype: it is embedded in HTML
 
