@@ -132,7 +132,9 @@ def test_too_many_pixels_is_refused_from_the_header(inputs):
 def test_an_upload_over_the_size_limit_is_refused(inputs):
     client = create_app(served(inputs, cache=None, manifest=None, runs=[]), max_upload_bytes=2000).test_client()
     response = _upload(client, png_bytes(200, 200))  # ~120 KB of noise
-    assert response.status_code == 413 and "larger than this server accepts" in _error(response.text)
+    assert response.status_code == 413
+    assert _error(response.text) == ("the upload is larger than this server accepts (2,000 bytes, --max-upload-mb); "
+                                     "send a smaller image")
 
 
 # ----------------------------------------------------------------------------------------------- Cache

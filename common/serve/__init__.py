@@ -9,3 +9,8 @@
 Flask is an optional dependency (the ``serve`` extra); only ``cli.py`` is imported
 without it, to say so.
 """
+
+# Upload limits (the ``--max-upload-mb`` / ``--max-pixels`` defaults): one photo, refused before its body
+# is read; a decoded size checked from the header, so a small file that would decode huge is never decoded.
+MAX_UPLOAD_MB = 32
+MAX_PIXELS = 50_000_000

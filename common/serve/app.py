@@ -20,13 +20,11 @@ import torch
 from flask import Flask, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from common.serve import runs_view
+from common.serve import MAX_PIXELS, MAX_UPLOAD_MB, runs_view
 from common.serve.cache_view import MAX_GALLERY, CacheView
 from common.serve.predict_view import UploadError, describe_model, predict_upload
 from stage2_student_distill.predict import class_names, load_model
 
-MAX_UPLOAD_BYTES = 32 << 20  # one photo; larger bodies are refused before they are read
-MAX_PIXELS = 50_000_000  # decoded size limit, checked from the header before decoding
 GALLERY_DEFAULT = 12
 
 
@@ -52,7 +50,7 @@ class Served:
         self.max_pixels = max_pixels
 
 
-def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flask:
+def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_MB << 20) -> Flask:
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=max_upload_bytes, TEMPLATES_AUTO_RELOAD=False)
     app.extensions["pipeline_serve"] = served
@@ -115,8 +113,8 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flas
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(e):
-        msg = (f"the upload is larger than this server accepts ({max_upload_bytes / 1e6:.0f} MB); "
-               "send a smaller image")
+        limit = f"{max_upload_bytes >> 20} MB" if max_upload_bytes >= 1 << 20 else f"{max_upload_bytes:,} bytes"
+        msg = f"the upload is larger than this server accepts ({limit}, --max-upload-mb); send a smaller image"
         return page("predict.html", 413, model=served.model, error=msg)
 
     @app.errorhandler(HTTPException)

@@ -6,6 +6,7 @@ import ipaddress
 import click
 
 from common.cli_support import resolve_config, user_errors
+from common.serve import MAX_PIXELS, MAX_UPLOAD_MB
 
 _LOCAL_HOSTS = {"localhost"}
 
@@ -29,8 +30,8 @@ def _is_local(host: str) -> bool:
               help="Address to bind. Anything but loopback exposes the pages (and the data they show) to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
 @click.option("--device", "runtime__device", help="Where the Predict model runs: auto | cpu | cuda | cuda:N. [runtime.device]")
-@click.option("--max-upload-mb", default=32, show_default=True, type=click.IntRange(1), help="Largest upload accepted.")
-@click.option("--max-pixels", default=50_000_000, show_default=True, type=click.IntRange(1),
+@click.option("--max-upload-mb", default=MAX_UPLOAD_MB, show_default=True, type=click.IntRange(1), help="Largest upload accepted.")
+@click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=click.IntRange(1),
               help="Largest decoded image accepted (width x height).")
 @click.pass_context
 def serve_command(ctx, checkpoint, hub_name, hub_weights, cache, manifest, runs, host, port, runtime__device,
