@@ -137,6 +137,24 @@ def test_an_upload_over_the_size_limit_is_refused(inputs):
                                      "send a smaller image")
 
 
+def test_the_real_server_answers_an_oversized_upload_with_the_message(inputs):
+    """Werkzeug's server, not the test client: the 413 page arrives (no connection reset) and serving goes on."""
+    live = LiveServer(create_app(served(inputs, cache=None, manifest=None, runs=[]), max_upload_bytes=1 << 20))
+    try:
+        boundary = "x" * 20
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+                f"Content-Type: image/png\r\n\r\n").encode() + png_bytes(1200, 1000) + f"\r\n--{boundary}--\r\n".encode()
+        host, port = live.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        response = conn.getresponse()
+        assert response.status == 413 and "larger than this server accepts (1 MB" in _error(response.read().decode())
+        conn.close()
+        assert _raw_get(live.url, "/predict")[0] == 200
+    finally:
+        live.close()
+
+
 # ----------------------------------------------------------------------------------------------- Cache
 
 def test_cache_page_shows_the_metadata(client, inputs):
