@@ -70,6 +70,22 @@ def test_upload_on_predict_shows_five_bars(live, browser, tmp_path):
         assert w == pytest.approx(track * p / 100, abs=2)
 
 
+def test_dropping_an_image_on_the_zone_predicts(live, browser):
+    import base64
+
+    browser.get(live.url + "/predict")
+    # A real drop event carrying a file, as the browser builds it when a file is dragged onto the zone.
+    browser.execute_script("""
+        const bytes = Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true}));
+    """, base64.b64encode(png_bytes(50, 70, seed=3)).decode())
+    _wait(browser, EC.presence_of_element_located((By.ID, "bars")))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#bars .bar-row")) == 5
+    assert "dropped.png (50x70)" in browser.find_element(By.CSS_SELECTOR, "#result figcaption").text
+
+
 def test_a_non_image_upload_shows_the_message(live, browser, tmp_path):
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
