@@ -22,6 +22,7 @@ def main(ctx: click.Context, config_path: str | None, recipe: str | None, assign
 
 def _register() -> None:
     from common.recipes_cli import config_group, recipes_command
+    from common.serve.cli import serve_command
     from data_manifests.cli import fashion_mnist_command, manifest_group
     from stage1_teacher_cache.cli import cache_group, teacher_cache_command
     from stage2_student_distill.cli import distill_command, evaluate_command, train_command
@@ -29,7 +30,7 @@ def _register() -> None:
 
     for cmd in (manifest_group, fashion_mnist_command, teacher_cache_command, cache_group,
                 distill_command, train_command, evaluate_command, predict_command, export_command,
-                recipes_command, config_group):
+                recipes_command, config_group, serve_command):
         main.add_command(cmd)
     try:
         from common.demo import demo_command

@@ -1,0 +1,136 @@
+"""The Flask application behind ``pipeline serve``.
+
+Three pages, each enabled by its command-line input: Predict (``--checkpoint``
+or ``--hub``), Cache (``--cache`` with ``--manifest``) and Runs (``--runs``).
+Bad input (an upload that is not an image, too large, a cache that does not
+verify) is a message on the page with a 4xx status; the server keeps running.
+
+What a request can read: the pages, the package's own ``static/`` files
+(Flask's ``send_from_directory`` refuses paths that leave it), manifest images
+by integer id through ``ConfinedPaths``, and the files of runs found under
+``--runs`` by name lookup. No request parameter is ever joined to a path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from flask import Flask, redirect, render_template, request, url_for
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from common.serve import MAX_PIXELS, MAX_UPLOAD_MB, runs_view
+from common.serve.cache_view import MAX_GALLERY, CacheView
+from common.serve.predict_view import UploadError, describe_model, predict_upload
+from stage2_student_distill.predict import class_names, load_model
+
+GALLERY_DEFAULT = 12
+
+
+class Served:
+    """What this server was started with; built once, read by every request (thread-safe: read-only)."""
+
+    def __init__(self, checkpoint=None, hub=None, hub_weights=None, cache=None, manifest=None,
+                 runs: Sequence[str | os.PathLike] = (), device: str | torch.device = "cpu",
+                 max_pixels: int = MAX_PIXELS):
+        self.loaded, self.model, self.names = None, None, []
+        if checkpoint is not None or hub is not None:
+            self.loaded = load_model(checkpoint, hub, hub_weights, device)
+            self.names = class_names(self.loaded)
+            self.model = describe_model(self.loaded, self.names)
+        if (cache is None) != (manifest is None):
+            raise ValueError("give --cache CACHE and --manifest M together (the manifest the cache was built from)")
+        self.cache = None
+        if cache is not None:
+            student = self.loaded.preprocess if self.loaded is not None else None
+            whose = f"the student {self.model['name']} ({self.model['source']})" if self.loaded else ""
+            self.cache = CacheView(str(cache), str(manifest), student, whose)
+        self.runs = [Path(r) for r in runs]
+        self.max_pixels = max_pixels
+
+
+def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_MB << 20) -> Flask:
+    app = Flask(__name__)
+    app.config.update(MAX_CONTENT_LENGTH=max_upload_bytes, TEMPLATES_AUTO_RELOAD=False)
+    app.extensions["pipeline_serve"] = served
+
+    def page(template: str, status: int = 200, **context: Any):
+        nav = {"predict": served.loaded is not None, "cache": served.cache is not None, "runs": bool(served.runs)}
+        return render_template(template, nav=nav, active=template.split(".")[0], **context), status
+
+    @app.get("/")
+    def index():
+        for name, on in (("predict", served.loaded), ("cache", served.cache), ("runs", served.runs)):
+            if on:
+                return redirect(url_for(name))
+        return page("predict.html", model=None)
+
+    @app.get("/predict")
+    def predict():
+        return page("predict.html", model=served.model)
+
+    @app.post("/predict")
+    def predict_post():
+        if served.loaded is None:
+            return page("predict.html", 404, model=None)
+        upload = request.files.get("image")
+        try:
+            if upload is None:
+                raise UploadError("no image received: choose or drop an image file (form field 'image')")
+            result = predict_upload(served.loaded, served.names, upload.read(), upload.filename or "",
+                                    served.max_pixels)
+        except UploadError as e:
+            return page("predict.html", 400, model=served.model, error=str(e))
+        return page("predict.html", model=served.model, result=result)
+
+    @app.get("/cache")
+    def cache():
+        view = served.cache
+        if view is None or not view.ok:
+            status = 404 if view is None else (503 if view.verifying else 409)
+            return page("cache.html", status, view=view)
+        chosen, error = request.args.get("class") or None, None
+        try:
+            n, seed = int(request.args.get("n", GALLERY_DEFAULT)), int(request.args.get("seed", 0))
+        except ValueError:
+            n, seed, error = GALLERY_DEFAULT, 0, "images and sample must be integers"
+        ids, sample_error = view.sample(chosen, n, seed)
+        error = error or sample_error
+        return page("cache.html", 400 if error else 200, view=view, summary=view.summary(),
+                    classes=view.class_names, chosen=chosen, n=n, seed=seed, max_n=MAX_GALLERY,
+                    cards=[] if error else [view.card(i) for i in ids], error=error, student=view.student_view())
+
+    @app.get("/runs")
+    def runs():
+        if not served.runs:
+            return page("runs.html", 404, data=None)
+        try:
+            data = runs_view.runs_page(served.runs, request.args.getlist("run"))
+        except OSError as e:  # a --runs directory removed while serving
+            return page("runs.html", 500, data=None, error=str(e))
+        return page("runs.html", 400 if data["unknown"] else 200, data=data)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(e):
+        limit = f"{max_upload_bytes >> 20} MB" if max_upload_bytes >= 1 << 20 else f"{max_upload_bytes:,} bytes"
+        msg = f"the upload is larger than this server accepts ({limit}, --max-upload-mb); send a smaller image"
+        return page("predict.html", 413, model=served.model, error=msg)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return page("error.html", e.code or 500, error=f"{e.code} {e.name}: {e.description}")
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):  # the request fails, the server stays up, the page says why
+        app.logger.exception("request failed")
+        return page("error.html", 500, error=f"internal error ({type(e).__name__}: {e})")
+
+    return app
+
+
+def make_server(app: Flask, host: str = "127.0.0.1", port: int = 8000):
+    """A threaded WSGI server (``port=0``: a free one, read back from ``server.server_port``)."""
+    from werkzeug.serving import make_server as werkzeug_server
+
+    return werkzeug_server(host, port, app, threaded=True)
