@@ -46,6 +46,7 @@ RESUME_MAY_CHANGE = frozenset(
         "optim.epochs",
         "optim.eval_batch_size",
         "optim.log_every",
+        "optim.log",
         "distill.resume",
         "train.resume",
         # locations: a run directory or a dataset may move; what is inside is

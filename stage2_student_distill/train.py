@@ -41,7 +41,7 @@ from stage2_student_distill.discriminator import Discriminator
 from stage2_student_distill.evaluate import evaluate
 from stage2_student_distill.loaders import build_loader
 from stage2_student_distill.losses import DistillObjective, HardLabelObjective, cutmix
-from stage2_student_distill.metrics import MetricsLog
+from stage2_student_distill.metrics_log import open_run_log
 from stage2_student_distill.schedule import lr_factor, set_learning_rates
 
 # Config tables whose values decide a run's result (checked on --resume).
@@ -97,7 +97,7 @@ def fit(job: Job) -> dict[str, Any]:
         start_epoch, best_top1 = state["epoch"], state["best_top1"]
         if rt.is_main:
             print(f"resuming {job.run_dir} after epoch {start_epoch} (best top-1 {best_top1:.2f}%)", flush=True)
-    metrics = MetricsLog(job.run_dir / "metrics.jsonl", completed_epochs=start_epoch) if rt.is_main else None
+    metrics = open_run_log(job.run_dir, start_epoch, cfg.optim.log, write=rt.is_main)  # metrics.jsonl (+ TensorBoard)
 
     record: dict[str, Any] | None = None
     for epoch in range(start_epoch, cfg.optim.epochs):
