@@ -43,6 +43,11 @@ def local_path(location: str | os.PathLike) -> Path | None:
     return None if kind else Path(text)
 
 
+def absolute(location: str | os.PathLike) -> str:
+    """A location as recorded in metadata: URLs as given, local paths made absolute."""
+    return str(location) if is_url(location) else str(Path(location).absolute())
+
+
 def filesystem(location: str | os.PathLike) -> tuple[Any, str]:
     """``(fsspec filesystem, path inside it)`` of a remote URL; a missing backend is a one-line error."""
     import fsspec  # only remote locations need it

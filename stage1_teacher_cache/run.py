@@ -31,6 +31,7 @@ from tqdm import tqdm
 from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, image_boxes
+from common.locations import absolute
 from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
@@ -224,7 +225,7 @@ def cache_attrs(cfg: Config, manifest: Manifest, teachers: list[Teacher], k: int
             "prob_dtype": "float16",
         },
         # not identity:
-        "manifest_path": str(manifest.path.absolute()),
+        "manifest_path": absolute(manifest.path),
         "class_names": list(manifest.class_names),
         "teacher_files": {t.name: t.weights_path for t in teachers if t.weights_path},
         "teacher_eval": evaluation,
