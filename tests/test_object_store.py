@@ -153,6 +153,23 @@ def test_merge_and_pack_read_s3_caches(s3, stores, tmp_path):
     assert pack.read_bytes() == repack.read_bytes()  # the same cache packs to the same bytes wherever it lives
 
 
+def test_subset_and_reduce_write_caches_and_manifests_to_s3(stores):
+    sub, sub_manifest, reduced = (f"s3://{BUCKET}/sub", f"s3://{BUCKET}/manifests/sub.parquet",
+                                  f"s3://{BUCKET}/reduced")
+    cli("cache", "subset", stores["cache"], "--manifest", stores["remote"]["train"], "--classes", "ant",
+        "--subset-manifest-out", sub_manifest, "--out", sub)
+    manifest = load_manifest(sub_manifest)
+    assert manifest.num_images == 3 and set(manifest.labels.tolist()) == {0}
+    assert CacheReader(sub).attrs["manifest_path"] == sub_manifest  # recorded as given, not made a local path
+    assert verify_cache(sub, manifest_hash=manifest.content_hash) == []
+    whole = read_all(stores["cache"])
+    ants = np.flatnonzero(load_manifest(stores["remote"]["train"]).labels == 0)
+    assert np.array_equal(read_all(sub)["topk_index"], whole["topk_index"][ants])
+
+    cli("cache", "reduce", stores["cache"], "--topk", "1", "--out", reduced)
+    assert np.array_equal(read_all(reduced)["topk_index"], whole["topk_index"][..., :1])
+
+
 def test_distill_trains_from_s3_cache_and_manifests_like_from_local_ones(stores, tmp_path):
     def distill(cache, manifests, out):
         cli("distill", "--student", "test_resnet", "--cache", cache, "--manifest", manifests["train"],

@@ -82,3 +82,14 @@ def test_missing_tensorboard_is_one_line_naming_the_extra(data, tmp_path, monkey
     message = result.output.strip()
     assert "\n" not in message and "mealv2-pipeline[tensorboard]" in message, message
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first epoch
+
+
+def test_only_the_writing_rank_gets_a_log_but_every_rank_checks_the_package(tmp_path, monkeypatch):
+    from stage2_student_distill.metrics_log import open_run_log
+
+    assert open_run_log(tmp_path, 0, "tensorboard", write=False) is None
+    assert list(tmp_path.iterdir()) == []  # a rank other than 0 writes nothing
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ValueError, match=r"mealv2-pipeline\[tensorboard\]"):
+        open_run_log(tmp_path, 0, "tensorboard", write=False)
+    assert open_run_log(tmp_path, 0, "jsonl") is not None  # jsonl alone needs no tensorboard
