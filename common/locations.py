@@ -21,7 +21,8 @@ _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
 class LocationError(ValueError):
-    """A URL cannot be opened: its fsspec backend is not installed."""
+    """A location cannot be used: its fsspec backend is not installed, or it is a URL where only a
+    local path will do."""
 
 
 def scheme(location: str | os.PathLike) -> str:
@@ -41,6 +42,16 @@ def local_path(location: str | os.PathLike) -> Path | None:
     if kind == "file":
         return Path(url2pathname(urlparse(text).path))
     return None if kind else Path(text)
+
+
+def require_local(location: str | os.PathLike, what: str) -> Path:
+    """The local path of ``location``; a URL is refused naming ``what`` must be local (a URL would
+    otherwise become a local folder named ``s3:``)."""
+    path = local_path(location)
+    if path is None:
+        raise LocationError(f"{location}: {what} must be a local path (or a mounted filesystem), not a URL; "
+                            "write it locally and copy it to the object store afterwards (docs/object-stores.md)")
+    return path
 
 
 def absolute(location: str | os.PathLike) -> str:
@@ -103,10 +114,10 @@ def file_sizes(location: str | os.PathLike) -> dict[str, int]:
             if info.get("type") != "directory" and name.startswith(root + "/")}
 
 
-def open_binary(location: str | os.PathLike, mode: str = "rb"):
-    """A file object on a local path or URL (``rb`` or ``wb``)."""
+def open_read(location: str | os.PathLike):
+    """A binary file object to read, on a local path or a URL (streamed, not read whole)."""
     path = local_path(location)
     if path is not None:
-        return open(path, mode)
+        return open(path, "rb")
     fs, inner = filesystem(location)
-    return fs.open(inner, mode)
+    return fs.open(inner, "rb")

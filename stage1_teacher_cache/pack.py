@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from common.cache_format import CacheReader
-from common.locations import file_sizes, local_path, open_binary
+from common.locations import file_sizes, local_path, open_read, require_local
 from common.manifest import check_relative_path
 
 PACK_FORMAT = "meal-v2-cache-pack"
@@ -80,6 +80,7 @@ def cache_files(cache: str) -> dict[str, int]:
 
 def pack_cache(cache: str, out: str) -> dict[str, Any]:
     """Pack a cache (local directory or URL) into the local file ``out``."""
+    require_local(out, "the pack file")
     reader = CacheReader(cache, require_complete=False)  # refuse what is not a cache before writing anything
     files = cache_files(cache)
     base = cache.rstrip("/")
@@ -91,7 +92,7 @@ def pack_cache(cache: str, out: str) -> dict[str, Any]:
         with open(tmp, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for name, size in files.items():
-                    with open_binary(f"{base}/{name}") as f:
+                    with open_read(f"{base}/{name}") as f:
                         hashing = _HashingReader(f)
                         tar.addfile(_tarinfo(name, size), hashing)
                     index[name] = {"size": size, "sha256": hashing.sha256.hexdigest()}
@@ -163,7 +164,8 @@ def _compare(index: dict[str, Any], found: dict[str, str], pack: str) -> None:
 
 
 def unpack_cache(pack: str, out: str) -> dict[str, Any]:
-    out_path = Path(out)
+    require_local(pack, "the pack to unpack")
+    out_path = require_local(out, "the unpacked cache directory")
     if out_path.exists():
         raise PackError(f"{out}: already exists; unpack into a new directory")
     out_path.parent.mkdir(parents=True, exist_ok=True)

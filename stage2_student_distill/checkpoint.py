@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_torch_save, atomic_write_json
+from common.locations import require_local
 
 
 class RunError(ValueError):
@@ -91,7 +92,7 @@ def prepare_run_dir(out: str | Path, cfg: dict[str, Any], resume: bool, tables: 
     overwrite of someone's checkpoints); a resumed run refuses a config that
     differs in any key that changes the result, naming the keys.
     """
-    run_dir = Path(out)
+    run_dir = require_local(out, "a run directory (checkpoints are renamed into place)")
     last, config_path = run_dir / "last.pt", run_dir / "config.json"
     if resume:
         if not last.is_file():

@@ -38,3 +38,16 @@ def test_a_missing_backend_is_one_line_naming_the_extra():
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
         assert result.output.count("\n") == 1 and "mealv2-pipeline[gcs]" in result.output, result.output
+
+
+
+def test_outputs_that_must_be_local_refuse_urls_instead_of_making_a_folder_named_s3(tmp_path, monkeypatch):
+    from stage2_student_distill.checkpoint import prepare_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LocationError, match="a run directory .* must be a local path"):
+        prepare_run_dir("s3://bucket/run", {}, resume=False, tables=(), write=True)
+    result = CliRunner().invoke(main, ["cache", "pack", "memory://nothing", "--out", "s3://bucket/c.tar"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "the pack file must be a local path" in result.output and result.output.count("\n") == 1, result.output
+    assert not (tmp_path / "s3:").exists()
