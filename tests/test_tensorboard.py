@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from common.cli import main
 from stage2_student_distill.metrics import read_metrics
-from test_distill import data, distill_config  # noqa: F401  (data: the module's manifests + cache)
 from stage2_student_distill.train import run_distill
+from test_distill import data, distill_config  # noqa: F401  (data: the manifests + cache fixture)
 
 pytest.importorskip("tensorboard", reason="TensorBoard tests need the tensorboard package (extra `tensorboard`)")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
