@@ -109,6 +109,7 @@ def file_sizes(location: str | os.PathLike) -> dict[str, int]:
         return {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
     fs, inner = filesystem(location)
     root = inner.rstrip("/")
+    fs.invalidate_cache(root)  # a listing cached earlier in this process may predate writes since
     found = fs.find(root, detail=True)
     return {name[len(root) + 1:]: int(info["size"]) for name, info in sorted(found.items())
             if info.get("type") != "directory" and name.startswith(root + "/")}

@@ -126,6 +126,8 @@ def test_teacher_cache_on_s3_equals_the_local_one_and_cache_commands_read_it(s3,
     assert s3.exists(f"{BUCKET}/cache/zarr.json")
     info = cli("cache", "info", cache)
     assert "3/3 shards" in info and "n/a" not in info  # remote caches report their size too
+    s3.invalidate_cache()
+    assert json.loads(cli("cache", "info", "--json", cache))["bytes_on_disk"] == s3.du(f"{BUCKET}/cache") > 0
     assert "OK:" in cli("cache", "verify", cache, "--manifest", stores["remote"]["train"])
     assert verify_cache(cache) == []
 
