@@ -38,8 +38,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlparse
-from urllib.request import url2pathname
 
 import numpy as np
 import torch
@@ -47,6 +45,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from common.errors import PipelineError, cause_text
+from common.locations import filesystem, local_path
 from common.runtime import to_device
 
 FORMAT_NAME = "meal-v2-teacher-cache"
@@ -82,24 +81,15 @@ def _checksum(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).tobytes()) & 0xFFFFFFFF
 
 
-def is_url(location: str | Path) -> bool:
-    return "://" in str(location)
-
-
-def local_path(location: str | Path) -> Path | None:
-    """The directory of a local cache (plain path or file:// URL); None for remote URLs."""
-    text = str(location)
-    if text.startswith("file://"):
-        return Path(url2pathname(urlparse(text).path))
-    return None if is_url(text) else Path(text)
-
-
 def _store(location: str | Path) -> Path | str:
     """What zarr opens. file:// URLs become paths on purpose: zarr's LocalStore writes every
     file atomically (temp + rename), fsspec's local filesystem writes in place, so a kill
     could leave a torn chunk behind a completion record."""
     path = local_path(location)
-    return path if path is not None else str(location)
+    if path is not None:
+        return path
+    filesystem(location)  # a missing backend (s3fs, gcsfs) fails here with the extra to install
+    return str(location)
 
 
 def _open_group(path: str | Path, mode: str) -> zarr.Group:
@@ -112,9 +102,7 @@ def _metadata_size(location: str | Path, key: str) -> int | None:
     if path is not None:
         target = path / key
         return target.stat().st_size if target.is_file() else None
-    import fsspec  # only remote caches need it
-
-    fs, root = fsspec.core.url_to_fs(str(location))
+    fs, root = filesystem(location)
     try:
         return int(fs.size(f"{root.rstrip('/')}/{key}"))
     except FileNotFoundError:

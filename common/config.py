@@ -88,6 +88,7 @@ class OptimConfig:
     loader: str = "auto"  # as teacher_cache.loader: auto (DALI on CUDA when importable, else torch) | dali | torch
     img_size: int = 0  # 0: the model's own default input size
     log_every: int = 50  # steps between loss logs
+    log: str = "jsonl"  # jsonl (RUN/metrics.jsonl) | tensorboard (metrics.jsonl + TensorBoard events in RUN/)
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
 
 
@@ -304,6 +305,7 @@ def _validate_table(table: str, t: Any) -> None:
         need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
         need(t.img_size >= 0, "img_size", "must be >= 0 (0 = model default)")
         need(t.eval_every >= 1, "eval_every", "must be >= 1 (the last epoch is always validated)")
+        need(t.log in ("jsonl", "tensorboard"), "log", "use jsonl or tensorboard")
     elif table == "distill":
         positive("disc_lr", "cutmix_alpha")
         at_least(1, "crops_per_image")

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from common.errors import PipelineError
 from common.images import ImageError
+from common.locations import is_url, read_bytes, write_bytes
 
 MANIFEST_FORMAT = "meal-v2-manifest"
 MANIFEST_VERSION = 1
@@ -223,10 +224,12 @@ def write_manifest(
     out: str | os.PathLike,
     description: str = "",
 ) -> str:
-    """Write ``rows`` (in image_id order) to ``out`` atomically; return the content hash.
+    """Write ``rows`` (in image_id order) to ``out`` (a path or fsspec URL) atomically; return the
+    content hash.
 
-    Atomic (temp file + ``os.replace``) so a crash never leaves a half-written
-    manifest that a later stage would trust.
+    Atomic (temp file + ``os.replace`` locally, one whole-object upload on an
+    object store) so a crash never leaves a half-written manifest that a later
+    stage would trust.
     """
     rows = list(rows)
     class_names = [str(c) for c in class_names]
@@ -268,14 +271,9 @@ def write_manifest(
     table = table.replace_schema_metadata(
         {f"meal.{k}".encode(): json.dumps(v, ensure_ascii=False).encode("utf-8") for k, v in metadata.items()}
     )
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_bytes(out, buffer.getvalue().to_pybytes())  # a local path or an fsspec URL, never half-written
     return digest
 
 
@@ -286,7 +284,7 @@ def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None =
     (the config default) keeps the recorded one.
     """
     table = _read_table(path)
-    path = path if _is_url(path) else Path(path)
+    path = path if is_url(path) else Path(path)
 
     fmt = _read_metadata(table.schema, "format", source=path)
     if fmt != MANIFEST_FORMAT:
@@ -353,18 +351,11 @@ def load_manifest(path: str | os.PathLike, data_root: str | os.PathLike | None =
     )
 
 
-def _is_url(path) -> bool:
-    return "://" in str(path)
-
-
 def _read_table(path) -> pa.Table:
     """The Parquet table at a local path or an fsspec URL (file://, memory://, s3://, ...)."""
     try:
-        if _is_url(path):
-            import fsspec
-
-            with fsspec.open(str(path), "rb") as f:
-                return pq.read_table(pa.BufferReader(f.read()))
+        if is_url(path):
+            return pq.read_table(pa.BufferReader(read_bytes(path)))
         local = Path(path)
         if not local.is_file():
             what = "is not a file" if local.exists() else "does not exist"

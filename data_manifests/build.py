@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from common.errors import PipelineError
 from common.images import ImageError, decoded_size
+from common.locations import is_url, remove, write_bytes
 from common.manifest import Manifest, ManifestRow, check_relative_path, load_manifest, write_manifest
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -58,10 +59,11 @@ class Reject:
     reason: str
 
 
-def rejects_path(out: str | os.PathLike) -> Path:
-    """Sidecar listing rejected inputs: ``M.parquet`` -> ``M.rejects.jsonl``."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.rejects.jsonl")
+def rejects_path(out: str | os.PathLike) -> Path | str:
+    """Sidecar listing rejected inputs: ``M.parquet`` -> ``M.rejects.jsonl``, next to it (a path or URL)."""
+    folder, _, name = str(out).rpartition("/")
+    sidecar = f"{Path(name).stem}.rejects.jsonl"
+    return f"{folder}/{sidecar}" if is_url(out) else Path(out).with_name(sidecar)
 
 
 def build_manifest(
@@ -73,9 +75,10 @@ def build_manifest(
 ) -> Manifest:
     """Scan, hash and decode every image under ``root``; write the manifest to ``out``."""
     root = _checked_root(Path(root))
-    out = Path(out).absolute()
+    out = str(out) if is_url(out) else Path(out).absolute()  # images are local; the manifest may be a URL
     sidecar = rejects_path(out)
-    class_names, candidates, rejects = _scan(root, exclude={out.resolve(), sidecar.resolve()})
+    written = {Path(p).resolve() for p in (out, sidecar) if not is_url(p)}  # outputs are not inputs
+    class_names, candidates, rejects = _scan(root, exclude=written)
 
     inspected = _inspect_all(root, [rel for rel, _ in candidates], progress)
     rows: list[ManifestRow] = []
@@ -102,7 +105,7 @@ def build_manifest(
         _write_rejects(sidecar, rejects)
         print(f"skipped {len(rejects)} bad input(s) under {root}; listed in {sidecar}", file=sys.stderr)
     else:
-        sidecar.unlink(missing_ok=True)  # a stale list from an earlier build would mislead
+        remove(sidecar)  # a stale list from an earlier build would mislead
     return load_manifest(out)
 
 
@@ -224,7 +227,7 @@ def _inspect(root: Path, rel: str) -> tuple[str, int, tuple[int, int]] | Reject:
     return hashlib.sha256(data).hexdigest(), len(data), size
 
 
-def _problem_report(root: Path, rejects: list[Reject], sidecar: Path) -> str:
+def _problem_report(root: Path, rejects: list[Reject], sidecar: Path | str) -> str:
     lines = [f"{len(rejects)} problem(s) under {root}:"]
     lines += [f"  {root / r.path}: {r.reason}" for r in rejects[:MAX_LISTED_PROBLEMS]]
     if len(rejects) > MAX_LISTED_PROBLEMS:
@@ -233,15 +236,9 @@ def _problem_report(root: Path, rejects: list[Reject], sidecar: Path) -> str:
     return "\n".join(lines)
 
 
-def _write_rejects(sidecar: Path, rejects: list[Reject]) -> None:
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rejects:
-                f.write(json.dumps({"path": r.path, "reason": r.reason}, ensure_ascii=False) + "\n")
-        os.replace(tmp, sidecar)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _write_rejects(sidecar: Path | str, rejects: list[Reject]) -> None:
+    lines = (json.dumps({"path": r.path, "reason": r.reason}, ensure_ascii=False) + "\n" for r in rejects)
+    write_bytes(sidecar, "".join(lines).encode("utf-8"))
 
 
 def manifest_info(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -14,11 +14,12 @@ import click
 
 from common.config import ConfigError
 from common.images import ImageError
+from common.locations import LocationError
 from common.manifest import ManifestError
 from data_manifests.build import ManifestBuildError, build_manifest, format_manifest_info, manifest_info
 from data_manifests.fashion_mnist import FashionMnistError, prepare_fashion_mnist
 
-_EXPECTED_ERRORS = (ManifestError, ManifestBuildError, ImageError, ConfigError, FashionMnistError)
+_EXPECTED_ERRORS = (ManifestError, ManifestBuildError, ImageError, ConfigError, FashionMnistError, LocationError)
 
 
 def _user_errors(command):
@@ -41,12 +42,12 @@ def manifest_group():
 
 @manifest_group.command("build")
 @click.argument("root", type=click.Path(path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Manifest file to write.")
+@click.option("--out", required=True, help="Manifest file to write: a path or fsspec URL (s3://bucket/m.parquet).")
 @click.option("--skip-bad", is_flag=True, help="Record bad inputs in OUT_STEM.rejects.jsonl instead of failing.")
 @click.option("--description", default="", help="Free text stored in the manifest metadata.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @_user_errors
-def build_command(root: Path, out: Path, skip_bad: bool, description: str, progress: bool):
+def build_command(root: Path, out: str, skip_bad: bool, description: str, progress: bool):
     """Build a manifest from an ImageFolder tree ROOT/<class>/<image>."""
     manifest = build_manifest(root, out, skip_bad=skip_bad, description=description, progress=progress)
     click.echo(
@@ -56,11 +57,11 @@ def build_command(root: Path, out: Path, skip_bad: bool, description: str, progr
 
 
 @manifest_group.command("info")
-@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("manifest")  # a path or fsspec URL; load_manifest says what is missing
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--data-root", default=None, help="Image root to report instead of the recorded one.")
 @_user_errors
-def info_command(manifest: Path, as_json: bool, data_root: str | None):
+def info_command(manifest: str, as_json: bool, data_root: str | None):
     """Verify a manifest and summarise it (images, classes, sizes, hash)."""
     info = manifest_info(manifest, data_root=data_root)
     click.echo(json.dumps(info, indent=2, ensure_ascii=False) if as_json else format_manifest_info(info))

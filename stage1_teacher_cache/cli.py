@@ -173,8 +173,8 @@ def reduce_command(cache: str, out: str, topk: int) -> None:
 
 
 @cache_group.command("pack")
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pack file (a tar).")
+@click.argument("cache")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The pack file (a local tar).")
 def pack_command(cache: str, out: str) -> None:
     """Write CACHE as one uncompressed tar with a sha256 per file, for transfer."""
     from stage1_teacher_cache.pack import pack_cache

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.cache_format import CacheReader, local_path
+from common.cache_format import CacheReader
+from common.locations import file_sizes
 
 
-def bytes_on_disk(path: str) -> int | None:
-    """Total file size under a local cache directory (None for remote URLs)."""
-    root = local_path(path)
-    if root is None:
-        return None
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+def bytes_on_disk(path: str) -> int:
+    """Total size of the cache's files, in a local directory or under an object-store prefix."""
+    return sum(file_sizes(path).values())
 
 
 def human_bytes(n: float | None) -> str:

@@ -1,8 +1,9 @@
 """`pipeline cache pack|unpack`: a cache as one file, for transfer.
 
 The pack is an uncompressed POSIX tar (the chunks are zstd already) of the
-cache directory's regular files, in sorted order with zeroed owners and times
-(the same cache always packs to the same bytes), followed by a JSON member
+cache's files (a local directory or any fsspec URL: s3://, gs://...), in
+sorted order with zeroed owners and times (the same cache always packs to the
+same bytes, wherever it is stored), followed by a JSON member
 ``meal-v2-pack.json`` listing every file's size and sha256. Packing hashes each
 file while it streams into the tar, so every byte is read once.
 
@@ -24,8 +25,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from common.cache_format import CacheReader, local_path
+from common.cache_format import CacheReader
 from common.errors import PipelineError
+from common.locations import file_sizes, local_path, open_read, require_local
 from common.manifest import check_relative_path
 
 PACK_FORMAT = "meal-v2-cache-pack"
@@ -58,26 +60,31 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def cache_files(root: Path) -> list[str]:
-    """Relative POSIX names of the cache's files, sorted; anything but a regular file is refused."""
-    names = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink() or not (path.is_dir() or path.is_file()):
-            raise PackError(f"{root}: {rel} is not a regular file or directory; a cache holds only those")
-        if path.is_file() and not path.name.endswith(_PARTIAL_SUFFIX):
-            names.append(rel)
-    if INDEX_NAME in names:
-        raise PackError(f"{root}: holds a file named {INDEX_NAME}, the name reserved for the pack index")
-    return names
+def cache_files(cache: str) -> dict[str, int]:
+    """``{relative POSIX name: size}`` of the cache's files, sorted; locally anything but a regular
+    file or directory is refused (object stores hold only objects)."""
+    root = local_path(cache)
+    if root is not None:
+        for path in root.rglob("*"):
+            if path.is_symlink() or not (path.is_dir() or path.is_file()):
+                raise PackError(f"{root}: {path.relative_to(root).as_posix()} is not a regular file or directory; "
+                                "a cache holds only those")
+    files = {name: size for name, size in file_sizes(cache).items() if not name.endswith(_PARTIAL_SUFFIX)}
+    for name in files:
+        problem = check_relative_path(name)
+        if problem:  # a forged object key must not become a member that unpack would refuse
+            raise PackError(f"{cache}: file {name!r}: {problem}")
+    if INDEX_NAME in files:
+        raise PackError(f"{cache}: holds a file named {INDEX_NAME}, the name reserved for the pack index")
+    return files
 
 
 def pack_cache(cache: str, out: str) -> dict[str, Any]:
-    root = local_path(cache)
-    if root is None:
-        raise PackError(f"{cache}: pack reads a local cache directory; copy a remote cache with fsspec/cloud tools")
-    reader = CacheReader(root, require_complete=False)  # refuse what is not a cache before writing anything
-    names = cache_files(root)
+    """Pack a cache (local directory or URL) into the local file ``out``."""
+    require_local(out, "the pack file")
+    reader = CacheReader(cache, require_complete=False)  # refuse what is not a cache before writing anything
+    files = cache_files(cache)
+    base = cache.rstrip("/")
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
@@ -85,9 +92,8 @@ def pack_cache(cache: str, out: str) -> dict[str, Any]:
     try:
         with open(tmp, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for name in names:
-                    with open(root / name, "rb") as f:
-                        size = os.fstat(f.fileno()).st_size
+                for name, size in files.items():
+                    with open_read(f"{base}/{name}") as f:
                         hashing = _HashingReader(f)
                         tar.addfile(_tarinfo(name, size), hashing)
                     index[name] = {"size": size, "sha256": hashing.sha256.hexdigest()}
@@ -159,7 +165,8 @@ def _compare(index: dict[str, Any], found: dict[str, str], pack: str) -> None:
 
 
 def unpack_cache(pack: str, out: str) -> dict[str, Any]:
-    out_path = Path(out)
+    require_local(pack, "the pack to unpack")
+    out_path = require_local(out, "the unpacked cache directory")
     if out_path.exists():
         raise PackError(f"{out}: already exists; unpack into a new directory")
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtyp
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, check_boxes_inside, image_boxes
 from common.distributed import fail_together, peer_may_be_gone
+from common.locations import absolute
 from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime, build_runtime
@@ -227,7 +228,7 @@ def cache_attrs(cfg: Config, manifest: Manifest, teachers: list[Teacher], k: int
             "prob_dtype": "float16",
         },
         # not identity:
-        "manifest_path": str(manifest.path.absolute()),
+        "manifest_path": absolute(manifest.path),
         "class_names": list(manifest.class_names),
         "teacher_files": {t.name: t.weights_path for t in teachers if t.weights_path},
         "teacher_eval": evaluation,

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype, restore_targets
+from common.locations import absolute
 from common.manifest import Manifest, ManifestRow, load_manifest, write_manifest
 
 # Dense rows restored at once while merging: bounds memory to ~64 MB per source whatever the class count.
@@ -213,7 +214,7 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
     attrs = dict(reader.attrs)
     attrs.update({
         "manifest": {"hash": new_hash, "num_images": len(ids)},
-        "manifest_path": str(Path(subset_manifest_out).absolute()),
+        "manifest_path": absolute(subset_manifest_out),
         "subset": {
             "source": reader.path,
             "source_manifest": reader.attrs["manifest"],

@@ -30,6 +30,7 @@ from common.atomic import atomic_torch_save, atomic_write_json
 from common.config import Config
 from common.errors import PipelineError
 from common.models import load_torch_file
+from common.locations import require_local
 
 
 class RunError(PipelineError):
@@ -54,6 +55,7 @@ RESUME_MAY_CHANGE = frozenset(
         "optim.eval_batch_size",
         "optim.eval_every",
         "optim.log_every",
+        "optim.log",
         "distill.resume",
         "train.resume",
         # locations: a run directory or a dataset may move; what is inside is
@@ -126,7 +128,7 @@ def prepare_run_dir(out: str | Path, cfg: dict[str, Any], resume: bool, tables: 
     overwrite of someone's checkpoints); a resumed run refuses a config that
     differs in any key that changes the result, naming the keys.
     """
-    run_dir = Path(out)
+    run_dir = require_local(out, "a run directory (checkpoints are renamed into place)")
     last, config_path = run_dir / "last.pt", run_dir / "config.json"
     if resume:
         if not last.is_file():

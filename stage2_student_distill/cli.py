@@ -26,6 +26,8 @@ _LOOP_OPTIONS = {
     "--img-size": ("optim.img_size", dict(type=int, help="Input size (0: the model's default).")),
     "--loader": ("optim.loader", dict(type=click.Choice(["auto", "dali", "torch"]), help="Data loader.")),
     "--log-every": ("optim.log_every", dict(type=int, help="Steps between loss logs.")),
+    "--log": ("optim.log", dict(type=click.Choice(["jsonl", "tensorboard"]),
+                                help="Metrics sinks: metrics.jsonl, or metrics.jsonl + TensorBoard events (extra `tensorboard`).")),
     "--device": ("runtime.device", dict(help="auto | cpu | cuda | cuda:N.")),
     "--precision": ("runtime.precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast dtype.")),
     "--seed": ("runtime.seed", dict(type=int, help="Seed of initialisation, shuffling and CutMix.")),

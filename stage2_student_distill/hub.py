@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from common.errors import PipelineError
+from common.locations import scheme
 from common.models import Preprocess, WeightsError, create_model, load_failure, read_weights
 
 RELEASE = "https://github.com/szq0214/MEAL-V2/releases/download/v1.0.0/"
@@ -98,8 +99,8 @@ def hub_model(name: str) -> HubModel:
     return spec
 
 
-def _is_url(source: str) -> bool:
-    return urlparse(source).scheme in ("http", "https", "file", "ftp")
+# What torch.hub.load_state_dict_from_url downloads; any other source is a local file.
+_DOWNLOAD_SCHEMES = ("http", "https", "file", "ftp")
 
 
 def _state_from_object(obj: Any, source: str) -> dict[str, torch.Tensor]:
@@ -120,7 +121,7 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
     """
     spec = hub_model(name)
     source = spec.url if pretrained is True else os.fspath(pretrained)
-    if not _is_url(source):
+    if scheme(source) not in _DOWNLOAD_SCHEMES:
         try:
             state, _ = read_weights(source)
         except WeightsError as e:

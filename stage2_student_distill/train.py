@@ -48,7 +48,7 @@ from stage2_student_distill.discriminator import Discriminator
 from stage2_student_distill.evaluate import evaluate
 from stage2_student_distill.loaders import build_loader
 from stage2_student_distill.losses import DistillObjective, HardLabelObjective, cutmix
-from stage2_student_distill.metrics import MetricsLog
+from stage2_student_distill.metrics_log import open_run_log
 from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
 from stage2_student_distill.student import create_student
 from stage2_student_distill.targets import CachedTargets, OnlineTargets
@@ -103,7 +103,7 @@ def fit(job: Job) -> dict[str, Any]:
         if rt.is_main:
             print(f"resuming {job.run_dir} after epoch {start_epoch} (best top-1 {best_top1:.2f}%)", flush=True)
     with fail_together(rt):  # rank-0-only work before a collective: a failure stops every rank
-        metrics = MetricsLog(job.run_dir / "metrics.jsonl", completed_epochs=start_epoch) if rt.is_main else None
+        metrics = open_run_log(job.run_dir, start_epoch, cfg.optim.log, write=rt.is_main)  # metrics.jsonl (+ TensorBoard)
 
     record: dict[str, Any] | None = None
     for epoch in range(start_epoch, cfg.optim.epochs):
