@@ -249,7 +249,7 @@ def distill_inputs(tmp_path):
         writer.write_shard(0, boxes, np.zeros((n, 2)), np.zeros((n, 2, 1)), np.full((n, 2, 1), 0.9))
         return tmp_path / "cache"
 
-    def distill(loader: str) -> "click.testing.Result":
+    def distill(loader: str):
         return CliRunner().invoke(main, [
             "--set", "runtime.device=cpu", "--set", "runtime.progress=false",
             "distill", "--manifest", str(paths["train"]), "--val-manifest", str(paths["val"]),
@@ -282,7 +282,7 @@ def test_distill_refuses_a_cached_box_outside_its_image_by_name(distill_inputs):
     boxes[4, 1] = [20, 3, 20, 24]  # x + w = 40 > 32
     distill_inputs.write_cache(boxes)
     line = _user_error(distill_inputs.distill("torch"))
-    assert f"image 4 ({distill_inputs.manifest.paths[4]}, 32x32): crop box [20, 3, 20, 24] lies outside" in line
+    assert f"image 4 ({distill_inputs.manifest.paths[4]}): box [20, 3, 20, 24] flip 0 is not inside the 32x32 image" in line
     assert "rebuild it for this manifest" in line
 
 

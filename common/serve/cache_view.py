@@ -16,13 +16,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.cache_format import CacheReader, verify_cache
+from common.crops import check_boxes_inside
 from common.images import ImageError
 from common.manifest import ConfinedPaths, load_manifest
 from common.models import Preprocess
 from common.render import decode, render_crops
 from common.serve.pictures import chw_to_pil, png_data_uri
 from stage1_teacher_cache.info import cache_info, human_bytes
-from stage1_teacher_cache.views import check_boxes_inside
 
 # One colour per crop (matplotlib's tab10): the box on the image and the border of its crop match.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -123,7 +123,9 @@ class CacheView:
             image = decode(path)
             rows = self.reader.images([image_id])
             boxes, flips = rows["boxes"][0], rows["flip"][0]
-            check_boxes_inside(path, image, [boxes])
+            check_boxes_inside(boxes[None], [image.shape[2]], [image.shape[1]], flips=flips[None],
+                               where=lambda _, j: f"crop {j}", error=lambda msg: ImageError(path, msg),
+                               remedy="the file changed after the cache was built; rebuild the manifest and cache")
         except (ImageError, ValueError, OSError) as e:
             card["error"] = str(e)
             return card
