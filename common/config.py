@@ -35,7 +35,7 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the student
     seed: int = 0
     num_workers: int = 2  # decode workers (torch loader) / DALI threads
-    torch_threads: int = 0  # torch intra-op threads per process; 0 = torch's default (the core count)
+    torch_threads: int = 0  # torch intra-op threads per process; 0 = the cores minus num_workers (>= 1)
     progress: bool = True  # progress bars on long work
 
 
@@ -130,7 +130,12 @@ class DemoConfig:
     num_crops: int = 16
     crop_scale: tuple[float, float] = (0.64, 1.0)  # milder than ImageNet's: 28 px garments
     batch_size: int = 128
+    eval_batch_size: int = 500  # validation batches (no gradients: larger is cheaper per image)
     lr: float = 0.05
+    schedule: str = "cosine"  # step | cosine
+    weight_decay: float = 5e-5
+    loader: str = "torch"  # stage 2 loader of every demo run: auto | dali | torch
+    cache_batch_size: int = 256  # crops per teacher forward pass in the teacher cache
     eval_every: int = 10  # epochs between validations (and the last)
 
 
@@ -262,6 +267,9 @@ def _validate_table(table: str, t: Any) -> None:
         need(t.disc_lr > 0, "disc_lr", "must be > 0")
         need(t.crops_per_image >= 1, "crops_per_image", "must be >= 1")
         need(0 <= t.cutmix_prob <= 1, "cutmix_prob", "must be in [0, 1]")
+    elif table == "demo":
+        need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
+        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "override") -> Config:

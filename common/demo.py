@@ -70,12 +70,12 @@ def _shared_overrides(d) -> dict:
     return {
         "optim.img_size": d.img_size,
         "optim.batch_size": d.batch_size,
-        "optim.eval_batch_size": 500,
+        "optim.eval_batch_size": d.eval_batch_size,
         "optim.eval_every": d.eval_every,
         "optim.lr": d.lr,
-        "optim.schedule": "cosine",
-        "optim.weight_decay": 5e-5,
-        "optim.loader": "torch",
+        "optim.schedule": d.schedule,
+        "optim.weight_decay": d.weight_decay,
+        "optim.loader": d.loader,
         "crops.num_crops": d.num_crops,
         "crops.scale": list(d.crop_scale),
     }
@@ -134,7 +134,7 @@ def run(cfg: Config) -> dict:
         "teacher_cache.pretrained": False,
         "teacher_cache.out": str(cache_dir),
         "teacher_cache.evaluate_manifest": manifests["test"],
-        "teacher_cache.batch_size": 256,
+        "teacher_cache.batch_size": d.cache_batch_size,
     })
     with _timed(steps, "4 teacher cache"):
         cache_summary = run_teacher_cache(ccfg)
@@ -168,7 +168,7 @@ def run(cfg: Config) -> dict:
     gain = None if mealv2 is None or hard is None else mealv2 - hard
     if gain is not None:
         text += (f"\n\nMEAL V2 - hard labels: {gain:+.2f} points top-1, {d.student_epochs} epochs each on the same "
-                 f"{d.train_images} images (issue target: >= +0.5; docs/results.md)")
+                 f"{d.train_images} images (the demo's aim: >= +0.5; docs/results.md)")
     # the teachers train on other images for other epochs: their final accuracy is a level, not a curve
     levels = {n: a for n, a, e in rows[: len(rows) - len(student_runs)] if a is not None}
     plot = _plot_curves({f"student, {k}": p for k, p in student_runs.items()}, levels, out / "val_curves.png")
