@@ -8,7 +8,7 @@ from common.cli_support import ConfigSource
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML config (default: the repository's pipeline.toml).")
+              help="TOML config (default: the pipeline.toml shipped with the package).")
 @click.option("--set", "assignments", multiple=True, metavar="TABLE.KEY=VALUE",
               help="Override any config key, e.g. --set optim.lr=0.1 (repeatable).")
 @click.pass_context

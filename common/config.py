@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = REPO_ROOT / "pipeline.toml"
+# The default config ships inside the package: in the checkout common/pipeline.toml is a
+# symlink to the top-level pipeline.toml (one file to edit), and the wheel stores a copy of it,
+# so an installed `pipeline` finds its defaults without the checkout (docs/design-notes.md).
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "pipeline.toml"
 
 
 class ConfigError(ValueError):
@@ -293,7 +295,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults <- TOML file (``path``, default: the repo's pipeline.toml) <- overrides."""
+    """Defaults <- TOML file (``path``, default: the packaged pipeline.toml) <- overrides."""
     cfg = Config()
     path = Path(path) if path else DEFAULT_CONFIG_PATH
     if path.exists():
