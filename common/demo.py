@@ -1,4 +1,4 @@
-"""`pipeline demo`: the whole mission on Fashion-MNIST, CPU-only, driven by [demo].
+"""`pipeline demo`: the whole pipeline on Fashion-MNIST, CPU-only, driven by [demo].
 
 Steps (each skipped when its output is already complete, so a rerun resumes):
   1. Fashion-MNIST idx files -> PNG ImageFolder trees (class-balanced subsets):
@@ -12,8 +12,8 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   6. the same student on hard labels for the same epochs (the baseline)
   7. a results table (results.md / results.json) and a plot of validation curves
 
-Expected on an idle 2-core CPU with the shipped [demo] settings (8.7 min
-measured): teachers test_resnet 87.2% and test_byobnet 84.1%, ensemble 87.0%;
+Expected with the shipped [demo] settings (seed 0; under 15 minutes on an idle
+2-core CPU): teachers test_resnet 87.2% and test_byobnet 84.1%, ensemble 87.0%;
 student test_efficientnet 80.7% with MEAL V2 vs. 78.9% on hard labels, on the
 10,000 test images. docs/results.md has the seeds, the online-KD comparison
 and why the students learn from a 1,000-image subset.

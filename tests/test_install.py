@@ -35,10 +35,10 @@ def _run(cmd, cwd, env, timeout=120) -> str:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    try:
-        import setuptools  # noqa: F401  (--no-build-isolation builds with the venv's own)
+    try:  # --no-build-isolation builds with this venv's setuptools, which needs bdist_wheel (>= 70.1)
+        from setuptools.command import bdist_wheel  # noqa: F401
     except ImportError:
-        pytest.skip("setuptools is not installed in this venv: cannot build the wheel")
+        pytest.skip("needs setuptools >= 70.1 in this venv to build the wheel (pip install -e '.[test]')")
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"
     src.mkdir()
