@@ -9,7 +9,7 @@ from common.errors import cause_text
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="TOML config (default: the repository's pipeline.toml).")
+              help="TOML config (default: the pipeline.toml shipped with the package).")
 @click.option("--recipe", metavar="NAME|FILE.toml",
               help="Lay a recipe over the config (`pipeline recipes` lists them); --set and flags still win.")
 @click.option("--set", "assignments", multiple=True, metavar="TABLE.KEY=VALUE",

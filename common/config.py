@@ -21,8 +21,10 @@ from typing import Any
 
 from common.errors import PipelineError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = REPO_ROOT / "pipeline.toml"
+# The default config ships inside the package: in the checkout common/pipeline.toml is a
+# symlink to the top-level pipeline.toml (one file to edit), and the wheel stores a copy of it,
+# so an installed `pipeline` finds its defaults without the checkout (docs/design-notes.md).
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "pipeline.toml"
 
 
 class ConfigError(PipelineError):
@@ -37,7 +39,7 @@ class RuntimeConfig:
     compile: bool = False  # torch.compile the student
     seed: int = 0
     num_workers: int = 2  # decode workers (torch loader) / DALI threads
-    torch_threads: int = 0  # torch intra-op threads per process; 0 = torch's default (the core count)
+    torch_threads: int = 0  # torch intra-op threads per process; 0 = the cores minus num_workers (>= 1)
     progress: bool = True  # progress bars on long work
 
 
@@ -146,7 +148,12 @@ class DemoConfig:
     num_crops: int = 16
     crop_scale: tuple[float, float] = (0.64, 1.0)  # milder than ImageNet's: 28 px garments
     batch_size: int = 128
+    eval_batch_size: int = 500  # validation batches (no gradients: larger is cheaper per image)
     lr: float = 0.05
+    schedule: str = "cosine"  # step | cosine
+    weight_decay: float = 5e-5
+    loader: str = "torch"  # stage 2 loader of every demo run: auto | dali | torch
+    cache_batch_size: int = 256  # crops per teacher forward pass in the teacher cache
     eval_every: int = 10  # epochs between validations (and the last)
 
 
@@ -319,6 +326,8 @@ def _validate_table(table: str, t: Any) -> None:
         at_least(0, "teacher_train_images")
         area_range("crop_scale")
         positive("lr")
+        need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
+        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
     elif table == "preprocess":
         need(t.interpolation in ("", "bilinear", "bicubic", "nearest"), "interpolation",
              "use bilinear, bicubic, nearest or \"\" (the model's own)")
@@ -351,7 +360,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
 def load_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str | None = None
 ) -> Config:
-    """Defaults <- TOML file (``path``, default: the repo's pipeline.toml) <- recipe <- overrides.
+    """Defaults <- TOML file (``path``, default: the packaged pipeline.toml) <- recipe <- overrides.
 
     ``recipe`` is a name from ``recipes/`` or a path to a partial config file
     (common/recipes.py); it is laid over the file, and overrides still win.

@@ -77,16 +77,42 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(cfg: RuntimeConfig, local_ranks: int = 1) -> int | None:
+    """Torch intra-op threads per process: ``torch_threads``, or (0) the cores left to the math.
+
+    The decode workers are threads of the same process that run alongside the
+    model, so torch's default of one intra-op thread per core oversubscribes
+    the CPU: on 2 cores, 2 intra-op threads + 2 decode threads make every op
+    wait for the thread that was preempted, and the process burnt 4-5x the CPU
+    for the same steps (docs/performance.md, "Threads"). 0 therefore gives
+    each of ``local_ranks`` processes its share of the cores minus its decode
+    workers, never below 1. None: leave torch alone, because the user set
+    ``OMP_NUM_THREADS`` (torch already follows it).
+    """
+    if cfg.torch_threads:
+        return cfg.torch_threads
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, usable_cores() // max(1, local_ranks) - cfg.num_workers)
+
+
 def build_runtime(cfg: RuntimeConfig, init_distributed: bool = True) -> Runtime:
     """Resolve device/precision and, under torchrun, join the process group."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-    if cfg.torch_threads:
-        # On shared or oversubscribed hosts (and with several ranks per host) torch's
-        # default of one thread per core makes small CPU ops collapse (docs/performance.md).
-        torch.set_num_threads(cfg.torch_threads)
+    threads = intra_op_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if threads:
+        torch.set_num_threads(threads)
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:

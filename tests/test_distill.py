@@ -248,7 +248,33 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 
 
-# Recorded from a first run (torchtune style): seed 0, CPU fp32, torch loader, 1 epoch.
+def _score_independently(checkpoint: Path, val_root: Path, size: int = 32) -> tuple[float, float]:
+    """(top-1 %, mean cross entropy) of ``checkpoint`` on the images under ``val_root``, computed
+    without the project's loaders: PIL centre crop (side = crop_pct * shorter side, test_resnet's
+    crop_pct 0.95 and mean/std 0.5 from timm's pretrained config), PIL bilinear resize."""
+    import timm
+
+    model = timm.create_model("test_resnet", num_classes=len(CLASSES))
+    model.load_state_dict(read_weights(checkpoint)[0])
+    model.eval()
+    images, labels = [], []
+    for label, name in enumerate(CLASSES):
+        for path in sorted((val_root / name).glob("*.png")):
+            img = Image.open(path).convert("RGB")
+            side = round(min(img.size) * 0.95)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+            images.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+            labels.append(label)
+    with torch.no_grad():
+        logits = model((torch.stack(images) - 0.5) / 0.5)
+    labels = torch.tensor(labels)
+    return 100 * (logits.argmax(-1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+
+
+# Recorded from a first run (torchtune style): seed 0, CPU fp32, torch loader, 1 epoch. A regression
+# guard only (the code's own numbers); the validation numbers are also checked against an independent
+# scoring of best.pt (_score_independently), and the losses' formulas by hand in tests/test_losses.py.
 # Re-recorded when the cache began rounding stored probabilities down (cache_format.round_down_fp16),
 # and when common.render began resizing in uint8 (pixels within 1 level of the float32 resize).
 EXPECTED_EPOCH_1 = {
@@ -266,6 +292,8 @@ def test_cli_end_to_end(data, tmp_path):
                  "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "8", "--lr", "0.05", "--img-size", "32",
                  "--loader", "torch", "--device", "cpu", "--seed", "0", "--num-workers", "1", "--no-progress")
     (record,) = read_metrics(out / "metrics.jsonl")
+    top1, val_loss = _score_independently(out / "best.pt", data["tmp"] / "val")
+    assert record["val_loss"] == pytest.approx(val_loss, rel=2e-4) and record["val_top1"] == pytest.approx(top1)
     for key, expected in EXPECTED_EPOCH_1.items():
         assert record[key] == pytest.approx(expected, rel=1e-4), key
     summary = next(line for line in log.splitlines() if line.startswith("epoch 1/1"))

@@ -80,19 +80,85 @@ def test_discriminator_loss_is_bce_with_student_10_and_target_01_labels():
     assert torch.allclose(discriminator_loss(d, s, t), manual, atol=1e-6)
 
 
-def test_distill_objective_sums_parts_and_reaches_both_networks():
-    torch.manual_seed(0)
-    d = Discriminator(10)
-    logits = torch.randn(4, 10, requires_grad=True)
-    t = _targets(4, 10)
-    loss, parts = DistillObjective(d)(logits, t)
-    assert DistillObjective(d).parts == ("loss", "kl", "d_loss")
-    assert torch.allclose(parts[0], parts[1] + parts[2])
+# A 3-class example small enough to compute by hand (plain Python math, no torch): two student
+# rows, two ensemble targets, and a discriminator 3 -> 2 -> 2 -> 2 (hidden_sizes(3)) whose weights are
+# set so that on probability vectors (all >= 0, ReLUs pass them unchanged) it computes
+#   out = [2 p0 - p1 + 0.1, -p0 + p1 - 0.1].
+LOGITS = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]]
+TARGETS = [[0.5, 0.3, 0.2], [0.1, 0.7, 0.2]]
+W3, B3 = [[2.0, -1.0], [-1.0, 1.0]], [0.1, -0.1]
+
+
+def _hand_discriminator() -> Discriminator:
+    d = Discriminator(3)
+    first, second, last = (m for m in d.net if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        first.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        second.weight.copy_(torch.eye(2))
+        last.weight.copy_(torch.tensor(W3))
+        for layer in (first, second):
+            layer.bias.zero_()
+        last.bias.copy_(torch.tensor(B3))
+    return d
+
+
+def _softmax(row):
+    e = [math.exp(v) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _disc_out(p):
+    return [sum(w * x for w, x in zip(W3[j], p[:2])) + B3[j] for j in range(2)]
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _hand_losses():
+    """KL(t || q) per MEAL V2 (mean over rows) and the BCE-with-logits of MEAL V2's discriminatorLoss:
+    rows [student; target], labels [1, 0] / [0, 1], mean over all 2B x 2 entries."""
+    q = [_softmax(r) for r in LOGITS]
+    kl = sum(t * (math.log(t) - math.log(p)) for qr, tr in zip(q, TARGETS) for p, t in zip(qr, tr)) / len(q)
+    rows = [(_disc_out(p), (1.0, 0.0)) for p in q] + [(_disc_out(t), (0.0, 1.0)) for t in TARGETS]
+    bce = [math.log1p(math.exp(x)) - y * x for out, ys in rows for x, y in zip(out, ys)]  # softplus(x) - y x
+    return q, kl, sum(bce) / len(bce)
+
+
+def test_kl_and_discriminator_loss_by_hand_on_three_classes():
+    _, kl, d_loss = _hand_losses()
+    assert kl == pytest.approx(0.0662, abs=1e-4)  # on paper: (0.0778 + 0.0547) / 2
+    logits, targets = torch.tensor(LOGITS), torch.tensor(TARGETS)
+    assert kl_to_targets(logits, targets).item() == pytest.approx(kl, rel=1e-6)
+    probs = F.softmax(logits, dim=-1)
+    assert discriminator_loss(_hand_discriminator(), probs, targets).item() == pytest.approx(d_loss, rel=1e-6)
+    loss, parts = DistillObjective(_hand_discriminator())(logits, targets)
+    assert parts.tolist() == pytest.approx([kl + d_loss, kl, d_loss], rel=1e-6)
+    assert loss.item() == pytest.approx(kl + d_loss, rel=1e-6)
+
+
+def test_discriminator_gradient_reaches_the_student():
+    """d(kl + d_loss)/d logits by hand: (q - t)/B from the KL, plus the discriminator's student rows
+    chained through the softmax. A detached discriminator input loses the second part and fails."""
+    q, _, _ = _hand_losses()
+    batch, entries = len(q), 2 * len(q) * 2
+    expected = []
+    for qr, tr in zip(q, TARGETS):
+        # BCE-with-logits: d/dx = (sigmoid(x) - y) / entries; the student's label is [1, 0]
+        g_out = [(_sigmoid(x) - y) / entries for x, y in zip(_disc_out(qr), (1.0, 0.0))]
+        g_q = [W3[0][0] * g_out[0] + W3[1][0] * g_out[1], W3[0][1] * g_out[0] + W3[1][1] * g_out[1], 0.0]
+        mean_g = sum(p * g for p, g in zip(qr, g_q))
+        g_disc = [p * (g - mean_g) for p, g in zip(qr, g_q)]  # softmax Jacobian: q_j (g_j - sum_i q_i g_i)
+        expected.append([(p - t) / batch + g for p, t, g in zip(qr, tr, g_disc)])
+        assert max(abs(g) for g in g_disc) > 1e-3  # the discriminator's share is not negligible here
+    logits = torch.tensor(LOGITS, requires_grad=True)
+    d = _hand_discriminator()
+    loss, _ = DistillObjective(d)(logits, torch.tensor(TARGETS))
     loss.backward()
-    assert logits.grad.abs().sum() > 0  # the student gets the discriminator term (as the original)
-    assert all(p.grad is not None for p in d.parameters())
-    loss_plain, parts_plain = DistillObjective(None)(logits, t)
-    assert torch.allclose(loss_plain, kl_to_targets(logits, t)) and parts_plain.shape == (2,)
+    assert torch.allclose(logits.grad, torch.tensor(expected), atol=1e-7)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.net[-1].parameters())
+    loss_plain, parts_plain = DistillObjective(None)(logits, torch.tensor(TARGETS))
+    assert torch.allclose(loss_plain, kl_to_targets(logits, torch.tensor(TARGETS))) and parts_plain.shape == (2,)
 
 
 def test_kl_to_fixed_targets_falls_on_a_tiny_model():

@@ -1,4 +1,6 @@
 """common/runtime.py: device, precision and rank are decided once, from config and env."""
+import os
+
 import pytest
 import torch
 
@@ -39,10 +41,20 @@ def test_rank_and_world_from_torchrun_env(monkeypatch):
     assert rt.distributed and not rt.is_main and not rt.progress
 
 
-def test_torch_threads_applied_only_when_set(monkeypatch):
+def test_torch_threads_leave_the_decode_workers_their_cores(monkeypatch):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    build_runtime(RuntimeConfig(device="cpu"))
-    assert calls == []  # 0: torch's default is left alone
-    build_runtime(RuntimeConfig(device="cpu", torch_threads=1))
-    assert calls == [1]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    build_runtime(RuntimeConfig(device="cpu", num_workers=2))
+    assert calls == [1]  # 2 cores - 2 decode threads: never below 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    build_runtime(RuntimeConfig(device="cpu", num_workers=2))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 ranks share the 8 cores
+    build_runtime(RuntimeConfig(device="cpu", num_workers=1), init_distributed=False)
+    build_runtime(RuntimeConfig(device="cpu", torch_threads=5), init_distributed=False)
+    assert calls == [1, 6, 3, 5]
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's explicit choice: torch already follows it
+    build_runtime(RuntimeConfig(device="cpu"), init_distributed=False)
+    assert calls == [1, 6, 3, 5]
