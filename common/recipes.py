@@ -13,7 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ConfigError
-from recipes import RECIPES_DIR
+
+# recipes/ at the top level is where they are edited; common/recipe_files links to it, so they
+# ship in the wheel as package data of `common` (like pipeline.toml) without a top-level
+# package named `recipes` in site-packages (docs/design-notes.md).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipe_files"
 
 
 @dataclass(frozen=True)

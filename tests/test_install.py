@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "pipeline.toml", "common", "data_manifests",
+SOURCES = ("pyproject.toml", "README.md", "pipeline.toml", "recipes", "common", "data_manifests",
            "stage1_teacher_cache", "stage2_student_distill")  # fmt: skip
 
 
@@ -77,6 +77,11 @@ def test_installed_package_runs_without_the_checkout(installed, tmp_path):
 
     pipeline = str(target / "bin" / "pipeline")  # the console script of the wheel's entry point
     assert "MEAL V2 distillation" in _run([pipeline, "--help"], work, env)
+    # The recipes ship too (common/recipe_files links to recipes/): listed, and one resolves.
+    listed = [line.split()[0] for line in _run([pipeline, "recipes"], work, env).splitlines() if line.strip()]
+    assert listed == sorted(p.stem for p in (REPO / "recipes").glob("*.toml"))
+    shown = _run([pipeline, "--recipe", "mealv2_resnet50_224", "config", "show", "distill"], work, env)
+    assert 'teachers = ["senet154.gluon_in1k", "resnet152s.gluon_in1k"]' in shown
 
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):

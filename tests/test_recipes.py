@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,11 +198,13 @@ def test_an_unknown_student_is_not_reported_as_a_download_failure():
 
 
 def test_recipes_ship_with_the_package(tmp_path):
-    """recipes/ is a package whose .toml files are package data, so an installed `pipeline` finds them."""
-    from recipes import RECIPES_DIR
+    """recipes/*.toml ship as package data of `common` (through the common/recipe_files link)."""
+    from common.recipes import RECIPES_DIR
 
-    project = tomllib.loads((RECIPES_DIR.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert "recipes" in project["packages"] and "*.toml" in project["package-data"]["recipes"]
+    repo = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "recipe_files/*.toml" in project["package-data"]["common"]
+    assert sorted(p.name for p in RECIPES_DIR.glob("*.toml")) == sorted(p.name for p in (repo / "recipes").glob("*.toml"))
     shown = tmp_path / "default.toml"
     shown.write_text(cli("config", "show").output)
     assert load_config(shown) == load_config()  # without a recipe, too, the output is the config
