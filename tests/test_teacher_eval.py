@@ -163,3 +163,12 @@ def test_teacher_cache_warns_and_cache_info_shows_the_figures(tmp_path):
     assert by_name["test_efficientnet"]["ensemble_without"]["top1"] == pytest.approx(3 / 7)
     assert info["best_teacher_eval"] == {"name": "test_resnet", "top1": pytest.approx(3 / 7)}
     assert info["ensemble_warnings"][0].startswith(warning)
+
+
+def test_hits_of_rank_shares_sum_to_the_hits_of_all_images():
+    """Under torchrun each rank counts a strided share and the counts are summed (evaluate_teachers):
+    the leave-one-out rows must add up like the others."""
+    probs, labels = hand_probs(0, 1, 2), torch.tensor(LABELS)
+    shares = [hits_of_probs(probs[:, r::2], labels[r::2], 2) for r in range(2)]
+    assert torch.equal(shares[0] + shares[1], hits_of_probs(probs, labels, 2))
+    assert shares[0][:, 0].tolist() != shares[1][:, 0].tolist()  # the shares do differ
