@@ -33,7 +33,8 @@ from common.manifest import load_manifest
 @click.option("--crop-seed", type=int, help="Seed of the crop boxes (crops.seed).")
 @click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), help="Crop decoding/rendering path.")
 @click.option("--evaluate-teachers", "evaluate_manifest", type=click.Path(dir_okay=False), metavar="VAL_MANIFEST",
-              help="Measure each teacher and the ensemble on this manifest first; stop if one is near chance.")
+              help="Measure each teacher, the ensemble and each leave-one-out ensemble on this manifest first; "
+                   "warn if a teacher lowers the ensemble (docs/teachers.md); stop if one is near chance.")
 @click.option("--pretrained/--no-pretrained", default=None,
               help="timm hub weights for teachers without --teacher-weights (default: [teacher_cache] pretrained).")
 @click.pass_context

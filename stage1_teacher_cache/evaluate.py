@@ -4,6 +4,13 @@ A teacher with the wrong weights, the wrong normalisation or a different class
 order than the manifest still produces confident soft labels -- they are just
 wrong, and nothing downstream would notice. A centre-crop top-1 on a labelled
 validation manifest catches all three in minutes.
+
+The same pass says whether the ensemble is worth distilling from. MEAL V2 only
+pays when the teachers know more than the labels, and a mean of softmaxes is
+not always better than its best member: a weak, confident teacher drags it
+down. Each leave-one-out ensemble (the mean softmax of the other teachers) is
+scored from the probabilities already computed, so a teacher that lowers the
+ensemble is named before the cache is paid for (teacher_eval.py, docs/teachers.md).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from common.manifest import ConfinedPaths, Manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import teacher_probs
+from stage1_teacher_cache.teacher_eval import summarize_hits
 from stage1_teacher_cache.teachers import Teacher
 from stage1_teacher_cache.views import Renderer, batches
 
@@ -30,7 +38,8 @@ class TeacherCheckError(PipelineError):
 
 def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: Runtime, render: Renderer,
                       batch_size: int, temperature: float) -> dict[str, Any]:
-    """Top-1/top-5 of every teacher (its own centre crop) and of the ensemble on the labelled images.
+    """Top-1/top-5 of every teacher (its own centre crop), of the ensemble and of each leave-one-out
+    ensemble on the labelled images.
 
     Under torchrun each rank scores a strided share and the hit counts are
     summed, so every rank returns the same numbers (and reaches the same
@@ -43,19 +52,13 @@ def evaluate_teachers(teachers: Sequence[Teacher], manifest: Manifest, runtime: 
         hits = count_hits(teachers, manifest, ids[runtime.rank :: runtime.world_size], runtime, render,
                           batch_size, temperature)
     hits = np.sum(all_gather_json(runtime, hits.tolist()), axis=0)
-    acc = (hits / len(ids)).tolist()
-    return {
-        "manifest": {"hash": manifest.content_hash, "path": str(manifest.path), "num_images": int(len(ids))},
-        "crop": "centre (each teacher's crop_pct)",
-        "teachers": {t.name: {"top1": a[0], "top5": a[1]} for t, a in zip(teachers, acc)},
-        "ensemble": {"top1": acc[-1][0], "top5": acc[-1][1]},
-        "chance_top1": 1.0 / manifest.num_classes,
-    }
+    return summarize_hits([t.name for t in teachers], hits, len(ids), manifest.num_classes, {
+        "hash": manifest.content_hash, "path": str(manifest.path), "num_images": int(len(ids))})
 
 
 def count_hits(teachers: Sequence[Teacher], manifest: Manifest, ids: np.ndarray, runtime: Runtime,
                render: Renderer, batch_size: int, temperature: float) -> np.ndarray:
-    """int64 [teachers + 1, 2]: top-1 and top-5 hits of each teacher, then of the ensemble, on images ``ids``."""
+    """int64 [rows, 2]: the top-1 and top-5 hits of ``hits_of_probs``, summed over images ``ids``."""
     labels = torch.as_tensor(manifest.labels[ids].astype(np.int64), device=runtime.device)
     k5 = min(5, manifest.num_classes)
     pres = [t.preprocess for t in teachers]
@@ -69,26 +72,25 @@ def count_hits(teachers: Sequence[Teacher], manifest: Manifest, ids: np.ndarray,
     groups = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     views = prefetch(centre_crops, groups, runtime.num_workers, depth=2 * runtime.num_workers + 2)
     views = tqdm(views, total=len(groups), desc="evaluating teachers", unit="batch", disable=not runtime.progress)
-    hits = torch.zeros(len(teachers) + 1, 2, dtype=torch.int64, device=runtime.device)
+    hits = torch.zeros(2 * len(teachers) + 1 if len(teachers) > 1 else 2, 2, dtype=torch.int64, device=runtime.device)
     done = 0
     for batch in batches(views, batch_size):
         probs = teacher_probs(teachers, batch, runtime, temperature)
-        probs = torch.cat([probs, probs.mean(0, keepdim=True)])
-        target = labels[done : done + probs.shape[1]]
-        top = probs.topk(k5, dim=-1).indices == target[None, :, None]
-        hits[:, 0] += top[..., 0].sum(-1)
-        hits[:, 1] += top.any(-1).sum(-1)
+        hits += hits_of_probs(probs, labels[done : done + probs.shape[1]], k5)
         done += probs.shape[1]
     return hits.cpu().numpy()
 
 
-def format_eval_table(result: dict[str, Any]) -> str:
-    rows = [*result["teachers"].items(), ("ensemble (mean softmax)", result["ensemble"])]
-    width = max(len(name) for name, _ in rows) + 2
-    lines = [f"{'teacher':<{width}}{'top-1':>8}{'top-5':>8}   on {result['manifest']['num_images']} images"]
-    lines += [f"{name:<{width}}{r['top1']:>8.2%}{r['top5']:>8.2%}" for name, r in rows]
-    lines.append(f"{'chance':<{width}}{result['chance_top1']:>8.2%}")
-    return "\n".join(lines)
+def hits_of_probs(probs: torch.Tensor, target: torch.Tensor, k5: int) -> torch.Tensor:
+    """int64 [rows, 2]: top-1 and top-``k5`` hits on labels ``target`` [B] of each teacher's
+    probabilities ``probs`` [T, B, classes], then of their mean, then (if T > 1) of the mean without
+    teacher 0, 1, ..., T-1 -- derived from the same probabilities, no extra forward pass."""
+    T = probs.shape[0]
+    rows = [probs, probs.mean(0, keepdim=True)]
+    if T > 1:
+        rows.append((probs.sum(0, keepdim=True) - probs) / (T - 1))  # row t: the ensemble without teacher t
+    top = torch.cat(rows).topk(k5, dim=-1).indices == target[None, :, None]
+    return torch.stack([top[..., 0].sum(-1), top.any(-1).sum(-1)], dim=-1)
 
 
 def check_teachers(result: dict[str, Any], min_top1_over_chance: float) -> None:

@@ -5,6 +5,7 @@ from typing import Any
 
 from common.cache_format import CacheReader
 from common.locations import file_sizes
+from stage1_teacher_cache.teacher_eval import ensemble_warnings, points
 
 
 def bytes_on_disk(path: str) -> int:
@@ -30,8 +31,10 @@ def cache_info(path: str) -> dict[str, Any]:
     a = reader.attrs
     evaluation = a.get("teacher_eval") or {}
     files = a.get("teacher_files") or {}
+    without = evaluation.get("leave_one_out") or {}
     teachers = [
-        dict(t, file=files.get(t["name"]), eval=(evaluation.get("teachers") or {}).get(t["name"]))
+        dict(t, file=files.get(t["name"]), eval=(evaluation.get("teachers") or {}).get(t["name"]),
+             ensemble_without=without.get(t["name"]))  # the ensemble's top-1/top-5 without this teacher
         for t in a["teachers"]
     ]
     complete = reader.complete
@@ -51,6 +54,8 @@ def cache_info(path: str) -> dict[str, Any]:
         "ensemble": a["ensemble"],
         "compute": a.get("compute"),
         "ensemble_eval": evaluation.get("ensemble"),
+        "best_teacher_eval": evaluation.get("best_teacher"),
+        "ensemble_warnings": ensemble_warnings(evaluation) if evaluation else [],
         "eval_manifest": evaluation.get("manifest"),
         "crops": a["crops"],
         "storage": a["storage"],
@@ -87,6 +92,8 @@ def format_cache_info(info: dict[str, Any]) -> str:
             weights += f" sha256 {t['weights_sha256'][:16]}..."
         ev = t.get("eval")
         score = f"val top-1 {ev['top1']:.2%} top-5 {ev['top5']:.2%}" if ev else "not evaluated"
+        if t.get("ensemble_without"):
+            score += f"; ensemble without it top-1 {t['ensemble_without']['top1']:.2%}"
         lines += [
             f"  {t['name']} ({t['timm_name']}, {t['params'] / 1e6:.1f}M params): {p['input_size']} px {p['interpolation']}, "
             f"mean {_fmt3(p['mean'])} std {_fmt3(p['std'])}, crop_pct {p['crop_pct']:g}",
@@ -96,6 +103,10 @@ def format_cache_info(info: dict[str, Any]) -> str:
     ensemble = f"{e['rule']}, temperature {e['temperature']:g}"
     if info.get("ensemble_eval"):
         ensemble += f"; val top-1 {info['ensemble_eval']['top1']:.2%} top-5 {info['ensemble_eval']['top5']:.2%}"
+        best = info.get("best_teacher_eval")
+        if best and len(info["teachers"]) > 1:
+            ensemble += (f", {points(info['ensemble_eval']['top1'] - best['top1'])} over the best single teacher "
+                         f"{best['name']} ({best['top1']:.2%})")
     compute = info.get("compute")
     lines += [
         f"ensemble      {ensemble}",
@@ -110,6 +121,7 @@ def format_cache_info(info: dict[str, Any]) -> str:
         f"on disk       {human_bytes(info['bytes_on_disk'])}"
         + (f" ({info['bytes_per_crop']:.1f} bytes per crop)" if info["bytes_per_crop"] else ""),
     ]
+    lines += [f"warning       {w}" for w in info.get("ensemble_warnings") or []]
     return "\n".join(lines + _provenance(info))
 
 

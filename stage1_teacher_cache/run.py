@@ -37,7 +37,8 @@ from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
-from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers, format_eval_table
+from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers
+from stage1_teacher_cache.teacher_eval import ensemble_warnings, format_eval_table
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
 from stage1_teacher_cache.teachers import Teacher, load_teachers
 from stage1_teacher_cache.views import batches, make_renderer
@@ -192,7 +193,8 @@ def check_boxes_fit(boxes: np.ndarray, flip: np.ndarray, manifest: Manifest, sta
 
 
 def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], runtime: Runtime) -> dict:
-    """Evaluate the teachers on the validation manifest; stop (every rank) if one is near chance."""
+    """Evaluate the teachers on the validation manifest; warn if a teacher lowers the ensemble;
+    stop (every rank) if one is near chance."""
     tc = cfg.teacher_cache
     with fail_together(runtime):
         val = load_manifest(tc.evaluate_manifest, data_root=cfg.data.data_root or None)
@@ -205,6 +207,8 @@ def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], 
     result = evaluate_teachers(teachers, val, runtime, render, tc.batch_size, tc.temperature)
     if runtime.is_main:
         print(format_eval_table(result))
+        for warning in ensemble_warnings(result):  # a weak ensemble is worth a warning, not a refusal
+            print(f"warning: {warning}", file=sys.stderr)
     check_teachers(result, tc.min_top1_over_chance)  # same numbers on every rank, so every rank stops
     return result
 

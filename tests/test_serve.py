@@ -170,6 +170,28 @@ def test_cache_page_shows_the_metadata(client, inputs):
     assert f"bytes per crop {size / (9 * 3):.1f}" in text
 
 
+def test_cache_page_shows_the_ensemble_check(inputs, tmp_path):
+    """A cache built with --evaluate-teachers: each teacher's leave-one-out figure and the warning."""
+    import zarr
+
+    from stage1_teacher_cache.teacher_eval import summarize_hits
+
+    cache = tmp_path / "cache"
+    shutil.copytree(inputs["cache"], cache)
+    # 10 images: test_resnet 8 right, test_efficientnet 3, their mean 6; without one, the other alone
+    record = summarize_hits(["test_resnet", "test_efficientnet"], [[8, 10], [3, 9], [6, 10], [3, 9], [8, 10]],
+                            10, 3, {"hash": "h", "path": "val.parquet", "num_images": 10})
+    zarr.open_group(str(cache), mode="r+").attrs.update({"teacher_eval": record})
+    html = create_app(served(inputs, cache=cache)).test_client().get("/cache").text
+    facts = re.search(r'<table class="facts".*?</table>', html, flags=re.S).group(0)
+    text = " ".join(re.sub(r"<[^>]+>", " ", facts).split())
+    assert "val top-1 80.00%, top-5 100.00%; ensemble without it top-1 30.00%" in text
+    assert "val top-1 30.00%, top-5 90.00%; ensemble without it top-1 80.00%" in text
+    assert "val top-1 60.00%, top-5 100.00%; best single teacher test_resnet 80.00%" in text
+    assert "teacher test_efficientnet lowers the ensemble: without it 80.00%, with it 60.00% top-1" in text
+    assert 'id="ensemble-warnings"' in facts
+
+
 def _cards(html: str) -> list[str]:
     return re.findall(r'<article class="card".*?</article>', html, flags=re.S)
 

@@ -75,8 +75,10 @@ def check_ok(launch: Launch) -> None:
 def test_teacher_check_failure_stops_every_rank_with_the_message(dataset, tmp_path):  # noqa: F811
     """Random-init teachers are at chance; the check must stop both ranks promptly, each with the message
     (before: rank 0 failed alone and rank 1 died in its barrier with a bare gloo traceback)."""
-    launch = torchrun(tmp_path, "check", "teacher-cache", "--teachers", "test_resnet", "--no-pretrained",
-                      "--input-size", "test_resnet=32", "--manifest", str(dataset["train"]),
+    # two teachers, so the summed hits include the leave-one-out rows (docs/teachers.md)
+    launch = torchrun(tmp_path, "check", "teacher-cache", "--teachers", "test_resnet,test_efficientnet",
+                      "--no-pretrained", "--input-size", "test_resnet=32", "--input-size", "test_efficientnet=32",
+                      "--manifest", str(dataset["train"]),
                       "--out", str(tmp_path / "cache"), "--num-crops", "2", "--loader", "torch",
                       "--evaluate-teachers", str(dataset["val"]))
     assert launch.returncode != 0
@@ -86,6 +88,7 @@ def test_teacher_check_failure_stops_every_rank_with_the_message(dataset, tmp_pa
         assert "Traceback" not in err, f"rank {rank}:\n{err}"
     # Each rank scored a share, the table (all 6 images) is printed once, and nothing was written.
     assert "on 6 images" in launch.stdout[0] and "on 6 images" not in launch.stdout[1]
+    assert "ensemble without it" in launch.stdout[0]
     assert not (tmp_path / "cache").exists()
 
 

@@ -1,0 +1,70 @@
+"""The ``teacher_eval`` record of a cache: built from stage 1's hit counts, shown by
+`teacher-cache --evaluate-teachers`, `cache info` and `pipeline serve`, and judged here.
+
+Plain numbers only (no torch, no timm), so reading a cache's record stays cheap.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def summarize_hits(names: Sequence[str], hits: np.ndarray, num_images: int, num_classes: int,
+                   manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ``teacher_eval`` record from the summed hit counts of ``hits_of_probs`` (layout there)."""
+    acc = [{"top1": float(a[0]), "top5": float(a[1])} for a in np.asarray(hits) / num_images]
+    T = len(names)
+    scores = dict(zip(names, acc[:T]))
+    best = max(names, key=lambda n: scores[n]["top1"])  # the first of equals, as listed
+    return {
+        "manifest": manifest,
+        "crop": "centre (each teacher's crop_pct)",
+        "teachers": scores,
+        "ensemble": acc[T],
+        # the mean softmax of the other teachers; with two teachers, the other teacher alone
+        "leave_one_out": dict(zip(names, acc[T + 1 :])) if T > 1 else {},
+        "best_teacher": {"name": best, "top1": scores[best]["top1"]},
+        "chance_top1": 1.0 / num_classes,
+    }
+
+
+def format_eval_table(result: dict[str, Any]) -> str:
+    """The per-teacher table; with several teachers, a column with the top-1 of the ensemble without each."""
+    loo = result.get("leave_one_out") or {}
+    rows = [*result["teachers"].items(), ("ensemble (mean softmax)", result["ensemble"])]
+    width = max(len(name) for name, _ in rows) + 2
+    head = f"{'teacher':<{width}}{'top-1':>8}{'top-5':>8}" + (f"{'ensemble without it':>22}" if loo else "")
+    lines = [f"{head}   on {result['manifest']['num_images']} images"]
+    lines += [f"{name:<{width}}{r['top1']:>8.2%}{r['top5']:>8.2%}"
+              + (f"{loo[name]['top1']:>22.2%}" if name in loo else "") for name, r in rows]
+    lines.append(f"{'chance':<{width}}{result['chance_top1']:>8.2%}")
+    if len(result["teachers"]) > 1 and result.get("best_teacher"):
+        lines.append(f"ensemble margin over the best single teacher ({result['best_teacher']['name']}): "
+                     f"{points(result['ensemble']['top1'] - result['best_teacher']['top1'])}")
+    return "\n".join(lines)
+
+
+def ensemble_warnings(result: dict[str, Any]) -> list[str]:
+    """Why this ensemble may teach worse than expected: each teacher whose removal raises the ensemble's
+    top-1, and an ensemble that is not above its best single teacher. Empty for one teacher, or for a
+    record made before leave-one-out figures were kept."""
+    loo = result.get("leave_one_out") or {}
+    best = result.get("best_teacher")
+    if not loo or not best:
+        return []
+    ensemble = result["ensemble"]["top1"]
+    warnings = [f"teacher {name} lowers the ensemble: without it {r['top1']:.2%}, with it {ensemble:.2%} top-1"
+                for name, r in loo.items() if r["top1"] > ensemble]
+    # with two teachers "A lowers it" already says "B alone is better"; more teachers can hide it
+    if ensemble <= best["top1"] and not (warnings and len(loo) == 2):
+        warnings.append(f"the ensemble ({ensemble:.2%} top-1) is not above its best single teacher "
+                        f"{best['name']} ({best['top1']:.2%})")
+    if warnings:
+        warnings[-1] += ("; the student learns this ensemble: drop the weak teacher from --teachers or "
+                         "train it longer (docs/teachers.md)")
+    return warnings
+
+
+def points(delta: float) -> str:
+    return f"{100 * delta:+.2f} points"
