@@ -25,6 +25,9 @@ from common.manifest import load_manifest
 @click.option("--reuse-crops", metavar="CACHE",
               help="Use the crop boxes and flips stored in CACHE (same manifest) instead of drawing them from the "
                    "seed, so the new cache can be merged with CACHE (`pipeline cache merge`).")
+@click.option("--more-crops", type=click.IntRange(min=1), metavar="N",
+              help="Grow the complete cache --out, built with --num-crops C (and these same settings), to C+N crops "
+                   "per image: crops C..C+N-1 continue the seed; rerun to resume (docs/cache-format.md, Growing).")
 @click.option("--topk", type=int, help="Classes kept per crop.")
 @click.option("--temperature", type=float, help="Softmax temperature of each teacher.")
 @click.option("--batch-size", type=int, help="Crops per teacher forward pass.")
@@ -57,10 +60,10 @@ def teacher_cache_command(ctx: click.Context, **flags) -> None:
         "evaluate_manifest": "teacher_cache.evaluate_manifest",
         "pretrained": "teacher_cache.pretrained",
     }
-    reuse_crops = flags.pop("reuse_crops")
+    reuse_crops, more_crops = flags.pop("reuse_crops"), flags.pop("more_crops")
     cfg = resolve_config(ctx, {keys[name]: value for name, value in flags.items()})
     with user_errors():
-        run(cfg, reuse_crops=reuse_crops)
+        run(cfg, reuse_crops=reuse_crops, more_crops=more_crops or 0)
 
 
 @click.group("cache")
