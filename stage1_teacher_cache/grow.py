@@ -190,6 +190,8 @@ def swap_in(path: str) -> None:
     staged = open_attrs(staging_path(path))
     grown = dict(found, crops=staged["crops"], tool_version=TOOL_VERSION)
     del grown["growing"]
+    if staged.get("teacher_eval"):  # --evaluate-teachers on the growing run
+        grown["teacher_eval"] = staged["teacher_eval"]
     grown["grown"] = [*(found.get("grown") or []), {
         "from_crops": marker["from_crops"], "to_crops": marker["to_crops"], "started_at": marker.get("started_at"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tool_version": TOOL_VERSION,
@@ -228,6 +230,8 @@ def _remove_staging(path: str) -> None:
     local = local_path(path)
     if local is not None:
         shutil.rmtree(local / STAGING, ignore_errors=True)
+        for creating in local.glob(f".{STAGING}.creating-*"):  # a kill while the staging cache was created
+            shutil.rmtree(creating, ignore_errors=True)
         return
     fs, root = filesystem(path)
     target = f"{root.rstrip('/')}/{STAGING}"

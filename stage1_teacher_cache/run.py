@@ -38,8 +38,8 @@ from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
-from stage1_teacher_cache.grow import open_growth
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers, format_eval_table
+from stage1_teacher_cache.grow import open_growth
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
 from stage1_teacher_cache.teachers import Teacher, load_teachers
 from stage1_teacher_cache.views import batches, make_renderer
