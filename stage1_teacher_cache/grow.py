@@ -145,6 +145,8 @@ def _prepare(path: str, attrs: dict[str, Any], more: int) -> None:
         _refuse_other_inputs(path, found, with_crops(attrs, marker["from_crops"]))
         if marker.get("phase") == "swapping":
             swap_in(path)  # a run was killed while swapping: finish it
+        else:
+            CacheWriter(staging_path(path), with_crops(attrs, C + more))  # (re)created here, before other ranks
         return
     have = int(found.get("crops", {}).get("num_crops", -1))
     if have == C + more:
@@ -167,6 +169,7 @@ def _prepare(path: str, attrs: dict[str, Any], more: int) -> None:
     found["growing"] = {"from_crops": C, "to_crops": C + more, "phase": "computing",
                         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     put_attrs(path, found)
+    CacheWriter(staging_path(path), with_crops(attrs, C + more))  # created here, before other ranks open it
 
 
 def _refuse_other_inputs(path: str, found: dict[str, Any], wanted: dict[str, Any]) -> None:
