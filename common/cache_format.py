@@ -20,6 +20,10 @@ The group attributes (JSON, no pickle anywhere) make the cache self-describing:
 format + version, manifest hash and size, classes, teachers, ensemble rule,
 crop policy, storage, tool version and the resolved config.
 
+A cache can grow to more crops per image (stage1_teacher_cache/grow.py): while
+it does, its attributes carry a ``growing`` marker and readers refuse it; after,
+it is an ordinary cache with the new crop count and a ``grown`` history.
+
 A cache location is a local directory, a ``file://`` URL (opened as a local
 directory) or any other fsspec URL (``s3://``, ``gs://``, ``memory://``...).
 Opening a cache from a stranger is bounded: its JSON metadata has a size limit,

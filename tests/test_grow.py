@@ -186,9 +186,11 @@ def test_grow_killed_mid_shard_is_refused_then_resumes_to_the_same_cache(dataset
     assert info.exit_code == 0 and "GROWING       from 2 to 4 crops per image (computing, 1/3 shards)" in info.output
     staged = CacheReader(cache / grow.STAGING, require_complete=False)
     assert staged.complete.tolist() == [True, False, False]
-    # Another growth target is refused while this one is unfinished.
+    # Another growth target, or a plain stage-1 resume, is refused while this one is unfinished.
     with pytest.raises(CacheError, match="being grown from 2 to 4"):
         run(config(dataset["train"], cache, **{"crops.num_crops": 2}), more_crops=3)
+    with pytest.raises(CacheError, match="being grown from 2 to 4"):
+        run(config(dataset["train"], cache, **{"crops.num_crops": 2}))
 
     summary = run(config(dataset["train"], cache, **{"crops.num_crops": 2}), more_crops=2)
     assert summary["shards_written"] == 2 and summary["shards_skipped"] == 1 and summary["grown"]["now"]
