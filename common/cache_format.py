@@ -231,7 +231,8 @@ def _check_not_growing(attrs: dict[str, Any], path: str | Path) -> None:
         raise CacheError(
             f"{path}: is being grown from {marker.get('from_crops')} to {marker.get('to_crops')} crops per image "
             f"(started {marker.get('started_at')}) and cannot be used until that finishes; rerun the same "
-            f"`pipeline teacher-cache ... --more-crops {more}` command to finish it"
+            f"`pipeline teacher-cache ... --more-crops {more}` command to finish it (or drop it: "
+            f"`pipeline cache abandon-growth {path}`)"
         )
 
 

@@ -109,6 +109,22 @@ def verify_command(cache: str, manifest: str | None, repair: bool) -> None:
     click.echo(f"OK: {cache} is complete and every shard matches its checksum")
 
 
+@cache_group.command("abandon-growth")
+@click.argument("cache")
+def abandon_growth_command(cache: str) -> None:
+    """Drop CACHE's unfinished `teacher-cache --more-crops` growth: CACHE is its old self again.
+
+    Only before the grown arrays are swapped in (the old arrays are untouched until then);
+    not while the growing command runs.
+    """
+    from stage1_teacher_cache.grow import abandon
+
+    with user_errors():
+        marker = abandon(cache)
+    click.echo(f"abandoned the growth of {cache} from {marker['from_crops']} to {marker['to_crops']} crops per image; "
+               f"it is the {marker['from_crops']}-crop cache again")
+
+
 @cache_group.command("merge")
 @click.argument("caches", nargs=-1, required=True)
 @click.option("--out", required=True, help="The merged cache (directory or URL); rerun to resume.")

@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common.cache_format import (DATA_ARRAYS, RECORD_ARRAY, TOOL_VERSION, CacheError, CacheReader, CacheWriter,
-                                 describe_difference, open_attrs, put_attrs)
+                                 describe_difference, open_attrs, put_attrs, shard_bounds, verify_cache)
 from common.distributed import fail_together
 from common.locations import filesystem, local_path
 from common.runtime import Runtime
@@ -71,7 +71,6 @@ class Growth:
     crop_boxes: CropSource
     crops_per_image: int  # crops rendered per image
     old: CacheReader | None
-    old_crops: CropSource | None  # the seed's crops 0..C-1, which the old shards must hold
     from_crops: int
     to_crops: int
 
@@ -82,10 +81,6 @@ class Growth:
         start, stop = self.writer.shard_range(shard)
         n, m, k = stop - start, self.crops_per_image, self.writer.layout.topk
         old = self.old.images(np.arange(start, stop))  # checksums verified
-        seeded_boxes, seeded_flip = self.old_crops(start, stop)
-        if not (np.array_equal(old["boxes"], seeded_boxes) and np.array_equal(old["flip"], seeded_flip)):
-            raise CacheError(f"{self.path}: the stored crops of shard {shard} are not the ones crops.seed draws, so "
-                             "crops continuing that seed would not extend them; the cache cannot be grown")
         self.writer.write_shard(
             shard,
             np.concatenate([old["boxes"], xywh.reshape(n, m, 4)], axis=1),
@@ -115,18 +110,18 @@ def open_growth(path: str, attrs: dict[str, Any], more: int, runtime: Runtime, s
     """
     with fail_together(runtime):
         if runtime.is_main:
-            _prepare(path, attrs, more)
+            _prepare(path, attrs, more, seeded)
     C = int(attrs["crops"]["num_crops"])
     target = with_crops(attrs, C + more)
     if not open_attrs(path).get("growing"):  # already grown (now or by an earlier run)
         writer = CacheWriter(path, target)
-        return Growth(path, writer, seeded(0, C + more), C + more, None, None, C, C + more)
+        return Growth(path, writer, seeded(0, C + more), C + more, None, C, C + more)
     old = CacheReader(path, manifest_hash=attrs["manifest"]["hash"], verify_checksums=True, _while_growing=True)
     writer = CacheWriter(staging_path(path), target)
-    return Growth(path, writer, seeded(C, more), more, old, seeded(0, C), C, C + more)
+    return Growth(path, writer, seeded(C, more), more, old, C, C + more)
 
 
-def _prepare(path: str, attrs: dict[str, Any], more: int) -> None:
+def _prepare(path: str, attrs: dict[str, Any], more: int, seeded: SeededCrops) -> None:
     if more < 1:
         raise CacheError(f"--more-crops must be at least 1 (got {more})")
     C = int(attrs["crops"]["num_crops"])
@@ -163,13 +158,46 @@ def _prepare(path: str, attrs: dict[str, Any], more: int) -> None:
             raise CacheError(
                 f"{path}: is a `cache {derived}` result, whose targets or crops the teachers cannot extend; grow "
                 f"its source cache(s), then run `cache {derived}` again")
-    # Every old shard must be there and intact: they are copied into the grown cache.
-    CacheReader(path, manifest_hash=attrs["manifest"]["hash"])
+    _check_growable(path, attrs["manifest"]["hash"], seeded(0, C))
     _remove_staging(path)  # a staging cache from before a kill that preceded the marker is not trusted
     found["growing"] = {"from_crops": C, "to_crops": C + more, "phase": "computing",
                         "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     put_attrs(path, found)
     CacheWriter(staging_path(path), with_crops(attrs, C + more))  # created here, before other ranks open it
+
+
+def _check_growable(path: str, manifest_hash: str, old_crops: CropSource) -> None:
+    """Before the marker goes on: every old shard complete and intact (they are copied into the grown
+    cache) and holding the seed's crops (which the new ones continue). Failures after this point are
+    the resumable ones of stage 1 (a bad image, a full disk)."""
+    problems = verify_cache(path, manifest_hash=manifest_hash)
+    if problems:
+        raise CacheError(f"{path}: cannot grow a cache with problems ({len(problems)}, e.g. {problems[0]}); finish or "
+                         "repair it first (`pipeline cache verify --repair`, then the command that wrote it)")
+    reader = CacheReader(path, manifest_hash=manifest_hash)
+    for shard in range(reader.layout.num_shards):
+        start, stop = shard_bounds(shard, reader.layout.images_per_shard, reader.num_images)
+        boxes, flip = old_crops(start, stop)
+        if not (np.array_equal(reader.arrays["boxes"][start:stop], boxes)
+                and np.array_equal(reader.arrays["flip"][start:stop], flip)):
+            raise CacheError(f"{path}: the stored crops of shard {shard} are not the ones its crops.seed draws, so "
+                             "crops continuing that seed would not extend them; this cache cannot be grown")
+
+
+def abandon(path: str) -> dict[str, Any]:
+    """Drop an unfinished growth before its swap: the staging cache and the marker go, the cache is
+    its old self again (its arrays were never touched). Returns the marker that was removed."""
+    found = open_attrs(path)
+    marker = found.get("growing")
+    if not marker:
+        raise CacheError(f"{path}: is not being grown; nothing to abandon")
+    if marker.get("phase") == "swapping":
+        raise CacheError(f"{path}: the growth to {marker.get('to_crops')} crops is already swapping its arrays in; "
+                         "rerun the `teacher-cache --more-crops` command to finish it (it cannot be undone now)")
+    _remove_staging(path)
+    del found["growing"]
+    put_attrs(path, found)
+    return marker
 
 
 def _refuse_other_inputs(path: str, found: dict[str, Any], wanted: dict[str, Any]) -> None:

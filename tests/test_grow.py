@@ -192,9 +192,17 @@ def test_grow_killed_mid_shard_is_refused_then_resumes_to_the_same_cache(dataset
     with pytest.raises(CacheError, match="being grown from 2 to 4"):
         run(config(dataset["train"], cache, **{"crops.num_crops": 2}))
 
+    # Abandoning (on a copy) gives back the untouched 2-crop cache.
+    dropped = shutil.copytree(cache, tmp_path / "dropped")
+    out = CliRunner().invoke(main, ["cache", "abandon-growth", str(dropped)])
+    assert out.exit_code == 0 and "it is the 2-crop cache again" in out.output, out.output
+    assert_same_cache(dropped, caches["small"])
+
     summary = run(config(dataset["train"], cache, **{"crops.num_crops": 2}), more_crops=2)
     assert summary["shards_written"] == 2 and summary["shards_skipped"] == 1 and summary["grown"]["now"]
     assert_same_cache(cache, caches["scratch"])
+    refused = CliRunner().invoke(main, ["cache", "abandon-growth", str(cache)])
+    assert refused.exit_code == 1 and "is not being grown" in refused.output
 
 
 def test_grow_killed_while_swapping_arrays_resumes(dataset, caches, tmp_path, monkeypatch):  # noqa: F811
@@ -216,6 +224,8 @@ def test_grow_killed_while_swapping_arrays_resumes(dataset, caches, tmp_path, mo
     assert zarr.open_group(str(cache), mode="r")["boxes"].shape == (9, 4, 4)  # half swapped
     with pytest.raises(CacheError, match="being grown"):
         CacheReader(cache)
+    with pytest.raises(CacheError, match="already swapping"):
+        grow.abandon(str(cache))
     summary = run(config(dataset["train"], cache, **{"crops.num_crops": 2}), more_crops=2)
     assert summary["shards_written"] == 0
     assert_same_cache(cache, caches["scratch"])
