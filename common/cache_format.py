@@ -432,7 +432,9 @@ class CacheReader:
             raise CacheError(f"{self.path}: not a readable Zarr v3 teacher cache ({cause_text(e, 300)})") from e
         self.attrs = dict(group.attrs)
         _check_format(self.attrs, self.path)
-        if not _while_growing:  # only the grower itself and `cache info` look inside a cache mid-grow
+        # Only the grower and `cache info` look inside a cache mid-grow, and only before its swap
+        # (during it, its arrays and attributes disagree).
+        if not _while_growing or (self.attrs.get("growing") or {}).get("phase") == "swapping":
             _check_not_growing(self.attrs, self.path)
         self.layout = _layout(self.attrs, self.path)
         self.arrays = _check_arrays(group, self.layout, self.path)

@@ -226,6 +226,8 @@ def test_grow_killed_while_swapping_arrays_resumes(dataset, caches, tmp_path, mo
         CacheReader(cache)
     with pytest.raises(CacheError, match="already swapping"):
         grow.abandon(str(cache))
+    info = CliRunner().invoke(main, ["cache", "info", str(cache)])
+    assert info.exit_code == 1 and "is being grown from 2 to 4" in info.output, info.output
     summary = run(config(dataset["train"], cache, **{"crops.num_crops": 2}), more_crops=2)
     assert summary["shards_written"] == 0
     assert_same_cache(cache, caches["scratch"])
