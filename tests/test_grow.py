@@ -138,6 +138,26 @@ def test_growing_from_another_crop_count_or_an_incomplete_cache_is_refused(datas
         run(config(dataset["train"], tmp_path / "absent", **{"crops.num_crops": 2}), more_crops=2)
 
 
+def test_a_cache_whose_boxes_are_not_the_seeds_is_refused(dataset, caches, tmp_path):  # noqa: F811
+    """Boxes written by someone else, with consistent records (so `verify` passes): new crops drawn from
+    the seed would not continue them."""
+    from common.cache_format import _checksum
+
+    cache = shutil.copytree(caches["small"], tmp_path / "cache")
+    group = zarr.open_group(str(cache), mode="r+")
+    boxes = np.asarray(group["boxes"][4:8])
+    boxes[1, 0, 0] = 0 if boxes[1, 0, 0] else 1  # crop 0 of image 5 moved by a pixel
+    boxes[1, 0, 2] = 1  # ...and 1 pixel wide, so it still lies inside its image
+    group["boxes"][4:8] = boxes
+    record = np.asarray(group["shard_record"][1:2])
+    record[0, 1] = _checksum(boxes)
+    group["shard_record"][1:2] = record
+    assert verify_cache(cache) == []
+    with pytest.raises(CacheError, match="stored crops of shard 1 are not the ones its crops.seed draws"):
+        run(config(dataset["train"], cache, **{"crops.num_crops": 2}), more_crops=1)
+    assert "growing" not in CacheReader(cache).attrs
+
+
 _KILLABLE_GROW = """
 import json, sys, time
 from common.cache_format import CacheWriter
