@@ -20,6 +20,10 @@ The group attributes (JSON, no pickle anywhere) make the cache self-describing:
 format + version, manifest hash and size, classes, teachers, ensemble rule,
 crop policy, storage, tool version and the resolved config.
 
+A cache can grow to more crops per image (stage1_teacher_cache/grow.py): while
+it does, its attributes carry a ``growing`` marker and readers refuse it; after,
+it is an ordinary cache with the new crop count and a ``grown`` history.
+
 A cache location is a local directory, a ``file://`` URL (opened as a local
 directory) or any other fsspec URL (``s3://``, ``gs://``, ``memory://``...).
 Opening a cache from a stranger is bounded: its JSON metadata has a size limit,
@@ -219,6 +223,36 @@ def _check_format(attrs: dict[str, Any], path: str | Path) -> None:
         raise CacheError(f"{path}: cache format version {ver} is older than v{FORMAT_VERSION}; rebuild the cache")
 
 
+def _check_not_growing(attrs: dict[str, Any], path: str | Path) -> None:
+    """A cache mid-grow (stage1_teacher_cache/grow.py) is neither its old self nor the grown one yet."""
+    marker = attrs.get("growing")
+    if marker:
+        more = int(marker.get("to_crops", 0)) - int(marker.get("from_crops", 0))
+        raise CacheError(
+            f"{path}: is being grown from {marker.get('from_crops')} to {marker.get('to_crops')} crops per image "
+            f"(started {marker.get('started_at')}) and cannot be used until that finishes; rerun the same "
+            f"`pipeline teacher-cache ... --more-crops {more}` command to finish it (or drop it: "
+            f"`pipeline cache abandon-growth {path}`)"
+        )
+
+
+def open_attrs(path: str | Path) -> dict[str, Any]:
+    """The group attributes at ``path``; {} where there is no group (or one without attributes)."""
+    local = local_path(path)
+    if local is not None and not (local / "zarr.json").is_file():
+        return {}
+    try:
+        _check_metadata_sizes(path)
+        return dict(_open_group(path, mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return {}
+
+
+def put_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
+    """Replace every attribute in one metadata write (atomic on local disks: zarr writes temp + rename)."""
+    _open_group(path, mode="r+").attrs.put(attrs)
+
+
 class CacheWriter:
     """Creates a cache (or reopens a compatible one) and writes whole shards."""
 
@@ -239,6 +273,7 @@ class CacheWriter:
                 "creation was interrupted; if no other run is writing it, delete it and rerun)"
             )
         _check_format(found, self.path)
+        _check_not_growing(found, self.path)
         diffs = describe_difference(found, wanted)
         if diffs:
             raise CacheError(
@@ -382,6 +417,7 @@ class CacheReader:
         max_cached_shards: int = 64,
         verify_checksums: bool = False,
         _report_unreadable_records: bool = False,
+        _while_growing: bool = False,
     ):
         self.path = str(path)
         local = local_path(self.path)
@@ -396,6 +432,10 @@ class CacheReader:
             raise CacheError(f"{self.path}: not a readable Zarr v3 teacher cache ({cause_text(e, 300)})") from e
         self.attrs = dict(group.attrs)
         _check_format(self.attrs, self.path)
+        # Only the grower and `cache info` look inside a cache mid-grow, and only before its swap
+        # (during it, its arrays and attributes disagree).
+        if not _while_growing or (self.attrs.get("growing") or {}).get("phase") == "swapping":
+            _check_not_growing(self.attrs, self.path)
         self.layout = _layout(self.attrs, self.path)
         self.arrays = _check_arrays(group, self.layout, self.path)
         if manifest_hash is not None and self.attrs["manifest"]["hash"] != manifest_hash:

@@ -118,10 +118,10 @@ def boxes(
     return Boxes(x.astype(np.int32), y.astype(np.int32), w.astype(np.int32), h.astype(np.int32), flip)
 
 
-def image_boxes(seed: int, image_ids, widths, heights, num_crops: int, **policy) -> Boxes:
-    """All ``num_crops`` boxes of each image: arrays of shape (len(image_ids), num_crops)."""
+def image_boxes(seed: int, image_ids, widths, heights, num_crops: int, first_crop: int = 0, **policy) -> Boxes:
+    """Boxes first_crop..first_crop+num_crops-1 of each image: arrays of shape (len(image_ids), num_crops)."""
     image_ids = np.asarray(image_ids, dtype=np.int64)[:, None]
-    crop_index = np.arange(num_crops, dtype=np.int64)[None, :]
+    crop_index = np.arange(first_crop, first_crop + num_crops, dtype=np.int64)[None, :]
     return boxes(
         seed, image_ids, crop_index, np.asarray(widths)[:, None], np.asarray(heights)[:, None], **policy
     )

@@ -25,6 +25,9 @@ from common.manifest import load_manifest
 @click.option("--reuse-crops", metavar="CACHE",
               help="Use the crop boxes and flips stored in CACHE (same manifest) instead of drawing them from the "
                    "seed, so the new cache can be merged with CACHE (`pipeline cache merge`).")
+@click.option("--more-crops", type=click.IntRange(min=1), metavar="N",
+              help="Grow the complete cache --out, built with --num-crops C (and these same settings), to C+N crops "
+                   "per image: crops C..C+N-1 continue the seed; rerun to resume (docs/cache-format.md, Growing).")
 @click.option("--topk", type=int, help="Classes kept per crop.")
 @click.option("--temperature", type=float, help="Softmax temperature of each teacher.")
 @click.option("--batch-size", type=int, help="Crops per teacher forward pass.")
@@ -58,10 +61,10 @@ def teacher_cache_command(ctx: click.Context, **flags) -> None:
         "evaluate_manifest": "teacher_cache.evaluate_manifest",
         "pretrained": "teacher_cache.pretrained",
     }
-    reuse_crops = flags.pop("reuse_crops")
+    reuse_crops, more_crops = flags.pop("reuse_crops"), flags.pop("more_crops")
     cfg = resolve_config(ctx, {keys[name]: value for name, value in flags.items()})
     with user_errors():
-        run(cfg, reuse_crops=reuse_crops)
+        run(cfg, reuse_crops=reuse_crops, more_crops=more_crops or 0)
 
 
 @click.group("cache")
@@ -105,6 +108,22 @@ def verify_command(cache: str, manifest: str | None, repair: bool) -> None:
                 if any("shard" in p for p in problems) else "the cache cannot be read as listed")
         raise click.ClickException(f"{len(problems)} problem(s) in {cache}; {hint}")
     click.echo(f"OK: {cache} is complete and every shard matches its checksum")
+
+
+@cache_group.command("abandon-growth")
+@click.argument("cache")
+def abandon_growth_command(cache: str) -> None:
+    """Drop CACHE's unfinished `teacher-cache --more-crops` growth: CACHE is its old self again.
+
+    Only before the grown arrays are swapped in (the old arrays are untouched until then);
+    not while the growing command runs.
+    """
+    from stage1_teacher_cache.grow import abandon
+
+    with user_errors():
+        marker = abandon(cache)
+    click.echo(f"abandoned the growth of {cache} from {marker['from_crops']} to {marker['to_crops']} crops per image; "
+               f"it is the {marker['from_crops']}-crop cache again")
 
 
 @cache_group.command("merge")

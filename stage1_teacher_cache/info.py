@@ -5,6 +5,7 @@ from typing import Any
 
 from common.cache_format import CacheReader
 from common.locations import file_sizes
+from stage1_teacher_cache.grow import growth_progress
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, points
 
 
@@ -27,7 +28,7 @@ def human_bytes(n: float | None) -> str:
 
 def cache_info(path: str) -> dict[str, Any]:
     """JSON-ready description of a cache, complete or not."""
-    reader = CacheReader(path, require_complete=False)
+    reader = CacheReader(path, require_complete=False, _while_growing=True)  # info reports a growth in progress
     a = reader.attrs
     evaluation = a.get("teacher_eval") or {}
     files = a.get("teacher_files") or {}
@@ -71,6 +72,9 @@ def cache_info(path: str) -> dict[str, Any]:
         "subset": a.get("subset"),
         "reduced": a.get("reduced"),
         "crops_from": a.get("crops_from"),
+        # pipeline teacher-cache --more-crops: past growths, and one in progress with its staging shards done
+        "grown": a.get("grown"),
+        "growing": a.get("growing") and dict(a["growing"], shards=growth_progress(path)),
     }
 
 
@@ -137,6 +141,13 @@ def _provenance(info: dict[str, Any]) -> list[str]:
         sub = info["subset"]
         lines.append(f"subset        {sub['num_images']:,} images of {sub['source']} "
                      f"(manifest {sub['source_manifest']['hash'][:16]}...), selected by {sub['selection']}")
+    for g in info.get("grown") or []:
+        lines.append(f"grown         from {g['from_crops']} to {g['to_crops']} crops per image, {g['finished_at']}")
+    if info.get("growing"):
+        g, done = info["growing"], info["growing"]["shards"]
+        lines.append(f"GROWING       from {g['from_crops']} to {g['to_crops']} crops per image ({g['phase']}"
+                     + (f", {done[0]}/{done[1]} shards" if done else "") + "): not readable until the "
+                     "`teacher-cache --more-crops` run finishes")
     if info.get("reduced"):
         r = info["reduced"]
         lines.append(f"reduced       to top-{r['k']} from top-{r['source_k']} of {r['source']}")

@@ -17,6 +17,7 @@ authoritative), so a new teacher's cache can later be merged with that one.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import sys
@@ -39,6 +40,7 @@ from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, format_eval_table
+from stage1_teacher_cache.grow import open_growth
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
 from stage1_teacher_cache.teachers import Teacher, load_teachers
 from stage1_teacher_cache.views import batches, make_renderer
@@ -49,17 +51,21 @@ CROP_ALGORITHM = "torchvision.RandomResizedCrop/counter-hash-v1"
 CropSource = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 
 
-def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
-    """Build (or resume) the cache; ``reuse_crops``: take the crops of this cache instead of the seed.
+def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dict[str, Any]:
+    """Build (or resume) the cache; ``reuse_crops``: take the crops of this cache instead of the seed;
+    ``more_crops``: append that many crops to the complete ``crops.num_crops``-crop cache (grow.py).
 
-    ``reuse_crops`` is an argument, not a config key, because it names an input
-    artifact of one invocation rather than a setting of the pipeline.
+    Both are arguments, not config keys: they describe one invocation on existing
+    artifacts rather than a setting of the pipeline.
     """
     tc = cfg.teacher_cache
     if not cfg.data.manifest:
         raise ConfigError("no training manifest: pass --manifest M (or set data.manifest)")
     if not tc.out:
         raise ConfigError("no cache directory: pass --out CACHE (or set teacher_cache.out)")
+    if more_crops and reuse_crops:
+        raise ConfigError("--more-crops draws the new crops from the seed; it cannot be combined with --reuse-crops "
+                          "(grow the cache whose crops were reused, then build this one on its crops again)")
     runtime = build_runtime(cfg.runtime)
     # Under torchrun every rank reads the inputs; one that cannot stops them all (common/distributed.py).
     with fail_together(runtime):
@@ -73,14 +79,21 @@ def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
         evaluation = check_before_caching(cfg, manifest, teachers, runtime)
 
     attrs = cache_attrs(cfg, manifest, teachers, k, evaluation, runtime, crop_attrs, reuse_crops)
-    writer = open_cache(tc.out, attrs, runtime)
+    growth = None
+    if more_crops:
+        growth = open_growth(tc.out, attrs, more_crops, runtime, lambda first, count: seeded_crops(
+            dataclasses.replace(cfg.crops, num_crops=count), manifest, first))
+        writer, crop_boxes, write_shard = growth.writer, growth.crop_boxes, growth.write_shard
+    else:
+        writer = open_cache(tc.out, attrs, runtime)
+        write_shard = writer.write_shard
     if evaluation is not None and runtime.is_main:
         writer.group.attrs.update({"teacher_eval": evaluation})  # also when resuming an existing cache
     complete = writer.complete_shards()
     mine = [s for s in range(len(complete)) if s % runtime.world_size == runtime.rank]
     todo = [s for s in mine if not complete[s]]
 
-    C = crop_attrs["num_crops"]
+    C = growth.crops_per_image if growth else crop_attrs["num_crops"]  # crops rendered per image
     group = max(1, tc.batch_size // C)  # images per render call: about one forward batch
     render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], C, group)
     path_of = ConfinedPaths(manifest)
@@ -114,10 +127,17 @@ def run(cfg: Config, reuse_crops: str | None = None) -> dict[str, Any]:
             shard_views = _progress(itertools.islice(views, -(-(stop - start) // group)), bar, C, started)
             index, prob = shard_targets(shard_views, teachers, runtime, tc.batch_size, tc.temperature, k)
             shard_stamps.append((time.perf_counter(), time.thread_time(), time.process_time(), len(index)))
-            writer.write_shard(shard, xywh, flip, index, prob)
+            write_shard(shard, xywh, flip, index, prob)
 
     summary = summarize(writer, runtime, tc.out, shards_written=len(todo), skipped=len(mine) - len(todo),
                         images=total_images, crops=total_images * C, started=started)
+    if growth is not None:
+        summary["grown"] = {"from_crops": growth.from_crops, "to_crops": growth.to_crops,
+                            "now": growth.finish(runtime)}
+        size = bytes_on_disk(tc.out)  # without the staging cache now
+        cached_crops = summary["shards_complete"] and writer.layout.num_images * growth.to_crops
+        summary.update(bytes_on_disk=size, bytes_per_crop=size / cached_crops if size is not None and cached_crops
+                       else None)
     summary["teacher_eval"] = evaluation
     summary["shard_stamps"] = shard_stamps
     if runtime.is_main:
@@ -143,11 +163,20 @@ def kept_classes(topk: int, num_classes: int) -> int:
     return min(topk, num_classes)
 
 
-def shard_boxes(crops: CropConfig, manifest: Manifest, start: int, stop: int) -> Boxes:
-    """The crops of images start..stop-1: a pure function of the seed, so stage 2 can replay them."""
+def shard_boxes(crops: CropConfig, manifest: Manifest, start: int, stop: int, first_crop: int = 0) -> Boxes:
+    """Crops first_crop..first_crop+num_crops-1 of images start..stop-1: a pure function of the seed,
+    so stage 2 can replay them (and a grown cache continues them)."""
     ids = np.arange(start, stop)
     return image_boxes(crops.seed, ids, manifest.widths[ids], manifest.heights[ids], crops.num_crops,
-                       scale=crops.scale, ratio=crops.ratio, flip_p=crops.flip_p)
+                       scale=crops.scale, ratio=crops.ratio, flip_p=crops.flip_p, first_crop=first_crop)
+
+
+def seeded_crops(crops: CropConfig, manifest: Manifest, first_crop: int = 0) -> CropSource:
+    def seeded(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        b = shard_boxes(crops, manifest, start, stop, first_crop)
+        return b.as_array(), b.flip
+
+    return seeded
 
 
 def crop_policy(crops: CropConfig) -> dict[str, Any]:
@@ -165,11 +194,7 @@ def crop_policy(crops: CropConfig) -> dict[str, Any]:
 def crop_source(crops: CropConfig, manifest: Manifest, reuse: str | None) -> tuple[dict[str, Any], CropSource]:
     """(crops attribute, boxes of a range of images): from the seed, or read from the cache ``reuse``."""
     if reuse is None:
-        def seeded(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-            b = shard_boxes(crops, manifest, start, stop)
-            return b.as_array(), b.flip
-
-        return crop_policy(crops), seeded
+        return crop_policy(crops), seeded_crops(crops, manifest)
 
     source = CacheReader(reuse, manifest_hash=manifest.content_hash, verify_checksums=True)
     policy = source.attrs["crops"]
@@ -302,4 +327,5 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['images']:,} images, {s['crops']:,} crops in {s['seconds']:.1f} s ({s['crops_per_s']:,.1f} crops/s)\n"
         f"{s['shards_complete']}/{s['shards_total']} shards complete; "
         f"{human_bytes(s['bytes_on_disk'])} on disk, {per_crop}"
-    )
+    ) + (f"\ngrown from {g['from_crops']} to {g['to_crops']} crops per image" if (g := s.get("grown")) and g["now"]
+         else f"\nthe cache has {g['to_crops']} crops per image" if g else "")

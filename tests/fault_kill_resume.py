@@ -19,6 +19,11 @@ run's bit for bit and `verify` must find nothing.
 on). Forked children run torch single-threaded (an OpenMP pool does not survive
 fork), so in fork mode the reference is computed the same way.
 
+``--grow`` kills ``teacher-cache --more-crops 1`` instead, growing a copy of a
+complete 2-crop cache to 3 crops (kills land in the shard loop of the staging
+cache ``grow/`` or in the final swap); the reference is a 3-crop cache built
+from scratch, so each trial checks that a killed and resumed grow equals it.
+
 tests/test_faults.py runs a 2-kill fork-mode trial in the test suite.
 """
 from __future__ import annotations
@@ -34,6 +39,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import shutil
 
 import numpy as np
 
@@ -57,12 +64,12 @@ def config_toml(settings: dict) -> str:
     return "\n".join(f"[{t}]\n" + "\n".join(lines) + "\n" for t, lines in tables.items())
 
 
-def _forked_run(config_file: Path, env: dict[str, str]) -> None:
+def _forked_run(config_file: Path, env: dict[str, str], more_crops: int = 0) -> None:
     import torch
 
     torch.set_num_threads(1)  # the parent's OpenMP pool is gone in a forked child
     os.environ.update(env)
-    run(load_config(config_file))
+    run(load_config(config_file), more_crops=more_crops)
 
 
 class Writer:
@@ -73,16 +80,18 @@ class Writer:
     concurrent edit of the repository's pipeline.toml cannot change a campaign midway.
     """
 
-    def __init__(self, mode: str, settings: dict, workdir: Path, env: dict[str, str] | None = None):
+    def __init__(self, mode: str, settings: dict, workdir: Path, env: dict[str, str] | None = None,
+                 more_crops: int = 0):
         env = env or {}
         cfg = workdir / f"config-{time.monotonic_ns()}.toml"
         cfg.write_text(config_toml(settings))
         if mode == "cli":
             cmd = [sys.executable, "-c", "from common.cli import main; main()", "--config", str(cfg), "teacher-cache"]
+            cmd += ["--more-crops", str(more_crops)] if more_crops else []
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **env),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         else:
-            self._proc = multiprocessing.get_context("fork").Process(target=_forked_run, args=(cfg, env))
+            self._proc = multiprocessing.get_context("fork").Process(target=_forked_run, args=(cfg, env, more_crops))
             self._proc.start()
 
     def running(self) -> bool:
@@ -117,6 +126,17 @@ def records_written(out: Path) -> int:
     return sum(1 for f in folder.iterdir() if not f.name.endswith(".partial")) if folder.is_dir() else 0
 
 
+def grow_progress(out: Path, from_crops: int, shards: int) -> int:
+    """Shards of a grow done: the staging cache's records, all of them once the swap has begun."""
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    marker = attrs.get("growing")
+    if marker is None:
+        return 0 if attrs["crops"]["num_crops"] == from_crops else shards
+    if marker["phase"] == "swapping":
+        return shards
+    return records_written(out / "grow")
+
+
 def read_arrays(path: Path) -> dict[str, np.ndarray]:
     reader = CacheReader(path)
     return {name: np.asarray(reader.arrays[name][:]) for name in ARRAYS}
@@ -146,32 +166,51 @@ class Result:
 
 
 def run_trials(workdir: Path, mode: str, kills: int, kills_per_trial: int, images: int = 24,
-               images_per_shard: int = 2, seed: int = 0, max_trials: int | None = None) -> Result:
+               images_per_shard: int = 2, seed: int = 0, max_trials: int | None = None, grow: bool = False) -> Result:
     """Trials until ``kills`` kills have landed (at most ``max_trials``, default 3 x kills)."""
     max_trials = max_trials or 3 * kills
     sizes = [SIZES[i % len(SIZES)] for i in range(images)]
     manifest = make_manifest(workdir, "faults", sizes=sizes)
-    settings = lambda out: overrides(manifest, out, **{"teacher_cache.images_per_shard": images_per_shard})  # noqa: E731
+    settings = lambda out, **more: overrides(manifest, out, **{"teacher_cache.images_per_shard": images_per_shard},  # noqa: E731
+                                             **more)
 
     shards = -(-images // images_per_shard)
-    reference = workdir / "reference"
-    writer = Writer(mode, settings(reference), workdir)
-    began = wait_until(lambda: (reference / "zarr.json").exists(), writer)
-    ended = wait_until(lambda: records_written(reference) == shards, writer)
+    reference = workdir / "reference"  # C = 3 from scratch
+    if grow:
+        assert Writer(mode, settings(reference), workdir).wait() == 0, "the from-scratch run failed"
+        base = workdir / "base"  # each trial grows a copy of this complete 2-crop cache by one crop
+        assert Writer(mode, settings(base, **{"crops.num_crops": 2}), workdir).wait() == 0
+        start = lambda out: shutil.copytree(base, out)  # noqa: E731
+        launch = lambda out: Writer(mode, settings(out, **{"crops.num_crops": 2}), workdir, more_crops=1)  # noqa: E731
+        progress = lambda out: grow_progress(out, 2, shards)  # noqa: E731
+        begun = lambda out: (out / "grow" / "shard_record" / "zarr.json").exists()  # noqa: E731
+        timed = workdir / "timed"  # an uninterrupted grow, timed from its first write to its last record
+    else:
+        start = lambda out: None  # noqa: E731
+        launch = lambda out: Writer(mode, settings(out), workdir)  # noqa: E731
+        progress = records_written
+        begun = lambda out: (out / "zarr.json").exists()  # noqa: E731
+        timed = reference  # timed from its first write to its last record
+    start(timed)
+    writer = launch(timed)
+    began = wait_until(lambda: begun(timed), writer)
+    ended = wait_until(lambda: progress(timed) == shards, writer)
     assert writer.wait() == 0, "the uninterrupted run failed"
-    result = Result(work_seconds=ended - began, shards=shards)
     expected = read_arrays(reference)
+    assert all(np.array_equal(a, b) for a, b in zip(read_arrays(timed).values(), expected.values()))
+    result = Result(work_seconds=ended - began, shards=shards)
     rng = np.random.default_rng(seed)
 
     for trial in range(max_trials):
         if result.kills >= kills:
             break
         out = workdir / f"trial-{trial}"
+        start(out)
         for _ in range(kills_per_trial):
-            writer = Writer(mode, settings(out), workdir)
-            wait_until(lambda: (out / "zarr.json").exists(), writer)
+            writer = launch(out)
+            wait_until(lambda: begun(out), writer)
             j = int(rng.integers(0, shards))
-            wait_until(lambda: records_written(out) >= j, writer)
+            wait_until(lambda: progress(out) >= j, writer)
             time.sleep(rng.uniform(0, result.work_seconds / shards))
             if not writer.running():
                 result.finished_before_kill += 1
@@ -181,9 +220,10 @@ def run_trials(workdir: Path, mode: str, kills: int, kills_per_trial: int, image
             writer.wait()
             result.kills += 1
             created = (out / "zarr.json").exists()  # a kill during creation leaves no cache at all
-            result.complete_at_kill.append(int(CacheReader(out, require_complete=False).complete.sum()) if created else 0)
+            result.complete_at_kill.append(min(shards, progress(out)) if grow else
+                                           int(CacheReader(out, require_complete=False).complete.sum()) if created else 0)
             result.partial_files_at_kill += any(out.rglob("*.partial"))
-        writer = Writer(mode, settings(out), workdir)
+        writer = launch(out)
         if writer.wait() != 0:
             result.failures.append(f"trial {trial}: the resuming run failed")
             continue
@@ -203,12 +243,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--images-per-shard", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grow", action="store_true", help="kill `teacher-cache --more-crops 1` growing 2 -> 3 crops")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fault-kill-") as tmp:
         started = time.monotonic()
         result = run_trials(Path(tmp), args.mode, args.kills, args.kills_per_trial,
-                            images=args.images, images_per_shard=args.images_per_shard, seed=args.seed)
-    print(f"mode {args.mode}, {args.images} images in {result.shards} shards, {time.monotonic() - started:.0f} s:")
+                            images=args.images, images_per_shard=args.images_per_shard, seed=args.seed, grow=args.grow)
+    print(f"mode {args.mode}{' --grow' if args.grow else ''}, {args.images} images in {result.shards} shards, {time.monotonic() - started:.0f} s:")
     print(result.summary())
     sys.exit(1 if result.failures else 0)
 

@@ -211,3 +211,15 @@ def test_writer_killed_mid_cache_on_s3_resumes_to_completion(s3, tmp_path):
     assert time.monotonic() - started < 120
     assert verify_cache(out) == []
     assert_same_arrays(out, reference)
+
+
+def test_a_cache_on_s3_grows_to_the_from_scratch_one(s3, stores):
+    """`--more-crops` on an object store: no directory rename there, so the swap copies and deletes."""
+    out = f"s3://{BUCKET}/grown"
+    settings = {"teacher_cache.topk": 3}
+    run(config(stores["remote"]["train"], out, **settings, **{"crops.num_crops": 2}))
+    run(config(stores["remote"]["train"], out, **settings, **{"crops.num_crops": 2}), more_crops=1)
+    s3.invalidate_cache()
+    assert not s3.exists(f"{BUCKET}/grown/grow")  # the staging cache is gone
+    assert_same_arrays(out, stores["reference"])  # built locally with 3 crops from scratch
+    assert verify_cache(out) == [] and "grown         from 2 to 3" in cli("cache", "info", out)
