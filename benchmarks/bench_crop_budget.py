@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -188,7 +189,8 @@ def parse_args(argv):
     args.out = args.out or str(wd / "crop_budget.json" if args.smoke else REPO / "benchmarks/results/crop_budget.json")
     args.doc = str(wd / "results.md") if args.smoke and args.doc is None else (
         "docs/results.md" if args.doc is None else args.doc)
-    args.plot = args.plot or str(wd / "crop_budget.png" if args.smoke else REPO / "docs/img/crop_budget.png")
+    tag = f"-{args.doc_tag}" if args.doc_tag else ""
+    args.plot = args.plot or str(wd / "crop_budget.png" if args.smoke else REPO / f"docs/img/crop_budget{tag}.png")
     E = args.student_epochs
     args.eval_every = args.eval_every or E
     args.budgets = sorted({E if b.strip() == "E" else int(b) for b in args.budgets.split(",") if b.strip()})
@@ -372,6 +374,12 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def total_minutes(payload: dict) -> float:
+    """Teachers' and students' epochs plus the caches' teacher passes, as recorded (resumed runs count once)."""
+    seconds = sum(r["wall_s"] for r in [*payload["teachers"].values(), *payload["runs"]])
+    return (seconds + sum(c["teacher_s"] for c in payload["caches"])) / 60
+
+
 def report(payload: dict) -> str:
     a, s, ev = payload["args"], payload["summary"], payload["teacher_eval"]
     teacher_top1 = ", ".join(f"{n} {100 * v['top1']:.2f}%" for n, v in ev["teachers"].items())
@@ -380,7 +388,8 @@ def report(payload: dict) -> str:
         "",
         f"* **Command**: `{payload['command']}`",
         f"* **{machine_line(payload['machine'])}**; load average at the end {payload['loadavg_end']}; "
-        f"device `{payload['device']}`; wall time {payload['minutes']:.1f} min (this invocation).",
+        f"device `{payload['device']}`; wall time {payload['minutes']:.1f} min in this invocation, "
+        f"{total_minutes(payload):.1f} min of training and caching recorded over all invocations.",
         f"* **Data**: students and teachers on {a['train_images']:,} training images, scored on "
         f"{a['val_images']:,} test images at {a['img_size']} px; crop scale {a['crop_scale']}, top-{a['topk']} kept.",
         f"* **Teachers**: {', '.join(a['teachers'])}, {a['teacher_epochs']} epochs each (`pipeline train`): "
@@ -416,9 +425,20 @@ def report(payload: dict) -> str:
               f"| abs(cached C = E - online fresh) <= 0.3 | "
               f"{'n/a' if e_fresh is None else f'{e_fresh:+.2f}'} | {yes(s['met_online'])} |",
               f"| smallest C within 0.3 of online fresh | {s['smallest_C_within_0.3_of_fresh'] or 'none'} | - |",
-              "", f"![top-1 against C]({Path(a['plot']).name if a['smoke'] else 'img/crop_budget.png'})"]
+              "", f"Cached runs other than the best C have seed {a['seeds'][0]} only; hard labels, online fresh and "
+              "the best C are means over the seeds.",
+              "", f"![top-1 against C]({os.path.relpath(a['plot'], Path(a['doc'] or '.').resolve().parent)})"]
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import click
+
+    from common.cli_support import user_errors
+
+    try:  # bad input (a missing dataset, a refused teacher): the library's one-line message, as the CLI prints it
+        with user_errors():
+            sys.exit(main())
+    except click.ClickException as e:
+        e.show()
+        sys.exit(1)
