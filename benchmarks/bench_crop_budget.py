@@ -68,7 +68,7 @@ Choices:
   ``--student-epochs 16`` adds C = 16 as its own run (~4.5 h).
 
     python benchmarks/bench_crop_budget.py                 # the study (~2 h on an idle 2-core CPU)
-    python benchmarks/bench_crop_budget.py --smoke         # every run kind on tiny subsets (~2-3 min)
+    python benchmarks/bench_crop_budget.py --smoke         # every run kind on tiny subsets (~1 min on 2 busy cores)
 
 The JSON goes to ``--out`` (default benchmarks/results/crop_budget.json), the
 table and the plot (top-1 against C, online and hard labels as lines) to a
@@ -129,6 +129,24 @@ class Ledger:
         return row
 
 
+# What every finished step in a workdir depends on; budgets, seeds and m may change between invocations (more runs).
+SETTINGS = ("train_images", "val_images", "teachers", "teacher_epochs", "student", "student_epochs", "img_size",
+            "crop_scale", "topk", "batch_size", "lr", "weight_decay", "source")
+
+
+def check_settings(ledger: Ledger, args) -> None:
+    """Refuse to mix runs of two studies in one workdir (a rerun skips what runs.jsonl lists as finished)."""
+    mine = {k: getattr(args, k) for k in SETTINGS}
+    saved = ledger.get("settings")
+    if saved is None:
+        ledger.add({"key": "settings", **mine})
+        return
+    differ = [f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in SETTINGS if saved.get(k) != mine[k]]
+    if differ:
+        raise SystemExit(f"error: {ledger.path} holds a study with other settings ({'; '.join(differ)}): "
+                         "pass a new --workdir, or the same settings to resume it")
+
+
 def run_record(key: str, run_dir: Path, **fields) -> dict:
     """What a finished run reports: last epoch's top-1, mean img/s, training wall time (sum over epochs, so
     a resumed run counts every epoch once), and the teachers' share of it for online runs."""
@@ -148,7 +166,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
-                   help=f"every run kind on tiny subsets, 1 epoch (~2-3 min; {SMOKE}); output under WORKDIR")
+                   help=f"every run kind on tiny subsets, 1 epoch (~1 min; {SMOKE}); output under WORKDIR")
     p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default=None,
@@ -211,6 +229,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t_start, info, wd = begin(args.workdir)
     ledger = Ledger(wd / "runs.jsonl")
+    check_settings(ledger, args)
     E, seeds = args.student_epochs, args.seeds
 
     manifest = subset_manifest(args.source, wd / "data", "train", args.train_images)
