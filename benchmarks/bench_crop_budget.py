@@ -426,6 +426,12 @@ def report(payload: dict) -> str:
     lines.append(markdown_table(rows, [("run", "student"), ("C", "C"), ("m", "m"), ("seed", "seed"),
                                        ("epochs", "epochs"), ("top1", "top-1 (%)"), ("img_s", "student img/s"),
                                        ("wall", "wall s"), ("teacher", "of which teachers s")]))
+    lines += ["", "The teachers, trained once (`pipeline train`, hard labels, the students' images and recipe):", ""]
+    lines.append(markdown_table(
+        [{"model": r["model"], "epochs": r["epochs"], "top1": r["top1"], "img_s": r["img_per_s"], "wall": r["wall_s"]}
+         for r in payload["teachers"].values()],
+        [("model", "teacher"), ("epochs", "epochs"), ("top1", "top-1 (%)"), ("img_s", "train img/s"),
+         ("wall", "wall s")]))
     lines += ["", "One-off teacher cost of each cache (stage 1, without its evaluation of the teachers):", ""]
     lines.append(markdown_table(
         [{"C": c["C"], "crops": c["crops"], "s": c["teacher_s"], "rate": c["crops_per_s"],
