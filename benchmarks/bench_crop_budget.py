@@ -1,0 +1,469 @@
+"""The crop budget study (issue 16, items 4 and 6): what a cache of C crops per image costs against online MEAL V2.
+
+A cache holds C RandomResizedCrops per training image; over E epochs each
+comes back E/C times, while MEAL V2 as the paper runs it draws a fresh crop
+every step. This script measures, on Fashion-MNIST with the students on all
+60,000 training images and scored on all 10,000 test images, one student
+architecture trained for the same E epochs with the same optimizer:
+
+* ``hard``: hard labels (`pipeline train`), seeds 0 and 1;
+* ``fresh``: online MEAL V2 with fresh seeded crops every step (`pipeline
+  distill --online`), seeds 0 and 1;
+* ``replay``: online MEAL V2 replaying the C = E cache's crops (`--online
+  --replay-cache`): the cache's crops with live, full-softmax teachers;
+* ``cached``: MEAL V2 from a cache of C crops per image (`pipeline distill
+  --cache`), C in {1, 2, 4, 8, E}; the best C again with seed 1;
+* ``multicrop``: m = 2 crops per decoded image (FKD-style,
+  ``distill.crops_per_image``) from the C = E cache for E / m epochs, so the
+  student sees as many crops as every other run and each crop once.
+
+The teachers are real timm architectures trained once with `pipeline train`
+on the same 60,000 images and reused; the study checks that their ensemble
+is at least ``--min-margin`` (2) points above the hard-label student before
+it spends time on distillation (``--ignore-margin`` goes on anyway). Each
+cache's one-off teacher cost (stage 1's caching time and crops/s, without its
+evaluation of the teachers) is recorded, as is the teachers' share of every
+online run (``teacher_s`` of metrics.jsonl).
+
+Everything goes through the library's entry points (``subset_manifest`` of
+`pipeline fashion-mnist`, ``run_train``, ``stage1_teacher_cache.run``,
+``run_distill``); no private state. Resumable per run: WORKDIR/runs.jsonl gets
+one line per finished run (or cache, or teacher), and a rerun of the same
+command skips those and resumes an interrupted one from its last.pt.
+
+Sizing (about 2 hours on an idle 2-core CPU; measured 2026-12-02 on the
+shared 2-core machine at load 1.5-4.5, so scaled to an idle one).
+
+* Model compute, CPU seconds per image with one torch thread (robust to the
+  other jobs' load), 28 px batches of 128, train / inference img per CPU-s:
+  test_efficientnet 1,600 / 5,700; mobilenetv3_small_050 750 / 3,070;
+  lcnet_050 660 / 2,820; regnetx_002 490 / 2,330; resnet10t 400 / 1,630;
+  regnetx_004 380 / 1,400; tinynet_e 340 / 1,350.
+* Learning per step (1 epoch, 94 steps of 128 on 12,000 images, top-1 on
+  1,000 test images): resnet10t 77.8%, regnetx_002 64.4%,
+  mobilenetv3_small_050 61.1% (lcnet_050 and regnetx_002 were still near
+  chance after 23 steps, mobilenetv3_small_050 at 18%: the MobileNet-style
+  nets start slowly at this size and lr).
+* Pipeline rates (the same runs, loaded machine): resnet10t 170-310 img/s,
+  regnetx_002 120-565 img/s training; the student 900 img/s from the cache,
+  online 300 img/s with three teachers (teachers 70% of the time);
+  docs/results.md's earlier runs: the student ~1,100 img/s hard and cached,
+  ~550 online on an idler machine.
+
+Choices:
+
+* 28 px, Fashion-MNIST's own size: no upsampling (32 px costs ~30% more);
+* teachers resnet10t + regnetx_002: two real families (4.9 M and 2.3 M
+  parameters), the two that learn fastest per CPU-second, 4 epochs each on
+  the 60,000 images: ~13 + ~7 min; their ensemble scores ~900 crops/s;
+* student test_efficientnet (0.1 M parameters, the demo's): far below the
+  teachers, ~55 s per epoch of 60,000 crops on hard labels or the cache;
+* E = 8: C in {1, 2, 4, 8, E} is then {1, 2, 4, 8} (C = E is the C = 8 run),
+  and the multi-crop run (m = 2) reads the C = 8 cache for 4 epochs, i.e.
+  as many crops as every other run, each once. 8 hard / cached / multi-crop
+  runs of 8 x 60,000 crops (~60 min), 3 online runs (~16 min each with the
+  teachers in the loop, ~48 min), 4 caches of 15 x 60,000 crops in all
+  (~17 min), teachers ~20 min: about 2 h 25 min on an idle 2-core CPU, the
+  nearest to 2 h that keeps the issue's C = 8 and 2 seeds. With more time,
+  ``--student-epochs 16`` adds C = 16 as its own run (~4.5 h).
+
+    python benchmarks/bench_crop_budget.py                 # the study (~2 h on an idle 2-core CPU)
+    python benchmarks/bench_crop_budget.py --smoke         # every run kind on tiny subsets (~1 min on 2 busy cores)
+
+The JSON goes to ``--out`` (default benchmarks/results/crop_budget.json), the
+table and the plot (top-1 against C, online and hard labels as lines) to a
+marked section of ``--doc`` (default docs/results.md) and ``--plot``
+(default docs/img/crop_budget.png). ``--smoke`` writes all three under
+WORKDIR instead, so its meaningless numbers never reach the docs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.bench_fashion_mnist import base_config, done, hard_label_config  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
+)
+from common.cache_format import CacheReader  # noqa: E402
+from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
+from stage2_student_distill.metrics import read_metrics  # noqa: E402
+
+KINDS = {"hard": "hard labels", "fresh": "online MEAL V2, fresh crops", "replay": "online MEAL V2, replaying the cache",
+         "cached": "MEAL V2 from the cache", "multicrop": "MEAL V2 from the cache, multi-crop"}
+SMOKE = {"train_images": 300, "val_images": 200, "teacher_epochs": 1, "student_epochs": 1, "budgets": "1,2",
+         "multi_crop": 2, "batch_size": 50, "eval_every": 1}
+
+
+# --------------------------------------------------------------------------- the record of finished work
+
+
+class Ledger:
+    """WORKDIR/runs.jsonl: one JSON line per finished step (teacher, cache, student run), keyed by ``key``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def add(self, row: dict) -> dict:
+        self.rows[row["key"]] = row
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+
+# What every finished step in a workdir depends on; budgets, seeds and m may change between invocations (more runs).
+SETTINGS = ("train_images", "val_images", "teachers", "teacher_epochs", "student", "student_epochs", "img_size",
+            "crop_scale", "topk", "batch_size", "lr", "weight_decay", "source")
+
+
+def check_settings(ledger: Ledger, args) -> None:
+    """Refuse to mix runs of two studies in one workdir (a rerun skips what runs.jsonl lists as finished)."""
+    mine = {k: getattr(args, k) for k in SETTINGS}
+    saved = ledger.get("settings")
+    if saved is None:
+        ledger.add({"key": "settings", **mine})
+        return
+    differ = [f"{k} {saved.get(k)!r} -> {mine[k]!r}" for k in SETTINGS if saved.get(k) != mine[k]]
+    if differ:
+        raise SystemExit(f"error: {ledger.path} holds a study with other settings ({'; '.join(differ)}): "
+                         "pass a new --workdir, or the same settings to resume it")
+
+
+def run_record(key: str, run_dir: Path, **fields) -> dict:
+    """What a finished run reports: last epoch's top-1, mean img/s, training wall time (sum over epochs, so
+    a resumed run counts every epoch once), and the teachers' share of it for online runs."""
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    val = [r for r in rows if "val_top1" in r]
+    teacher_s = [r["teacher_s"] for r in rows if "teacher_s" in r]
+    return {"key": key, **fields, "run": str(run_dir), "epochs": max((r["epoch"] for r in rows), default=0),
+            "top1": val[-1]["val_top1"] if val else None, "curve": [r["val_top1"] for r in val],
+            "img_per_s": float(np.mean([r["img_per_s"] for r in rows])) if rows else None,
+            "wall_s": float(sum(r["time_s"] for r in rows)), "teacher_s": float(sum(teacher_s)) if teacher_s else None}
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true",
+                   help=f"every run kind on tiny subsets, 1 epoch (~1 min; {SMOKE}); output under WORKDIR")
+    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
+    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
+    p.add_argument("--workdir", default=None,
+                   help="data, runs, caches, runs.jsonl (kept; reruns resume; default runs/bench-crop-budget[-smoke])")
+    p.add_argument("--train-images", type=int, default=60000, help="students' and teachers' training images")
+    p.add_argument("--val-images", type=int, default=10000, help="test images scored")
+    p.add_argument("--teachers", default="resnet10t,regnetx_002", help="comma list of timm names")
+    p.add_argument("--teacher-epochs", type=int, default=4)
+    p.add_argument("--student", default="test_efficientnet")
+    p.add_argument("--student-epochs", type=int, default=8, help="E: every student run's epochs")
+    p.add_argument("--budgets", default="1,2,4,8,E", help="cached crops per image C (E = --student-epochs)")
+    p.add_argument("--multi-crop", type=int, default=2, help="m of the multi-crop run (0 = none)")
+    p.add_argument("--seeds", default="0,1", help="seeds of hard, fresh and the best cached (the first: all runs)")
+    p.add_argument("--img-size", type=int, default=28, help="every model's input size")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=[0.64, 1.0], help="RandomResizedCrop area range")
+    p.add_argument("--topk", type=int, default=10, help="classes kept per cached crop (10 = all)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=5e-5)
+    p.add_argument("--eval-every", type=int, default=0, help="epochs between validations (0: the last only)")
+    p.add_argument("--min-margin", type=float, default=2.0,
+                   help="points the ensemble must be above the hard-label student before distilling")
+    p.add_argument("--ignore-margin", action="store_true", help="distil even when the ensemble misses --min-margin")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    p.add_argument("--loader", default="auto", help="stage 2 loader: auto | torch | dali")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON (default benchmarks/results/crop_budget.json)")
+    p.add_argument("--doc", default=None, help="markdown file whose marked section is replaced ('' = none)")
+    p.add_argument("--doc-tag", default="", help="which marked section of --doc")
+    p.add_argument("--plot", default=None, help="PNG of top-1 against C (default docs/img/crop_budget.png)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+        args.ignore_margin = True
+    wd = Path(args.workdir or f"runs/bench-crop-budget{'-smoke' if args.smoke else ''}")
+    args.workdir = str(wd)
+    args.out = args.out or str(wd / "crop_budget.json" if args.smoke else REPO / "benchmarks/results/crop_budget.json")
+    args.doc = str(wd / "results.md") if args.smoke and args.doc is None else (
+        "docs/results.md" if args.doc is None else args.doc)
+    tag = f"-{args.doc_tag}" if args.doc_tag else ""
+    args.plot = args.plot or str(wd / "crop_budget.png" if args.smoke else REPO / f"docs/img/crop_budget{tag}.png")
+    E = args.student_epochs
+    args.eval_every = args.eval_every or E
+    args.budgets = sorted({E if b.strip() == "E" else int(b) for b in args.budgets.split(",") if b.strip()})
+    args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.num_crops = args.budgets[0]  # base_config's crops.num_crops; each cache sets its own
+    if not args.seeds or not args.budgets or min(args.budgets) < 1:
+        p.error("--seeds and --budgets need at least one value each, budgets >= 1")
+    if args.multi_crop and args.multi_crop > max(args.budgets):
+        p.error(f"--multi-crop {args.multi_crop} needs a cache of at least as many crops (--budgets {args.budgets})")
+    return args
+
+
+def main(argv=None) -> int:
+    from stage1_teacher_cache.run import run as run_teacher_cache
+    from stage2_student_distill.train import run_distill, run_train
+
+    args = parse_args(argv)
+    t_start, info, wd = begin(args.workdir)
+    ledger = Ledger(wd / "runs.jsonl")
+    check_settings(ledger, args)
+    E, seeds = args.student_epochs, args.seeds
+
+    manifest = subset_manifest(args.source, wd / "data", "train", args.train_images)
+    val = subset_manifest(args.source, wd / "data", "test", args.val_images)
+    base = base_config(args, manifest, val)
+
+    # 1. teachers: trained once, reused by every cache and online run
+    teachers = {}
+    for name in args.teachers:
+        key, run_dir = f"teacher:{name}", wd / f"teacher_{name}"
+        if ledger.get(key) is None:
+            if not done(run_dir, args.teacher_epochs):
+                print(f"teacher {name}: {args.teacher_epochs} epochs on {args.train_images:,} images", flush=True)
+                run_train(base.replace(**{"train.model": name, "train.out": str(run_dir), "optim.epochs":
+                                          args.teacher_epochs, "train.resume": (run_dir / "last.pt").exists()}))
+            ledger.add(run_record(key, run_dir, kind="teacher", model=name))
+        teachers[name] = ledger.get(key)
+    live = {"teacher_cache.teachers": list(args.teachers), "teacher_cache.pretrained": False,
+            "teacher_cache.teacher_weights": [f"{n}={Path(teachers[n]['run']) / 'best.pt'}" for n in args.teachers],
+            "teacher_cache.topk": args.topk, "teacher_cache.batch_size": 256,
+            # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
+            **({"teacher_cache.min_top1_over_chance": 0.0} if args.smoke else {})}
+
+    # 2. caches, one per budget C (the first also scores the teachers and their ensemble on the test images)
+    def cache(C: int) -> dict:
+        key, path = f"cache:C{C}", wd / f"cache_C{C}"
+        if ledger.get(key) is None:
+            first = C == args.budgets[0]
+            cfg = base.replace(**live, **{"crops.num_crops": C, "teacher_cache.out": str(path),
+                                          "teacher_cache.evaluate_manifest": val if first else ""})
+            print(f"cache C = {C}: {C * args.train_images:,} crops through {', '.join(args.teachers)}", flush=True)
+            s = run_teacher_cache(cfg)
+            evaluation = CacheReader(str(path)).attrs.get("teacher_eval") if first else None
+            # a cache finished by an earlier, interrupted invocation reports only this one's shards
+            ledger.add({"key": key, "kind": "cache", "C": C, "path": str(path), "crops": s["crops"],
+                        "teacher_s": s["seconds"], "crops_per_s": s["crops_per_s"],
+                        "complete_in_one_go": s["shards_skipped"] == 0, "bytes_on_disk": s["bytes_on_disk"],
+                        "teacher_eval": evaluation})
+        return ledger.get(key)
+
+    evaluation = cache(args.budgets[0])["teacher_eval"]
+    ensemble = 100 * evaluation["ensemble"]["top1"]
+
+    def student(kind: str, seed: int, C: int | None = None, m: int = 1) -> dict:
+        """One student run: ``kind`` in KINDS; C = the cache read (cached, multicrop) or replayed (replay)."""
+        key = f"{kind}:seed{seed}" + (f":C{C}" if C else "") + (f":m{m}" if m > 1 else "")
+        if ledger.get(key) is None:
+            run_dir = wd / key.replace(":", "_")
+            epochs = max(1, E // m)
+            resume = (run_dir / "last.pt").exists()
+            if not done(run_dir, epochs):
+                print(f"student {args.student}, {KINDS[kind]}{f', C = {C}' if C else ''}{f', m = {m}' if m > 1 else ''}"
+                      f", seed {seed}, {epochs} epochs", flush=True)
+                if kind == "hard":
+                    run_train(hard_label_config(base, args, seed, run_dir, resume))
+                else:
+                    cache_path = cache(C)["path"] if C else ""
+                    run_distill(base.replace(**live, **{
+                        "runtime.seed": seed, "optim.epochs": epochs, "distill.student": args.student, "distill.out": str(run_dir),
+                        "distill.resume": resume, "distill.crops_per_image": m,
+                        "distill.online": kind in ("fresh", "replay"),
+                        "distill.cache": cache_path if kind in ("cached", "multicrop") else "",
+                        "distill.replay_cache": cache_path if kind == "replay" else ""}))
+            ledger.add(run_record(key, run_dir, kind=kind, seed=seed, C=C, m=m))
+        row = ledger.get(key)
+        print(f"{key}: top-1 {row['top1']}", flush=True)
+        return row
+
+    # 3. hard labels first: the ensemble must know more than they do, or distilling is not worth the time
+    hard = [student("hard", s) for s in seeds]
+    margin = ensemble - float(np.mean([r["top1"] for r in hard]))
+    margin_ok = margin >= args.min_margin
+    hard_top1 = ", ".join(f"{r['top1']:.2f}%" for r in hard)
+    print(f"teacher ensemble {ensemble:.2f}% is {margin:+.2f} points from the hard-label student "
+          f"({hard_top1}): {'enough' if margin_ok else 'NOT enough'} "
+          f"(the study needs >= {args.min_margin})", flush=True)
+    if not margin_ok and not args.ignore_margin:
+        print(f"stopping: train stronger teachers (more --teacher-epochs in a new --workdir, or larger --teachers); "
+              f"--ignore-margin distils anyway", file=sys.stderr)
+        return 2
+
+    # 4. the cache budgets (seed 0), multi-crop, online with fresh and replayed crops, the best C again
+    cached = {C: student("cached", seeds[0], C) for C in args.budgets}
+    big = max(args.budgets)
+    multicrop = student("multicrop", seeds[0], big, args.multi_crop) if args.multi_crop > 1 else None
+    fresh = [student("fresh", s) for s in seeds]
+    replay = student("replay", seeds[0], big)
+    best = max(args.budgets, key=lambda C: cached[C]["top1"])
+    best_runs = [cached[best]] + [student("cached", s, best) for s in seeds[1:]]
+
+    runs = [*hard, *fresh, replay, *[cached[C] for C in args.budgets], *best_runs[1:],
+            *([multicrop] if multicrop else [])]
+    caches = [cache(C) for C in args.budgets]
+    summary = summarize(args, ensemble, hard, fresh, replay, cached, best, best_runs)
+    summary.update(margin=margin, margin_ok=margin_ok)
+    payload = {**run_header(args, t_start, info), "teachers": teachers, "teacher_eval": evaluation,
+               "caches": caches, "runs": runs, "summary": summary}
+    path = write_results("crop_budget", payload, args.out)
+    plot(payload, Path(args.plot))
+    section = report(payload)
+    print("\n" + section + f"\nJSON: {path}\nplot: {args.plot}", flush=True)
+    if args.doc:
+        update_marked_section(Path(args.doc), section, f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
+        print(f"markdown section updated in {args.doc}")
+    return 0
+
+
+def mean(rows) -> float:
+    return float(np.mean([r["top1"] for r in rows]))
+
+
+def summarize(args, ensemble, hard, fresh, replay, cached, best, best_runs) -> dict:
+    """Issue 16 item 6's targets, on means over seeds where there are several."""
+    h, f = mean(hard), mean(fresh)
+    E = args.student_epochs
+    close = [C for C in args.budgets if abs(cached[C]["top1"] - f) <= 0.3]
+    return {
+        "ensemble_top1": ensemble, "hard_top1": h, "fresh_top1": f, "replay_top1": replay["top1"],
+        "best_C": best, "best_cached_top1": mean(best_runs),
+        "best_cached_minus_hard": mean(best_runs) - h, "met_kd": mean(best_runs) - h >= 0.5,
+        "cached_E_minus_fresh": cached[E]["top1"] - f if E in cached else None,
+        "met_online": E in cached and abs(cached[E]["top1"] - f) <= 0.3,
+        "smallest_C_within_0.3_of_fresh": min(close) if close else None,
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, s = payload["runs"], payload["summary"]
+    cached = sorted((r["C"], r["top1"]) for r in runs if r["kind"] == "cached")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([c for c, _ in cached], [t for _, t in cached], "o", color="C0", label="MEAL V2 from a cache of C crops")
+    by_c = {}
+    for c, t in cached:
+        by_c.setdefault(c, []).append(t)
+    ax.plot(sorted(by_c), [np.mean(by_c[c]) for c in sorted(by_c)], "-", color="C0")
+    for r in runs:
+        if r["kind"] == "multicrop":
+            ax.plot([r["C"]], [r["top1"]], "s", color="C3", label=f"multi-crop m = {r['m']} (C = {r['C']})")
+        if r["kind"] == "replay":
+            ax.plot([r["C"]], [r["top1"]], "^", color="C4", label=f"online, replaying the C = {r['C']} cache")
+    ax.axhline(s["fresh_top1"], color="C2", ls="--", label="online MEAL V2, fresh crops")
+    ax.axhline(s["hard_top1"], color="C7", ls=":", label="hard labels")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(by_c), [str(c) for c in sorted(by_c)])
+    ax.set_xlabel("C: cached crops per training image")
+    ax.set_ylabel("top-1 on the test images (%)")
+    a = payload["args"]
+    ax.set_title(f"{a['student']}, {a['student_epochs']} epochs, {a['train_images']:,} images", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def total_minutes(payload: dict) -> float:
+    """Teachers' and students' epochs plus the caches' teacher passes, as recorded (resumed runs count once)."""
+    seconds = sum(r["wall_s"] for r in [*payload["teachers"].values(), *payload["runs"]])
+    return (seconds + sum(c["teacher_s"] for c in payload["caches"])) / 60
+
+
+def report(payload: dict) -> str:
+    a, s, ev = payload["args"], payload["summary"], payload["teacher_eval"]
+    teacher_top1 = ", ".join(f"{n} {100 * v['top1']:.2f}%" for n, v in ev["teachers"].items())
+    lines = [
+        f"### Crop budget study ({payload['finished_at']})",
+        "",
+        f"* **Command**: `{payload['command']}`",
+        f"* **{machine_line(payload['machine'])}**; load average at the end {payload['loadavg_end']}; "
+        f"device `{payload['device']}`; wall time {payload['minutes']:.1f} min in this invocation, "
+        f"{total_minutes(payload):.1f} min of training and caching recorded over all invocations.",
+        f"* **Data**: students and teachers on {a['train_images']:,} training images, scored on "
+        f"{a['val_images']:,} test images at {a['img_size']} px; crop scale {a['crop_scale']}, top-{a['topk']} kept.",
+        f"* **Teachers**: {', '.join(a['teachers'])}, {a['teacher_epochs']} epochs each (`pipeline train`): "
+        f"{teacher_top1}; ensemble {s['ensemble_top1']:.2f}%, {s['margin']:+.2f} points from the hard-label "
+        f"student ({'>=' if s['margin_ok'] else 'below'} the {a['min_margin']} the study needs).",
+        f"* **Students**: {a['student']}, {a['student_epochs']} epochs (multi-crop: E / m), batch "
+        f"{a['batch_size']}, SGD lr {a['lr']} cosine, weight decay {a['weight_decay']}; seeds {a['seeds']}.",
+        "",
+    ]
+    rows = []
+    for r in payload["runs"]:
+        rows.append({"run": KINDS[r["kind"]], "C": r["C"] if r["C"] else "", "m": r["m"], "seed": r["seed"],
+                     "epochs": r["epochs"], "top1": r["top1"], "img_s": r["img_per_s"], "wall": r["wall_s"],
+                     "teacher": r["teacher_s"] if r["teacher_s"] is not None else ""})
+    lines.append(markdown_table(rows, [("run", "student"), ("C", "C"), ("m", "m"), ("seed", "seed"),
+                                       ("epochs", "epochs"), ("top1", "top-1 (%)"), ("img_s", "student img/s"),
+                                       ("wall", "wall s"), ("teacher", "of which teachers s")]))
+    lines += ["", "The teachers, trained once (`pipeline train`, hard labels, the students' images and recipe):", ""]
+    lines.append(markdown_table(
+        [{"model": r["model"], "epochs": r["epochs"], "top1": r["top1"], "img_s": r["img_per_s"], "wall": r["wall_s"]}
+         for r in payload["teachers"].values()],
+        [("model", "teacher"), ("epochs", "epochs"), ("top1", "top-1 (%)"), ("img_s", "train img/s"),
+         ("wall", "wall s")]))
+    lines += ["", "One-off teacher cost of each cache (stage 1, without its evaluation of the teachers):", ""]
+    lines.append(markdown_table(
+        [{"C": c["C"], "crops": c["crops"], "s": c["teacher_s"], "rate": c["crops_per_s"],
+          "mb": c["bytes_on_disk"] / 2**20 if c["bytes_on_disk"] else None,
+          "note": "" if c["complete_in_one_go"] else "resumed: this invocation's share"} for c in payload["caches"]],
+        [("C", "C"), ("crops", "crops"), ("s", "teacher s"), ("rate", "crops/s"), ("mb", "MiB on disk"),
+         ("note", "")]))
+
+    def yes(v):
+        return "yes" if v else "NO"
+
+    e_fresh = s["cached_E_minus_fresh"]
+    lines += ["", "| target (issue 16 item 6) | measured | met |", "|---|---|---|",
+              f"| best cached (C = {s['best_C']}, mean of {len(a['seeds'])} seeds) - hard labels >= +0.5 | "
+              f"{s['best_cached_minus_hard']:+.2f} | {yes(s['met_kd'])} |",
+              f"| abs(cached C = E - online fresh) <= 0.3 | "
+              f"{'n/a' if e_fresh is None else f'{e_fresh:+.2f}'} | {yes(s['met_online'])} |",
+              f"| smallest C within 0.3 of online fresh | {s['smallest_C_within_0.3_of_fresh'] or 'none'} | - |",
+              "", f"Cached runs other than the best C have seed {a['seeds'][0]} only; hard labels, online fresh and "
+              "the best C are means over the seeds.",
+              "", f"![top-1 against C]({os.path.relpath(a['plot'], Path(a['doc'] or '.').resolve().parent)})"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import click
+
+    from common.cli_support import user_errors
+
+    try:  # bad input (a missing dataset, a refused teacher): the library's one-line message, as the CLI prints it
+        with user_errors():
+            sys.exit(main())
+    except click.ClickException as e:
+        e.show()
+        sys.exit(1)

@@ -1,0 +1,66 @@
+"""benchmarks/bench_crop_budget.py's bookkeeping, without training: budgets, where output goes, the targets, resume."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.bench_crop_budget import Ledger, check_settings, parse_args, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_budgets_are_the_issue_set_with_e_folded_in():
+    assert parse_args([]).budgets == [1, 2, 4, 8]  # E = 8: C = E is the C = 8 run
+    assert parse_args(["--student-epochs", "16"]).budgets == [1, 2, 4, 8, 16]
+    assert parse_args(["--student-epochs", "3", "--budgets", "E,1"]).budgets == [1, 3]
+
+
+def test_full_study_writes_the_docs_and_smoke_only_its_workdir(tmp_path):
+    full = parse_args([])
+    assert (full.out, full.doc) == (str(REPO / "benchmarks/results/crop_budget.json"), "docs/results.md")
+    assert full.plot == str(REPO / "docs/img/crop_budget.png")
+    smoke = parse_args(["--smoke", "--workdir", str(tmp_path)])
+    for path in (smoke.out, smoke.doc, smoke.plot):
+        assert Path(path).parent == tmp_path
+    assert smoke.student_epochs == 1 and smoke.train_images < 1000 and smoke.ignore_margin
+
+
+def test_multi_crop_needs_a_cache_that_large():
+    with pytest.raises(SystemExit):
+        parse_args(["--student-epochs", "1", "--budgets", "1", "--multi-crop", "2"])
+
+
+def run(top1, **kw):
+    return {"top1": top1, **kw}
+
+
+def test_targets_from_hand_computed_means():
+    args = parse_args([])  # E = 8, budgets 1, 2, 4, 8
+    hard, fresh = [run(80.0), run(81.0)], [run(83.0), run(83.4)]  # means 80.5, 83.2
+    cached = {1: run(81.0), 2: run(82.5), 4: run(83.0), 8: run(83.3)}
+    best_runs = [cached[8], run(83.1)]  # the best C again with seed 1: mean 83.2
+    s = summarize(args, 90.0, hard, fresh, run(83.25), cached, 8, best_runs)
+    assert s["best_cached_minus_hard"] == pytest.approx(2.7) and s["met_kd"]
+    assert s["cached_E_minus_fresh"] == pytest.approx(0.1) and s["met_online"]
+    assert s["smallest_C_within_0.3_of_fresh"] == 4  # |83.0 - 83.2| = 0.2; C = 2 is 0.7 below
+    far = summarize(args, 90.0, hard, fresh, run(83.25), {**cached, 8: run(82.7)}, 4, [cached[4], run(82.0)])
+    assert not far["met_online"] and far["cached_E_minus_fresh"] == pytest.approx(-0.5)
+    assert far["best_cached_minus_hard"] == pytest.approx(2.0)
+
+
+def test_ledger_survives_a_restart(tmp_path):
+    ledger = Ledger(tmp_path / "runs.jsonl")
+    ledger.add({"key": "hard:seed0", "top1": 80.0})
+    ledger.add({"key": "cache:C1", "teacher_s": 12.5})
+    again = Ledger(tmp_path / "runs.jsonl")
+    assert again.get("hard:seed0") == {"key": "hard:seed0", "top1": 80.0}
+    assert again.get("cache:C1")["teacher_s"] == 12.5 and again.get("fresh:seed0") is None
+
+
+def test_a_workdir_holds_one_study(tmp_path):
+    ledger = Ledger(tmp_path / "runs.jsonl")
+    check_settings(ledger, parse_args([]))
+    check_settings(Ledger(tmp_path / "runs.jsonl"), parse_args(["--seeds", "0,1,2", "--budgets", "1,8"]))  # more runs
+    with pytest.raises(SystemExit, match=r"teacher_epochs 4 -> 6.*new --workdir"):
+        check_settings(Ledger(tmp_path / "runs.jsonl"), parse_args(["--teacher-epochs", "6"]))
