@@ -1,4 +1,4 @@
-"""The crop budget study (issue 16, items 4 and 6): what a cache of C crops per image costs against online MEAL V2.
+"""The crop budget study: what a cache of C crops per image costs against online MEAL V2.
 
 A cache holds C RandomResizedCrops per training image; over E epochs each
 comes back E/C times, while MEAL V2 as the paper runs it draws a fresh crop
@@ -31,7 +31,7 @@ Everything goes through the library's entry points (``subset_manifest`` of
 one line per finished run (or cache, or teacher), and a rerun of the same
 command skips those and resumes an interrupted one from its last.pt.
 
-Sizing (about 2 hours on an idle 2-core CPU; measured 2026-12-02 on the
+Sizing (about 2.5 hours on an idle 2-core CPU; measured 2026-12-02 on the
 shared 2-core machine at load 1.5-4.5, so scaled to an idle one).
 
 * Model compute, CPU seconds per image with one torch thread (robust to the
@@ -64,10 +64,10 @@ Choices:
   runs of 8 x 60,000 crops (~60 min), 3 online runs (~16 min each with the
   teachers in the loop, ~48 min), 4 caches of 15 x 60,000 crops in all
   (~17 min), teachers ~20 min: about 2 h 25 min on an idle 2-core CPU, the
-  nearest to 2 h that keeps the issue's C = 8 and 2 seeds. With more time,
+  nearest to 2 h that keeps C = 8 and 2 seeds. With more time,
   ``--student-epochs 16`` adds C = 16 as its own run (~4.5 h).
 
-    python benchmarks/bench_crop_budget.py                 # the study (~2 h on an idle 2-core CPU)
+    python benchmarks/bench_crop_budget.py                 # the study (~2.5 h on an idle 2-core CPU)
     python benchmarks/bench_crop_budget.py --smoke         # every run kind on tiny subsets (~1 min on 2 busy cores)
 
 The JSON goes to ``--out`` (default benchmarks/results/crop_budget.json), the
@@ -444,7 +444,7 @@ def report(payload: dict) -> str:
         return "yes" if v else "NO"
 
     e_fresh = s["cached_E_minus_fresh"]
-    lines += ["", "| target (issue 16 item 6) | measured | met |", "|---|---|---|",
+    lines += ["", "| target | measured | met |", "|---|---|---|",
               f"| best cached (C = {s['best_C']}, mean of {len(a['seeds'])} seeds) - hard labels >= +0.5 | "
               f"{s['best_cached_minus_hard']:+.2f} | {yes(s['met_kd'])} |",
               f"| abs(cached C = E - online fresh) <= 0.3 | "

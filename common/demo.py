@@ -12,9 +12,9 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   6. the same student on hard labels for the same epochs (the baseline)
   7. a results table (results.md / results.json) and a plot of validation curves
 
-Expected with the shipped [demo] settings (seed 0; under 15 minutes on an idle
-2-core CPU): teachers test_resnet 87.2% and test_byobnet 84.1%, ensemble 87.0%;
-student test_efficientnet 80.7% with MEAL V2 vs. 78.9% on hard labels, on the
+Expected with the shipped [demo] settings (seed 0; about 7 minutes on an idle
+2-core CPU): teachers test_resnet 87.4% and test_byobnet 84.3%, ensemble 87.0%;
+student test_efficientnet 81.0% with MEAL V2 vs. 78.9% on hard labels, on the
 10,000 test images. docs/results.md has the seeds, the online-KD comparison
 and why the students learn from a 1,000-image subset.
 """
