@@ -1,6 +1,13 @@
 """Tiny datasets and configs for the teacher-cache tests (imported by test modules, not a conftest)."""
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +77,26 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
         # same classes, other images: a labelled validation set and a "different manifest"
         "val": make_manifest(tmp, "val", sizes=SIZES[:6], seed=1),
     }
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kill_when_flagged(script: str, settings: dict, flag: Path, tmp: Path, waiting_for: str, timeout_s: float = 90) -> None:
+    """Run ``script`` (source: argv = settings JSON, flag path) in a child process and SIGKILL it
+    as soon as it creates ``flag`` (a point inside a shard's write), like a crash there."""
+    path = tmp / "killable.py"
+    path.write_text(textwrap.dedent(script))
+    proc = subprocess.Popen([sys.executable, str(path), json.dumps(settings), str(flag)], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not flag.exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.monotonic() < deadline, f"the run never reached {waiting_for}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -8,13 +8,7 @@ result; stage 2 trains on a grown cache exactly as on the from-scratch one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +18,10 @@ from click.testing import CliRunner
 
 from common.cache_format import CacheError, CacheReader, verify_cache
 from common.cli import main
-from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, overrides  # noqa: F401
+from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, kill_when_flagged, overrides  # noqa: F401
 from stage1_teacher_cache import grow
 from stage1_teacher_cache.run import run
 
-REPO = Path(__file__).resolve().parent.parent
 ARRAYS = ("boxes", "flip", "topk_index", "topk_prob", "shard_record")
 # Provenance: when and by which command; everything else must equal the from-scratch cache's.
 PROVENANCE = ("created_at", "config", "grown")
@@ -182,22 +175,8 @@ run(load_config(None, json.loads(sys.argv[1])), more_crops=2)
 
 def test_grow_killed_mid_shard_is_refused_then_resumes_to_the_same_cache(dataset, caches, tmp_path):  # noqa: F811
     cache, flag = shutil.copytree(caches["small"], tmp_path / "cache"), tmp_path / "in-shard-1"
-    script = tmp_path / "killable.py"
-    script.write_text(textwrap.dedent(_KILLABLE_GROW))
     settings = overrides(dataset["train"], cache, **{"crops.num_crops": 2})
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(settings), str(flag)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 90
-        while not flag.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the grow never reached shard 1"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_flagged(_KILLABLE_GROW, settings, flag, tmp_path, "shard 1 of the grow")
     # Mid-grow: not readable as the old cache nor as the grown one, and verify says why.
     with pytest.raises(CacheError, match="being grown from 2 to 4 crops.*--more-crops 2"):
         CacheReader(cache)

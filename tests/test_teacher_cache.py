@@ -2,14 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,12 +16,11 @@ from common.crops import image_boxes
 from common.manifest import load_manifest
 from common.models import WeightsError, create_model
 from common.render import decode, render_crops
-from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, make_manifest, overrides  # noqa: F401
+from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, kill_when_flagged, make_manifest, overrides  # noqa: F401
 from stage1_teacher_cache.evaluate import TeacherCheckError
 from stage1_teacher_cache.run import run
 from stage1_teacher_cache.views import dali_available
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -152,21 +144,7 @@ run(load_config(None, __import__("json").loads(sys.argv[1])))
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(built, dataset, tmp_path):  # noqa: F811
     cache, flag = tmp_path / "cache", tmp_path / "in-shard-1"
-    script = tmp_path / "killable.py"
-    script.write_text(textwrap.dedent(_KILLABLE_RUN))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(overrides(dataset["train"], cache)), str(flag)],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not flag.exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the run never reached shard 1"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_flagged(_KILLABLE_RUN, overrides(dataset["train"], cache), flag, tmp_path, "shard 1", timeout_s=60)
     killed = CacheReader(cache, require_complete=False)
     assert killed.complete.tolist() == [True, False, False]
     assert any("shard 1" in p and "incomplete" in p for p in verify_cache(cache))
