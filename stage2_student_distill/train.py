@@ -18,6 +18,7 @@ run's metrics exactly on the same machine.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from common.distributed import broadcast_buffers, fail_together
 from common.manifest import Manifest, load_manifest
 from common.models import Preprocess, apply_preprocess_config, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
+from stage1_teacher_cache.teacher_eval import student_caught_up
 from stage1_teacher_cache.teachers import load_teachers
 from stage2_student_distill.checkpoint import (
     RunError,
@@ -78,6 +80,8 @@ class Job:
     scaler: torch.amp.GradScaler
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
+    # the cache's teacher_eval when it scored the teachers on this run's validation images, else None
+    teacher_eval: dict[str, Any] | None = None
 
     @property
     def lr_pairs(self) -> list[tuple[torch.optim.Optimizer, float]]:
@@ -146,12 +150,16 @@ def fit(job: Job) -> dict[str, Any]:
                 print(summary_line(record, cfg.optim.epochs), flush=True)
             if val:
                 best_top1 = max(best_top1, val["top1"])
+    note = student_caught_up(best_top1, job.teacher_eval) if record is not None else None
+    if note and rt.is_main:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     return {
         "run_dir": str(job.run_dir),
         "epochs": cfg.optim.epochs,
         "best_top1": best_top1,
         "last": record,
         "is_main": rt.is_main,
+        "teacher_note": note,
     }
 
 
@@ -352,8 +360,16 @@ def _setup_distill(cfg: Config) -> Job:
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=d.resume, student=student, discriminator=discriminator,
         objective=DistillObjective(discriminator), targets=targets, train_loader=train_loader, val_loader=val_loader,
         meta=meta, optimizers=optimizers, base_lrs=base_lrs, scaler=runtime.grad_scaler(),
-        cutmix_prob=d.cutmix_prob, cutmix_alpha=d.cutmix_alpha,
+        cutmix_prob=d.cutmix_prob, cutmix_alpha=d.cutmix_alpha, teacher_eval=_teacher_eval_on(cache, val_manifest),
     )
+
+
+def _teacher_eval_on(cache: CacheReader | None, val_manifest: Manifest) -> dict[str, Any] | None:
+    """The cache's scores of its teachers, when they were measured on ``val_manifest`` (same content hash)."""
+    evaluation = cache.attrs.get("teacher_eval") if cache is not None else None
+    if evaluation and evaluation.get("manifest", {}).get("hash") == val_manifest.content_hash:
+        return evaluation
+    return None
 
 
 def _setup_train(cfg: Config) -> Job:

@@ -12,10 +12,18 @@ import timm
 import torch
 from click.testing import CliRunner
 
+from common.cache_format import CacheReader
 from common.cli import main
+from common.config import load_config
 from stage1_fixtures import SIZES, make_manifest
 from stage1_teacher_cache.evaluate import hits_of_probs
-from stage1_teacher_cache.teacher_eval import ensemble_warnings, format_eval_table, summarize_hits
+from stage1_teacher_cache.teacher_eval import (
+    ensemble_warnings,
+    format_eval_table,
+    student_caught_up,
+    summarize_hits,
+)
+from stage2_student_distill.train import fit, setup
 
 # 3 teachers x 6 images x 4 classes. A and B are good and complementary (A misses image 4, B image 1);
 # C is confident and wrong on images 0, 3, 4 and 5 and drags the mean with it on 0, 3 and 4... until
@@ -172,3 +180,53 @@ def test_hits_of_rank_shares_sum_to_the_hits_of_all_images():
     shares = [hits_of_probs(probs[:, r::2], labels[r::2], 2) for r in range(2)]
     assert torch.equal(shares[0] + shares[1], hits_of_probs(probs, labels, 2))
     assert shares[0][:, 0].tolist() != shares[1][:, 0].tolist()  # the shares do differ
+
+
+def test_a_student_is_told_when_it_has_caught_up_with_its_teachers():
+    record = {"ensemble": {"top1": 0.8724, "top5": 0.99}, "manifest": {"num_images": 10000}}
+    note = student_caught_up(87.17, record)  # the study's cached C = 1 run: 0.07 points under its ensemble
+    assert note.startswith("the student (87.17% top-1) has caught up with its teachers' ensemble (87.24% on the "
+                           "same 10000 images, from --evaluate-teachers)")
+    assert "if that run scores near or above 87.24%, train stronger teachers" in note
+    assert student_caught_up(89.0, record) is not None  # above its teachers
+    assert student_caught_up(86.75, record) is not None  # 0.49 points under: within CAUGHT_UP_POINTS
+    assert student_caught_up(86.70, record) is None  # 0.54 points under: there is still something to learn
+    assert student_caught_up(99.0, None) is None  # a cache built without --evaluate-teachers
+
+
+def test_distill_notes_a_student_at_or_above_the_ensemble_it_was_scored_against(tmp_path, capsys):
+    train = make_manifest(tmp_path, "train", sizes=SIZES[:4])
+    val = make_manifest(tmp_path, "val", sizes=SIZES[:3], seed=1)
+    other_val = make_manifest(tmp_path, "other", sizes=SIZES[3:6], seed=2)
+    cache = tmp_path / "cache"
+    built = cli("--set", "teacher_cache.min_top1_over_chance=0", "teacher-cache", "--teachers", "test_resnet",
+                "--input-size", "test_resnet=32", "--no-pretrained", "--manifest", str(train), "--out", str(cache),
+                "--num-crops", "1", "--loader", "torch", "--evaluate-teachers", str(val))
+    assert built.exit_code == 0, built.output
+    stored = CacheReader(str(cache)).attrs["teacher_eval"]
+
+    def job(val_manifest, out):
+        return setup(load_config(None, {
+            "runtime.device": "cpu", "runtime.progress": False, "runtime.num_workers": 0,
+            "data.manifest": str(train), "data.val_manifest": str(val_manifest), "distill.cache": str(cache),
+            "distill.student": "test_resnet", "distill.out": str(tmp_path / out), "optim.epochs": 1,
+            "optim.batch_size": 4, "optim.img_size": 32, "optim.loader": "torch"}))
+
+    # the teachers' scores reach the run only when they were measured on the run's own validation images
+    scored = job(val, "scored")
+    assert scored.teacher_eval == stored
+    unscored = job(other_val, "unscored")
+    assert unscored.teacher_eval is None
+    assert fit(unscored)["teacher_note"] is None
+
+    # fit's note, both ways: an ensemble at 0% top-1 is below any student, one above 100% above every student
+    scored.teacher_eval = {**stored, "ensemble": {"top1": 0.0, "top5": 0.0}}
+    capsys.readouterr()
+    result = fit(scored)
+    assert result["teacher_note"] == student_caught_up(result["best_top1"], scored.teacher_eval)
+    assert result["teacher_note"].startswith(f"the student ({result['best_top1']:.2f}% top-1) has caught up "
+                                             "with its teachers' ensemble (0.00% on the same 3 images")
+    assert f"note: {result['teacher_note']}" in capsys.readouterr().err
+    again = job(val, "above")
+    again.teacher_eval = {**stored, "ensemble": {"top1": 1.01, "top5": 1.0}}
+    assert fit(again)["teacher_note"] is None and "note:" not in capsys.readouterr().err
