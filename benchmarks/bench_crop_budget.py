@@ -31,6 +31,13 @@ Everything goes through the library's entry points (``subset_manifest`` of
 one line per finished run (or cache, or teacher), and a rerun of the same
 command skips those and resumes an interrupted one from its last.pt.
 
+``--jobs 2`` runs independent steps two at a time, each in a child process
+(``--step KEY``, its log in WORKDIR/logs/): on a 2-core CPU one training run
+uses one core, because stage 2 gives the model the cores its two decode
+workers leave (common/runtime.py), so two runs at a time do about twice the
+work per hour. Each run's img/s and wall time are then those of a run sharing
+the machine with another, which the report says.
+
 Sizing (planned at about 2.5 hours from the rates below; the full run on an
 idle 2-core CPU took 118 min: teachers 17, caches 12, hard / cached /
 multi-crop students 50, online students 36; docs/results.md).
@@ -75,6 +82,7 @@ Choices:
 
     python benchmarks/bench_crop_budget.py                 # the study (~2 h on an idle 2-core CPU)
     python benchmarks/bench_crop_budget.py --smoke         # every run kind on tiny subsets (~1 min on 2 busy cores)
+    python benchmarks/bench_crop_budget.py --jobs 2        # two runs at a time, one core each
 
 The JSON goes to ``--out`` (default benchmarks/results/crop_budget.json), the
 table and the plot (top-1 against C, online and hard labels as lines) to a
@@ -87,6 +95,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -203,6 +212,9 @@ def parse_args(argv):
     p.add_argument("--doc", default=None, help="markdown file whose marked section is replaced ('' = none)")
     p.add_argument("--doc-tag", default="", help="which marked section of --doc")
     p.add_argument("--plot", default=None, help="PNG of top-1 against C (default docs/img/crop_budget.png)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="independent runs at a time, each in its own process (2 on a 2-core CPU: one core each)")
+    p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child of --jobs > 1
     args = p.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
@@ -228,84 +240,185 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    from stage1_teacher_cache.run import run as run_teacher_cache
-    from stage2_student_distill.train import run_distill, run_train
+def step_key(kind: str, seed: int, C: int | None = None, m: int = 1) -> str:
+    """A student run's ledger key, e.g. ``cached:seed0:C4`` or ``multicrop:seed0:C8:m2``."""
+    return f"{kind}:seed{seed}" + (f":C{C}" if C else "") + (f":m{m}" if m > 1 else "")
 
+
+def parse_key(key: str) -> dict:
+    """``step_key``'s inverse: {"kind", "seed", "C", "m"} (``teacher:NAME`` and ``cache:CN`` too)."""
+    kind, *parts = key.split(":")
+    if kind == "teacher":
+        return {"kind": kind, "name": parts[0]}
+    fields = {"kind": kind, "seed": None, "C": None, "m": 1}
+    for part in parts:
+        name = {"seed": "seed", "C": "C", "m": "m"}[part.rstrip("0123456789")]
+        fields[name] = int(part[len(name):])
+    return fields
+
+
+class Study:
+    """The study's steps (teachers, caches, student runs), each recorded in the ledger once finished.
+
+    ``run(keys)`` does the unfinished ones of a list of steps that do not depend on one another: in this
+    process with ``--jobs 1``; otherwise ``--jobs`` at a time, each in a child process running this script
+    with ``--step KEY`` (its log in WORKDIR/logs/), since a training run on a 2-core machine uses one core
+    (stage 2 gives the model the cores its decode workers leave) and two runs use both.
+    """
+
+    def __init__(self, args, argv: list[str]):
+        self.args, self.argv = args, argv
+        self.wd = Path(args.workdir)
+        self.ledger = Ledger(self.wd / "runs.jsonl")
+        check_settings(self.ledger, args)
+        manifest = subset_manifest(args.source, self.wd / "data", "train", args.train_images)
+        val = subset_manifest(args.source, self.wd / "data", "test", args.val_images)
+        self.val = val
+        self.base = base_config(args, manifest, val)
+
+    def live(self) -> dict:
+        """Stage 1's teacher settings: the trained teachers' best checkpoints."""
+        a = self.args
+        return {"teacher_cache.teachers": list(a.teachers), "teacher_cache.pretrained": False,
+                "teacher_cache.teacher_weights": [f"{n}={Path(self.ledger.get(f'teacher:{n}')['run']) / 'best.pt'}"
+                                                  for n in a.teachers],
+                "teacher_cache.topk": a.topk, "teacher_cache.batch_size": 256,
+                # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
+                **({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {})}
+
+    # ---- the steps
+
+    def teacher(self, name: str) -> None:
+        """Trained once with `pipeline train`, reused by every cache and online run."""
+        a, run_dir = self.args, self.wd / f"teacher_{name}"
+        from stage2_student_distill.train import run_train
+
+        if not done(run_dir, a.teacher_epochs):
+            print(f"teacher {name}: {a.teacher_epochs} epochs on {a.train_images:,} images", flush=True)
+            run_train(self.base.replace(**{"train.model": name, "train.out": str(run_dir), "optim.epochs":
+                                           a.teacher_epochs, "train.resume": (run_dir / "last.pt").exists()}))
+        self.ledger.add(run_record(f"teacher:{name}", run_dir, kind="teacher", model=name))
+
+    def cache(self, C: int) -> None:
+        """One cache per budget C; the first also scores the teachers and their ensemble on the test images."""
+        from stage1_teacher_cache.run import run as run_teacher_cache
+
+        a, path = self.args, self.wd / f"cache_C{C}"
+        first = C == a.budgets[0]
+        cfg = self.base.replace(**self.live(), **{"crops.num_crops": C, "teacher_cache.out": str(path),
+                                                  "teacher_cache.evaluate_manifest": self.val if first else ""})
+        print(f"cache C = {C}: {C * a.train_images:,} crops through {', '.join(a.teachers)}", flush=True)
+        s = run_teacher_cache(cfg)
+        evaluation = CacheReader(str(path)).attrs.get("teacher_eval") if first else None
+        # a cache finished by an earlier, interrupted invocation reports only this one's shards
+        self.ledger.add({"key": f"cache:C{C}", "kind": "cache", "C": C, "path": str(path), "crops": s["crops"],
+                         "teacher_s": s["seconds"], "crops_per_s": s["crops_per_s"],
+                         "complete_in_one_go": s["shards_skipped"] == 0, "bytes_on_disk": s["bytes_on_disk"],
+                         "teacher_eval": evaluation})
+
+    def student(self, kind: str, seed: int, C: int | None = None, m: int = 1) -> None:
+        """One student run: ``kind`` in KINDS; C = the cache read (cached, multicrop) or replayed (replay)."""
+        from stage2_student_distill.train import run_distill, run_train
+
+        a, key = self.args, step_key(kind, seed, C, m)
+        run_dir = self.wd / key.replace(":", "_")
+        epochs = max(1, a.student_epochs // m)
+        resume = (run_dir / "last.pt").exists()
+        if not done(run_dir, epochs):
+            print(f"student {a.student}, {KINDS[kind]}{f', C = {C}' if C else ''}{f', m = {m}' if m > 1 else ''}"
+                  f", seed {seed}, {epochs} epochs", flush=True)
+            if kind == "hard":
+                run_train(hard_label_config(self.base, a, seed, run_dir, resume))
+            else:
+                cache_path = self.ledger.get(f"cache:C{C}")["path"] if C else ""
+                run_distill(self.base.replace(**self.live(), **{
+                    "runtime.seed": seed, "optim.epochs": epochs, "distill.student": a.student, "distill.out": str(run_dir),
+                    "distill.resume": resume, "distill.crops_per_image": m,
+                    "distill.online": kind in ("fresh", "replay"),
+                    "distill.cache": cache_path if kind in ("cached", "multicrop") else "",
+                    "distill.replay_cache": cache_path if kind == "replay" else ""}))
+        self.ledger.add(run_record(key, run_dir, kind=kind, seed=seed, C=C, m=m, jobs=a.jobs))
+
+    def step(self, key: str) -> None:
+        f = parse_key(key)
+        if f["kind"] == "teacher":
+            self.teacher(f["name"])
+        elif f["kind"] == "cache":
+            self.cache(f["C"])
+        else:
+            self.student(f["kind"], f["seed"], f["C"], f["m"])
+
+    # ---- running them
+
+    def run(self, keys: list[str]) -> list[dict]:
+        """Finish the steps ``keys`` (independent of one another) and return their ledger rows."""
+        todo = [k for k in keys if self.ledger.get(k) is None]
+        if self.args.jobs <= 1 or len(todo) <= 1:
+            for key in todo:
+                self.step(key)
+        else:
+            self._in_children(todo)
+        rows = [self.ledger.get(k) for k in keys]
+        for row in rows:
+            if row.get("top1") is not None and row["kind"] != "teacher":
+                print(f"{row['key']}: top-1 {row['top1']}", flush=True)
+        return rows
+
+    def _in_children(self, todo: list[str]) -> None:
+        import subprocess
+        import time
+
+        logs = self.wd / "logs"
+        logs.mkdir(exist_ok=True)
+        running, failed = {}, []
+        try:
+            while (todo and not failed) or running:
+                while todo and not failed and len(running) < self.args.jobs:
+                    key = todo.pop(0)
+                    log = (logs / f"{key.replace(':', '_')}.log").open("a")
+                    cmd = [sys.executable, str(Path(__file__).resolve()), *self.argv, "--step", key]
+                    running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+                    print(f"{key}: started (log: {log.name})", flush=True)
+                time.sleep(2)
+                for key, (proc, log) in list(running.items()):
+                    if proc.poll() is not None:
+                        log.close()
+                        del running[key]
+                        if proc.returncode:
+                            failed.append(key)
+                            print(f"error: step {key} exited with {proc.returncode}; its log: {log.name}",
+                                  file=sys.stderr, flush=True)
+        finally:  # interrupted (Ctrl-C, an error): the children go too, and resume with the next invocation
+            for proc, log in running.values():
+                proc.terminate()
+                proc.wait()
+                log.close()
+        self.ledger = Ledger(self.ledger.path)  # the children's rows
+        if failed:
+            raise SystemExit(f"error: {', '.join(failed)} failed (logs in {logs}); "
+                             "rerun the same command to resume")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     t_start, info, wd = begin(args.workdir)
-    ledger = Ledger(wd / "runs.jsonl")
-    check_settings(ledger, args)
-    E, seeds = args.student_epochs, args.seeds
+    study = Study(args, argv)
+    if args.step:  # one step, as a child of an invocation with --jobs > 1
+        study.step(args.step)
+        return 0
+    if args.jobs > 1:  # `kill` of this process: its children are ended too (Study._in_children's finally)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    E, seeds, budgets = args.student_epochs, args.seeds, args.budgets
 
-    manifest = subset_manifest(args.source, wd / "data", "train", args.train_images)
-    val = subset_manifest(args.source, wd / "data", "test", args.val_images)
-    base = base_config(args, manifest, val)
+    # 1. teachers and the hard-label students: independent of one another
+    rows = study.run([f"teacher:{n}" for n in args.teachers] + [step_key("hard", s) for s in seeds])
+    teachers, hard = dict(zip(args.teachers, rows)), rows[len(args.teachers):]
 
-    # 1. teachers: trained once, reused by every cache and online run
-    teachers = {}
-    for name in args.teachers:
-        key, run_dir = f"teacher:{name}", wd / f"teacher_{name}"
-        if ledger.get(key) is None:
-            if not done(run_dir, args.teacher_epochs):
-                print(f"teacher {name}: {args.teacher_epochs} epochs on {args.train_images:,} images", flush=True)
-                run_train(base.replace(**{"train.model": name, "train.out": str(run_dir), "optim.epochs":
-                                          args.teacher_epochs, "train.resume": (run_dir / "last.pt").exists()}))
-            ledger.add(run_record(key, run_dir, kind="teacher", model=name))
-        teachers[name] = ledger.get(key)
-    live = {"teacher_cache.teachers": list(args.teachers), "teacher_cache.pretrained": False,
-            "teacher_cache.teacher_weights": [f"{n}={Path(teachers[n]['run']) / 'best.pt'}" for n in args.teachers],
-            "teacher_cache.topk": args.topk, "teacher_cache.batch_size": 256,
-            # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
-            **({"teacher_cache.min_top1_over_chance": 0.0} if args.smoke else {})}
-
-    # 2. caches, one per budget C (the first also scores the teachers and their ensemble on the test images)
-    def cache(C: int) -> dict:
-        key, path = f"cache:C{C}", wd / f"cache_C{C}"
-        if ledger.get(key) is None:
-            first = C == args.budgets[0]
-            cfg = base.replace(**live, **{"crops.num_crops": C, "teacher_cache.out": str(path),
-                                          "teacher_cache.evaluate_manifest": val if first else ""})
-            print(f"cache C = {C}: {C * args.train_images:,} crops through {', '.join(args.teachers)}", flush=True)
-            s = run_teacher_cache(cfg)
-            evaluation = CacheReader(str(path)).attrs.get("teacher_eval") if first else None
-            # a cache finished by an earlier, interrupted invocation reports only this one's shards
-            ledger.add({"key": key, "kind": "cache", "C": C, "path": str(path), "crops": s["crops"],
-                        "teacher_s": s["seconds"], "crops_per_s": s["crops_per_s"],
-                        "complete_in_one_go": s["shards_skipped"] == 0, "bytes_on_disk": s["bytes_on_disk"],
-                        "teacher_eval": evaluation})
-        return ledger.get(key)
-
-    evaluation = cache(args.budgets[0])["teacher_eval"]
+    # 2. the first cache, which scores the teachers: the ensemble must know more than the hard labels, or
+    # distilling is not worth the time
+    evaluation = study.run([f"cache:C{budgets[0]}"])[0]["teacher_eval"]
     ensemble = 100 * evaluation["ensemble"]["top1"]
-
-    def student(kind: str, seed: int, C: int | None = None, m: int = 1) -> dict:
-        """One student run: ``kind`` in KINDS; C = the cache read (cached, multicrop) or replayed (replay)."""
-        key = f"{kind}:seed{seed}" + (f":C{C}" if C else "") + (f":m{m}" if m > 1 else "")
-        if ledger.get(key) is None:
-            run_dir = wd / key.replace(":", "_")
-            epochs = max(1, E // m)
-            resume = (run_dir / "last.pt").exists()
-            if not done(run_dir, epochs):
-                print(f"student {args.student}, {KINDS[kind]}{f', C = {C}' if C else ''}{f', m = {m}' if m > 1 else ''}"
-                      f", seed {seed}, {epochs} epochs", flush=True)
-                if kind == "hard":
-                    run_train(hard_label_config(base, args, seed, run_dir, resume))
-                else:
-                    cache_path = cache(C)["path"] if C else ""
-                    run_distill(base.replace(**live, **{
-                        "runtime.seed": seed, "optim.epochs": epochs, "distill.student": args.student, "distill.out": str(run_dir),
-                        "distill.resume": resume, "distill.crops_per_image": m,
-                        "distill.online": kind in ("fresh", "replay"),
-                        "distill.cache": cache_path if kind in ("cached", "multicrop") else "",
-                        "distill.replay_cache": cache_path if kind == "replay" else ""}))
-            ledger.add(run_record(key, run_dir, kind=kind, seed=seed, C=C, m=m))
-        row = ledger.get(key)
-        print(f"{key}: top-1 {row['top1']}", flush=True)
-        return row
-
-    # 3. hard labels first: the ensemble must know more than they do, or distilling is not worth the time
-    hard = [student("hard", s) for s in seeds]
     margin = ensemble - float(np.mean([r["top1"] for r in hard]))
     margin_ok = margin >= args.min_margin
     hard_top1 = ", ".join(f"{r['top1']:.2f}%" for r in hard)
@@ -317,19 +430,27 @@ def main(argv=None) -> int:
               f"--ignore-margin distils anyway", file=sys.stderr)
         return 2
 
-    # 4. the cache budgets (seed 0), online with fresh crops, the best C again, online replaying the largest
-    # cache, multi-crop: the order the targets need them in, so a study cut short has answered the most
-    cached = {C: student("cached", seeds[0], C) for C in args.budgets}
-    big = max(args.budgets)
-    fresh = [student("fresh", s) for s in seeds]
-    best = max(args.budgets, key=lambda C: cached[C]["top1"])
-    best_runs = [cached[best]] + [student("cached", s, best) for s in seeds[1:]]
-    replay = student("replay", seeds[0], big)
-    multicrop = student("multicrop", seeds[0], big, args.multi_crop) if args.multi_crop > 1 else None
+    # 3. the other caches, then the students in the order the targets need them, so a study cut short has
+    # answered the most: cached C = E and online fresh (target 2), the other budgets (targets 1 and 3), the
+    # second online seed; then the best C again, online replaying the largest cache, multi-crop
+    caches = study.run([f"cache:C{C}" for C in budgets])
+    big = max(budgets)
+    order = [step_key("cached", seeds[0], big), step_key("fresh", seeds[0])]
+    order += [step_key("cached", seeds[0], C) for C in budgets if C != big] + [step_key("fresh", s) for s in seeds[1:]]
+    by_key = dict(zip(order, study.run(order)))
+    cached = {C: by_key[step_key("cached", seeds[0], C)] for C in budgets}
+    fresh = [by_key[step_key("fresh", s)] for s in seeds]
+    best = max(budgets, key=lambda C: cached[C]["top1"])
+    later = [step_key("cached", s, best) for s in seeds[1:]] + [step_key("replay", seeds[0], big)]
+    if args.multi_crop > 1:
+        later.append(step_key("multicrop", seeds[0], big, args.multi_crop))
+    later_rows = study.run(later)
+    best_runs = [cached[best]] + later_rows[:len(seeds) - 1]
+    replay = later_rows[len(seeds) - 1]
+    multicrop = later_rows[len(seeds)] if args.multi_crop > 1 else None
 
-    runs = [*hard, *fresh, replay, *[cached[C] for C in args.budgets], *best_runs[1:],
+    runs = [*hard, *fresh, replay, *[cached[C] for C in budgets], *best_runs[1:],
             *([multicrop] if multicrop else [])]
-    caches = [cache(C) for C in args.budgets]
     summary = summarize(args, ensemble, hard, fresh, replay, cached, best, best_runs)
     summary.update(margin=margin, margin_ok=margin_ok)
     payload = {**run_header(args, t_start, info), "teachers": teachers, "teacher_eval": evaluation,
@@ -424,7 +545,9 @@ def report(payload: dict) -> str:
         f"{teacher_top1}; ensemble {s['ensemble_top1']:.2f}%, {s['margin']:+.2f} points from the hard-label "
         f"student ({'>=' if s['margin_ok'] else 'below'} the {a['min_margin']} the study needs).",
         f"* **Students**: {a['student']}, {a['student_epochs']} epochs (multi-crop: E / m), batch "
-        f"{a['batch_size']}, SGD lr {a['lr']} cosine, weight decay {a['weight_decay']}; seeds {a['seeds']}.",
+        f"{a['batch_size']}, SGD lr {a['lr']} cosine, weight decay {a['weight_decay']}; seeds {a['seeds']}"
+        + (f"; {a['jobs']} runs at a time, so img/s and wall s are those of a run sharing the machine with "
+           f"another." if a.get("jobs", 1) > 1 else "."),
         "",
     ]
     rows = []  # top-1 to 2 decimals: the targets are 0.3 and 0.5 points

@@ -64,3 +64,45 @@ def test_a_workdir_holds_one_study(tmp_path):
     check_settings(Ledger(tmp_path / "runs.jsonl"), parse_args(["--seeds", "0,1,2", "--budgets", "1,8"]))  # more runs
     with pytest.raises(SystemExit, match=r"teacher_epochs 4 -> 6.*new --workdir"):
         check_settings(Ledger(tmp_path / "runs.jsonl"), parse_args(["--teacher-epochs", "6"]))
+
+
+def test_step_keys_name_every_run_and_parse_back():
+    from benchmarks.bench_crop_budget import parse_key, step_key
+
+    assert step_key("hard", 1) == "hard:seed1"
+    assert step_key("multicrop", 0, 8, 2) == "multicrop:seed0:C8:m2"
+    assert parse_key("multicrop:seed0:C8:m2") == {"kind": "multicrop", "seed": 0, "C": 8, "m": 2}
+    assert parse_key("cached:seed1:C16") == {"kind": "cached", "seed": 1, "C": 16, "m": 1}
+    assert parse_key("teacher:regnetx_002") == {"kind": "teacher", "name": "regnetx_002"}
+    assert parse_key("cache:C4")["C"] == 4
+
+
+def test_jobs_run_each_step_in_a_child_with_the_same_arguments(tmp_path, monkeypatch):
+    """--jobs 2: a child per unfinished step, the invocation's argv + --step KEY; finished steps are skipped."""
+    import subprocess
+
+    from benchmarks import bench_crop_budget as bench
+
+    launched = []
+
+    class Child:
+        def __init__(self, cmd, **kw):
+            launched.append(cmd)
+            key = cmd[cmd.index("--step") + 1]
+            Ledger(tmp_path / "runs.jsonl").add({"key": key, "kind": "hard", "top1": 50.0})  # what a child writes
+            self.returncode = 0
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    study = bench.Study.__new__(bench.Study)
+    argv = ["--workdir", str(tmp_path), "--jobs", "2"]
+    study.args, study.argv, study.wd = parse_args(argv), argv, tmp_path
+    study.ledger = Ledger(tmp_path / "runs.jsonl")
+    study.ledger.add({"key": "hard:seed0", "kind": "hard", "top1": 40.0})
+    rows = study.run(["hard:seed0", "hard:seed1", "hard:seed2"])
+    assert [c[-1] for c in launched] == ["hard:seed1", "hard:seed2"]
+    assert all(c[c.index("--step") - len(argv):c.index("--step")] == argv for c in launched)
+    assert [r["top1"] for r in rows] == [40.0, 50.0, 50.0]
