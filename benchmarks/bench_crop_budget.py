@@ -57,6 +57,12 @@ multi-crop students 50, online students 36; docs/results.md).
   online 300 img/s with three teachers (teachers 70% of the time);
   docs/results.md's earlier runs: the student ~1,100 img/s hard and cached,
   ~550 online on an idler machine.
+* The 12-epoch rerun's machine (AMD EPYC VM, 2026-12-02) is slower per core:
+  resnet10t trained at 150-180 img/s alone on a core (430 on the Intel VM of
+  the first study), 12 epochs in 51-86 min; the student ~600 img/s from the
+  cache (13.5 min a run) and ~150 online with resnet10t in the loop (~55 min),
+  two runs at a time: ``--jobs 2`` about halves the study's wall time there,
+  which is still more than one 180-minute session.
 
 Choices:
 
