@@ -413,7 +413,7 @@ def main(argv=None) -> int:
     if args.step:  # one step, as a child of an invocation with --jobs > 1
         study.step(args.step)
         return 0
-    if args.jobs > 1:  # `kill` of this process: its children are ended too (Study._in_children's finally)
+    if args.jobs > 1:  # `kill` of this process: its children are ended too (the finally of the child runner in Study)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     E, seeds, budgets = args.student_epochs, args.seeds, args.budgets
 
