@@ -151,8 +151,8 @@ class Ledger:
 
 
 # What every finished step in a workdir depends on; budgets, seeds and m may change between invocations (more runs).
-SETTINGS = ("train_images", "val_images", "teachers", "teacher_epochs", "student", "student_epochs", "img_size",
-            "crop_scale", "topk", "batch_size", "lr", "weight_decay", "source")
+SETTINGS = ("train_images", "val_images", "teachers", "teacher_epochs", "teacher_init", "student", "student_epochs",
+            "img_size", "crop_scale", "topk", "batch_size", "lr", "weight_decay", "source")
 
 
 def check_settings(ledger: Ledger, args) -> None:
@@ -183,6 +183,11 @@ def run_record(key: str, run_dir: Path, **fields) -> dict:
 # --------------------------------------------------------------------------- the study
 
 
+def teacher_inits(args) -> dict[str, str]:
+    """--teacher-init NAME=PATH as NAME -> PATH (parse_args has checked every NAME is a teacher)."""
+    return dict(item.split("=", 1) for item in args.teacher_init or [])
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,6 +201,9 @@ def parse_args(argv):
     p.add_argument("--val-images", type=int, default=10000, help="test images scored")
     p.add_argument("--teachers", default="resnet10t,regnetx_002", help="comma list of timm names")
     p.add_argument("--teacher-epochs", type=int, default=4)
+    p.add_argument("--teacher-init", action="append", default=None, metavar="NAME=PATH",
+                   help="start teacher NAME from these weights (a `pipeline train` checkpoint), not random init: "
+                        "--teacher-epochs more epochs of a fresh cosine schedule (a warm restart); repeatable")
     p.add_argument("--student", default="test_efficientnet")
     p.add_argument("--student-epochs", type=int, default=8, help="E: every student run's epochs")
     p.add_argument("--budgets", default="1,2,4,8,E", help="cached crops per image C (E = --student-epochs)")
@@ -239,6 +247,12 @@ def parse_args(argv):
     args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.num_crops = args.budgets[0]  # base_config's crops.num_crops; each cache sets its own
+    for item in args.teacher_init or []:
+        name, sep, path = item.partition("=")
+        if not sep or name not in args.teachers or not path:
+            p.error(f"--teacher-init {item!r}: expected NAME=PATH with NAME one of --teachers {args.teachers}")
+        if not Path(path).is_file():
+            p.error(f"--teacher-init {item!r}: {path} is not a file")
     if not args.seeds or not args.budgets or min(args.budgets) < 1:
         p.error("--seeds and --budgets need at least one value each, budgets >= 1")
     if args.multi_crop and args.multi_crop > max(args.budgets):
@@ -299,11 +313,14 @@ class Study:
         a, run_dir = self.args, self.wd / f"teacher_{name}"
         from stage2_student_distill.train import run_train
 
+        init = teacher_inits(a).get(name, "")
         if not done(run_dir, a.teacher_epochs):
-            print(f"teacher {name}: {a.teacher_epochs} epochs on {a.train_images:,} images", flush=True)
+            print(f"teacher {name}: {a.teacher_epochs} epochs on {a.train_images:,} images"
+                  + (f", starting from {init}" if init else ""), flush=True)
             run_train(self.base.replace(**{"train.model": name, "train.out": str(run_dir), "optim.epochs":
-                                           a.teacher_epochs, "train.resume": (run_dir / "last.pt").exists()}))
-        self.ledger.add(run_record(f"teacher:{name}", run_dir, kind="teacher", model=name))
+                                           a.teacher_epochs, "train.resume": (run_dir / "last.pt").exists(),
+                                           "train.weights": init}))
+        self.ledger.add(run_record(f"teacher:{name}", run_dir, kind="teacher", model=name, init=init or None))
 
     def cache(self, C: int) -> None:
         """One cache per budget C; the first also scores the teachers and their ensemble on the test images."""
@@ -547,7 +564,9 @@ def report(payload: dict) -> str:
         f"{total_minutes(payload):.1f} min of training and caching recorded over all invocations.",
         f"* **Data**: students and teachers on {a['train_images']:,} training images, scored on "
         f"{a['val_images']:,} test images at {a['img_size']} px; crop scale {a['crop_scale']}, top-{a['topk']} kept.",
-        f"* **Teachers**: {', '.join(a['teachers'])}, {a['teacher_epochs']} epochs each (`pipeline train`): "
+        f"* **Teachers**: {', '.join(a['teachers'])}, {a['teacher_epochs']} epochs each (`pipeline train`"
+        + "".join(f"; {item.split('=', 1)[0]} started from {item.split('=', 1)[1]}" for item in a.get("teacher_init") or [])
+        + f"): "
         f"{teacher_top1}; ensemble {s['ensemble_top1']:.2f}%, {s['margin']:+.2f} points from the hard-label "
         f"student ({'>=' if s['margin_ok'] else 'below'} the {a['min_margin']} the study needs).",
         f"* **Students**: {a['student']}, {a['student_epochs']} epochs (multi-crop: E / m), batch "

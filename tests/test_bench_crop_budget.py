@@ -106,3 +106,32 @@ def test_jobs_run_each_step_in_a_child_with_the_same_arguments(tmp_path, monkeyp
     assert [c[-1] for c in launched] == ["hard:seed1", "hard:seed2"]
     assert all(c[c.index("--step") - len(argv):c.index("--step")] == argv for c in launched)
     assert [r["top1"] for r in rows] == [40.0, 50.0, 50.0]
+
+
+def test_teacher_init_starts_that_teacher_from_its_weights(tmp_path, monkeypatch):
+    """--teacher-init NAME=PATH: the teacher's `pipeline train` gets train.weights; the others start random."""
+    from benchmarks import bench_crop_budget as bench
+    from common.config import load_config
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"")
+    with pytest.raises(SystemExit):  # not a teacher of this study
+        parse_args(["--teachers", "resnet10t", "--teacher-init", f"regnetx_002={weights}"])
+    with pytest.raises(SystemExit):  # no such file
+        parse_args(["--teachers", "resnet10t", "--teacher-init", f"resnet10t={tmp_path / 'missing.pt'}"])
+    args = parse_args(["--workdir", str(tmp_path), "--teacher-epochs", "3", "--teacher-init", f"resnet10t={weights}"])
+    trained = {}
+    monkeypatch.setattr("stage2_student_distill.train.run_train",
+                        lambda cfg: trained.setdefault(cfg.train.model, (cfg.train.weights, cfg.optim.epochs)))
+    monkeypatch.setattr(bench, "run_record", lambda key, run_dir, **fields: {"key": key, **fields})
+    study = bench.Study.__new__(bench.Study)
+    study.args, study.wd, study.base = args, tmp_path, load_config(None, {})
+    study.ledger = Ledger(tmp_path / "runs.jsonl")
+    study.teacher("resnet10t")
+    study.teacher("regnetx_002")
+    assert trained == {"resnet10t": (str(weights), 3), "regnetx_002": ("", 3)}
+    assert study.ledger.get("teacher:resnet10t")["init"] == str(weights)
+    assert study.ledger.get("teacher:regnetx_002")["init"] is None
+    check_settings(study.ledger, args)
+    with pytest.raises(SystemExit, match=r"teacher_init \[.*\] -> None"):  # a warm-restarted teacher: another study
+        check_settings(Ledger(tmp_path / "runs.jsonl"), parse_args(["--teacher-epochs", "3"]))
