@@ -20,7 +20,11 @@ architecture trained for the same E epochs with the same optimizer:
 The teachers are real timm architectures trained once with `pipeline train`
 on the same 60,000 images and reused; the study checks that their ensemble
 is at least ``--min-margin`` (2) points above the hard-label student before
-it spends time on distillation (``--ignore-margin`` goes on anyway). Each
+it spends time on distillation (``--ignore-margin`` goes on anyway);
+``--teacher-init NAME=PATH`` trains a teacher further from a checkpoint
+instead of from scratch (a warm restart: ``--teacher-epochs`` more epochs of a
+fresh cosine schedule), which is how a stronger teacher is had without paying
+again for the epochs it has. Each
 cache's one-off teacher cost (stage 1's caching time and crops/s, without its
 evaluation of the teachers) is recorded, as is the teachers' share of every
 online run (``teacher_s`` of metrics.jsonl).
