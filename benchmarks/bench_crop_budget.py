@@ -120,6 +120,7 @@ from benchmarks.common import (  # noqa: E402
     begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
 )
 from common.cache_format import CacheReader  # noqa: E402
+from common.config import ConfigError, parse_assignments  # noqa: E402
 from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
 from stage2_student_distill.metrics import read_metrics  # noqa: E402
 
@@ -187,9 +188,10 @@ def run_record(key: str, run_dir: Path, **fields) -> dict:
 # --------------------------------------------------------------------------- the study
 
 
-def teacher_inits(args) -> dict[str, str]:
-    """--teacher-init NAME=PATH as NAME -> PATH (parse_args has checked every NAME is a teacher)."""
-    return dict(item.split("=", 1) for item in args.teacher_init or [])
+def teacher_inits(args: argparse.Namespace | dict) -> dict[str, str]:
+    """--teacher-init NAME=PATH as NAME -> PATH, from the parsed arguments or a payload's ``args``."""
+    items = (args.get("teacher_init") if isinstance(args, dict) else args.teacher_init) or []
+    return parse_assignments(items, "--teacher-init")
 
 
 def parse_args(argv):
@@ -251,12 +253,15 @@ def parse_args(argv):
     args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.num_crops = args.budgets[0]  # base_config's crops.num_crops; each cache sets its own
-    for item in args.teacher_init or []:
-        name, sep, path = item.partition("=")
-        if not sep or name not in args.teachers or not path:
-            p.error(f"--teacher-init {item!r}: expected NAME=PATH with NAME one of --teachers {args.teachers}")
+    try:
+        inits = teacher_inits(args)
+    except ConfigError as e:
+        p.error(str(e))
+    for name, path in inits.items():
+        if name not in args.teachers:
+            p.error(f"--teacher-init {name}={path}: {name} is not one of --teachers {args.teachers}")
         if not Path(path).is_file():
-            p.error(f"--teacher-init {item!r}: {path} is not a file")
+            p.error(f"--teacher-init {name}={path}: {path} is not a file")
     if not args.seeds or not args.budgets or min(args.budgets) < 1:
         p.error("--seeds and --budgets need at least one value each, budgets >= 1")
     if args.multi_crop and args.multi_crop > max(args.budgets):
@@ -569,8 +574,7 @@ def report(payload: dict) -> str:
         f"* **Data**: students and teachers on {a['train_images']:,} training images, scored on "
         f"{a['val_images']:,} test images at {a['img_size']} px; crop scale {a['crop_scale']}, top-{a['topk']} kept.",
         f"* **Teachers**: {', '.join(a['teachers'])}, {a['teacher_epochs']} epochs each (`pipeline train`"
-        + "".join(f"; {item.split('=', 1)[0]} started from {item.split('=', 1)[1]}" for item in a.get("teacher_init") or [])
-        + f"): "
+        + "".join(f"; {name} started from {path}" for name, path in teacher_inits(a).items()) + "): "
         f"{teacher_top1}; ensemble {s['ensemble_top1']:.2f}%, {s['margin']:+.2f} points from the hard-label "
         f"student ({'>=' if s['margin_ok'] else 'below'} the {a['min_margin']} the study needs).",
         f"* **Students**: {a['student']}, {a['student_epochs']} epochs (multi-crop: E / m), batch "
