@@ -39,6 +39,7 @@ from common.prefetch import prefetch
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers
+from stage1_teacher_cache.label_agreement import format_label_agreement, record_label_agreement
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, format_eval_table
 from stage1_teacher_cache.grow import open_growth
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
@@ -140,8 +141,13 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
                        else None)
     summary["teacher_eval"] = evaluation
     summary["shard_stamps"] = shard_stamps
+    # Every rank's shards are written (summarize waited for them): one pass over the top-1s, on rank 0.
+    if runtime.is_main and summary["shards_complete"] == summary["shards_total"]:
+        summary["label_agreement"] = record_label_agreement(tc.out, manifest)
     if runtime.is_main:
         print(format_summary(summary))
+        if "label_agreement" in summary:
+            print("\n".join(format_label_agreement(summary["label_agreement"], list(manifest.class_names))))
     return summary
 
 
