@@ -60,6 +60,17 @@ DISTILL_TABLES = ("runtime", "data", "optim", "distill", "preprocess")
 TRAIN_TABLES = ("runtime", "data", "crops", "optim", "train", "preprocess")
 
 
+def result_tables(config: dict[str, Any]) -> tuple[str, ...]:
+    """The tables of a resolved config (nested, as a run's config.json holds it) that decide the run's
+    result: `pipeline distill` wrote it if ``distill.out`` is set, else `pipeline train`. Fresh crops
+    come from [crops]; cached and replayed ones from the cache. (Online runs' teachers are compared
+    on resume by their identity, not by [teacher_cache].)"""
+    d = config.get("distill") or {}
+    if not d.get("out"):
+        return TRAIN_TABLES
+    return DISTILL_TABLES + (() if d.get("cache") or d.get("replay_cache") else ("crops",))
+
+
 @dataclass
 class Job:
     """Everything ``fit`` needs; built by ``setup``."""
@@ -327,10 +338,8 @@ def _setup_distill(cfg: Config) -> Job:
     cache_path = d.cache or d.replay_cache
     cache = CacheReader(cache_path, manifest_hash=manifest.content_hash,
                         num_classes=manifest.num_classes) if cache_path else None
-    # Fresh online crops depend on [crops]; cached and replayed ones on the cache alone.
-    tables = DISTILL_TABLES + (("crops",) if cache is None else ())
     with fail_together(runtime):
-        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, tables, write=runtime.is_main)
+        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, result_tables(cfg.to_dict()), write=runtime.is_main)
 
     m = d.crops_per_image
     meta_extra: dict[str, Any] = {}
