@@ -107,6 +107,7 @@ class DistillConfig:
     crops_per_image: int = 1  # m crops per decoded image (FKD multi-crop)
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
+    label_weight: float = 0.0  # w: loss = KL + w * CE to the hard label (+ d_loss); 0 = MEAL V2 (no hard labels)
     resume: bool = False
     online: bool = False  # teachers in the loop ([teacher_cache] teachers) instead of a cache
     replay_cache: str = ""  # with online: replay this cache's boxes and flips instead of fresh crops
@@ -317,6 +318,7 @@ def _validate_table(table: str, t: Any) -> None:
         positive("disc_lr", "cutmix_alpha")
         at_least(1, "crops_per_image")
         probability("cutmix_prob")
+        need(t.label_weight >= 0, "label_weight", "must be >= 0 (0 = MEAL V2: no hard labels)")
         need(t.disc_lr_mode in ("own", "as_released"), "disc_lr_mode", "use own or as_released")
     elif table == "train":
         need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")

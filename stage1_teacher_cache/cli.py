@@ -130,7 +130,9 @@ def abandon_growth_command(cache: str) -> None:
 @click.argument("caches", nargs=-1, required=True)
 @click.option("--out", required=True, help="The merged cache (directory or URL); rerun to resume.")
 @click.option("--topk", type=int, help="Classes kept per crop (default: the smallest k of the inputs).")
-def merge_command(caches: tuple[str, ...], out: str, topk: int | None) -> None:
+@click.option("--manifest", type=click.Path(dir_okay=False),
+              help="The manifest the caches were built from: record the merged ensemble's agreement with its labels.")
+def merge_command(caches: tuple[str, ...], out: str, topk: int | None, manifest: str | None) -> None:
     """Average CACHES (same manifest, crops and classes; disjoint teachers) into one ensemble cache.
 
     Each input's dense targets are restored from its top-k, averaged with a weight proportional to its
@@ -141,7 +143,7 @@ def merge_command(caches: tuple[str, ...], out: str, topk: int | None) -> None:
     from stage1_teacher_cache.sharing import merge_caches
 
     with user_errors():
-        s = merge_caches(caches, out, topk=topk)
+        s = merge_caches(caches, out, topk=topk, manifest_path=manifest)
     click.echo(f"merged {len(s['sources'])} caches into {s['cache']}: teachers {', '.join(s['teachers'])}, "
                f"weights {', '.join(f'{w:.3f}' for w in s['weights'])}, top-{s['k']}; "
                f"wrote {s['shards_written']} of {s['shards_total']} shard(s)")
@@ -178,7 +180,9 @@ def subset_command(cache: str, out: str, manifest: str, subset_manifest_out: str
 @click.argument("cache")
 @click.option("--out", required=True, help="The new cache (directory or URL); rerun to resume.")
 @click.option("--topk", required=True, type=int, help="Classes kept per crop, below CACHE's k.")
-def reduce_command(cache: str, out: str, topk: int) -> None:
+@click.option("--manifest", type=click.Path(dir_okay=False),
+              help="The manifest CACHE was built from: record OUT's agreement with its labels.")
+def reduce_command(cache: str, out: str, topk: int, manifest: str | None) -> None:
     """Copy CACHE keeping each crop's TOPK most probable classes (fewer bytes; no teacher runs).
 
     The kept probabilities are the stored ones, so OUT equals what `teacher-cache --topk TOPK` would
@@ -187,7 +191,7 @@ def reduce_command(cache: str, out: str, topk: int) -> None:
     from stage1_teacher_cache.sharing import reduce_topk
 
     with user_errors():
-        s = reduce_topk(cache, out, topk)
+        s = reduce_topk(cache, out, topk, manifest_path=manifest)
     click.echo(f"reduced {s['source']} from top-{s['source_k']} to top-{s['k']} in {s['cache']}: "
                f"wrote {s['shards_written']} of {s['shards_total']} shard(s)")
 

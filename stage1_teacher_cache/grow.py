@@ -221,6 +221,7 @@ def swap_in(path: str) -> None:
     staged = open_attrs(staging_path(path))
     grown = dict(found, crops=staged["crops"], tool_version=TOOL_VERSION)
     del grown["growing"]
+    grown.pop("label_agreement", None)  # of the old crops: the run recomputes it over all of them next
     if staged.get("teacher_eval"):  # --evaluate-teachers on the growing run
         grown["teacher_eval"] = staged["teacher_eval"]
     grown["grown"] = [*(found.get("grown") or []), {

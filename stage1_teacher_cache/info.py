@@ -6,6 +6,7 @@ from typing import Any
 from common.cache_format import CacheReader
 from common.locations import file_sizes
 from stage1_teacher_cache.grow import growth_progress
+from stage1_teacher_cache.label_agreement import format_label_agreement
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, points
 
 
@@ -58,6 +59,7 @@ def cache_info(path: str) -> dict[str, Any]:
         "best_teacher_eval": evaluation.get("best_teacher"),
         "ensemble_warnings": ensemble_warnings(evaluation) if evaluation else [],
         "eval_manifest": evaluation.get("manifest"),
+        "label_agreement": a.get("label_agreement"),
         "crops": a["crops"],
         "storage": a["storage"],
         "shards": {
@@ -125,6 +127,7 @@ def format_cache_info(info: dict[str, Any]) -> str:
         f"on disk       {human_bytes(info['bytes_on_disk'])}"
         + (f" ({info['bytes_per_crop']:.1f} bytes per crop)" if info["bytes_per_crop"] else ""),
     ]
+    lines += format_label_agreement(info.get("label_agreement"), names)
     lines += [f"warning       {w}" for w in info.get("ensemble_warnings") or []]
     return "\n".join(lines + _provenance(info))
 

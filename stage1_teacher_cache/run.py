@@ -39,6 +39,7 @@ from common.prefetch import prefetch
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers
+from stage1_teacher_cache.label_agreement import format_label_agreement, record_label_agreement
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, format_eval_table
 from stage1_teacher_cache.grow import open_growth
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
@@ -134,14 +135,20 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
     if growth is not None:
         summary["grown"] = {"from_crops": growth.from_crops, "to_crops": growth.to_crops,
                             "now": growth.finish(runtime)}
-        size = bytes_on_disk(tc.out)  # without the staging cache now
-        cached_crops = summary["shards_complete"] and writer.layout.num_images * growth.to_crops
+    # Every rank's shards are written (summarize waited for them): one pass over the top-1s, on rank 0.
+    if runtime.is_main and summary["shards_complete"] == summary["shards_total"]:
+        summary["label_agreement"] = record_label_agreement(tc.out, manifest)
+    if growth is not None or "label_agreement" in summary:  # the size again: attributes (and arrays) changed
+        size = bytes_on_disk(tc.out)  # without the staging cache after a growth
+        cached_crops = summary["shards_complete"] and writer.layout.num_images * (growth.to_crops if growth else C)
         summary.update(bytes_on_disk=size, bytes_per_crop=size / cached_crops if size is not None and cached_crops
                        else None)
     summary["teacher_eval"] = evaluation
     summary["shard_stamps"] = shard_stamps
     if runtime.is_main:
         print(format_summary(summary))
+        if "label_agreement" in summary:
+            print("\n".join(format_label_agreement(summary["label_agreement"], list(manifest.class_names))))
     return summary
 
 

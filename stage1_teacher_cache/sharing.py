@@ -37,6 +37,7 @@ import torch
 from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype, restore_targets
 from common.locations import absolute
 from common.manifest import Manifest, ManifestRow, load_manifest, write_manifest
+from stage1_teacher_cache.label_agreement import record_label_agreement
 
 # Dense rows restored at once while merging: bounds memory to ~64 MB per source whatever the class count.
 _MERGE_BLOCK_ELEMENTS = 1 << 24
@@ -49,8 +50,10 @@ def _now() -> str:
 # ---------------------------------------------------------------------------------------------- merge
 
 
-def merge_caches(sources: Sequence[str], out: str, topk: int | None = None) -> dict[str, Any]:
-    """Average the caches ``sources`` into ``out``; returns a summary."""
+def merge_caches(sources: Sequence[str], out: str, topk: int | None = None,
+                 manifest_path: str | None = None) -> dict[str, Any]:
+    """Average the caches ``sources`` into ``out``; returns a summary. With ``manifest_path`` (the manifest
+    the caches were built from) the merged ensemble's agreement with the labels is recorded."""
     if len(sources) < 2:
         raise CacheError("merge needs at least two caches")
     readers = [CacheReader(s, verify_checksums=True) for s in sources]
@@ -73,7 +76,13 @@ def merge_caches(sources: Sequence[str], out: str, topk: int | None = None) -> d
         writer.write_shard(shard, parts[0]["boxes"], parts[0]["flip"], index, prob)
     return {"cache": out, "sources": list(sources), "k": k, "weights": weights.tolist(),
             "teachers": [t["name"] for t in writer.attrs["teachers"]],
-            "shards_written": len(todo), "shards_total": len(complete)}
+            "shards_written": len(todo), "shards_total": len(complete),
+            "label_agreement": _label_agreement(out, manifest_path)}
+
+
+def _label_agreement(out: str, manifest_path: str | None) -> dict[str, Any] | None:
+    """Recomputed from ``out``'s own arrays (never copied from a source: its top-1s may differ)."""
+    return record_label_agreement(out, load_manifest(manifest_path)) if manifest_path else None
 
 
 def check_mergeable(readers: Sequence[CacheReader]) -> None:
@@ -211,7 +220,7 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
 
     new_hash = write_manifest(subset_rows(manifest, ids), manifest.class_names, manifest.root, subset_manifest_out,
                               description=_subset_description(manifest, selection))
-    attrs = dict(reader.attrs)
+    attrs = {key: value for key, value in reader.attrs.items() if key != "label_agreement"}
     attrs.update({
         "manifest": {"hash": new_hash, "num_images": len(ids)},
         "manifest_path": absolute(subset_manifest_out),
@@ -233,7 +242,8 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
         rows = reader.images(ids[start:stop])
         writer.write_shard(shard, rows["boxes"], rows["flip"], rows["topk_index"], rows["topk_prob"])
     return {"cache": out, "manifest": subset_manifest_out, "manifest_hash": new_hash, "images": len(ids),
-            "shards_written": len(todo), "shards_total": len(complete)}
+            "shards_written": len(todo), "shards_total": len(complete),
+            "label_agreement": _label_agreement(out, subset_manifest_out)}
 
 
 def select_classes(manifest: Manifest, names: Sequence[str]) -> np.ndarray:
@@ -296,15 +306,16 @@ def _subset_description(manifest: Manifest, selection: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- reduce
 
 
-def reduce_topk(cache: str, out: str, topk: int) -> dict[str, Any]:
-    """Write ``out``: ``cache`` with each crop's ``topk`` most probable stored classes; returns a summary."""
+def reduce_topk(cache: str, out: str, topk: int, manifest_path: str | None = None) -> dict[str, Any]:
+    """Write ``out``: ``cache`` with each crop's ``topk`` most probable stored classes; returns a summary.
+    With ``manifest_path`` the agreement with the labels is recomputed and recorded."""
     reader = CacheReader(cache, verify_checksums=True)
     if not 1 <= topk < reader.topk:
         raise CacheError(f"--topk {topk}: must be between 1 and {reader.topk - 1} ({cache} keeps k = {reader.topk}; "
                          "a larger k cannot be recovered from it: rerun `pipeline teacher-cache --reuse-crops`)")
     if reader.attrs["storage"].get("residual") != "uniform":
         raise CacheError(f"{cache}: residual rule {reader.attrs['storage'].get('residual')!r}; reduce knows 'uniform'")
-    attrs = dict(reader.attrs)
+    attrs = {key: value for key, value in reader.attrs.items() if key != "label_agreement"}
     attrs["storage"] = dict(attrs["storage"], k=topk)
     attrs["reduced"] = {"source": reader.path, "source_k": reader.topk, "k": topk}
     attrs["created_at"] = _now()
@@ -318,4 +329,5 @@ def reduce_topk(cache: str, out: str, topk: int) -> dict[str, Any]:
         writer.write_shard(shard, rows["boxes"], rows["flip"], np.take_along_axis(rows["topk_index"], order, -1),
                            np.take_along_axis(rows["topk_prob"], order, -1))
     return {"cache": out, "source": reader.path, "source_k": reader.topk, "k": topk,
-            "shards_written": len(todo), "shards_total": len(complete)}
+            "shards_written": len(todo), "shards_total": len(complete),
+            "label_agreement": _label_agreement(out, manifest_path)}

@@ -47,6 +47,8 @@ _DISTILL_OPTIONS = {
     "--crops-per-image": ("distill.crops_per_image", dict(type=int, help="Cached crops per decoded image (FKD multi-crop).")),
     "--cutmix-prob": ("distill.cutmix_prob", dict(type=float, help="Probability of CutMix per batch.")),
     "--cutmix-alpha": ("distill.cutmix_alpha", dict(type=float, help="Beta(alpha, alpha) of the CutMix area.")),
+    "--label-weight": ("distill.label_weight", dict(type=float, metavar="W",
+                                                    help="Add W * cross entropy to the hard label (0: MEAL V2, no labels).")),
     "--resume": ("distill.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
     # online MEAL V2: the teachers in the loop instead of a cache
     "--online": ("distill.online", dict(is_flag=True, flag_value=True, default=None,

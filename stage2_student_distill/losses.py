@@ -69,27 +69,41 @@ def discriminator_loss(discriminator: nn.Module, student_probs: torch.Tensor, ta
 
 
 class DistillObjective:
-    """``pipeline distill``: KL to the cached soft targets (+ the discriminator term).
+    """``pipeline distill``: KL to the soft targets (+ the discriminator term) (+ w * CE to the hard label).
 
     ``loss = kl + d_loss`` is back-propagated once; the student's optimizer
     and the discriminator's own optimizer each step their parameters from it.
+
+    ``label_weight`` w > 0 is not MEAL V2 (which uses no hard labels) but an
+    option measured against it: ``loss = kl + w * ce + d_loss``, where ``ce`` is
+    the cross entropy to the one-hot label. The targets then arrive as
+    ``[soft | one_hot]`` ([B, 2K], :class:`~stage2_student_distill.targets.WithHardLabels`),
+    so CutMix mixes both halves by the same pasted area; the discriminator
+    sees only the soft half.
     """
 
-    def __init__(self, discriminator: nn.Module | None):
+    def __init__(self, discriminator: nn.Module | None, label_weight: float = 0.0):
         self.discriminator = discriminator
-        self.parts = ("loss", "kl", "d_loss") if discriminator is not None else ("loss", "kl")
-
-    def targets(self, batch) -> torch.Tensor:
-        return batch.targets
+        self.label_weight = label_weight
+        self.parts = ("loss", "kl") + (("ce",) if label_weight > 0 else ()) + (
+            ("d_loss",) if discriminator is not None else ())
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss to back-propagate, detached float32 vector of ``self.parts``)."""
-        kl = kl_to_targets(logits, targets)
-        if self.discriminator is None:
-            return kl, torch.stack([kl, kl]).detach()
-        d_loss = discriminator_loss(self.discriminator, F.softmax(logits.float(), dim=-1), targets)
-        loss = kl + d_loss
-        return loss, torch.stack([loss, kl, d_loss]).detach()
+        terms = []
+        if self.label_weight > 0:
+            targets, hard = targets.chunk(2, dim=-1)
+            kl = kl_to_targets(logits, targets)
+            ce = soft_cross_entropy(logits, hard)
+            loss = kl + self.label_weight * ce
+            terms.append(ce)
+        else:
+            kl = loss = kl_to_targets(logits, targets)
+        if self.discriminator is not None:
+            d_loss = discriminator_loss(self.discriminator, F.softmax(logits.float(), dim=-1), targets)
+            loss = loss + d_loss
+            terms.append(d_loss)
+        return loss, torch.stack([loss, kl, *terms]).detach()
 
 
 class HardLabelObjective:

@@ -15,7 +15,8 @@ and does not care which source answers:
   epoch * m + j of ``[crops]``) or a cache's boxes (mode "distill",
   ``--replay-cache``): one code path for every variant.
 
-Hard-label training keeps its objective's one-hot targets (losses.py).
+Hard-label training keeps its objective's one-hot targets (losses.py); :class:`WithHardLabels`
+appends them to either source for ``distill.label_weight``.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from common.runtime import Runtime
+from stage2_student_distill.losses import smooth_one_hot
 from stage1_teacher_cache.ensemble import RULE, teacher_probs
 from stage1_teacher_cache.teachers import Teacher
 from stage1_teacher_cache.views import make_renderer, renderer_kind
@@ -42,6 +44,26 @@ class CachedTargets:
 
     def seconds(self) -> float:
         return 0.0
+
+
+class WithHardLabels:
+    """A target source with each row's one-hot label appended: [B, 2K] = [soft | one_hot].
+
+    For ``distill.label_weight`` > 0 (losses.DistillObjective splits the two
+    halves); carried as one tensor so CutMix mixes label and soft target by
+    the same area. Every image must have a label (setup checks).
+    """
+
+    def __init__(self, source, num_classes: int):
+        self.source = source
+        self.num_classes = num_classes
+        self.kind = source.kind
+
+    def __call__(self, batch) -> torch.Tensor:
+        return torch.cat([self.source(batch), smooth_one_hot(batch.labels, self.num_classes)], dim=-1)
+
+    def seconds(self) -> float:
+        return self.source.seconds()
 
 
 class OnlineTargets:

@@ -53,11 +53,22 @@ from stage2_student_distill.losses import DistillObjective, HardLabelObjective, 
 from stage2_student_distill.metrics_log import open_run_log
 from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
 from stage2_student_distill.student import create_student
-from stage2_student_distill.targets import CachedTargets, OnlineTargets
+from stage2_student_distill.targets import CachedTargets, OnlineTargets, WithHardLabels
 
 # Config tables whose values decide a run's result (checked on --resume).
 DISTILL_TABLES = ("runtime", "data", "optim", "distill", "preprocess")
 TRAIN_TABLES = ("runtime", "data", "crops", "optim", "train", "preprocess")
+
+
+def result_tables(config: dict[str, Any]) -> tuple[str, ...]:
+    """The tables of a resolved config (nested, as a run's config.json holds it) that decide the run's
+    result: `pipeline distill` wrote it if ``distill.out`` is set, else `pipeline train`. Fresh crops
+    come from [crops]; cached and replayed ones from the cache. (Online runs' teachers are compared
+    on resume by their identity, not by [teacher_cache].)"""
+    d = config.get("distill") or {}
+    if not d.get("out"):
+        return TRAIN_TABLES
+    return DISTILL_TABLES + (() if d.get("cache") or d.get("replay_cache") else ("crops",))
 
 
 @dataclass
@@ -71,7 +82,8 @@ class Job:
     student: nn.Module  # on device; compiled and DDP-wrapped as configured
     discriminator: nn.Module | None  # on device, DDP-wrapped under torchrun
     objective: DistillObjective | HardLabelObjective
-    targets: Any  # batch -> dense float32 [B, K] targets: CachedTargets, OnlineTargets or objective.targets
+    targets: Any  # batch -> dense float32 [B, K] targets: CachedTargets, OnlineTargets (either WithHardLabels:
+    # [B, 2K]) or objective.targets
     train_loader: Any
     val_loader: Any
     meta: dict[str, Any]  # checkpoint metadata (model, classes, preprocess, teachers, ...)
@@ -321,13 +333,13 @@ def _setup_distill(cfg: Config) -> Job:
     _require(cfg, required)
     runtime = build_runtime(cfg.runtime)
     manifest, val_manifest = _load_manifests(cfg)
+    if d.label_weight > 0:
+        _require_labels(manifest, "distill.label_weight > 0 (--label-weight) adds cross entropy to the label")
     cache_path = d.cache or d.replay_cache
     cache = CacheReader(cache_path, manifest_hash=manifest.content_hash,
                         num_classes=manifest.num_classes) if cache_path else None
-    # Fresh online crops depend on [crops]; cached and replayed ones on the cache alone.
-    tables = DISTILL_TABLES + (("crops",) if cache is None else ())
     with fail_together(runtime):
-        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, tables, write=runtime.is_main)
+        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, result_tables(cfg.to_dict()), write=runtime.is_main)
 
     m = d.crops_per_image
     meta_extra: dict[str, Any] = {}
@@ -341,6 +353,9 @@ def _setup_distill(cfg: Config) -> Job:
     else:
         targets = CachedTargets()
         meta_extra["cache"] = {"path": d.cache, "teachers": cache.attrs.get("teachers")}
+    views = targets.render if d.online else None
+    if d.label_weight > 0:
+        targets = WithHardLabels(targets, manifest.num_classes)
 
     seed_everything(cfg.runtime.seed)  # same initial student (and discriminator) on every run and rank
     student, preprocess = create_student(cfg, manifest.num_classes)
@@ -353,15 +368,21 @@ def _setup_distill(cfg: Config) -> Job:
     crops = {"cache": cache} if cache is not None else {"crops": cfg.crops}
     train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess,
                                         mode="distill" if cache is not None else "train", crops_per_image=m,
-                                        views=targets.render if d.online else None, **crops)
+                                        views=views, **crops)
     meta = {**_meta("distill", d.student, preprocess, manifest), **meta_extra}
     optimizers, base_lrs = _optimizers(cfg, student, discriminator)
     return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=d.resume, student=student, discriminator=discriminator,
-        objective=DistillObjective(discriminator), targets=targets, train_loader=train_loader, val_loader=val_loader,
+        objective=DistillObjective(discriminator, d.label_weight), targets=targets, train_loader=train_loader, val_loader=val_loader,
         meta=meta, optimizers=optimizers, base_lrs=base_lrs, scaler=runtime.grad_scaler(),
         cutmix_prob=d.cutmix_prob, cutmix_alpha=d.cutmix_alpha, teacher_eval=_teacher_eval_on(cache, val_manifest),
     )
+
+
+def _require_labels(manifest: Manifest, why: str) -> None:
+    unlabeled = int((manifest.labels < 0).sum())
+    if unlabeled:
+        raise RunError(f"{manifest.path}: {unlabeled} images have no label (-1); {why}, so it needs every label")
 
 
 def _teacher_eval_on(cache: CacheReader | None, val_manifest: Manifest) -> dict[str, Any] | None:
@@ -377,9 +398,7 @@ def _setup_train(cfg: Config) -> Job:
     _require(cfg, {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "train.out": "--out"})
     runtime = build_runtime(cfg.runtime)
     manifest, val_manifest = _load_manifests(cfg)
-    unlabeled = int((manifest.labels < 0).sum())
-    if unlabeled:
-        raise RunError(f"{manifest.path}: {unlabeled} images have no label (-1); `pipeline train` needs every label")
+    _require_labels(manifest, "`pipeline train` trains on the labels")
     with fail_together(runtime):
         run_dir = prepare_run_dir(t.out, cfg.to_dict(), t.resume, TRAIN_TABLES, write=runtime.is_main)
 

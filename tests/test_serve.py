@@ -396,3 +396,25 @@ def test_pipeline_serve_answers_on_localhost(inputs):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_runs_compare_only_the_tables_each_runs_command_reads(inputs, tmp_path):
+    """A train run's config.json holds [distill]'s defaults and a distill run [train]'s: neither is compared."""
+    runs = tmp_path / "runs"
+    distill = write_run(runs / "distilled", 0.1, [10.0], [2.0], student="resnet50")
+    trained = runs / "trained"
+    trained.mkdir()
+    (trained / "config.json").write_text(json.dumps({
+        "optim": {"lr": 0.1, "epochs": 1, "batch_size": 8}, "runtime": {"device": "cpu"},
+        "train": {"model": "resnet50", "out": str(trained)}, "distill": {"student": "resnet50", "out": ""},
+        "crops": {"num_crops": 1}}))
+    (trained / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1": 12.0, "val_loss": 1.9}) + "\n")
+    cfg = json.loads((distill / "config.json").read_text())
+    cfg["train"] = {"model": "resnet50", "out": ""}
+    (distill / "config.json").write_text(json.dumps(cfg))
+    html = create_app(served(inputs, cache=None, manifest=None, runs=[runs])).test_client().get("/runs").text
+    table = re.search(r'<table class="grid" id="differing">.*?</table>', html, flags=re.S).group(0)
+    keys = re.findall(r"<td><code>([^<]+)</code></td>", table)
+    # each run's own model key shows (the other run lacks it); the other command's defaults do not
+    assert keys == ["crops.num_crops", "distill.student", "train.model"]
+    assert "<td>resnet50</td><td>—</td>" in table and "<td>—</td><td>resnet50</td>" in table

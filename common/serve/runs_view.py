@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 # The nearest library reader of RUN/metrics.jsonl (one implementation for train, resume and here).
 from stage2_student_distill.metrics import read_metrics
+from stage2_student_distill.train import result_tables
 
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
@@ -29,7 +30,7 @@ class Run:
     name: str
     path: Path
     metrics: list[dict[str, Any]]
-    config: dict[str, Any]  # flattened: "table.key" -> value
+    config: dict[str, Any]  # flattened: "table.key" -> value, only the tables its command reads
     error: str | None = None  # why its files could not be read (the run is listed with it)
 
 
@@ -61,10 +62,22 @@ def load_run(name: str, path: Path) -> Run:
     try:
         metrics = read_metrics(path / METRICS)
         config_file = path / CONFIG
-        config = flatten(json.loads(config_file.read_text())) if config_file.is_file() else {}
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if not isinstance(config, dict) or not all(isinstance(t, dict) for t in config.values()):
+            raise ValueError("not a table of tables")
     except (ValueError, OSError) as e:  # json.JSONDecodeError is a ValueError
         return Run(name, path, [], {}, f"{path}: cannot read {METRICS}/{CONFIG} ({e})")
-    return Run(name, path, metrics, config)
+    return Run(name, path, metrics, meaningful(config))
+
+
+def meaningful(config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened keys of the tables the run's command reads: a train run's config.json also holds
+    [distill]'s defaults, which say nothing about it (and the other way round). Online distill runs
+    read their teachers from [teacher_cache]."""
+    tables = result_tables(config)
+    if (config.get("distill") or {}).get("online") and "distill" in tables:
+        tables += ("teacher_cache",)
+    return flatten({table: config[table] for table in tables if table in config})
 
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:

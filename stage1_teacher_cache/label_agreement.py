@@ -1,0 +1,105 @@
+"""How often the ensemble's top-1 on a crop agrees with the image's label: free, from arrays stage 1 has.
+
+Where the soft labels contradict the hard label, they either correct a noisy
+label or mislead the student; a low agreement on a student's own training
+images is a warning sign before anyone pays for stage 2 (docs/teachers.md).
+
+The figure is always *recomputed* from a cache's arrays and a manifest's
+labels (:func:`cache_label_agreement`), never copied from another cache's
+attributes, so growing, merging, subsetting or reducing a cache keeps it true.
+Unlabelled images (label -1) are left out and counted. Shares are percentages.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from common.cache_format import CacheReader, put_attrs, shard_bounds
+from common.manifest import Manifest
+
+
+def crop_top1(topk_index: np.ndarray, topk_prob: np.ndarray) -> np.ndarray:
+    """The class of each stored row's largest probability: [..., k] -> [...]."""
+    best = np.asarray(topk_prob).argmax(axis=-1)[..., None]
+    return np.take_along_axis(np.asarray(topk_index), best, axis=-1)[..., 0].astype(np.int64)
+
+
+@dataclass
+class AgreementCounts:
+    """Per-class sums over labelled images, accumulated shard by shard."""
+
+    crops: np.ndarray  # int64 [classes]: crops of images with this label
+    agreeing: np.ndarray  # crops whose ensemble top-1 is the label
+    images: np.ndarray  # labelled images
+    mostly_disagreeing: np.ndarray  # images where more than half of the crops disagree
+    unlabeled: int = 0
+
+    @classmethod
+    def zeros(cls, num_classes: int) -> "AgreementCounts":
+        return cls(*(np.zeros(num_classes, np.int64) for _ in range(4)))
+
+    def add(self, top1: np.ndarray, labels: np.ndarray) -> None:
+        """``top1`` [n, C] ensemble top-1 per crop, ``labels`` [n] (-1 = unlabelled)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        labelled = labels >= 0
+        self.unlabeled += int((~labelled).sum())
+        top1, labels = top1[labelled], labels[labelled]
+        num_crops = top1.shape[1]
+        agree_per_image = (top1 == labels[:, None]).sum(axis=1)
+        n = len(self.crops)
+        self.crops += np.bincount(labels, minlength=n) * num_crops
+        self.agreeing += np.bincount(labels, weights=agree_per_image, minlength=n).astype(np.int64)
+        self.images += np.bincount(labels, minlength=n)
+        self.mostly_disagreeing += np.bincount(labels, weights=2 * (num_crops - agree_per_image) > num_crops,
+                                               minlength=n).astype(np.int64)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON record a cache stores under ``label_agreement`` (percentages; None where nothing to count)."""
+        def pct(part, whole) -> float | None:
+            return round(100.0 * float(part) / float(whole), 4) if whole else None
+
+        return {
+            "crops_pct": pct(self.agreeing.sum(), self.crops.sum()),
+            "images_mostly_disagreeing_pct": pct(self.mostly_disagreeing.sum(), self.images.sum()),
+            "per_class_pct": [pct(a, c) for a, c in zip(self.agreeing, self.crops)],
+            "labelled_images": int(self.images.sum()),
+            "unlabeled_images": int(self.unlabeled),
+        }
+
+
+def cache_label_agreement(reader: CacheReader, labels: np.ndarray) -> dict[str, Any]:
+    """Agreement of a complete cache's crops with ``labels`` (the manifest's, image id order), shard by shard."""
+    labels = np.asarray(labels)
+    if len(labels) != reader.num_images:
+        raise ValueError(f"{len(labels)} labels for a cache of {reader.num_images} images")
+    counts = AgreementCounts.zeros(reader.num_classes)
+    for shard in range(reader.layout.num_shards):
+        start, stop = shard_bounds(shard, reader.layout.images_per_shard, reader.num_images)
+        data = reader.read_shard(shard)
+        counts.add(crop_top1(data["topk_index"], data["topk_prob"]), labels[start:stop])
+    return counts.summary()
+
+
+def record_label_agreement(path: str, manifest: Manifest) -> dict[str, Any]:
+    """Recompute the complete cache's agreement with ``manifest``'s labels and store it in its attributes."""
+    reader = CacheReader(path, manifest_hash=manifest.content_hash)
+    agreement = cache_label_agreement(reader, manifest.labels)
+    put_attrs(path, dict(reader.attrs, label_agreement=agreement))
+    return agreement
+
+
+def format_label_agreement(record: dict[str, Any] | None, class_names: list[str] | None = None) -> list[str]:
+    """`cache info` lines: overall, the share of mostly-disagreeing images, the three least agreeing classes."""
+    if not record or record.get("crops_pct") is None:
+        return ["labels        agreement not recorded (no labelled images, or a cache made before it was recorded)"]
+    line = (f"labels        ensemble top-1 = label on {record['crops_pct']:.2f}% of crops; most crops disagree "
+            f"on {record['images_mostly_disagreeing_pct']:.2f}% of {record['labelled_images']:,} labelled images")
+    if record.get("unlabeled_images"):
+        line += f" ({record['unlabeled_images']:,} unlabelled left out)"
+    per_class = [(p, i) for i, p in enumerate(record.get("per_class_pct") or []) if p is not None]
+    worst = sorted(per_class)[:3]
+    names = class_names or []
+    lowest = ", ".join(f"{names[i] if i < len(names) else i} {p:.1f}%" for p, i in worst)
+    return [line] + ([f"              lowest classes: {lowest}"] if len(per_class) > 1 else [])
