@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -69,6 +70,32 @@ def decoded_size(data: bytes, name: str) -> tuple[int, int]:
         raise ImageError(name, "zero-byte file")
     with _load(io.BytesIO(data), name) as img:
         return _oriented_size(img, name)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What ``Image.open`` reads before any pixel: the stored size (before EXIF orientation) and mode."""
+
+    width: int
+    height: int
+    mode: str
+
+    @property
+    def pixels(self) -> int:  # the same in either orientation
+        return self.width * self.height
+
+
+def image_header(path: str | os.PathLike) -> ImageHeader:
+    """The header of ``path``, without decoding pixels or reading EXIF.
+
+    For a limit checked before any decode: Pillow's ``getexif`` (which
+    :func:`image_size` needs for the orientation) decodes a whole PNG to find
+    an eXIf chunk after the pixel data.
+    """
+    path = Path(path)
+    _check_not_empty(path)
+    with _open(path, str(path)) as img:
+        return ImageHeader(img.width, img.height, img.mode)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -139,7 +141,109 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             raise WeightsError(f"{path}: not a state dict of tensors")
         state = obj
     state = {_strip_prefixes(k): v for k, v in state.items()}
+    check_metadata(meta, path, state)
     return state, meta
+
+
+# What a checkpoint's metadata may ask a reader to build. Outside these, the file is damaged or hostile:
+# the largest input of any timm pretrained config is 1024 px, ImageNet-21k has 21,843 classes.
+MAX_INPUT_SIZE = 4096
+MAX_CLASSES = 10**6
+MAX_CROP_PCT = 2.0  # timm's own configs reach 1.15 (volo_d5_512)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+# A timm architecture with an optional weights tag; no scheme ("hf-hub:", "local-dir:") nor path ("timm/..."),
+# which would make timm read a model hub or a local directory just to build the architecture.
+_LOCAL_MODEL_NAME = re.compile(r"([A-Za-z0-9_]+)(?:\.[A-Za-z0-9_]+)?")
+
+
+def check_metadata(meta: Any, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse checkpoint metadata that would fetch, allocate or compute what the file does not justify.
+
+    The one check of what a checkpoint says about itself (model name, classes,
+    class names, preprocessing), run by :func:`read_weights` for every reader:
+    evaluate, predict, export, serve, the hub entry points and ``--*-weights``.
+    Keys that are absent stay the caller's business (a plain state dict has none).
+    ``state``, when given, must hold a classifier with ``num_classes`` outputs,
+    so a class count is only believed when the file pays for it.
+    """
+    def refuse(key: str, why: str) -> None:
+        raise WeightsError(f"{path}: metadata key {key!r} {why}; the file is damaged or was edited, "
+                           "use a checkpoint written by `pipeline distill/train/export`")
+
+    if not isinstance(meta, dict):
+        refuse("meta", f"is a {type(meta).__name__}, not a table of keys")
+    if "model" in meta:
+        name = meta["model"]
+        found = _LOCAL_MODEL_NAME.fullmatch(resolve_name(name)) if isinstance(name, str) else None
+        if found is None:
+            refuse("model", f"is {name!r}, not a timm architecture name (a hub or path prefix is not accepted)")
+        if not _timm_knows(found.group(0)):
+            refuse("model", f"is {name!r}, which is not an architecture (with weights tag) of the installed timm")
+    classes = meta.get("num_classes")
+    if "num_classes" in meta:
+        _check_int(classes, 1, MAX_CLASSES, lambda why: refuse("num_classes", why))
+    if "class_names" in meta:
+        names = meta["class_names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            refuse("class_names", "must be a list of strings")
+        if classes is not None and len(names) != classes:
+            refuse("class_names", f"lists {len(names)} names for num_classes = {classes}")
+    if "preprocess" in meta:
+        _check_preprocess(meta["preprocess"], lambda key, why: refuse(".".join(filter(None, ("preprocess", key))), why))
+    if state is not None and isinstance(meta.get("model"), str) and classes is not None:
+        key = _classifier_key(meta["model"])
+        weight = state.get(f"{key}.weight") if key else None
+        if weight is not None and weight.ndim >= 1 and weight.shape[0] != classes:
+            refuse("num_classes", f"is {classes} but the classifier {key} has {weight.shape[0]} outputs")
+
+
+def _check_int(value: Any, lo: int, hi: int, refuse) -> None:
+    if type(value) is not int:  # not bool, float or str: a writer of this project writes ints
+        refuse(f"is {value!r} ({type(value).__name__}); it must be an integer from {lo:,} to {hi:,}")
+    if not lo <= value <= hi:
+        refuse(f"is {value:,}; it must be from {lo:,} to {hi:,}")
+
+
+def _check_preprocess(pre: Any, refuse) -> None:
+    if not isinstance(pre, dict):
+        refuse("", f"is a {type(pre).__name__}, not a table")
+    for key in ("input_size", "interpolation", "mean", "std", "crop_pct"):
+        if key not in pre:
+            refuse(key, "is missing")
+    _check_int(pre["input_size"], 1, MAX_INPUT_SIZE, lambda why: refuse("input_size", why))
+    if pre["interpolation"] not in INTERPOLATIONS:
+        refuse("interpolation", f"is {pre['interpolation']!r}; use one of {', '.join(INTERPOLATIONS)}")
+    for key in ("mean", "std"):
+        values = pre[key]
+        if (not isinstance(values, (list, tuple)) or len(values) != 3
+                or not all(_is_finite_number(v) for v in values)):
+            refuse(key, f"is {values!r}; it must be 3 finite numbers (R, G, B)")
+    if not all(v > 0 for v in pre["std"]):
+        refuse("std", f"is {pre['std']!r}; every value must be > 0 (it divides the pixels)")
+    crop = pre["crop_pct"]
+    if not _is_finite_number(crop) or not 0 < crop <= MAX_CROP_PCT:
+        refuse("crop_pct", f"is {crop!r}; it must be a number in (0, {MAX_CROP_PCT:g}]")
+
+
+def _is_finite_number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _timm_knows(name: str) -> bool:
+    """An architecture in timm's registry, and its weights tag if one is given (timm refuses unknown tags)."""
+    if not timm.is_model(name):
+        return False
+    try:
+        timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # "Invalid pretrained tag"
+        return False
+    return True
+
+
+def _classifier_key(name: str) -> str | None:
+    """The classifier module of a (checked) timm name, from timm's registry: nothing is built or fetched."""
+    key = timm.models.get_pretrained_cfg_value(resolve_name(name), "classifier")
+    return key if isinstance(key, str) else None
 
 
 def load_failure(path: str | Path, e: Exception) -> str:
@@ -147,11 +251,21 @@ def load_failure(path: str | Path, e: Exception) -> str:
     text = str(e)
     # torch raises pickle's UnpicklingError here; matched by name so this module imports no pickle at all
     if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in text:
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        detail = next((line for line in lines if "Unsupported global" in line or "WeightsUnpickler" in line), lines[0])
-        return (f"{path}: cannot be loaded safely: it holds Python objects, not only tensors ({detail[:200]}). "
-                "Only safetensors files and plain tensor state dicts are accepted.")
+        accepted = "Only safetensors files and plain tensor state dicts are accepted."
+        refused = _REFUSED_GLOBAL.search(text)
+        if refused:
+            return (f"{path}: cannot be loaded safely: it holds the Python object {refused.group(1)}, "
+                    f"not only tensors, and loading it could run code. {accepted}")
+        # Other refusals (a reduce call, an opcode) name their cause in the unpickler's first sentence.
+        reason = _UNPICKLER_REASON.search(text)
+        detail = f" (the unpickler refused: {reason.group(1)})" if reason else ""
+        return f"{path}: cannot be loaded safely: it holds Python objects, not only tensors{detail}. {accepted}"
     return f"{path}: cannot be read as a torch file ({cause_text(e)}); is it truncated, damaged or another format?"
+
+
+# torch's weights-only unpickler: "WeightsUnpickler error: Unsupported global: GLOBAL a.b.C was not an allowed ..."
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error: ([^\n]{1,200}?)(?:\.\s|\.?$)", re.M)
 
 
 def load_torch_file(path: str | Path) -> Any:

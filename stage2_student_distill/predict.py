@@ -87,9 +87,23 @@ def check_images(paths: Sequence[str | os.PathLike]) -> None:
 
 def preprocess_image(path: str | os.PathLike, pre: Preprocess) -> torch.Tensor:
     """uint8 [3, S, S]: the evaluation centre crop of one image at the model's input size."""
-    image = decode(path)
+    return preprocess_decoded(decode(path), pre)
+
+
+def preprocess_decoded(image: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """:func:`preprocess_image` of an image already decoded (uint8 [3, H, W])."""
     box = centre_box(int(image.shape[2]), int(image.shape[1]), pre.crop_pct)
     return render_crops(image, [box], [0], pre.input_size, pre.interpolation)[0]
+
+
+@torch.no_grad()
+def top_classes(loaded: LoadedModel, pixels: torch.Tensor, names: Sequence[str], topk: int) -> list[list[tuple[int, str, float]]]:
+    """(class index, name, probability) of the ``topk`` most likely classes of each preprocessed uint8 [B, 3, S, S]."""
+    model, pre = loaded.model, loaded.preprocess
+    device = next(model.parameters()).device
+    probs = model(normalize(pixels, pre.mean, pre.std, device)).float().softmax(-1)
+    values, indices = probs.topk(min(topk, len(names)), dim=-1)
+    return [[(i, names[i], v) for i, v in zip(ix, vs)] for vs, ix in zip(values.tolist(), indices.tolist())]
 
 
 @torch.no_grad()
@@ -104,17 +118,12 @@ def predict(
         raise PredictError(f"--topk must be >= 1, got {topk}")
     if batch_size < 1:
         raise PredictError(f"--batch-size must be >= 1, got {batch_size}")
-    model, pre = loaded.model, loaded.preprocess
-    device = next(model.parameters()).device
-    k = min(topk, len(names))
     out: list[Prediction] = []
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start : start + batch_size])
-        pixels = torch.stack([preprocess_image(p, pre) for p in chunk])
-        probs = model(normalize(pixels, pre.mean, pre.std, device)).float().softmax(-1)
-        values, indices = probs.topk(k, dim=-1)
-        for p, vs, ix in zip(chunk, values.tolist(), indices.tolist()):
-            out.append(Prediction(str(p), tuple((i, names[i], v) for i, v in zip(ix, vs))))
+        pixels = torch.stack([preprocess_image(p, loaded.preprocess) for p in chunk])
+        for p, top in zip(chunk, top_classes(loaded, pixels, names, topk)):
+            out.append(Prediction(str(p), tuple(top)))
     return out
 
 

@@ -14,3 +14,6 @@ without it, to say so.
 # is read; a decoded size checked from the header, so a small file that would decode huge is never decoded.
 MAX_UPLOAD_MB = 32
 MAX_PIXELS = 50_000_000
+# Predictions run at once (``--max-predictions``); one more is answered 503 at once rather than queued, so the
+# memory of a busy server stays near this many decoded images of at most MAX_PIXELS each.
+MAX_PREDICTIONS = 2

@@ -13,6 +13,7 @@ by integer id through ``ConfinedPaths``, and the files of runs found under
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,12 +21,32 @@ import torch
 from flask import Flask, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from common.serve import MAX_PIXELS, MAX_UPLOAD_MB, runs_view
+from common.config import SEED_RANGE
+from common.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB, runs_view
 from common.serve.cache_view import MAX_GALLERY, CacheView
 from common.serve.predict_view import UploadError, describe_model, predict_upload
 from stage2_student_distill.predict import class_names, load_model
 
 GALLERY_DEFAULT = 12
+RETRY_AFTER_S = 2  # what a busy Predict page tells the client to wait: about one CPU prediction
+
+
+class QueryError(ValueError):
+    """A query parameter out of its range; the message is shown on the page with a 400."""
+
+
+def int_arg(name: str, shown: str, default: int, lo: int, hi: int) -> int:
+    """The integer query parameter ``name`` (labelled ``shown`` on the page) in lo..hi, else QueryError."""
+    text = request.args.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise QueryError(f"{shown} must be an integer, not {text[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise QueryError(f"{shown} must be from {lo} to {hi:,}, not {text[:40]}")
+    return value
 
 
 class Served:
@@ -33,7 +54,7 @@ class Served:
 
     def __init__(self, checkpoint=None, hub=None, hub_weights=None, cache=None, manifest=None,
                  runs: Sequence[str | os.PathLike] = (), device: str | torch.device = "cpu",
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, max_predictions: int = MAX_PREDICTIONS):
         self.loaded, self.model, self.names = None, None, []
         if checkpoint is not None or hub is not None:
             self.loaded = load_model(checkpoint, hub, hub_weights, device)
@@ -48,6 +69,7 @@ class Served:
             self.cache = CacheView(str(cache), str(manifest), student, whose)
         self.runs = [Path(r) for r in runs]
         self.max_pixels = max_pixels
+        self.predicting = threading.BoundedSemaphore(max_predictions)  # held while one upload is predicted
 
 
 def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_MB << 20) -> Flask:
@@ -74,14 +96,21 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_MB << 20) -> F
     def predict_post():
         if served.loaded is None:
             return page("predict.html", 404, model=None)
-        upload = request.files.get("image")
+        # Taken before the body is parsed: a busy server neither buffers nor decodes another upload.
+        if not served.predicting.acquire(blocking=False):
+            html, status = page("predict.html", 503, model=served.model,
+                                error=f"the server is busy with other predictions; try again in {RETRY_AFTER_S} s")
+            return html, status, {"Retry-After": str(RETRY_AFTER_S)}
         try:
+            upload = request.files.get("image")
             if upload is None:
                 raise UploadError("no image received: choose or drop an image file (form field 'image')")
             result = predict_upload(served.loaded, served.names, upload.read(), upload.filename or "",
                                     served.max_pixels)
         except UploadError as e:
             return page("predict.html", 400, model=served.model, error=str(e))
+        finally:
+            served.predicting.release()
         return page("predict.html", model=served.model, result=result)
 
     @app.get("/cache")
@@ -92,9 +121,10 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_MB << 20) -> F
             return page("cache.html", status, view=view)
         chosen, error = request.args.get("class") or None, None
         try:
-            n, seed = int(request.args.get("n", GALLERY_DEFAULT)), int(request.args.get("seed", 0))
-        except ValueError:
-            n, seed, error = GALLERY_DEFAULT, 0, "images and sample must be integers"
+            n = int_arg("n", "images", GALLERY_DEFAULT, 1, MAX_GALLERY)
+            seed = int_arg("seed", "sample", 0, *SEED_RANGE)
+        except QueryError as e:
+            n, seed, error = GALLERY_DEFAULT, 0, str(e)
         ids, sample_error = view.sample(chosen, n, seed)
         error = error or sample_error
         return page("cache.html", 400 if error else 200, view=view, summary=view.summary(),

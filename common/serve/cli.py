@@ -6,7 +6,7 @@ import ipaddress
 import click
 
 from common.cli_support import resolve_config, user_errors
-from common.serve import MAX_PIXELS, MAX_UPLOAD_MB
+from common.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB
 
 _LOCAL_HOSTS = {"localhost"}
 
@@ -33,9 +33,11 @@ def _is_local(host: str) -> bool:
 @click.option("--max-upload-mb", default=MAX_UPLOAD_MB, show_default=True, type=click.IntRange(1), help="Largest upload accepted.")
 @click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=click.IntRange(1),
               help="Largest decoded image accepted (width x height).")
+@click.option("--max-predictions", default=MAX_PREDICTIONS, show_default=True, type=click.IntRange(1),
+              help="Uploads predicted at once; another one is answered 503 (busy, Retry-After) instead of queued.")
 @click.pass_context
 def serve_command(ctx, checkpoint, hub_name, hub_weights, cache, manifest, runs, host, port, runtime__device,
-                  max_upload_mb, max_pixels) -> None:
+                  max_upload_mb, max_pixels, max_predictions) -> None:
     """Web pages on HOST:PORT: Predict (--checkpoint/--hub), Cache (--cache with --manifest), Runs (--runs).
 
     Nothing is fetched from outside at run time; the pages read only the files given here.
@@ -59,7 +61,7 @@ def serve_command(ctx, checkpoint, hub_name, hub_weights, cache, manifest, runs,
             device = build_runtime(cfg.runtime, init_distributed=False).device
         except RuntimeError as e:  # e.g. cuda asked for on a machine without it
             raise ValueError(str(e)) from None
-        served = Served(checkpoint, hub_name, hub_weights, cache, manifest, runs, device, max_pixels)
+        served = Served(checkpoint, hub_name, hub_weights, cache, manifest, runs, device, max_pixels, max_predictions)
         server = make_server(create_app(served, max_upload_mb << 20), host, port)
     if not _is_local(host):
         click.echo(f"warning: serving on {host}, reachable from other machines; the pages have no login", err=True)

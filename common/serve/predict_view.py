@@ -4,8 +4,10 @@ The upload is written to a private temporary file and read back by the same
 code as ``pipeline predict`` (``common.images`` decoding with its checks, the
 model's own ``Preprocess``), so the page and the command cannot disagree.
 Limits checked before decoding: the request size (Flask's MAX_CONTENT_LENGTH)
-and the pixel count read from the header, so a small file that decodes to a
-huge image is refused without allocating it.
+and the pixel count read from the header (``image_header``: no pixel and no
+EXIF is read, as Pillow decodes a whole PNG to find its EXIF), so a small file
+that decodes to a huge image is refused without allocating it. The image is
+then decoded once, for both the model and the picture of what it saw.
 """
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common.images import ImageError, image_size
+from common.images import ImageError, image_header
+from common.render import decode
 from common.serve.pictures import chw_to_pil, png_data_uri
 from stage2_student_distill.hub import LoadedModel
-from stage2_student_distill.predict import predict, preprocess_image
+from stage2_student_distill.predict import preprocess_decoded, top_classes
 
 TOPK = 5
 
@@ -46,12 +49,14 @@ def predict_upload(loaded: LoadedModel, names: list[str], data: bytes, filename:
         path = Path(tmp) / "upload"
         path.write_bytes(data)
         try:
-            w, h = image_size(path)
-            if w * h > max_pixels:
-                raise UploadError(f"{shown}: {w}x{h} pixels is more than this server accepts "
+            header = image_header(path)
+            if header.pixels > max_pixels:
+                raise UploadError(f"{shown}: {header.width}x{header.height} pixels is more than this server accepts "
                                   f"({max_pixels:,} pixels, --max-pixels); send a smaller image")
-            (pred,) = predict(loaded, [path], names, topk=TOPK)
-            seen = png_data_uri(chw_to_pil(preprocess_image(path, loaded.preprocess)))
+            image = decode(path)
         except ImageError as e:  # its message names the temporary file; name the upload instead
             raise UploadError(f"{shown}: {e.reason}") from None
-    return {"image": shown, "size": f"{w}x{h}", "top": [(n, p) for _, n, p in pred.top], "seen": seen}
+    pixels = preprocess_decoded(image, loaded.preprocess)
+    (top,) = top_classes(loaded, pixels[None], names, TOPK)
+    return {"image": shown, "size": f"{image.shape[2]}x{image.shape[1]}", "top": [(n, p) for _, n, p in top],
+            "seen": png_data_uri(chw_to_pil(pixels))}
