@@ -48,6 +48,9 @@ _DISTILL_OPTIONS = {
     "--cutmix-prob": ("distill.cutmix_prob", dict(type=float, help="Probability of CutMix per batch.")),
     "--cutmix-alpha": ("distill.cutmix_alpha", dict(type=float, help="Beta(alpha, alpha) of the CutMix area.")),
     "--resume": ("distill.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
+    "--check-images": ("distill.check_images", dict(is_flag=True, flag_value=True, default=None,
+                                                    help="First compare every image file's sha256 with the manifests' "
+                                                         "(finds replaced files; reads the whole dataset).")),
     # online MEAL V2: the teachers in the loop instead of a cache
     "--online": ("distill.online", dict(is_flag=True, flag_value=True, default=None,
                                         help="Run the teachers in the loop on fresh [crops] (no --cache).")),
