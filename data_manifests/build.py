@@ -23,7 +23,12 @@ Decisions on what counts as a problem:
   the target statistics;
 * an empty class folder is a problem; with ``skip_bad`` the class keeps its
   index and name with 0 images, so class indices still match the other splits
-  and the teachers' outputs.
+  and the teachers' outputs;
+* a tree without any valid image gives no manifest (a manifest has at least
+  one image); duplicate paths and class names cannot come from one folder
+  tree, and ``write_manifest`` refuses them from any other source;
+* an ``--out`` that cannot be written (a folder, under a file, no permission,
+  a read-only filesystem) is refused before any image is read.
 """
 from __future__ import annotations
 
