@@ -218,11 +218,11 @@ def test_check_images_needs_a_manifest(built, tmp_path: Path):
     assert result.exit_code == 2 and "give --manifest M" in result.output
 
 
-def _distill_args(tmp_path: Path, train: Path, val: Path, cache: Path, *extra: str) -> list[str]:
+def _distill_args(tmp_path: Path, train: Path, val: Path, cache: Path, *extra: str, epochs: int = 1) -> list[str]:
     return ["--set", "runtime.device=cpu", "--set", "runtime.progress=false", "distill", "--manifest", str(train),
             "--val-manifest", str(val), "--cache", str(cache), "--out", str(tmp_path / "run"), "--student",
-            "test_resnet", "--img-size", "16", "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "4",
-            "--loader", "torch", "--num-workers", "0", *extra]
+            "test_resnet", "--img-size", "16", "--epochs", str(epochs), "--batch-size", "4", "--eval-batch-size",
+            "4", "--loader", "torch", "--num-workers", "0", *extra]
 
 
 def test_distill_check_images_stops_before_training_naming_the_replaced_file(built, tmp_path: Path):
@@ -346,3 +346,16 @@ def test_a_write_that_fails_anyway_is_one_line(tmp_path: Path, monkeypatch):
     line = _one_line_error(_cli("manifest", "build", str(root), "--out", str(out), "--no-progress"))
     assert line.startswith(f"cannot write manifest {out} (Read-only file system)") and "a folder you can write" in line
     assert not out.exists()
+
+
+def test_distill_check_images_passes_on_intact_files_and_may_be_dropped_on_resume(built, tmp_path: Path):
+    train, manifest = built
+    val = tmp_path / "val.parquet"
+    build_manifest(_tree(tmp_path / "val-images", count=4), val, progress=False)
+    cache = _write_cache(tmp_path / "cache", manifest.content_hash, manifest.num_images)
+    first = _cli(*_distill_args(tmp_path, train, val, cache, "--check-images", "--schedule", "step"))
+    assert first.exit_code == 0 and "done: best val top-1" in first.output, first.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["distill"]["check_images"] is True
+    # a check before training, not part of it: resuming without it is the same run
+    resumed = _cli(*_distill_args(tmp_path, train, val, cache, "--schedule", "step", "--resume", epochs=2))
+    assert resumed.exit_code == 0 and "done: best val top-1" in resumed.output, resumed.output
