@@ -111,6 +111,7 @@ class DistillConfig:
     resume: bool = False
     online: bool = False  # teachers in the loop ([teacher_cache] teachers) instead of a cache
     replay_cache: str = ""  # with online: replay this cache's boxes and flips instead of fresh crops
+    check_images: bool = False  # digest every image file against the manifests before training
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,12 @@ Decisions on what counts as a problem:
   the target statistics;
 * an empty class folder is a problem; with ``skip_bad`` the class keeps its
   index and name with 0 images, so class indices still match the other splits
-  and the teachers' outputs.
+  and the teachers' outputs;
+* a tree without any valid image gives no manifest (a manifest has at least
+  one image); duplicate paths and class names cannot come from one folder
+  tree, and ``write_manifest`` refuses them from any other source;
+* an ``--out`` that cannot be written (a folder, under a file, no permission,
+  a read-only filesystem) is refused before any image is read.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from common.manifest import Manifest, ManifestRow, check_relative_path, load_man
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 MAX_LISTED_PROBLEMS = 20
 _BATCH = 1024  # files in flight per thread-pool round; bounds memory on huge trees
+_OUT_HINT = "choose an --out in a folder you can write to"
 
 
 class ManifestBuildError(PipelineError):
@@ -76,6 +82,7 @@ def build_manifest(
     """Scan, hash and decode every image under ``root``; write the manifest to ``out``."""
     root = _checked_root(Path(root))
     out = str(out) if is_url(out) else Path(out).absolute()  # images are local; the manifest may be a URL
+    _check_writable(out)
     sidecar = rejects_path(out)
     written = {Path(p).resolve() for p in (out, sidecar) if not is_url(p)}  # outputs are not inputs
     class_names, candidates, rejects = _scan(root, exclude=written)
@@ -101,12 +108,36 @@ def build_manifest(
         raise ManifestBuildError(f"no valid images under {root}: nothing to write to {out}")
 
     write_manifest(rows, class_names, root, out, description=description)
-    if rejects:
-        _write_rejects(sidecar, rejects)
-        print(f"skipped {len(rejects)} bad input(s) under {root}; listed in {sidecar}", file=sys.stderr)
-    else:
-        remove(sidecar)  # a stale list from an earlier build would mislead
+    try:
+        if rejects:
+            _write_rejects(sidecar, rejects)
+            print(f"skipped {len(rejects)} bad input(s) under {root}; listed in {sidecar}", file=sys.stderr)
+        else:
+            remove(sidecar)  # a stale list from an earlier build would mislead
+    except OSError as e:
+        raise ManifestBuildError(f"wrote {out} but cannot update {sidecar} ({e.strerror or e}); {_OUT_HINT}") from e
     return load_manifest(out)
+
+
+def _check_writable(out: Path | str) -> None:
+    """Refuse an --out that cannot be written before hashing the tree, which may take hours.
+
+    Local paths only (an object store says no only when asked to write); the
+    write itself still reports any failure this cannot foresee (disk full).
+    """
+    if is_url(out):
+        return
+    if out.is_dir():
+        raise ManifestBuildError(f"--out {out} is a folder: name the manifest file, e.g. {out / 'train.parquet'}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:  # missing folders are created at write time
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ManifestBuildError(f"cannot write manifest {out}: {folder} is a file, not a folder; {_OUT_HINT}")
+    # os.access says no on a read-only mount also for root, who may write anywhere else
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ManifestBuildError(f"cannot write manifest {out}: no permission to write in {folder}, or it is on a "
+                                 f"read-only filesystem; {_OUT_HINT}")
 
 
 def _checked_root(root: Path) -> Path:

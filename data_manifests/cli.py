@@ -1,38 +1,19 @@
 """Click commands for manifests and the Fashion-MNIST adapter (registered by common/cli.py).
 
-Expected failures (bad data, bad manifest, bad config) become a one-message
-``ClickException`` (exit 1, no traceback); anything else is a bug and keeps
-its traceback.
+Expected failures (bad data, bad manifest, bad config, an unwritable --out)
+become one message with exit 1 and no traceback (``common.cli_support.user_errors``);
+anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import click
 
-from common.config import ConfigError
-from common.images import ImageError
-from common.locations import LocationError
-from common.manifest import ManifestError
-from data_manifests.build import ManifestBuildError, build_manifest, format_manifest_info, manifest_info
-from data_manifests.fashion_mnist import FashionMnistError, prepare_fashion_mnist
-
-_EXPECTED_ERRORS = (ManifestError, ManifestBuildError, ImageError, ConfigError, FashionMnistError, LocationError)
-
-
-def _user_errors(command):
-    """Turn the errors a user can fix into a plain message without a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except _EXPECTED_ERRORS as e:
-            raise click.ClickException(str(e)) from e
-
-    return wrapper
+from common.cli_support import user_errors
+from data_manifests.build import build_manifest, format_manifest_info, manifest_info
+from data_manifests.fashion_mnist import prepare_fashion_mnist
 
 
 @click.group("manifest")
@@ -46,10 +27,10 @@ def manifest_group():
 @click.option("--skip-bad", is_flag=True, help="Record bad inputs in OUT_STEM.rejects.jsonl instead of failing.")
 @click.option("--description", default="", help="Free text stored in the manifest metadata.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-@_user_errors
 def build_command(root: Path, out: str, skip_bad: bool, description: str, progress: bool):
     """Build a manifest from an ImageFolder tree ROOT/<class>/<image>."""
-    manifest = build_manifest(root, out, skip_bad=skip_bad, description=description, progress=progress)
+    with user_errors():
+        manifest = build_manifest(root, out, skip_bad=skip_bad, description=description, progress=progress)
     click.echo(
         f"wrote {out}: {manifest.num_images} images, {manifest.num_classes} classes, "
         f"content hash {manifest.content_hash}"
@@ -60,10 +41,10 @@ def build_command(root: Path, out: str, skip_bad: bool, description: str, progre
 @click.argument("manifest")  # a path or fsspec URL; load_manifest says what is missing
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--data-root", default=None, help="Image root to report instead of the recorded one.")
-@_user_errors
 def info_command(manifest: str, as_json: bool, data_root: str | None):
     """Verify a manifest and summarise it (images, classes, sizes, hash)."""
-    info = manifest_info(manifest, data_root=data_root)
+    with user_errors():
+        info = manifest_info(manifest, data_root=data_root)
     click.echo(json.dumps(info, indent=2, ensure_ascii=False) if as_json else format_manifest_info(info))
 
 
@@ -78,9 +59,9 @@ def info_command(manifest: str, as_json: bool, data_root: str | None):
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--train-limit", type=click.IntRange(min=1), default=None, help="Class-balanced training subset size.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Class-balanced test subset size.")
-@_user_errors
 def fashion_mnist_command(source: Path, out: Path, train_limit: int | None, test_limit: int | None):
     """Convert Fashion-MNIST IDX files into PNG ImageFolder trees OUT/train and OUT/test."""
-    train_root, test_root = prepare_fashion_mnist(source, out, train_limit=train_limit, test_limit=test_limit)
+    with user_errors():
+        train_root, test_root = prepare_fashion_mnist(source, out, train_limit=train_limit, test_limit=test_limit)
     click.echo(f"train images: {train_root}\ntest images:  {test_root}")
     click.echo(f"next: pipeline manifest build {train_root} --out {out / 'train.parquet'}")

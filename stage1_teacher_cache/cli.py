@@ -11,7 +11,7 @@ import click
 
 from common.cache_format import repair_cache, verify_cache
 from common.cli_support import resolve_config, user_errors
-from common.manifest import load_manifest
+from common.manifest import check_image_files, load_manifest
 
 
 @click.command("teacher-cache")
@@ -90,10 +90,16 @@ def info_command(cache: str, as_json: bool) -> None:
 @click.option("--repair", is_flag=True,
               help="Reset the completion record of damaged shards, so that rerunning the command that wrote the "
                    "cache (teacher-cache, merge or subset) recomputes them. Not while that command runs.")
-def verify_command(cache: str, manifest: str | None, repair: bool) -> None:
+@click.option("--check-images", is_flag=True,
+              help="With --manifest: also read every image file and compare its digest (sha256) with the "
+                   "manifest's, finding files replaced after the build (reads the whole dataset; off by default).")
+def verify_command(cache: str, manifest: str | None, repair: bool, check_images: bool) -> None:
     """Check CACHE: format, completeness, per-shard checksums, probability mass. Exit 1 on any problem."""
+    if check_images and not manifest:
+        raise click.UsageError("--check-images compares the images with a manifest: give --manifest M")
     with user_errors():
-        manifest_hash = load_manifest(manifest).content_hash if manifest else None
+        loaded = load_manifest(manifest, with_digests=check_images) if manifest else None
+        manifest_hash = loaded.content_hash if loaded else None
         if repair:
             problems, reset = repair_cache(cache, manifest_hash=manifest_hash)
         else:
@@ -103,11 +109,15 @@ def verify_command(cache: str, manifest: str | None, repair: bool) -> None:
     if reset:
         raise click.ClickException(f"reset the completion record of shard(s) {reset}; rerun the command that "
                                    "wrote the cache (same arguments) to recompute them")
+    if check_images:
+        with user_errors():
+            checked = check_image_files(loaded)
     if problems:
         hint = ("rerun the command that wrote it to finish incomplete shards; `--repair` resets damaged ones"
                 if any("shard" in p for p in problems) else "the cache cannot be read as listed")
         raise click.ClickException(f"{len(problems)} problem(s) in {cache}; {hint}")
-    click.echo(f"OK: {cache} is complete and every shard matches its checksum")
+    images = f"; all {checked:,} images match {manifest}" if check_images else ""
+    click.echo(f"OK: {cache} is complete and every shard matches its checksum{images}")
 
 
 @cache_group.command("abandon-growth")

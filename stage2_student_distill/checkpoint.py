@@ -57,6 +57,7 @@ RESUME_MAY_CHANGE = frozenset(
         "optim.log_every",
         "optim.log",
         "distill.resume",
+        "distill.check_images",  # a check before training, not part of it
         "train.resume",
         # locations: a run directory or a dataset may move; what is inside is
         # checked by content (the manifest hash recorded in last.pt)

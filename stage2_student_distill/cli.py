@@ -50,6 +50,9 @@ _DISTILL_OPTIONS = {
     "--label-weight": ("distill.label_weight", dict(type=float, metavar="W",
                                                     help="Add W * cross entropy to the hard label (0: MEAL V2, no labels).")),
     "--resume": ("distill.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
+    "--check-images": ("distill.check_images", dict(is_flag=True, flag_value=True, default=None,
+                                                    help="First compare every image file's sha256 with the manifests' "
+                                                         "(finds replaced files; reads the whole dataset).")),
     # online MEAL V2: the teachers in the loop instead of a cache
     "--online": ("distill.online", dict(is_flag=True, flag_value=True, default=None,
                                         help="Run the teachers in the loop on fresh [crops] (no --cache).")),

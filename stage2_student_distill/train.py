@@ -32,7 +32,7 @@ from tqdm import tqdm
 from common.cache_format import CacheReader
 from common.config import Config
 from common.distributed import broadcast_buffers, fail_together
-from common.manifest import Manifest, load_manifest
+from common.manifest import Manifest, check_image_files, load_manifest
 from common.models import Preprocess, apply_preprocess_config, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
 from stage1_teacher_cache.teacher_eval import student_caught_up
@@ -332,9 +332,13 @@ def _setup_distill(cfg: Config) -> Job:
         required["distill.cache"] = "--cache (or --online to run the teachers in the loop)"
     _require(cfg, required)
     runtime = build_runtime(cfg.runtime)
-    manifest, val_manifest = _load_manifests(cfg)
+    manifest, val_manifest = _load_manifests(cfg, with_digests=d.check_images)
     if d.label_weight > 0:
         _require_labels(manifest, "distill.label_weight > 0 (--label-weight) adds cross entropy to the label")
+    if d.check_images:
+        with fail_together(runtime):  # each rank digests its share of the files; a mismatch stops every rank
+            for checked in (manifest, val_manifest):
+                check_image_files(checked, progress=runtime.progress, share=(runtime.rank, runtime.world_size))
     cache_path = d.cache or d.replay_cache
     cache = CacheReader(cache_path, manifest_hash=manifest.content_hash,
                         num_classes=manifest.num_classes) if cache_path else None
@@ -446,9 +450,10 @@ def _require(cfg: Config, keys: dict[str, str]) -> None:
             raise RunError(f"missing {flag} (config key {key})")
 
 
-def _load_manifests(cfg: Config) -> tuple[Manifest, Manifest]:
+def _load_manifests(cfg: Config, with_digests: bool = False) -> tuple[Manifest, Manifest]:
     root = cfg.data.data_root or None
-    manifest, val_manifest = load_manifest(cfg.data.manifest, root), load_manifest(cfg.data.val_manifest, root)
+    manifest, val_manifest = (load_manifest(cfg.data.manifest, root, with_digests),
+                              load_manifest(cfg.data.val_manifest, root, with_digests))
     if manifest.class_names != val_manifest.class_names:
         raise RunError(
             f"{cfg.data.manifest} and {cfg.data.val_manifest} have different classes "

@@ -109,11 +109,12 @@ def test_hash_is_the_documented_encoding_whatever_the_chunk_size(tree: Path, tmp
     m = build_manifest(tree, tmp_path / "m.parquet", progress=False)
     header = {"format": MANIFEST_FORMAT, "version": manifest_module.MANIFEST_VERSION,
               "hash_algorithm": manifest_module.HASH_ALGORITHM, "class_names": list(m.class_names),
-              "num_images": m.num_images}
+              "num_images": m.num_images, "hash_scheme": 2}
     table = pq.read_table(tmp_path / "m.parquet")
     whole = hashlib.sha256()
     whole.update(json.dumps(header, sort_keys=True, ensure_ascii=False).encode("utf-8"))
     whole.update(np.arange(m.num_images, dtype="<i8").tobytes() + m.labels.astype("<i4").tobytes())
+    whole.update(m.widths.astype("<i4").tobytes() + m.heights.astype("<i4").tobytes())
     whole.update("\0".join(m.paths).encode("utf-8") + "".join(table.column("sha256").to_pylist()).encode("ascii"))
     assert m.content_hash == whole.hexdigest()
     for chunk in (1, 2, 3):
