@@ -12,7 +12,7 @@ Unlabelled images (label -1) are left out and counted. Shares are percentages.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -69,17 +69,32 @@ class AgreementCounts:
         }
 
 
+def shard_top1(reader: CacheReader) -> Iterator[tuple[slice, np.ndarray]]:
+    """(image rows, ensemble top-1 per crop [rows, C]) for every shard of a complete cache, in order."""
+    for shard in range(reader.layout.num_shards):
+        start, stop = shard_bounds(shard, reader.layout.images_per_shard, reader.num_images)
+        data = reader.read_shard(shard)
+        yield slice(start, stop), crop_top1(data["topk_index"], data["topk_prob"])
+
+
 def cache_label_agreement(reader: CacheReader, labels: np.ndarray) -> dict[str, Any]:
     """Agreement of a complete cache's crops with ``labels`` (the manifest's, image id order), shard by shard."""
     labels = np.asarray(labels)
     if len(labels) != reader.num_images:
         raise ValueError(f"{len(labels)} labels for a cache of {reader.num_images} images")
     counts = AgreementCounts.zeros(reader.num_classes)
-    for shard in range(reader.layout.num_shards):
-        start, stop = shard_bounds(shard, reader.layout.images_per_shard, reader.num_images)
-        data = reader.read_shard(shard)
-        counts.add(crop_top1(data["topk_index"], data["topk_prob"]), labels[start:stop])
+    for rows, top1 in shard_top1(reader):
+        counts.add(top1, labels[rows])
     return counts.summary()
+
+
+def disagreeing_crops(reader: CacheReader, labels: np.ndarray) -> np.ndarray:
+    """Per image, how many of its crops' ensemble top-1 differ from its label (0 for unlabelled images)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    out = np.zeros(reader.num_images, np.int64)
+    for rows, top1 in shard_top1(reader):
+        out[rows] = np.where(labels[rows] >= 0, (top1 != labels[rows, None]).sum(axis=1), 0)
+    return out
 
 
 def record_label_agreement(path: str, manifest: Manifest) -> dict[str, Any]:

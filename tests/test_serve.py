@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
@@ -233,6 +234,25 @@ def test_gallery_filters_by_class(client, inputs):
     unknown = client.get("/cache?class=wasp")
     assert unknown.status_code == 400 and "unknown class 'wasp'" in _error(unknown.text)
     assert client.get("/cache?n=many").status_code == 400
+
+
+def test_gallery_filter_shows_only_crops_where_the_ensemble_disagrees_with_the_label(client, inputs):
+    rows = inputs["reader"].images(np.arange(9))
+    labels = pq.read_table(inputs["manifest"], columns=["label"]).column("label").to_pylist()
+    # the expected crops, from the stored arrays: the most probable stored class is not the label
+    expected = {i: [c + 1 for c in range(3)
+                    if rows["topk_index"][i, c, int(np.argmax(rows["topk_prob"][i, c]))] != labels[i]]
+                for i in range(9)}
+    html = client.get("/cache?n=48&disagree=1").text
+    cards = _cards(html)
+    shown = {int(re.search(r"#(\d+) ", card).group(1)): [int(n) for n in re.findall(r'alt="crop (\d+)"', card)]
+             for card in cards}
+    assert shown == {i: crops for i, crops in expected.items() if crops}
+    assert 0 < len(shown) < 9  # the fixture's random teachers agree on some images: the filter drops them
+    assert 'name="disagree" id="disagree" value="1" checked' in html
+    assert all(card.count('class="crop disagrees"') == len(shown[i]) for i, card in zip(sorted(shown), cards))
+    agreement = re.search(r'<td id="agreement">(.*?)</td>', client.get("/cache").text, flags=re.S).group(1)
+    assert "ensemble top-1" in agreement and "% of crops" in agreement
 
 
 def test_a_cache_for_another_manifest_is_shown_with_the_message_and_not_served(inputs):

@@ -125,11 +125,13 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_MB << 20) -> F
             seed = int_arg("seed", "sample", 0, *SEED_RANGE)
         except QueryError as e:
             n, seed, error = GALLERY_DEFAULT, 0, str(e)
-        ids, sample_error = view.sample(chosen, n, seed)
+        disagree = request.args.get("disagree") == "1"
+        ids, sample_error = view.sample(chosen, n, seed, disagree)
         error = error or sample_error
         return page("cache.html", 400 if error else 200, view=view, summary=view.summary(),
-                    classes=view.class_names, chosen=chosen, n=n, seed=seed, max_n=MAX_GALLERY,
-                    cards=[] if error else [view.card(i) for i in ids], error=error, student=view.student_view())
+                    classes=view.class_names, chosen=chosen, n=n, seed=seed, max_n=MAX_GALLERY, disagree=disagree,
+                    cards=[] if error else [view.card(i, disagree) for i in ids], error=error,
+                    student=view.student_view())
 
     @app.get("/runs")
     def runs():

@@ -23,6 +23,7 @@ from common.models import Preprocess
 from common.render import decode, render_crops
 from common.serve.pictures import chw_to_pil, png_data_uri
 from stage1_teacher_cache.info import cache_info, human_bytes
+from stage1_teacher_cache.label_agreement import crop_top1, disagreeing_crops
 
 # One colour per crop (matplotlib's tab10): the box on the image and the border of its crop match.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -58,6 +59,8 @@ class CacheView:
             if not problems:
                 self.info = cache_info(self.cache)
                 self.reader = CacheReader(self.cache, manifest_hash=manifest.content_hash, verify_checksums=True)
+                # per image: crops whose ensemble top-1 is not the label (the "disagrees" filter)
+                self.disagreeing = disagreeing_crops(self.reader, manifest.labels)
                 self.manifest, self._paths = manifest, ConfinedPaths(manifest)
             self.problems = problems
         except (ValueError, OSError) as e:  # a manifest that cannot be read, a cache that vanished
@@ -100,20 +103,24 @@ class CacheView:
             "bytes_per_crop": f"{i['bytes_per_crop']:.1f}" if i["bytes_per_crop"] else "n/a",
         }
 
-    def sample(self, class_name: str | None, n: int, seed: int) -> tuple[list[int], str | None]:
-        """Up to ``n`` image ids (sorted), drawn with ``seed``; only images labelled ``class_name`` if given."""
+    def sample(self, class_name: str | None, n: int, seed: int, disagree: bool = False) -> tuple[list[int], str | None]:
+        """Up to ``n`` image ids (sorted), drawn with ``seed``; only images labelled ``class_name`` if given;
+        with ``disagree`` only images with a crop whose ensemble top-1 is not the label."""
         m = self.manifest
         ids = m.image_ids
         if class_name:
             if class_name not in m.class_names:
                 return [], f"unknown class {class_name!r}; choose one of the listed classes"
             ids = ids[m.labels == m.class_names.index(class_name)]
+        if disagree:
+            ids = ids[self.disagreeing[ids] > 0]
         n = max(1, min(int(n), MAX_GALLERY))
         chosen = np.random.default_rng(seed).choice(ids, size=min(n, len(ids)), replace=False) if len(ids) else ids
         return sorted(int(i) for i in chosen), None
 
-    def card(self, image_id: int) -> dict[str, Any]:
-        """One gallery entry: the image with every crop's box, each crop as the student sees it, its top-k."""
+    def card(self, image_id: int, disagree: bool = False) -> dict[str, Any]:
+        """One gallery entry: the image with every crop's box, each crop as the student sees it, its top-k;
+        with ``disagree`` only the crops whose ensemble top-1 is not the label."""
         m, names, view = self.manifest, self.class_names, self.student_view()
         label = int(m.labels[image_id])
         card: dict[str, Any] = {"id": image_id, "path": m.paths[image_id],
@@ -129,24 +136,27 @@ class CacheView:
         except (ImageError, ValueError, OSError) as e:
             card["error"] = str(e)
             return card
-        card["overview"] = png_data_uri(_draw_boxes(chw_to_pil(image), boxes))
-        crops = render_crops(image, boxes, flips, view.size, view.interpolation)
+        top1 = crop_top1(rows["topk_index"][0], rows["topk_prob"][0])
+        shown = [c for c in range(len(boxes)) if not disagree or (label >= 0 and top1[c] != label)]
+        card["overview"] = png_data_uri(_draw_boxes(chw_to_pil(image), boxes, shown))
+        crops = render_crops(image, boxes[shown], flips[shown], view.size, view.interpolation)
         card["crops"] = [
             {"n": c + 1, "colour": COLOURS[c % len(COLOURS)], "flip": bool(flips[c]), "box": [int(v) for v in boxes[c]],
-             "uri": png_data_uri(chw_to_pil(crops[c])),
+             "uri": png_data_uri(chw_to_pil(crop)), "disagrees": bool(label >= 0 and top1[c] != label),
              "top": [(names[int(j)], float(p)) for j, p in zip(rows["topk_index"][0][c], rows["topk_prob"][0][c])]}
-            for c in range(len(boxes))
+            for c, crop in zip(shown, crops)
         ]
         return card
 
 
-def _draw_boxes(image: Image.Image, boxes) -> Image.Image:
-    """The image scaled to OVERVIEW_PX on its longer side with each box outlined and numbered."""
+def _draw_boxes(image: Image.Image, boxes, which) -> Image.Image:
+    """The image scaled to OVERVIEW_PX on its longer side with the boxes ``which`` outlined and numbered."""
     scale = OVERVIEW_PX / max(image.size)
     shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                          Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(shown)
-    for c, (x, y, w, h) in enumerate(boxes):
+    for c in which:
+        x, y, w, h = boxes[c]
         colour = COLOURS[c % len(COLOURS)]
         x0, y0 = x * scale, y * scale
         x1, y1 = (x + w) * scale - 1, (y + h) * scale - 1
