@@ -1,0 +1,104 @@
+"""Guards of a stage-2 training run (issue #26): a loss that turns non-finite, two runs into one
+run directory, an invalid device, a disk that fills up. Each through the CLI: exit 1, one line.
+
+The tiny manifests and teacher cache are test_distill's (12 images of 3 classes, batches of 4:
+3 steps an epoch, a random-init ``test_resnet`` student on the CPU).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import stage2_student_distill.losses as losses
+from common.cli import main
+from common.config import load_config
+from stage2_student_distill.metrics import read_metrics
+from test_distill import data  # noqa: F401  (the tiny manifests + cache fixture)
+
+STEPS_PER_EPOCH = 3  # 12 images, --batch-size 4
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def distill_args(data, out: Path, *extra: str) -> list[str]:
+    return ["distill", "--student", "test_resnet", "--cache", str(data["cache"]),
+            "--manifest", str(data["train"]), "--val-manifest", str(data["val"]), "--out", str(out),
+            "--epochs", "2", "--batch-size", "4", "--eval-batch-size", "8", "--lr", "0.05", "--img-size", "32",
+            "--loader", "torch", "--device", "cpu", "--seed", "0", "--num-workers", "1", "--no-progress", *extra]
+
+
+def train_args(data, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", "test_resnet",
+            "--manifest", str(data["train"]), "--val-manifest", str(data["val"]), "--out", str(out),
+            "--epochs", "2", "--batch-size", "4", "--eval-batch-size", "8", "--lr", "0.05", "--img-size", "32",
+            "--loader", "torch", "--device", "cpu", "--seed", "0", "--num-workers", "1", "--no-progress", *extra]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line_failure(result) -> str:
+    """The message of a command that failed as a user error: exit 1, one line on stderr, no traceback."""
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def epochs_on_disk(out: Path) -> tuple[list[int], int | None, int | None]:
+    """(metrics.jsonl's epochs, last.pt's epoch, best.pt's epoch); None for a file that is not there."""
+    last = torch.load(out / "last.pt", weights_only=True)["epoch"] if (out / "last.pt").exists() else None
+    best = torch.load(out / "best.pt", weights_only=True)["meta"]["epoch"] if (out / "best.pt").exists() else None
+    return [r["epoch"] for r in read_metrics(out / "metrics.jsonl")], last, best
+
+
+def nan_at_call(monkeypatch, module, name: str, call: int, poison=lambda value: value * float("nan")):
+    """Make ``module.name`` return ``poison(result)`` on its ``call``-th call (1-based) only."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def patched(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return poison(value) if calls["n"] == call else value
+
+    monkeypatch.setattr(module, name, patched)
+
+
+def all_finite(state_dict) -> bool:
+    return all(torch.isfinite(t).all() for t in state_dict.values() if t.is_floating_point())
+
+
+# --- 3. the device ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["cuda_evil", "gpu", "cuda:", "cuda:-1", "cpu:0x", "meta"])
+def test_an_invalid_device_is_a_config_error_naming_the_key_and_the_forms(tmp_path, device):
+    message = one_line_failure(cli("distill", "--device", device, "--out", str(tmp_path / "run")))
+    assert message == (f"Error: config key 'runtime.device' = {device!r}: "
+                       "use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_on_a_machine_without_it_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = one_line_failure(cli(*distill_args(data, tmp_path / "run", "--device", "cuda")))
+    assert message == "Error: runtime.device = 'cuda' but CUDA is not available here; use device = \"auto\" or \"cpu\""
+
+
+def test_a_cuda_index_beyond_the_machines_devices_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    message = one_line_failure(cli(*distill_args(data, tmp_path / "run", "--device", "cuda:2")))
+    assert message == ("Error: runtime.device = 'cuda:2' means cuda:2 here, but this machine shows 2 CUDA device(s) "
+                       "(cuda:0..cuda:1, after CUDA_VISIBLE_DEVICES); use one of those, \"cuda\" or \"auto\"")
