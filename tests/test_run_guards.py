@@ -102,3 +102,59 @@ def test_a_cuda_index_beyond_the_machines_devices_is_one_line(data, tmp_path, mo
     message = one_line_failure(cli(*distill_args(data, tmp_path / "run", "--device", "cuda:2")))
     assert message == ("Error: runtime.device = 'cuda:2' means cuda:2 here, but this machine shows 2 CUDA device(s) "
                        "(cuda:0..cuda:1, after CUDA_VISIBLE_DEVICES); use one of those, \"cuda\" or \"auto\"")
+
+
+# --- 4. a write that fails (disk full, read-only, permission) ---------------------------------------
+
+def fail_writes_of(monkeypatch, name: str, nth: int, code: int = errno.ENOSPC) -> None:
+    """Make the ``nth`` fsync of the file called ``name`` (or of its atomic temp file ``.name.*.tmp``)
+    fail with ``code``, after the bytes were written: where a full disk reports it at the latest."""
+    real, count = os.fsync, {"n": 0}
+
+    def fsync(fd):
+        target = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if target == name or target.startswith(f".{name}."):
+            count["n"] += 1
+            if count["n"] == nth:
+                raise OSError(code, os.strerror(code))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+# (file, which of its writes fails, the epoch being saved): best.pt is written first, and only when
+# validation improves (epoch 1 here); metrics.jsonl is rewritten when the run opens it, then appended.
+@pytest.mark.parametrize("name, nth, epoch", [("best.pt", 1, 1), ("metrics.jsonl", 3, 2), ("last.pt", 2, 2)])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_epoch(data, tmp_path, monkeypatch, name, nth, epoch):
+    out = tmp_path / "run"
+    fail_writes_of(monkeypatch, name, nth)
+    message = one_line_failure(cli(*distill_args(data, out)))
+    failed = f"Error: {out / name}: writing it for epoch {epoch} failed: No space left on device (disk full); "
+    if epoch == 1:
+        assert message == failed + ("epoch 1 is not saved (no earlier epoch to keep). "
+                                    "Free some space, then rerun the same command.")
+        assert epochs_on_disk(out) == ([], None, None)
+    else:
+        assert message == failed + ("epoch 2 is not saved and the run's files of epoch 1 are kept. "
+                                    "Free some space, then rerun with --resume to continue after epoch 1.")
+        # last.pt is the commit point: a metrics.jsonl line written before it failed is cut on --resume
+        assert epochs_on_disk(out) == ([1, 2] if name == "last.pt" else [1], 1, 1)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+    monkeypatch.undo()  # space freed: the rerun the message asks for completes the run
+    result = cli(*distill_args(data, out, *(["--resume"] if epoch > 1 else [])))
+    assert result.exit_code == 0, result.output
+    assert epochs_on_disk(out) == ([1, 2], 2, 1)
+
+
+@pytest.mark.parametrize("code, cause, remedy", [
+    (errno.EROFS, "Read-only file system (the filesystem is mounted read-only)",
+     "Remount it read-write or choose another --out"),
+    (errno.EACCES, "Permission denied (no write permission)", "Give this user write access or choose another --out"),
+])
+def test_a_read_only_or_forbidden_run_directory_names_the_file(data, tmp_path, monkeypatch, code, cause, remedy):
+    out = tmp_path / "run"
+    fail_writes_of(monkeypatch, "last.pt", nth=1, code=code)
+    message = one_line_failure(cli(*distill_args(data, out, "--epochs", "1")))
+    assert message == (f"Error: {out / 'last.pt'}: writing it for epoch 1 failed: {cause}; epoch 1 is not saved "
+                       f"(no earlier epoch to keep). {remedy}, then rerun the same command.")
