@@ -24,6 +24,7 @@ import stage2_student_distill.losses as losses
 from common.cli import main
 from common.config import load_config
 from stage2_student_distill.metrics import read_metrics
+from stage2_student_distill.train import NonFiniteWatch
 from test_distill import data  # noqa: F401  (the tiny manifests + cache fixture)
 
 STEPS_PER_EPOCH = 3  # 12 images, --batch-size 4
@@ -78,6 +79,104 @@ def nan_at_call(monkeypatch, module, name: str, call: int, poison=lambda value: 
 
 def all_finite(state_dict) -> bool:
     return all(torch.isfinite(t).all() for t in state_dict.values() if t.is_floating_point())
+
+
+# --- 1. a loss that turns non-finite -------------------------------------------------------------
+
+@pytest.mark.parametrize("log_every", ["1", "50"], ids=["seen-on-the-log-step", "seen-at-the-epoch-end"])
+def test_a_nan_loss_stops_the_run_naming_epoch_and_step_and_writes_nothing_after_it(data, tmp_path, monkeypatch,
+                                                                                    log_every):
+    # The KL term turns NaN on its 5th call: epoch 2, step 2 of 3. With --log-every 50 no log step
+    # comes in the epoch: the check before the epoch's writes must catch it.
+    nan_at_call(monkeypatch, losses, "kl_to_targets", STEPS_PER_EPOCH + 2)
+    out = tmp_path / "run"
+    message = one_line_failure(cli(*distill_args(data, out, "--log-every", log_every)))
+
+    assert "training stopped at epoch 2 step 2 of 3: the loss is nan" in message
+    assert "the batch's inputs and targets are finite, so the training diverged: lower the learning rate (--lr, now 0.05)" in message
+    assert f"nothing was written for epoch 2 ({out} keeps epoch 1)" in message
+    assert epochs_on_disk(out) == ([1], 1, 1)
+    assert all_finite(torch.load(out / "last.pt", weights_only=True)["model"])
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_non_finite_targets_are_named_as_the_cause(data, tmp_path, monkeypatch):
+    from stage2_student_distill.targets import CachedTargets
+
+    # epoch 1, step 3: the cache's targets for that batch are NaN (what a hostile cache would serve)
+    nan_at_call(monkeypatch, CachedTargets, "__call__", 3)
+    out = tmp_path / "run"
+    message = one_line_failure(cli(*distill_args(data, out, "--epochs", "1")))
+    assert "training stopped at epoch 1 step 3 of 3: the loss is nan; that batch's targets are not finite" in message
+    assert f"(the teacher cache {data['cache']} holds non-finite soft labels" in message
+    assert message.endswith("nothing was written for epoch 1")
+    assert epochs_on_disk(out) == ([], None, None)
+
+
+def test_pipeline_train_goes_through_the_same_guard(data, tmp_path, monkeypatch):
+    nan_at_call(monkeypatch, losses, "soft_cross_entropy", 1, poison=lambda value: value * float("inf"))
+    message = one_line_failure(cli(*train_args(data, tmp_path / "run", "--epochs", "1")))
+    assert "training stopped at epoch 1 step 1 of 3: the loss is inf" in message
+
+
+def test_an_absurd_learning_rate_stops_the_run_instead_of_saving_nan(data, tmp_path):
+    out = tmp_path / "run"
+    message = one_line_failure(cli(*distill_args(data, out, "--lr", "1e30", "--epochs", "1")))
+    # whichever comes first: a non-finite loss, or weights that overflowed on the epoch's last step
+    assert "training stopped" in message and "lower the learning rate (--lr, now 1e+30)" in message
+    assert epochs_on_disk(out) == ([], None, None)
+
+
+def test_weights_that_overflow_on_the_last_step_are_not_saved(data, tmp_path, monkeypatch):
+    import stage2_student_distill.train as train
+
+    real = train.train_one_epoch
+
+    def overflow_after(job, epoch):  # the last update left an inf weight, with every loss finite
+        result = real(job, epoch)
+        if epoch == 1:
+            with torch.no_grad():
+                next(job.student.parameters()).view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(train, "train_one_epoch", overflow_after)
+    out = tmp_path / "run"
+    message = one_line_failure(cli(*distill_args(data, out)))
+    assert "training stopped after epoch 2: the weights are not finite" in message
+    assert f"nothing was written for epoch 2 ({out} keeps epoch 1)" in message
+    assert epochs_on_disk(out) == ([1], 1, 1)
+
+
+def test_the_watch_under_fp16_loss_scaling_tolerates_skipped_steps_but_not_bad_data():
+    """What GradScaler skips (a non-finite loss from finite data) is left out of the sums, not a failure;
+    non-finite data, or a loss that never comes back, is one."""
+    finite, nan = torch.tensor([1.0, 0.5]), torch.tensor([float("nan"), 0.5])
+    images, targets = torch.zeros(2, 3), torch.full((2, 3), 1 / 3)
+    job = SimpleNamespace(cfg=load_config(None, {"optim.lr": "0.1"}), targets=None, run_dir="RUN")
+
+    watch = NonFiniteWatch(torch.device("cpu"), loss_scaling=True)
+    counted = [watch.update(step, parts, images, targets).item() for step, parts in enumerate([finite, nan, finite])]
+    assert counted == [1.0, 0.0, 1.0]
+    watch.check(job, epoch=0, steps=3)  # no failure
+
+    watch.update(3, nan, images, targets * float("nan"))
+    with pytest.raises(ValueError, match=r"epoch 1 step 4 of 9: the loss is nan; that batch's targets are not finite"):
+        watch.check(job, epoch=0, steps=9)
+
+    watch = NonFiniteWatch(torch.device("cpu"), loss_scaling=True)
+    for step in range(NonFiniteWatch.MAX_SKIPPED_IN_A_ROW):
+        watch.update(step, nan, images, targets)
+    with pytest.raises(ValueError, match=rf"step {NonFiniteWatch.MAX_SKIPPED_IN_A_ROW} of 40: .*32 steps in a row "
+                                         r"overflowed under fp16 loss scaling.*--precision bf16 or fp32"):
+        watch.check(job, epoch=0, steps=40)
+
+    # without loss scaling the first non-finite step is the failure
+    watch = NonFiniteWatch(torch.device("cpu"), loss_scaling=False)
+    watch.update(0, finite, images, targets)
+    watch.update(1, nan, images, targets)
+    watch.update(2, nan, images * float("inf"), targets)
+    with pytest.raises(ValueError, match=r"step 2 of 3: the loss is nan; the batch's inputs and targets are finite"):
+        watch.check(job, epoch=0, steps=3)
 
 
 # --- 3. the device ---------------------------------------------------------------------------------
