@@ -17,6 +17,7 @@ run's metrics exactly on the same machine.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -51,6 +52,7 @@ from stage2_student_distill.evaluate import evaluate
 from stage2_student_distill.loaders import build_loader
 from stage2_student_distill.losses import DistillObjective, HardLabelObjective, cutmix
 from stage2_student_distill.metrics_log import open_run_log
+from stage2_student_distill.run_lock import RunDirLock
 from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
 from stage2_student_distill.student import create_student
 from stage2_student_distill.targets import CachedTargets, OnlineTargets
@@ -82,6 +84,8 @@ class Job:
     cutmix_alpha: float = 1.0
     # the cache's teacher_eval when it scored the teachers on this run's validation images, else None
     teacher_eval: dict[str, Any] | None = None
+    # what the run holds until fit ends: the run directory's lock (run_lock.py)
+    held: contextlib.ExitStack | None = None
 
     @property
     def lr_pairs(self) -> list[tuple[torch.optim.Optimizer, float]]:
@@ -90,7 +94,13 @@ class Job:
 
 def fit(job: Job) -> dict[str, Any]:
     """Train ``job.student`` for the configured epochs; checkpoint every epoch and validate
-    every ``optim.eval_every`` epochs and after the last (best.pt only moves on validated epochs)."""
+    every ``optim.eval_every`` epochs and after the last (best.pt only moves on validated epochs).
+    The run directory's lock is released at the end, also when the run fails."""
+    with job.held or contextlib.nullcontext():
+        return _fit(job)
+
+
+def _fit(job: Job) -> dict[str, Any]:
     cfg, rt = job.cfg, job.runtime
     student, optimizers, scaler = unwrap(job.student), job.optimizers, job.scaler
 
@@ -395,14 +405,30 @@ def run_train(cfg: Config) -> dict[str, Any]:
 def setup(cfg: Config, command: str = "distill") -> Job:
     """Everything ``fit`` needs for `pipeline distill` (``command="distill"``) or `pipeline train`:
     runtime, manifests, run directory, student (+ discriminator), loaders, optimizers, target source."""
-    if command == "distill":
-        return _setup_distill(cfg)
-    if command == "train":
-        return _setup_train(cfg)
-    raise ValueError(f"setup: command {command!r} is not 'distill' or 'train'")
+    builders = {"distill": _setup_distill, "train": _setup_train}
+    if command not in builders:
+        raise ValueError(f"setup: command {command!r} is not 'distill' or 'train'")
+    with contextlib.ExitStack() as held:  # a failing setup releases what it took here; else fit does
+        job = builders[command](cfg, held)
+        job.held = held.pop_all()
+    return job
 
 
-def _setup_distill(cfg: Config) -> Job:
+def _take_run_dir(held: contextlib.ExitStack, out: str, cfg: Config, resume: bool, tables: tuple[str, ...],
+                  runtime: Runtime) -> Path:
+    """The run directory, locked by the rank that writes it (held until ``fit`` ends), checked, its config written.
+
+    Checked before the lock too, so that a refused request (a URL, --resume of nothing) creates nothing;
+    the check that counts is the one under the lock (another run may have written last.pt meanwhile).
+    """
+    with fail_together(runtime):
+        if runtime.is_main:
+            prepare_run_dir(out, cfg.to_dict(), resume, tables, write=False)
+            held.enter_context(RunDirLock(out))
+        return prepare_run_dir(out, cfg.to_dict(), resume, tables, write=runtime.is_main)
+
+
+def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
     d = cfg.distill
     required = {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "distill.out": "--out"}
     if d.replay_cache and not d.online:
@@ -421,8 +447,7 @@ def _setup_distill(cfg: Config) -> Job:
                         num_classes=manifest.num_classes) if cache_path else None
     # Fresh online crops depend on [crops]; cached and replayed ones on the cache alone.
     tables = DISTILL_TABLES + (("crops",) if cache is None else ())
-    with fail_together(runtime):
-        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, tables, write=runtime.is_main)
+    run_dir = _take_run_dir(held, d.out, cfg, d.resume, tables, runtime)
 
     m = d.crops_per_image
     meta_extra: dict[str, Any] = {}
@@ -467,7 +492,7 @@ def _teacher_eval_on(cache: CacheReader | None, val_manifest: Manifest) -> dict[
     return None
 
 
-def _setup_train(cfg: Config) -> Job:
+def _setup_train(cfg: Config, held: contextlib.ExitStack) -> Job:
     t = cfg.train
     _require(cfg, {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "train.out": "--out"})
     runtime = build_runtime(cfg.runtime)
@@ -475,8 +500,7 @@ def _setup_train(cfg: Config) -> Job:
     unlabeled = int((manifest.labels < 0).sum())
     if unlabeled:
         raise RunError(f"{manifest.path}: {unlabeled} images have no label (-1); `pipeline train` needs every label")
-    with fail_together(runtime):
-        run_dir = prepare_run_dir(t.out, cfg.to_dict(), t.resume, TRAIN_TABLES, write=runtime.is_main)
+    run_dir = _take_run_dir(held, t.out, cfg, t.resume, TRAIN_TABLES, runtime)
 
     seed_everything(cfg.runtime.seed)
     model, preprocess = create_model(

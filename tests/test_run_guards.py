@@ -179,6 +179,62 @@ def test_the_watch_under_fp16_loss_scaling_tolerates_skipped_steps_but_not_bad_d
         watch.check(job, epoch=0, steps=3)
 
 
+# --- 2. one run per run directory ----------------------------------------------------------------
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from stage2_student_distill.run_lock import RunDirLock
+    lock = RunDirLock(sys.argv[1])
+    print("held", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_second_run_into_a_locked_run_directory_is_refused_naming_the_holder(data, tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        message = one_line_failure(cli(*distill_args(data, out, "--epochs", "1")))
+        assert f"{out} is in use by another run (pid {holder.pid} on host {socket.gethostname()} since " in message
+        assert "wait for it to finish or stop it, or choose another --out" in message
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed holder's run.lock stays behind; the kernel released its flock, so it blocks nothing.
+    assert json.loads((out / "run.lock").read_text())["pid"] == holder.pid
+    result = cli(*distill_args(data, out, "--epochs", "1"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_the_lock_is_held_for_the_whole_run_and_released_after_it(data, tmp_path, monkeypatch):
+    """While a run trains, taking its directory fails (as a second process would); after the run,
+    and after a failed run, the directory is free again (a --resume in the same process works)."""
+    import stage2_student_distill.train as train
+    from stage2_student_distill.checkpoint import RunError
+    from stage2_student_distill.run_lock import RunDirLock
+
+    out, seen = tmp_path / "run", []
+    real, real_kl = train.train_one_epoch, losses.kl_to_targets
+
+    def try_to_take(job, epoch):
+        with pytest.raises(RunError, match=f"is in use by another run \\(pid {os.getpid()} on host"):
+            RunDirLock(out)
+        seen.append(epoch)
+        return real(job, epoch)
+
+    monkeypatch.setattr(train, "train_one_epoch", try_to_take)
+    nan_at_call(monkeypatch, losses, "kl_to_targets", STEPS_PER_EPOCH + 1)  # fails in epoch 2
+    one_line_failure(cli(*distill_args(data, out)))
+    monkeypatch.setattr(losses, "kl_to_targets", real_kl)
+    result = cli(*distill_args(data, out, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert seen == [0, 1, 1] and epochs_on_disk(out)[:2] == ([1, 2], 2)
+    RunDirLock(out).release()
+
+
 # --- 3. the device ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["cuda_evil", "gpu", "cuda:", "cuda:-1", "cpu:0x", "meta"])
