@@ -50,10 +50,11 @@ def cli(*args: str):
 
 
 def one_line_failure(result) -> str:
-    """The message of a command that failed as a user error: exit 1, one line on stderr, no traceback."""
+    """The message of a command that failed as a user error: exit 1, one line on stderr (besides the
+    run's own warnings, e.g. random-weight teachers), no traceback."""
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     return lines[0]
 
@@ -111,6 +112,18 @@ def test_non_finite_targets_are_named_as_the_cause(data, tmp_path, monkeypatch):
     assert f"(the teacher cache {data['cache']} holds non-finite soft labels" in message
     assert message.endswith("nothing was written for epoch 1")
     assert epochs_on_disk(out) == ([], None, None)
+
+
+def test_online_teachers_that_output_nan_are_named_as_the_cause(data, tmp_path, monkeypatch):
+    from stage2_student_distill.targets import OnlineTargets
+
+    nan_at_call(monkeypatch, OnlineTargets, "__call__", 2)  # epoch 1, step 2: the ensemble's mean softmax
+    args = [a for a in distill_args(data, tmp_path / "run", "--epochs", "1") if a != "--cache" and a != str(data["cache"])]
+    message = one_line_failure(cli(*args, "--online", "--teachers", "test_resnet", "--teacher-input-size",
+                                   "test_resnet=32", "--no-teacher-pretrained"))
+    assert message == ("Error: training stopped at epoch 1 step 2 of 3: the loss is nan; that batch's targets are not "
+                       "finite (the online teachers output non-finite probabilities: check their weights, "
+                       "--teacher-weights); nothing was written for epoch 1")
 
 
 def test_pipeline_train_goes_through_the_same_guard(data, tmp_path, monkeypatch):
