@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -285,7 +286,8 @@ def _validate_table(table: str, t: Any) -> None:
 
     if table == "runtime":
         need(t.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "use auto, fp32, bf16 or fp16")
-        need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "device", "use auto, cpu, cuda or cuda:N")
+        # exactly the forms build_runtime handles; any other ("cuda_evil", "meta") would end in a traceback
+        need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "device", "use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
         seed("seed")
         at_least(0, "num_workers")
         need(t.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")

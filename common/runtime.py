@@ -123,6 +123,14 @@ def build_runtime(cfg: RuntimeConfig, init_distributed: bool = True) -> Runtime:
             )
         if device.type == "cuda" and world_size > 1:
             device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(
+            f"runtime.device = {cfg.device!r} means cuda:{device.index or 0} here, but this machine shows {count} "
+            f"CUDA device(s) (cuda:0..cuda:{count - 1}, after CUDA_VISIBLE_DEVICES); "
+            + (f"under torchrun each local rank takes cuda:LOCAL_RANK: start at most {count} processes per node"
+               if world_size > 1 else "use one of those, \"cuda\" or \"auto\"")
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True

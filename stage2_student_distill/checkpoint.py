@@ -19,9 +19,11 @@ crops, CutMix, dropout) is seeded from (seed, epoch, step).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -146,14 +148,51 @@ def prepare_run_dir(out: str | Path, cfg: dict[str, Any], resume: bool, tables: 
     elif last.exists():
         raise RunError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it, or choose another --out")
     if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(config_path, cfg)
+        with writing(config_path):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(config_path, cfg)
     return run_dir
+
+
+# errno -> (what it means, what to do); anything else: "Fix the cause".
+_WRITE_REMEDIES = {
+    errno.ENOSPC: ("disk full", "Free some space"),
+    errno.EDQUOT: ("quota exceeded", "Free some space"),
+    errno.EROFS: ("the filesystem is mounted read-only", "Remount it read-write or choose another --out"),
+    errno.EACCES: ("no write permission", "Give this user write access or choose another --out"),
+    errno.EPERM: ("no write permission", "Give this user write access or choose another --out"),
+}
+
+
+def write_failure(path: str | Path, e: OSError, epoch: int | None) -> str:
+    """One line for a failed write of ``path`` while saving ``epoch`` (None: before training):
+    the file, the cause, what is kept and how to go on (as stage 1 words its shards' failures)."""
+    meaning, remedy = _WRITE_REMEDIES.get(e.errno, (None, "Fix the cause"))
+    cause = f"{e.strerror or e}" + (f" ({meaning})" if meaning else "")
+    if epoch is None:
+        return f"{path}: writing it failed: {cause}. {remedy}, then rerun the same command."
+    if epoch == 1:
+        return (f"{path}: writing it for epoch 1 failed: {cause}; epoch 1 is not saved (no earlier epoch to keep). "
+                f"{remedy}, then rerun the same command.")
+    return (f"{path}: writing it for epoch {epoch} failed: {cause}; epoch {epoch} is not saved and the run's files "
+            f"of epoch {epoch - 1} are kept. {remedy}, then rerun with --resume to continue after epoch {epoch - 1}.")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, epoch: int | None = None) -> Iterator[None]:
+    """Turn an OSError while writing ``path`` (disk full, read-only, permission) into a :class:`RunError`
+    naming the file. Earlier files stay intact: checkpoints are written atomically, metrics.jsonl's
+    half-written line is cut off (``MetricsLog.append``)."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(write_failure(path, e, epoch)) from e
 
 
 def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Model-only checkpoint: ``{"model": state_dict, "meta": meta}``."""
-    atomic_torch_save(path, {"model": unwrap(model).state_dict(), "meta": meta})
+    with writing(path, meta.get("epoch")):
+        atomic_torch_save(path, {"model": unwrap(model).state_dict(), "meta": meta})
 
 
 def save_training_state(
@@ -168,18 +207,19 @@ def save_training_state(
     best_top1: float,
 ) -> None:
     """last.pt: ``epoch`` is the number of completed epochs (where a resume starts)."""
-    atomic_torch_save(
-        path,
-        {
-            "model": unwrap(model).state_dict(),
-            "meta": meta,
-            "discriminator": unwrap(discriminator).state_dict() if discriminator is not None else None,
-            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "best_top1": best_top1,
-        },
-    )
+    with writing(path, epoch):
+        atomic_torch_save(
+            path,
+            {
+                "model": unwrap(model).state_dict(),
+                "meta": meta,
+                "discriminator": unwrap(discriminator).state_dict() if discriminator is not None else None,
+                "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+                "scaler": scaler.state_dict(),
+                "epoch": epoch,
+                "best_top1": best_top1,
+            },
+        )
 
 
 def load_training_state(

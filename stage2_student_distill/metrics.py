@@ -15,6 +15,7 @@ trained again and must not appear twice.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -42,7 +43,16 @@ class MetricsLog:
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = memoryview((json.dumps(record) + "\n").encode())
+        with open(self.path, "ab", buffering=0) as f:  # unbuffered: nothing left to flush after a failure
+            end = f.seek(0, os.SEEK_END)
+            try:
+                while line:  # a raw write may take part of the line
+                    line = line[f.write(line):]
+                os.fsync(f.fileno())
+            except OSError:
+                # A full disk can take part of the line (or all of it, unsynced): cut it off, so the
+                # file stays whole JSON lines for the resume that follows (truncating frees, never needs, space).
+                with contextlib.suppress(OSError):
+                    f.truncate(end)
+                raise

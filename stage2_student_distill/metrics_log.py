@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError
+from stage2_student_distill.checkpoint import writing
 from stage2_student_distill.metrics import MetricsLog
 
 # metrics.jsonl key -> TensorBoard tag, for the keys that are not train_<part> / val_<metric>
@@ -48,6 +49,7 @@ def _summary_writer():
 
 class TensorBoardLog:
     def __init__(self, run_dir: Path, completed_epochs: int):
+        self.path = run_dir  # its event files are written in the run directory itself
         self.writer = _summary_writer()(log_dir=str(run_dir), purge_step=completed_epochs + 1)
 
     def append(self, record: dict[str, Any]) -> None:
@@ -67,7 +69,8 @@ class RunLog:
 
     def append(self, record: dict[str, Any]) -> None:
         for sink in self.sinks:
-            sink.append(record)
+            with writing(sink.path, record["epoch"]):  # a full disk: one line naming the file
+                sink.append(record)
 
 
 def open_run_log(run_dir: str | Path, completed_epochs: int, log: str, write: bool = True) -> RunLog | None:
@@ -82,7 +85,8 @@ def open_run_log(run_dir: str | Path, completed_epochs: int, log: str, write: bo
     if not write:
         return None
     run_dir = Path(run_dir)
-    sinks: list[Any] = [MetricsLog(run_dir / "metrics.jsonl", completed_epochs=completed_epochs)]
+    with writing(run_dir / "metrics.jsonl"):  # cut back to the completed epochs: rewrites the file
+        sinks: list[Any] = [MetricsLog(run_dir / "metrics.jsonl", completed_epochs=completed_epochs)]
     if log == "tensorboard":
         sinks.append(TensorBoardLog(run_dir, completed_epochs))
     return RunLog(sinks)

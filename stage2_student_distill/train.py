@@ -17,6 +17,7 @@ run's metrics exactly on the same machine.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -51,6 +52,7 @@ from stage2_student_distill.evaluate import evaluate
 from stage2_student_distill.loaders import build_loader
 from stage2_student_distill.losses import DistillObjective, HardLabelObjective, cutmix
 from stage2_student_distill.metrics_log import open_run_log
+from stage2_student_distill.run_lock import RunDirLock
 from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
 from stage2_student_distill.student import create_student
 from stage2_student_distill.targets import CachedTargets, OnlineTargets, WithHardLabels
@@ -94,6 +96,8 @@ class Job:
     cutmix_alpha: float = 1.0
     # the cache's teacher_eval when it scored the teachers on this run's validation images, else None
     teacher_eval: dict[str, Any] | None = None
+    # what the run holds until fit ends: the run directory's lock (run_lock.py)
+    held: contextlib.ExitStack | None = None
 
     @property
     def lr_pairs(self) -> list[tuple[torch.optim.Optimizer, float]]:
@@ -102,7 +106,13 @@ class Job:
 
 def fit(job: Job) -> dict[str, Any]:
     """Train ``job.student`` for the configured epochs; checkpoint every epoch and validate
-    every ``optim.eval_every`` epochs and after the last (best.pt only moves on validated epochs)."""
+    every ``optim.eval_every`` epochs and after the last (best.pt only moves on validated epochs).
+    The run directory's lock is released at the end, also when the run fails."""
+    with job.held or contextlib.nullcontext():
+        return _fit(job)
+
+
+def _fit(job: Job) -> dict[str, Any]:
     cfg, rt = job.cfg, job.runtime
     student, optimizers, scaler = unwrap(job.student), job.optimizers, job.scaler
 
@@ -126,6 +136,8 @@ def fit(job: Job) -> dict[str, Any]:
         epoch_start = time.perf_counter()
         train = train_one_epoch(job, epoch)
         broadcast_buffers(rt, job.student, job.discriminator)  # the model rank 0 saves is every rank's
+        with fail_together(rt):
+            check_weights_finite(job, epoch)  # before validating and writing anything of this epoch
         validate = (epoch + 1) % cfg.optim.eval_every == 0 or epoch + 1 == cfg.optim.epochs
         val = evaluate(student, job.val_loader, rt) if validate else None
         record = {
@@ -209,6 +221,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     )
     online = getattr(job.targets, "kind", None) == "online"
     clock = Clock(job.targets.seconds() if online else 0.0)
+    watch = NonFiniteWatch(rt.device, loss_scaling=scaler.is_enabled())
     for step, batch in enumerate(job.train_loader.epoch(epoch)):
         clock.fetched()
         set_learning_rates(lr_pairs, lr_factor(cfg.optim, epoch, step, steps))
@@ -226,14 +239,19 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
             optimizer.zero_grad(set_to_none=True)
 
         n = images.shape[0]
-        sums[:-1] += parts * n
-        sums[-1] += n
+        counted = watch.update(step, parts, images, targets) * n  # 0 for a step the loss scaler skipped
+        sums[:-1] += torch.where(counted > 0, parts * n, 0.0)
+        sums[-1] += counted
         bar.update(n)
         if (step + 1) % cfg.optim.log_every == 0:
+            with fail_together(rt):
+                watch.check(job, epoch, steps)
             times = clock.split(job.targets.seconds()) if online else None
             log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock.start, times)
         clock.stepped()
     bar.close()
+    with fail_together(rt):
+        watch.check(job, epoch, steps)  # before the epoch's losses count or anything is written
     elapsed = time.perf_counter() - clock.start
     if rt.distributed:
         torch.distributed.all_reduce(sums)
@@ -266,16 +284,112 @@ class Clock:
         return {"teacher_s": teacher, "student_s": max(time.perf_counter() - self.start - self.waited - teacher, 0.0)}
 
 
+class NonFiniteWatch:
+    """Which step of an epoch first had a non-finite loss, and why, recorded on the device.
+
+    Asking ``loss.isfinite()`` on the host every step would make the host wait for
+    the GPU every step; instead each step folds its verdict into a few device
+    tensors (no sync), and :meth:`check` reads them in one sync on log steps and
+    at the epoch's end, before anything of the epoch is counted or written.
+
+    Under fp16 loss scaling (``GradScaler``), a step whose loss is not finite has
+    non-finite gradients, so the scaler skips it (no update) and lowers its
+    scale: the weights are intact, and that is not a failure. It is left out of
+    the loss sums (``update`` returns 0). It is one when the batch itself is not
+    finite (no scale fixes data), or after ``MAX_SKIPPED_IN_A_ROW`` skips in a
+    row (the forward pass overflows fp16, which a gradient scale cannot cure).
+    """
+
+    MAX_SKIPPED_IN_A_ROW = 32  # the scale has been halved 32 times: 2**16 -> 2**-16
+    TARGETS, INPUTS = 1, 2  # bits of ``cause``
+
+    def __init__(self, device: torch.device, loss_scaling: bool):
+        self.loss_scaling = loss_scaling
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.first_step = zero - 1  # the first failed step (0-based), -1 while none
+        self.cause = zero.clone()  # TARGETS | INPUTS of that step's batch
+        self.loss = zero.clone()  # that step's loss (nan, inf or -inf)
+        self.skipped_in_a_row = zero.clone()
+
+    def update(self, step: int, parts: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Fold in one step (``parts``: its detached loss parts); 1.0 if its losses count, else 0.0 (device)."""
+        finite = torch.isfinite(parts).all()
+        cause = _not_finite(targets) * self.TARGETS + _not_finite(images) * self.INPUTS
+        if self.loss_scaling:
+            self.skipped_in_a_row = torch.where(finite, 0.0, self.skipped_in_a_row + 1)
+            failed = ~finite & ((cause > 0) | (self.skipped_in_a_row >= self.MAX_SKIPPED_IN_A_ROW))
+        else:
+            failed = ~finite
+        new = failed & (self.first_step < 0)
+        self.first_step = torch.where(new, float(step), self.first_step)
+        self.cause = torch.where(new, cause, self.cause)
+        self.loss = torch.where(new, parts[0].double(), self.loss)
+        return finite.double()
+
+    def check(self, job: Job, epoch: int, steps: int) -> None:
+        """Raise (one sync) if a step so far failed, naming the epoch, the step and the likely cause."""
+        first_step, cause, loss = torch.stack([self.first_step, self.cause, self.loss]).tolist()
+        if first_step < 0:
+            return
+        raise RunError(
+            f"training stopped at epoch {epoch + 1} step {int(first_step) + 1} of {steps}: the loss is {loss}; "
+            f"{self._likely_cause(job, int(cause))}; nothing was written for epoch {epoch + 1}"
+            + (f" ({job.run_dir} keeps epoch {epoch})" if epoch else "")  # the epochs before this one
+        )
+
+    def _likely_cause(self, job: Job, cause: int) -> str:
+        if cause & self.TARGETS:
+            kind = getattr(job.targets, "kind", None)
+            if kind == "cached":
+                source = (f" (the teacher cache {job.cfg.distill.cache} holds non-finite soft labels: "
+                          "rebuild it; `pipeline cache verify` names damaged shards)")
+            elif kind == "online":
+                source = " (the online teachers output non-finite probabilities: check their weights, --teacher-weights)"
+            else:
+                source = ""
+            return "that batch's targets are not finite" + source
+        if cause & self.INPUTS:
+            return "that batch's input images are not finite after normalisation (check preprocess.mean/std)"
+        lr = f"lower the learning rate (--lr, now {job.cfg.optim.lr:g})"
+        if self.loss_scaling:
+            return (f"{self.MAX_SKIPPED_IN_A_ROW} steps in a row overflowed under fp16 loss scaling (the scaler "
+                    f"skipped them; the forward pass exceeds fp16's range): train with --precision bf16 or fp32, or {lr}")
+        return f"the batch's inputs and targets are finite, so the training diverged: {lr}" + (
+            ", or warm up (--warmup-epochs)" if not job.cfg.optim.warmup_epochs else "")
+
+
+def _not_finite(batch: torch.Tensor) -> torch.Tensor:
+    """1.0 if ``batch`` holds a NaN or an infinity, else 0.0, on its device.
+
+    One float32 sum instead of ``isfinite().all()`` (a bool copy of the batch: about 30x slower
+    on the CPU for a 64 x 224 x 224 batch, measured): a NaN or an inf anywhere makes the
+    sum non-finite, and sums of normalised pixels or probabilities cannot overflow.
+    """
+    return (~torch.isfinite(batch.sum(dtype=torch.float32))).double()
+
+
+def check_weights_finite(job: Job, epoch: int) -> None:
+    """Refuse to validate or save weights that are not finite (one sync per epoch).
+
+    A finite loss whose update overflowed leaves such weights after the epoch's
+    last step, and no later loss of the epoch shows it.
+    """
+    modules = [m for m in (job.student, job.discriminator) if m is not None]
+    tensors = [t for m in modules for t in unwrap(m).state_dict().values() if t.is_floating_point()]
+    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    raise RunError(
+        f"training stopped after epoch {epoch + 1}: the weights are not finite (the last step's update "
+        f"overflowed) although every loss of the epoch was; lower the learning rate (--lr, now {job.cfg.optim.lr:g}); "
+        f"nothing was written for epoch {epoch + 1}" + (f" ({job.run_dir} keeps epoch {epoch})" if epoch else "")
+    )
+
+
 def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, start: float,
              times: dict[str, float] | None = None) -> None:
     """Running means of this rank's losses: on the bar, or as a line when progress is off."""
     values = sums.tolist()
     means = {name: v / max(values[-1], 1.0) for name, v in zip(job.objective.parts, values[:-1])}
-    if not all(math.isfinite(v) for v in means.values()):
-        raise RunError(
-            f"training diverged at epoch {epoch + 1} step {step + 1} (loss {means['loss']}); "
-            f"lower the learning rate (--lr, now {job.cfg.optim.lr})"
-        )
     text = " ".join(f"{name} {value:.4f}" for name, value in means.items()) + f" lr {lr:.3g}"
     if times:  # online: where the step time goes
         text += f" teacher {times['teacher_s']:.1f}s student {times['student_s']:.1f}s"
@@ -312,14 +426,30 @@ def run_train(cfg: Config) -> dict[str, Any]:
 def setup(cfg: Config, command: str = "distill") -> Job:
     """Everything ``fit`` needs for `pipeline distill` (``command="distill"``) or `pipeline train`:
     runtime, manifests, run directory, student (+ discriminator), loaders, optimizers, target source."""
-    if command == "distill":
-        return _setup_distill(cfg)
-    if command == "train":
-        return _setup_train(cfg)
-    raise ValueError(f"setup: command {command!r} is not 'distill' or 'train'")
+    builders = {"distill": _setup_distill, "train": _setup_train}
+    if command not in builders:
+        raise ValueError(f"setup: command {command!r} is not 'distill' or 'train'")
+    with contextlib.ExitStack() as held:  # a failing setup releases what it took here; else fit does
+        job = builders[command](cfg, held)
+        job.held = held.pop_all()
+    return job
 
 
-def _setup_distill(cfg: Config) -> Job:
+def _take_run_dir(held: contextlib.ExitStack, out: str, cfg: Config, resume: bool, tables: tuple[str, ...],
+                  runtime: Runtime) -> Path:
+    """The run directory, locked by the rank that writes it (held until ``fit`` ends), checked, its config written.
+
+    Checked before the lock too, so that a refused request (a URL, --resume of nothing) creates nothing;
+    the check that counts is the one under the lock (another run may have written last.pt meanwhile).
+    """
+    with fail_together(runtime):
+        if runtime.is_main:
+            prepare_run_dir(out, cfg.to_dict(), resume, tables, write=False)
+            held.enter_context(RunDirLock(out))
+        return prepare_run_dir(out, cfg.to_dict(), resume, tables, write=runtime.is_main)
+
+
+def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
     d = cfg.distill
     required = {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "distill.out": "--out"}
     if d.replay_cache and not d.online:
@@ -342,8 +472,7 @@ def _setup_distill(cfg: Config) -> Job:
     cache_path = d.cache or d.replay_cache
     cache = CacheReader(cache_path, manifest_hash=manifest.content_hash,
                         num_classes=manifest.num_classes) if cache_path else None
-    with fail_together(runtime):
-        run_dir = prepare_run_dir(d.out, cfg.to_dict(), d.resume, result_tables(cfg.to_dict()), write=runtime.is_main)
+    run_dir = _take_run_dir(held, d.out, cfg, d.resume, result_tables(cfg.to_dict()), runtime)
 
     m = d.crops_per_image
     meta_extra: dict[str, Any] = {}
@@ -397,14 +526,13 @@ def _teacher_eval_on(cache: CacheReader | None, val_manifest: Manifest) -> dict[
     return None
 
 
-def _setup_train(cfg: Config) -> Job:
+def _setup_train(cfg: Config, held: contextlib.ExitStack) -> Job:
     t = cfg.train
     _require(cfg, {"data.manifest": "--manifest", "data.val_manifest": "--val-manifest", "train.out": "--out"})
     runtime = build_runtime(cfg.runtime)
     manifest, val_manifest = _load_manifests(cfg)
     _require_labels(manifest, "`pipeline train` trains on the labels")
-    with fail_together(runtime):
-        run_dir = prepare_run_dir(t.out, cfg.to_dict(), t.resume, TRAIN_TABLES, write=runtime.is_main)
+    run_dir = _take_run_dir(held, t.out, cfg, t.resume, TRAIN_TABLES, runtime)
 
     seed_everything(cfg.runtime.seed)
     model, preprocess = create_model(
