@@ -93,11 +93,14 @@ def info_command(cache: str, as_json: bool) -> None:
 def verify_command(cache: str, manifest: str | None, repair: bool) -> None:
     """Check CACHE: format, completeness, per-shard checksums, probability mass. Exit 1 on any problem."""
     with user_errors():
-        manifest_hash = load_manifest(manifest).content_hash if manifest else None
+        loaded = load_manifest(manifest) if manifest else None
+        # a cache that cannot be opened at all is one error line, not a "problem" list
+        scope = dict(manifest_hash=loaded and loaded.content_hash, manifest_images=loaded and loaded.num_images,
+                     report_unopenable=False)
         if repair:
-            problems, reset = repair_cache(cache, manifest_hash=manifest_hash)
+            problems, reset = repair_cache(cache, **scope)
         else:
-            problems, reset = verify_cache(cache, manifest_hash=manifest_hash), []
+            problems, reset = verify_cache(cache, **scope), []
     for problem in problems:
         click.echo(f"PROBLEM: {problem}", err=True)
     if reset:

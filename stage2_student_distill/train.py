@@ -322,7 +322,7 @@ def _setup_distill(cfg: Config) -> Job:
     runtime = build_runtime(cfg.runtime)
     manifest, val_manifest = _load_manifests(cfg)
     cache_path = d.cache or d.replay_cache
-    cache = CacheReader(cache_path, manifest_hash=manifest.content_hash,
+    cache = CacheReader(cache_path, manifest_hash=manifest.content_hash, manifest_images=manifest.num_images,
                         num_classes=manifest.num_classes) if cache_path else None
     # Fresh online crops depend on [crops]; cached and replayed ones on the cache alone.
     tables = DISTILL_TABLES + (("crops",) if cache is None else ())
