@@ -198,27 +198,34 @@ def cache_files(location: str | Path) -> dict[str, int]:
     with lstat only (never following a link) and anything but a regular file or folder, or a
     folder nested deeper than any cache's, is refused by name; object stores hold only objects,
     sized by their listing."""
+    return _walk(location)[0]
+
+
+def _walk(location: str | Path) -> tuple[dict[str, int], list[str]]:
+    """(cache_files, the folders' relative names); no folders on an object store."""
     root = local_path(location)
     if root is None:
-        return file_sizes(location)
+        return file_sizes(location), []
     files: dict[str, int] = {}
+    folders: list[str] = []
     pending = [(root, "")]
     while pending:  # iterative: a tree 2,000 folders deep must not recurse
         folder, prefix = pending.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
                 name = prefix + entry.name
-                mode = entry.stat(follow_symlinks=False).st_mode
-                if stat.S_ISDIR(mode):
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
                     if name.count("/") + 1 >= MAX_TREE_DEPTH:
                         raise CacheError(f"{location}: {name} is nested deeper than any cache's files "
                                          f"({MAX_TREE_DEPTH} levels); this is not a cache written by this tool")
+                    folders.append(name)
                     pending.append((Path(entry.path), name + "/"))
-                elif stat.S_ISREG(mode):
-                    files[name] = entry.stat(follow_symlinks=False).st_size
+                elif stat.S_ISREG(st.st_mode):
+                    files[name] = st.st_size
                 else:
-                    raise _not_regular(location, name, mode)
-    return dict(sorted(files.items()))
+                    raise _not_regular(location, name, st.st_mode)
+    return dict(sorted(files.items())), folders
 
 
 def describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -330,7 +337,9 @@ def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
         _attr(attrs, key, dict, path)
     teachers = _attr(attrs, "teachers", list, path)
     for i, teacher in enumerate(teachers):
-        _attr({"t": teacher}, "t.name", str, f"{path}: teachers[{i}]")
+        if not isinstance(teacher, dict) or not isinstance(teacher.get("name"), str):
+            raise CacheError(f"{path}: zarr.json: cache attribute 'teachers[{i}]' = {_shown(teacher)} must be an "
+                             "object with a string 'name'; this is not a cache written by this tool")
     growing = attrs.get("growing")
     if growing is not None and growing is not False:
         _attr(attrs, "growing", dict, path)
@@ -351,8 +360,8 @@ def _check_array_metadata(arr, name: str, path: str | Path) -> None:
     if meta.storage_transformers:
         raise CacheError(f"{path}: {name}/zarr.json declares storage_transformers, which this tool never writes")
     if meta.fill_value != 0:
-        raise CacheError(f"{path}: {name}/zarr.json has fill_value {_shown(meta.fill_value)}; this tool writes 0 "
-                         "(a missing record must read as 'incomplete')")
+        raise CacheError(f"{path}: {name}/zarr.json has fill_value {_shown(np.asarray(meta.fill_value).item())}; this "
+                         "tool writes 0 (an absent chunk must read as zeros, an absent record as 'incomplete')")
     encoding = meta.chunk_key_encoding
     if encoding.name != "default" or getattr(encoding, "separator", "/") != "/":
         raise CacheError(f"{path}: {name}/zarr.json has chunk key encoding {encoding.to_dict()}; this tool writes "
@@ -374,7 +383,7 @@ class _BoundedZstdCodec(ZstdCodec):
     def _bounded_decode(self, data: np.ndarray, expected: int) -> np.ndarray:
         declared = zstd_content_size(data)
         if declared != expected:
-            raise ValueError(f"zstd frame declares {declared if declared is not None else 'no'} decoded bytes, "
+            raise ValueError(f"zstd frame declares {'no' if declared is None else f'{declared:,}'} decoded bytes, "
                              f"the chunk holds {expected:,}")
         out = np.empty(expected, np.uint8)
         self._zstd_codec.decode(data, out=out)  # numcodecs refuses (concatenated) frames needing more
@@ -412,9 +421,15 @@ def max_chunk_file_bytes(chunks: tuple[int, ...], dtype: np.dtype) -> int:
     return decoded + (decoded >> 8) + (128 << 10 >> 11) + 4 + 1024
 
 
-def _check_chunk_files(files: dict[str, int], layout: CacheLayout, path: str | Path) -> None:
-    """Refuse a chunk file larger than its array's chunk can be compressed (the store reads it whole)."""
-    limits = {name: max_chunk_file_bytes(chunks, dtype) for name, (_, chunks, dtype) in layout.array_specs().items()}
+def _check_chunk_files(files: dict[str, int], folders: list[str], layout: CacheLayout, path: str | Path) -> None:
+    """Refuse a folder where a chunk file belongs, and a chunk file larger than its array's chunk can
+    be compressed to (the store reads a chunk file whole)."""
+    specs = layout.array_specs()
+    for name in folders:
+        parts = name.split("/")
+        if parts[0] in specs and parts[1:2] == ["c"] and len(parts) == 2 + len(specs[parts[0]][1]):
+            raise _not_regular(path, name, stat.S_IFDIR)
+    limits = {name: max_chunk_file_bytes(chunks, dtype) for name, (_, chunks, dtype) in specs.items()}
     for name, size in files.items():
         array, sep, rest = name.partition("/")
         if array in limits and rest.startswith("c/") and size > limits[array]:
@@ -442,6 +457,8 @@ def _check_arrays(group: zarr.Group, layout: CacheLayout, path: str | Path) -> d
             arr = group[name]
         except KeyError:
             raise CacheError(f"{path}: array {name} is missing") from None
+        except Exception as e:  # zarr refusing the metadata (an unknown codec, transformer or type)
+            raise CacheError(f"{path}: {name}/zarr.json: not an array this tool reads ({cause_text(e, 160)})") from e
         found = (tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype))
         if found != (shape, chunks, dtype):
             raise CacheError(
@@ -695,8 +712,8 @@ class CacheReader:
             _check_not_growing(self.attrs, self.path)
         self._check_manifest(manifest_hash, manifest_images, num_classes)
         self.arrays = _check_arrays(group, self.layout, self.path)
-        self.files = cache_files(self.path)
-        _check_chunk_files(self.files, self.layout, self.path)
+        self.files, folders = _walk(self.path)
+        _check_chunk_files(self.files, folders, self.layout, self.path)
         present = _present_shards(self.files, self.layout.num_shards)
         # {shard: why its record is unreadable}; only `verify` asks for a report instead of an error
         self.unreadable_records: dict[int, str] = {}
