@@ -162,8 +162,9 @@ def _read_metadata(location: str | Path, key: str) -> Any:
         size = st.st_size
     else:
         fs, root = filesystem(location)
+        remote_key = f"{root.rstrip('/')}/{key}"
         try:
-            size = int(fs.size(f"{root.rstrip('/')}/{key}"))
+            size = int(fs.size(remote_key))
         except FileNotFoundError:
             return None
     if size > MAX_METADATA_BYTES:
@@ -177,7 +178,7 @@ def _read_metadata(location: str | Path, key: str) -> Any:
         with os.fdopen(fd, "rb") as f:
             data = f.read(MAX_METADATA_BYTES + 1)
     else:
-        data = filesystem(location)[0].cat_file(f"{filesystem(location)[1].rstrip('/')}/{key}")
+        data = fs.cat_file(remote_key)
     if len(data) > MAX_METADATA_BYTES:
         raise CacheError(f"{where}: grew past the {MAX_METADATA_BYTES:,}-byte metadata limit while being read")
     return load_json_bounded(data, where)
