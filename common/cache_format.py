@@ -26,15 +26,23 @@ it is an ordinary cache with the new crop count and a ``grown`` history.
 
 A cache location is a local directory, a ``file://`` URL (opened as a local
 directory) or any other fsspec URL (``s3://``, ``gs://``, ``memory://``...).
-Opening a cache from a stranger is bounded: its JSON metadata has a size limit,
-and its arrays must have exactly the shapes, chunks, dtypes and codecs this
-module writes, so no read allocates more than one shard.
+Opening a cache from a stranger is bounded: every file a reader opens must be a
+regular file (checked with lstat: a symlink, FIFO or device is refused by
+name) under a size limit, its JSON metadata is parsed with a depth limit, the
+attributes are validated by type and range (``_check_attrs``, the one place),
+its arrays must have exactly the shapes, chunks, dtypes and codecs this module
+writes, and each zstd frame is decoded into a buffer of the declared chunk
+size, so no read allocates more than one shard. Per-shard work iterates over
+the record files present, so its cost follows what is on disk, not what the
+attributes declare (docs/reliability.md).
 """
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
+import stat
 import threading
 import uuid
 import zlib
@@ -47,9 +55,11 @@ import numpy as np
 import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer.cpu import as_numpy_array_wrapper
+from zarr.registry import get_pipeline_class
 
 from common.errors import PipelineError, cause_text
-from common.locations import filesystem, local_path
+from common.locations import file_sizes, filesystem, local_path
 from common.runtime import to_device
 
 FORMAT_NAME = "meal-v2-teacher-cache"
@@ -66,6 +76,15 @@ MAX_METADATA_BYTES = 16 << 20  # per zarr.json; a 1000-class cache's is ~20 KB
 MAX_CHUNK_BYTES = 256 << 20  # one shard of one array, decoded; ImageNet at C=32, k=100 needs 13 MB
 MAX_CACHED_BYTES = 1 << 30  # a reader's shard LRU, whatever the shard size
 ALLOWED_CODECS = frozenset({"bytes", "zstd", "crc32c"})  # what CacheWriter writes
+CODEC_CHAIN = ("bytes", "zstd", "crc32c")  # ... in this order, each once
+# Sane maxima of the declared layout, stated once; the writer is held to them too.
+MAX_IMAGES = (1 << 31) - 1  # image ids are int32 in places (loaders, DALI sample ids)
+MAX_CROPS = 1 << 12  # MEAL V2 / FKD use at most a few hundred crops per image
+MAX_CLASSES = 1 << 20  # dense targets are [batch, classes] float32: 1M classes is 4 MB per row already
+MAX_SHARDS = 1 << 20  # per-shard bookkeeping ([shards, 5] records) stays <= 20 MB; ImageNet has ~1,300
+MAX_DECLARED_BYTES = 1 << 44  # 16 TiB decoded: 50x ImageNet-21k at C=32, k=100
+MAX_JSON_DEPTH = 32  # a cache's attributes nest ~6 deep; the json module and == recurse per level
+MAX_TREE_DEPTH = 8  # deepest cache file: .grow-staging/topk_prob/c/S/0/0 (6 parts)
 
 
 class CacheError(PipelineError):
@@ -100,29 +119,114 @@ def _open_group(path: str | Path, mode: str) -> zarr.Group:
     return zarr.open_group(store=_store(path), mode=mode, zarr_format=3)
 
 
-def _metadata_size(location: str | Path, key: str) -> int | None:
-    """Size of one metadata file of the store, None if absent."""
-    path = local_path(location)
-    if path is not None:
-        target = path / key
-        return target.stat().st_size if target.is_file() else None
-    fs, root = filesystem(location)
+def _file_kind(mode: int) -> str:
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def _not_regular(location: str | Path, name: str, mode: int) -> CacheError:
+    # lstat, never stat: a link to /dev/zero or a FIFO would make the read endless
+    return CacheError(f"{location}: {name} is {_file_kind(mode)}, not a regular file; a cache holds only regular "
+                      "files and folders (refusing to follow or open it): this is not a cache written by this tool")
+
+
+def load_json_bounded(data: bytes, where: str) -> Any:
+    """Parsed JSON, refusing nesting deeper than MAX_JSON_DEPTH (before the json module or a later
+    comparison recurses into a RecursionError) and non-JSON; errors name ``where``."""
     try:
-        return int(fs.size(f"{root.rstrip('/')}/{key}"))
-    except FileNotFoundError:
-        return None
+        parsed = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the interpreter's limit
+        raise CacheError(f"{where}: not valid JSON ({cause_text(e, 120)})") from None
+    level = [parsed]
+    for depth in range(MAX_JSON_DEPTH + 1):  # breadth-first, one level at a time: no recursion
+        level = [v for x in level if isinstance(x, (dict, list)) for v in (x.values() if isinstance(x, dict) else x)]
+        if not level:
+            return parsed
+    raise CacheError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels; this is not metadata written by "
+                     "this tool")
 
 
-def _check_metadata_sizes(location: str | Path) -> None:
-    """Refuse oversized JSON before zarr parses it (a forged zarr.json could exhaust memory)."""
+def _read_metadata(location: str | Path, key: str) -> Any:
+    """One metadata file of the store, parsed (None if absent): a regular file (lstat) of at most
+    MAX_METADATA_BYTES, checked before a byte is read or zarr parses it."""
+    path = local_path(location)
+    where = f"{location}: {key}"
+    if path is not None:
+        try:
+            st = os.lstat(path / key)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(location, key, st.st_mode)
+        size = st.st_size
+    else:
+        fs, root = filesystem(location)
+        remote_key = f"{root.rstrip('/')}/{key}"
+        try:
+            size = int(fs.size(remote_key))
+        except FileNotFoundError:
+            return None
+    if size > MAX_METADATA_BYTES:
+        raise CacheError(
+            f"{location}: {key} is {size:,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit for cache "
+            "metadata; this is not a cache written by this tool"
+        )
+    if path is not None:
+        # O_NOFOLLOW | O_NONBLOCK: a file swapped for a link or FIFO since the lstat is refused, not followed
+        fd = os.open(path / key, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(MAX_METADATA_BYTES + 1)
+    else:
+        data = fs.cat_file(remote_key)
+    if len(data) > MAX_METADATA_BYTES:
+        raise CacheError(f"{where}: grew past the {MAX_METADATA_BYTES:,}-byte metadata limit while being read")
+    return load_json_bounded(data, where)
+
+
+def _check_metadata(location: str | Path) -> dict[str, Any]:
+    """Every metadata file present, checked and parsed: {key: JSON}. Refuses oversized, special or
+    too deeply nested files before zarr parses them (a forged zarr.json could exhaust memory)."""
+    found = {}
     for name in ("", *DATA_ARRAYS, RECORD_ARRAY):
         key = f"{name}/zarr.json" if name else "zarr.json"
-        size = _metadata_size(location, key)
-        if size is not None and size > MAX_METADATA_BYTES:
-            raise CacheError(
-                f"{location}: {key} is {size:,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit for cache "
-                "metadata; this is not a cache written by this tool"
-            )
+        found[key] = _read_metadata(location, key)
+    return found
+
+
+def cache_files(location: str | Path) -> dict[str, int]:
+    """``{relative POSIX name: size}`` of every file of a cache, sorted. Locally the tree is walked
+    with lstat only (never following a link) and anything but a regular file or folder, or a
+    folder nested deeper than any cache's, is refused by name; object stores hold only objects,
+    sized by their listing."""
+    return _walk(location)[0]
+
+
+def _walk(location: str | Path) -> tuple[dict[str, int], list[str]]:
+    """(cache_files, the folders' relative names); no folders on an object store."""
+    root = local_path(location)
+    if root is None:
+        return file_sizes(location), []
+    files: dict[str, int] = {}
+    folders: list[str] = []
+    pending = [(root, "")]
+    while pending:  # iterative: a tree 2,000 folders deep must not recurse
+        folder, prefix = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = prefix + entry.name
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if name.count("/") + 1 >= MAX_TREE_DEPTH:
+                        raise CacheError(f"{location}: {name} is nested deeper than any cache's files "
+                                         f"({MAX_TREE_DEPTH} levels); this is not a cache written by this tool")
+                    folders.append(name)
+                    pending.append((Path(entry.path), name + "/"))
+                elif stat.S_ISREG(st.st_mode):
+                    files[name] = st.st_size
+                else:
+                    raise _not_regular(location, name, st.st_mode)
+    return dict(sorted(files.items())), folders
 
 
 def describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -147,14 +251,22 @@ class CacheLayout:
         return max(1, -(-self.num_images // self.images_per_shard))
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> "CacheLayout":
+    def from_attrs(cls, attrs: dict[str, Any], path: str | Path = "cache") -> "CacheLayout":
+        """The layout the attributes declare, each value checked by type and range (_int_attr)."""
+        num_classes = _int_attr(attrs, "num_classes", 1, MAX_CLASSES, path)
         return cls(
-            num_images=int(attrs["manifest"]["num_images"]),
-            num_crops=int(attrs["crops"]["num_crops"]),
-            topk=int(attrs["storage"]["k"]),
-            num_classes=int(attrs["num_classes"]),
-            images_per_shard=int(attrs["storage"]["images_per_shard"]),
+            num_images=_int_attr(attrs, "manifest.num_images", 0, MAX_IMAGES, path),
+            num_crops=_int_attr(attrs, "crops.num_crops", 1, MAX_CROPS, path),
+            topk=_int_attr(attrs, "storage.k", 1, num_classes, path),
+            num_classes=num_classes,
+            images_per_shard=_int_attr(attrs, "storage.images_per_shard", 1, MAX_IMAGES, path),
         )
+
+    @property
+    def declared_bytes(self) -> int:
+        """Decoded size of the four data arrays."""
+        per_crop = 4 * 4 + 1 + self.topk * (index_dtype(self.num_classes).itemsize + 2)
+        return self.num_images * self.num_crops * per_crop
 
     def array_specs(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], np.dtype]]:
         """name -> (shape, chunks, dtype) of every array: one chunk per shard along axis 0."""
@@ -170,22 +282,172 @@ class CacheLayout:
         }
 
 
+def _attr(attrs: dict[str, Any], dotted: str, kind: type | tuple[type, ...], path: str | Path) -> Any:
+    """``attrs["a"]["b"]`` for ``"a.b"``, refused by name when missing or not of ``kind``."""
+    value: Any = attrs
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} is missing; this is not a complete "
+                             "teacher cache written by this tool")
+        value = value[part]
+    # bool is an int in Python: `true` must not read as 1
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} = {_shown(value)} must be {names}; "
+                         "this is not a cache written by this tool")
+    return value
+
+
+def _int_attr(attrs: dict[str, Any], dotted: str, lo: int, hi: int, path: str | Path) -> int:
+    value = _attr(attrs, dotted, int, path)
+    if not lo <= value <= hi:
+        raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} = {value:,} is outside {lo:,}..{hi:,}; "
+                         "this is not a cache written by this tool")
+    return value
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _layout(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
     """The layout the attributes promise, refusing malformed or absurd values."""
-    try:
-        layout = CacheLayout.from_attrs(attrs)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CacheError(f"{path}: malformed cache attributes ({type(e).__name__}: {e})") from e
+    layout = CacheLayout.from_attrs(attrs, path)
     L = layout
-    if L.num_images < 0 or L.num_crops < 1 or L.images_per_shard < 1 or not 1 <= L.topk <= L.num_classes:
-        raise CacheError(
-            f"{path}: impossible layout in the attributes ({L.num_images} images, {L.num_crops} crops, "
-            f"k {L.topk} of {L.num_classes} classes, {L.images_per_shard} images per shard)"
-        )
     chunk_bytes = L.images_per_shard * L.num_crops * max(4, L.topk) * 4
     if chunk_bytes > MAX_CHUNK_BYTES:
         raise CacheError(f"{path}: a shard would decode to {chunk_bytes:,} bytes, over the {MAX_CHUNK_BYTES:,} limit")
+    if L.num_shards > MAX_SHARDS:
+        raise CacheError(f"{path}: {L.num_images:,} images at {L.images_per_shard:,} per shard make {L.num_shards:,} "
+                         f"shards, over the {MAX_SHARDS:,}-shard limit; use at least "
+                         f"{-(-L.num_images // MAX_SHARDS):,} images per shard")
+    if L.declared_bytes > MAX_DECLARED_BYTES:
+        raise CacheError(f"{path}: the attributes declare {L.declared_bytes:,} bytes of soft labels, over the "
+                         f"{MAX_DECLARED_BYTES:,}-byte limit")
     return layout
+
+
+def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
+    """The one validation of a cache's attributes by type and range; returns the layout they declare.
+    Checks what readers index into (identity, teachers, growth marker); descriptive attributes are
+    only displayed."""
+    _check_format(attrs, path)
+    _attr(attrs, "manifest.hash", str, path)
+    for key in ("ensemble", "storage", "crops"):
+        _attr(attrs, key, dict, path)
+    teachers = _attr(attrs, "teachers", list, path)
+    for i, teacher in enumerate(teachers):
+        if not isinstance(teacher, dict) or not isinstance(teacher.get("name"), str):
+            raise CacheError(f"{path}: zarr.json: cache attribute 'teachers[{i}]' = {_shown(teacher)} must be an "
+                             "object with a string 'name'; this is not a cache written by this tool")
+    growing = attrs.get("growing")
+    if growing is not None and growing is not False:
+        _attr(attrs, "growing", dict, path)
+        _int_attr(attrs, "growing.from_crops", 1, MAX_CROPS, path)
+        _int_attr(attrs, "growing.to_crops", 1, MAX_CROPS, path)
+    return _layout(attrs, path)
+
+
+def _check_array_metadata(arr, name: str, path: str | Path) -> None:
+    """Codecs, fill value, storage transformers and chunk key encoding exactly as CacheWriter writes them."""
+    codecs = [codec.to_dict()["name"] for codec in arr.metadata.codecs]
+    if not set(codecs) <= ALLOWED_CODECS:
+        raise CacheError(f"{path}: array {name} uses codecs {sorted(set(codecs) - ALLOWED_CODECS)}, "
+                         f"which this tool never writes (it writes {sorted(ALLOWED_CODECS)})")
+    if tuple(codecs) != CODEC_CHAIN:
+        raise CacheError(f"{path}: array {name} has codecs {codecs}; this tool writes exactly {list(CODEC_CHAIN)}")
+    meta = arr.metadata
+    if meta.storage_transformers:
+        raise CacheError(f"{path}: {name}/zarr.json declares storage_transformers, which this tool never writes")
+    if meta.fill_value != 0:
+        raise CacheError(f"{path}: {name}/zarr.json has fill_value {_shown(np.asarray(meta.fill_value).item())}; this "
+                         "tool writes 0 (an absent chunk must read as zeros, an absent record as 'incomplete')")
+    encoding = meta.chunk_key_encoding
+    if encoding.name != "default" or getattr(encoding, "separator", "/") != "/":
+        raise CacheError(f"{path}: {name}/zarr.json has chunk key encoding {encoding.to_dict()}; this tool writes "
+                         "the default one with '/'")
+
+
+class _BoundedZstdCodec(ZstdCodec):
+    """zstd that decodes a chunk only into a buffer of the chunk's declared size.
+
+    numcodecs would allocate whatever a frame header declares (a 67 KB frame can declare 2 GB) and
+    stream frames that declare nothing; here the frame must declare exactly the chunk's size and is
+    decoded into that many bytes, so a bomb fails before any large allocation."""
+
+    def _decode_sync(self, chunk_bytes, chunk_spec):
+        expected = int(np.prod(chunk_spec.shape)) * chunk_spec.dtype.to_native_dtype().itemsize
+        return as_numpy_array_wrapper(lambda data: self._bounded_decode(data, expected), chunk_bytes,
+                                      chunk_spec.prototype)
+
+    def _bounded_decode(self, data: np.ndarray, expected: int) -> np.ndarray:
+        declared = zstd_content_size(data)
+        if declared != expected:
+            raise ValueError(f"zstd frame declares {'no' if declared is None else f'{declared:,}'} decoded bytes, "
+                             f"the chunk holds {expected:,}")
+        out = np.empty(expected, np.uint8)
+        self._zstd_codec.decode(data, out=out)  # numcodecs refuses (concatenated) frames needing more
+        return out
+
+
+def zstd_content_size(frame: np.ndarray | bytes) -> int | None:
+    """The decoded size a zstd frame header declares (RFC 8878, 3.1.1.1); None when absent."""
+    head = bytes(frame[:18])
+    if len(head) < 6 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = head[4]
+    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    if size == 0:
+        return None
+    at = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    field = head[at : at + size]
+    if len(field) < size:
+        return None
+    return int.from_bytes(field, "little") + (256 if size == 2 else 0)
+
+
+def _bound_decoding(arr) -> None:
+    """Swap the array's zstd codec for the bounded one (reads only; encoding is the same)."""
+    codecs = [_BoundedZstdCodec(level=c.level, checksum=c.checksum) if isinstance(c, ZstdCodec) else c
+              for c in arr.metadata.codecs]
+    object.__setattr__(arr.async_array, "codec_pipeline", get_pipeline_class().from_codecs(codecs))
+
+
+def max_chunk_file_bytes(chunks: tuple[int, ...], dtype: np.dtype) -> int:
+    """Largest file a legitimate chunk can be: zstd's worst case (ZSTD_compressBound: + 1/256 + 128 KB
+    margins for small inputs) plus the 4-byte crc32c, with slack."""
+    decoded = int(np.prod(chunks)) * dtype.itemsize
+    return decoded + (decoded >> 8) + (128 << 10 >> 11) + 4 + 1024
+
+
+def _check_chunk_files(files: dict[str, int], folders: list[str], layout: CacheLayout, path: str | Path) -> None:
+    """Refuse a folder where a chunk file belongs, and a chunk file larger than its array's chunk can
+    be compressed to (the store reads a chunk file whole)."""
+    specs = layout.array_specs()
+    for name in folders:
+        parts = name.split("/")
+        if parts[0] in specs and parts[1:2] == ["c"] and len(parts) == 2 + len(specs[parts[0]][1]):
+            raise _not_regular(path, name, stat.S_IFDIR)
+    limits = {name: max_chunk_file_bytes(chunks, dtype) for name, (_, chunks, dtype) in specs.items()}
+    for name, size in files.items():
+        array, sep, rest = name.partition("/")
+        if array in limits and rest.startswith("c/") and size > limits[array]:
+            raise CacheError(f"{path}: {name} is {size:,} bytes, more than a chunk of array {array} can occupy "
+                             f"({limits[array]:,} bytes); this is not a cache written by this tool")
+
+
+def _present_shards(files: dict[str, int], num_shards: int) -> np.ndarray:
+    """Shards whose completion record file exists (sorted): the only records worth reading."""
+    found = []
+    for name in files:
+        parts = name.split("/")
+        if len(parts) == 4 and parts[:2] == [RECORD_ARRAY, "c"] and parts[3] == "0" and parts[2].isdigit():
+            shard = int(parts[2])
+            if shard < num_shards:
+                found.append(shard)
+    return np.array(sorted(found), dtype=np.int64)
 
 
 def _check_arrays(group: zarr.Group, layout: CacheLayout, path: str | Path) -> dict[str, Any]:
@@ -196,16 +458,16 @@ def _check_arrays(group: zarr.Group, layout: CacheLayout, path: str | Path) -> d
             arr = group[name]
         except KeyError:
             raise CacheError(f"{path}: array {name} is missing") from None
+        except Exception as e:  # zarr refusing the metadata (an unknown codec, transformer or type)
+            raise CacheError(f"{path}: {name}/zarr.json: not an array this tool reads ({cause_text(e, 160)})") from e
         found = (tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype))
         if found != (shape, chunks, dtype):
             raise CacheError(
                 f"{path}: array {name} has shape {found[0]}, chunks {found[1]}, dtype {found[2]}; "
                 f"the attributes imply {shape}, {chunks}, {dtype}"
             )
-        codecs = {codec.to_dict()["name"] for codec in arr.metadata.codecs}
-        if not codecs <= ALLOWED_CODECS:
-            raise CacheError(f"{path}: array {name} uses codecs {sorted(codecs - ALLOWED_CODECS)}, "
-                             f"which this tool never writes (it writes {sorted(ALLOWED_CODECS)})")
+        _check_array_metadata(arr, name, path)
+        _bound_decoding(arr)
         arrays[name] = arr
     return arrays
 
@@ -214,7 +476,10 @@ def _check_format(attrs: dict[str, Any], path: str | Path) -> None:
     fmt, ver = attrs.get("format"), attrs.get("version")
     if fmt != FORMAT_NAME:
         raise CacheError(f"{path}: not a teacher cache (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
-    if not isinstance(ver, int) or ver > FORMAT_VERSION:
+    if isinstance(ver, bool) or not isinstance(ver, int):
+        raise CacheError(f"{path}: zarr.json: cache attribute 'version' = {_shown(ver)} must be an integer; "
+                         "this is not a cache written by this tool")
+    if ver > FORMAT_VERSION:
         raise CacheError(
             f"{path}: cache format version {ver!r} is newer than this tool reads (v{FORMAT_VERSION}); "
             "upgrade the pipeline package to read it"
@@ -238,14 +503,14 @@ def _check_not_growing(attrs: dict[str, Any], path: str | Path) -> None:
 
 def open_attrs(path: str | Path) -> dict[str, Any]:
     """The group attributes at ``path``; {} where there is no group (or one without attributes)."""
-    local = local_path(path)
-    if local is not None and not (local / "zarr.json").is_file():
-        return {}
     try:
-        _check_metadata_sizes(path)
-        return dict(_open_group(path, mode="r").attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        meta = _read_metadata(path, "zarr.json")
+    except (FileNotFoundError, NotADirectoryError):
         return {}
+    if not isinstance(meta, dict) or meta.get("node_type") != "group":
+        return {}
+    attrs = meta.get("attributes")
+    return dict(attrs) if isinstance(attrs, dict) else {}
 
 
 def put_attrs(path: str | Path, attrs: dict[str, Any]) -> None:
@@ -265,6 +530,7 @@ class CacheWriter:
             self._create_remote(wanted)
         elif not (local.exists() and any(local.iterdir())):
             self._create_local(local, wanted)
+        _check_metadata(self.path)
         group = _open_group(self.path, mode="r+")
         found = dict(group.attrs)
         if not found:
@@ -272,7 +538,7 @@ class CacheWriter:
                 f"{self.path}: exists but has no cache attributes (another writer may be creating it, or a "
                 "creation was interrupted; if no other run is writing it, delete it and rerun)"
             )
-        _check_format(found, self.path)
+        _check_attrs(found, self.path)
         _check_not_growing(found, self.path)
         diffs = describe_difference(found, wanted)
         if diffs:
@@ -370,14 +636,21 @@ def round_down_fp16(prob) -> np.ndarray:
     return p16
 
 
-def _read_records(arr, path: str) -> np.ndarray:
+def _read_records(arr, path: str, present: np.ndarray | None = None) -> np.ndarray:
     """Shard records. "Incomplete" means a record that is absent (it reads as the fill value 0)
     or not marked done; a record that cannot be *read* is an error, never "incomplete": a
-    transient object-store failure must stop the run, not make it recompute finished shards."""
+    transient object-store failure must stop the run, not make it recompute finished shards.
+    With ``present`` (the shards whose record file exists) only those are read: the cost follows
+    the files on disk, not the shard count the attributes declare."""
     try:
-        return np.asarray(arr[:])
+        if present is None:
+            return np.asarray(arr[:])
+        records = np.zeros(arr.shape, dtype=np.uint32)
+        if present.size:
+            records[present] = np.asarray(arr.get_orthogonal_selection((present, slice(None))))
+        return records
     except Exception as e:
-        unreadable = _unreadable_records(arr)[1]
+        unreadable = _unreadable_records(arr, present)[1]
         shards = f"shard(s) {sorted(unreadable)[:5]}" if unreadable else "the records"
         raise CacheError(
             f"{path}: cannot read the completion record of {shards} ({cause_text(e)}). If the storage failed "
@@ -386,16 +659,16 @@ def _read_records(arr, path: str) -> np.ndarray:
         ) from e
 
 
-def _unreadable_records(arr) -> tuple[np.ndarray, dict[int, str]]:
-    """Records read one by one: (records with unreadable rows zeroed, {shard: why unreadable})."""
-    rows, unreadable = [], {}
-    for s in range(arr.shape[0]):
+def _unreadable_records(arr, present: np.ndarray | None = None) -> tuple[np.ndarray, dict[int, str]]:
+    """Records read one by one (those of ``present`` only, when given): (records with unreadable
+    and absent rows zeroed, {shard: why unreadable})."""
+    records, unreadable = np.zeros(arr.shape, dtype=np.uint32), {}
+    for s in range(arr.shape[0]) if present is None else present.tolist():
         try:
-            rows.append(np.asarray(arr[s : s + 1])[0])
+            records[s] = np.asarray(arr[s : s + 1])[0]
         except Exception as e:
             unreadable[s] = cause_text(e, 120)
-            rows.append(np.zeros(arr.shape[1], dtype=np.uint32))
-    return np.stack(rows), unreadable
+    return records, unreadable
 
 
 class CacheReader:
@@ -414,6 +687,7 @@ class CacheReader:
         manifest_hash: str | None = None,
         num_classes: int | None = None,
         require_complete: bool = True,
+        manifest_images: int | None = None,
         max_cached_shards: int = 64,
         verify_checksums: bool = False,
         _report_unreadable_records: bool = False,
@@ -423,38 +697,31 @@ class CacheReader:
         local = local_path(self.path)
         if local is not None and not local.exists():
             raise CacheError(f"teacher cache {self.path} does not exist; build it with `pipeline teacher-cache`")
+        # Cheapest checks first, each before the work it protects: metadata files (kind, size, nesting)
+        # before zarr parses them, the attributes' types and ranges before anything is sized by them,
+        # the manifest before the tree is listed, chunk file sizes before any chunk is read.
+        _check_metadata(self.path)
         try:
-            _check_metadata_sizes(self.path)
             group = _open_group(self.path, mode="r")
-        except CacheError:
-            raise
         except Exception as e:
             raise CacheError(f"{self.path}: not a readable Zarr v3 teacher cache ({cause_text(e, 300)})") from e
         self.attrs = dict(group.attrs)
-        _check_format(self.attrs, self.path)
+        self.layout = _check_attrs(self.attrs, self.path)
         # Only the grower and `cache info` look inside a cache mid-grow, and only before its swap
         # (during it, its arrays and attributes disagree).
         if not _while_growing or (self.attrs.get("growing") or {}).get("phase") == "swapping":
             _check_not_growing(self.attrs, self.path)
-        self.layout = _layout(self.attrs, self.path)
+        self._check_manifest(manifest_hash, manifest_images, num_classes)
         self.arrays = _check_arrays(group, self.layout, self.path)
-        if manifest_hash is not None and self.attrs["manifest"]["hash"] != manifest_hash:
-            raise CacheError(
-                f"{self.path}: built for manifest {self.attrs['manifest']['hash'][:16]}... "
-                f"({self.attrs['manifest']['num_images']} images) but the given manifest is {manifest_hash[:16]}...; "
-                "pass the manifest the cache was built from, or rebuild the cache for this manifest"
-            )
-        if num_classes is not None and self.layout.num_classes != num_classes:
-            raise CacheError(
-                f"{self.path}: cache has {self.layout.num_classes} classes but {num_classes} were expected; "
-                "the student's class count must equal the teachers'"
-            )
+        self.files, folders = _walk(self.path)
+        _check_chunk_files(self.files, folders, self.layout, self.path)
+        present = _present_shards(self.files, self.layout.num_shards)
         # {shard: why its record is unreadable}; only `verify` asks for a report instead of an error
         self.unreadable_records: dict[int, str] = {}
         if _report_unreadable_records:
-            self.records, self.unreadable_records = _unreadable_records(self.arrays[RECORD_ARRAY])
+            self.records, self.unreadable_records = _unreadable_records(self.arrays[RECORD_ARRAY], present)
         else:
-            self.records = _read_records(self.arrays[RECORD_ARRAY], self.path)
+            self.records = _read_records(self.arrays[RECORD_ARRAY], self.path, present)
         self.complete = self.records[:, 0] == 1
         if require_complete and not self.complete.all():
             missing = np.flatnonzero(~self.complete)
@@ -467,6 +734,25 @@ class CacheReader:
         self._lock = threading.Lock()  # the LRU is shared by the loader's planning thread and its caller
         self._max_cached = max_cached_shards
         self._cached_bytes = 0
+
+    def _check_manifest(self, manifest_hash: str | None, manifest_images: int | None, num_classes: int | None) -> None:
+        L = self.layout
+        if manifest_hash is not None and self.attrs["manifest"]["hash"] != manifest_hash:
+            raise CacheError(
+                f"{self.path}: built for manifest {self.attrs['manifest']['hash'][:16]}... "
+                f"({L.num_images} images) but the given manifest is {manifest_hash[:16]}...; "
+                "pass the manifest the cache was built from, or rebuild the cache for this manifest"
+            )
+        if manifest_images is not None and L.num_images != manifest_images:
+            raise CacheError(
+                f"{self.path}: zarr.json declares {L.num_images:,} images but the manifest has {manifest_images:,}; "
+                "the cache does not belong to this manifest: rebuild it with `pipeline teacher-cache`"
+            )
+        if num_classes is not None and L.num_classes != num_classes:
+            raise CacheError(
+                f"{self.path}: cache has {L.num_classes} classes but {num_classes} were expected; "
+                "the student's class count must equal the teachers'"
+            )
 
     @property
     def num_images(self) -> int:
@@ -510,6 +796,16 @@ class CacheReader:
                     f"{self.path}: shard {shard} array {altered[0]}: checksum mismatch (file altered or damaged); "
                     "run `pipeline cache verify --repair` and rebuild the damaged shards"
                 )
+        # Every read, not only verify's: a shard that passes its checksum can still hold NaN or
+        # out-of-range classes (written so, or forged with a matching record); training on it
+        # would give NaN weights or an index error, so it is refused as verify refuses it.
+        invalid = target_problems(data["topk_index"], data["topk_prob"], self.num_classes)
+        if invalid:
+            raise CacheError(
+                f"{self.path}: shard {shard} (images {start}..{stop - 1}): {invalid[0]}; run `pipeline cache verify "
+                f"--repair {self.path}`, then rerun the command that wrote the cache (e.g. `pipeline teacher-cache`, "
+                "same arguments) to recompute it"
+            )
         self._shards[shard] = data
         self._cached_bytes += sum(a.nbytes for a in data.values())
         while len(self._shards) > 1 and (len(self._shards) > self._max_cached or self._cached_bytes > MAX_CACHED_BYTES):
@@ -578,11 +874,31 @@ def restore_targets(topk_index, topk_prob, num_classes: int, device=None) -> tor
     return dense / dense.sum(-1, keepdim=True)
 
 
+MASS_TOLERANCE = 1e-2  # float16 top-k rounded down sums to <= 1; allow for other writers' rounding
+
+
+def target_problems(topk_index: np.ndarray | None, topk_prob: np.ndarray | None, num_classes: int) -> list[str]:
+    """What makes stored targets unusable for training, in one vectorised pass per array: NaN,
+    infinite or negative probabilities, top-k mass above 1, class indices outside 0..classes-1.
+    ``verify`` reports these; every shard read for training refuses them."""
+    problems = []
+    if topk_prob is not None:
+        prob = np.asarray(topk_prob, dtype=np.float32)
+        mass = prob.sum(-1)
+        if not np.isfinite(mass).all() or (prob < 0).any() or (mass > 1.0 + MASS_TOLERANCE).any():
+            problems.append("probability mass outside [0, 1] (NaN, infinite, negative or above 1)")
+    if topk_index is not None:
+        index = np.asarray(topk_index)
+        if index.size and (index.max() >= num_classes or index.min() < 0):
+            problems.append(f"class index outside 0..{num_classes - 1} (num_classes {num_classes})")
+    return problems
+
+
 def _shard_problems(reader: CacheReader, shard: int) -> list[str]:
     """Problems of one shard that claims to be complete: unreadable, altered or impossible data."""
     L, record = reader.layout, reader.records[shard]
     start, stop = shard_bounds(shard, L.images_per_shard, L.num_images)
-    problems = []
+    problems, sound = [], {}
     for j, name in enumerate(DATA_ARRAYS):
         try:
             data = np.asarray(reader.arrays[name][start:stop])
@@ -592,51 +908,66 @@ def _shard_problems(reader: CacheReader, shard: int) -> list[str]:
         if _checksum(data) != record[1 + j]:
             problems.append(f"shard {shard} array {name}: checksum mismatch (file altered or damaged)")
             continue
-        if name == "topk_prob":
-            mass = data.astype(np.float32).sum(-1)
-            if (data < 0).any() or (mass > 1.0 + 1e-2).any() or not np.isfinite(mass).all():
-                problems.append(f"shard {shard}: probability mass outside [0, 1]")
-        if name == "topk_index" and (data.astype(np.int64) >= L.num_classes).any():
-            problems.append(f"shard {shard}: class index >= num_classes ({L.num_classes})")
+        sound[name] = data
+    problems += [f"shard {shard}: {p}" for p in target_problems(sound.get("topk_index"), sound.get("topk_prob"),
+                                                                  L.num_classes)]
     return problems
 
 
-def _scan(path: str | Path, manifest_hash: str | None) -> tuple[list[str], list[int]]:
-    """(every problem, the complete shards that are damaged)."""
+# verify lists incomplete shards one by one up to this many, then summarises (a forged shard count
+# must not become a million lines)
+LISTED_INCOMPLETE = 20
+
+
+def _scan(path: str | Path, manifest_hash: str | None, manifest_images: int | None = None,
+          report_unopenable: bool = True) -> tuple[list[str], list[int]]:
+    """(every problem, the complete shards that are damaged). Per-shard work is over the shards
+    with a record on disk; the others are incomplete, summarised past LISTED_INCOMPLETE."""
     try:
-        reader = CacheReader(path, manifest_hash=manifest_hash, require_complete=False, _report_unreadable_records=True)
+        reader = CacheReader(path, manifest_hash=manifest_hash, manifest_images=manifest_images,
+                             require_complete=False, _report_unreadable_records=True)
     except CacheError as e:
+        if not report_unopenable:
+            raise
         return [str(e)], []
-    problems, damaged = [], []
     L = reader.layout
-    for s in range(L.num_shards):
-        if s in reader.unreadable_records:  # --repair rewrites it as "incomplete"
-            problems.append(f"shard {s}: completion record unreadable ({reader.unreadable_records[s]})")
-            damaged.append(s)
-            continue
-        if not reader.complete[s]:
-            start, stop = shard_bounds(s, L.images_per_shard, L.num_images)
-            problems.append(f"shard {s} (images {start}..{stop - 1}): incomplete (no completion record)")
-            continue
+    problems: dict[int, list[str]] = {}
+    damaged = []
+    for s, why in reader.unreadable_records.items():  # --repair rewrites it as "incomplete"
+        problems[s] = [f"shard {s}: completion record unreadable ({why})"]
+        damaged.append(s)
+    incomplete = np.flatnonzero(~reader.complete)
+    incomplete = incomplete[~np.isin(incomplete, damaged)]
+    for s in incomplete[:LISTED_INCOMPLETE].tolist():
+        start, stop = shard_bounds(s, L.images_per_shard, L.num_images)
+        problems[s] = [f"shard {s} (images {start}..{stop - 1}): incomplete (no completion record)"]
+    for s in np.flatnonzero(reader.complete).tolist():
         found = _shard_problems(reader, s)
-        problems += found
         if found:
+            problems[s] = found
             damaged.append(s)
-    return problems, damaged
+    listed = [p for s in sorted(problems) for p in problems[s]]
+    if len(incomplete) > LISTED_INCOMPLETE:
+        listed.append(f"{len(incomplete) - LISTED_INCOMPLETE:,} more incomplete shards (of {L.num_shards:,}; "
+                      f"{int(reader.complete.sum()):,} complete), e.g. shard {incomplete[LISTED_INCOMPLETE]}")
+    return listed, sorted(damaged)
 
 
-def verify_cache(path: str | Path, manifest_hash: str | None = None) -> list[str]:
-    """Every problem found (empty list = sound): format, layout, completeness, checksums, mass."""
-    return _scan(path, manifest_hash)[0]
+def verify_cache(path: str | Path, manifest_hash: str | None = None, manifest_images: int | None = None,
+                 report_unopenable: bool = True) -> list[str]:
+    """Every problem found (empty list = sound): format, layout, completeness, checksums, mass.
+    A cache that cannot be opened at all is one problem, or (``report_unopenable=False``) its CacheError."""
+    return _scan(path, manifest_hash, manifest_images, report_unopenable)[0]
 
 
-def repair_cache(path: str | Path, manifest_hash: str | None = None) -> tuple[list[str], list[int]]:
+def repair_cache(path: str | Path, manifest_hash: str | None = None, manifest_images: int | None = None,
+                 report_unopenable: bool = True) -> tuple[list[str], list[int]]:
     """Reset the completion record of every damaged shard, so that rerunning the command that
     wrote the cache recomputes exactly those shards. Returns (problems, shards reset).
 
     Not while a writer runs: it could be writing the records being reset.
     """
-    problems, damaged = _scan(path, manifest_hash)
+    problems, damaged = _scan(path, manifest_hash, manifest_images, report_unopenable)
     if damaged:
         records = _open_group(path, mode="r+")[RECORD_ARRAY]
         for s in damaged:

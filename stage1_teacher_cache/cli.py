@@ -99,11 +99,13 @@ def verify_command(cache: str, manifest: str | None, repair: bool, check_images:
         raise click.UsageError("--check-images compares the images with a manifest: give --manifest M")
     with user_errors():
         loaded = load_manifest(manifest, with_digests=check_images) if manifest else None
-        manifest_hash = loaded.content_hash if loaded else None
+        # a cache that cannot be opened at all is one error line, not a "problem" list
+        scope = dict(manifest_hash=loaded and loaded.content_hash, manifest_images=loaded and loaded.num_images,
+                     report_unopenable=False)
         if repair:
-            problems, reset = repair_cache(cache, manifest_hash=manifest_hash)
+            problems, reset = repair_cache(cache, **scope)
         else:
-            problems, reset = verify_cache(cache, manifest_hash=manifest_hash), []
+            problems, reset = verify_cache(cache, **scope), []
     for problem in problems:
         click.echo(f"PROBLEM: {problem}", err=True)
     if reset:

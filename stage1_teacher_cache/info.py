@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.cache_format import CacheReader
-from common.locations import file_sizes
+from common.cache_format import CacheError, CacheReader, cache_files
+from common.errors import cause_text
 from stage1_teacher_cache.grow import growth_progress
 from stage1_teacher_cache.label_agreement import format_label_agreement
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, points
@@ -12,7 +12,7 @@ from stage1_teacher_cache.teacher_eval import ensemble_warnings, points
 
 def bytes_on_disk(path: str) -> int:
     """Total size of the cache's files, in a local directory or under an object-store prefix."""
-    return sum(file_sizes(path).values())
+    return sum(cache_files(path).values())
 
 
 def human_bytes(n: float | None) -> str:
@@ -30,6 +30,20 @@ def human_bytes(n: float | None) -> str:
 def cache_info(path: str) -> dict[str, Any]:
     """JSON-ready description of a cache, complete or not."""
     reader = CacheReader(path, require_complete=False, _while_growing=True)  # info reports a growth in progress
+    try:
+        info = _describe(reader)
+        format_cache_info(info)  # a descriptive attribute of the wrong type fails here, not after printing
+    except CacheError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # CacheReader validated what readers use; the rest is only shown, so a forged value is named here
+        raise CacheError(f"{path}: zarr.json: a cache attribute cannot be shown ({cause_text(e, 120)}); "
+                         "this is not a cache written by this tool") from e
+    return info
+
+
+def _describe(reader: CacheReader) -> dict[str, Any]:
+    path = reader.path
     a = reader.attrs
     evaluation = a.get("teacher_eval") or {}
     files = a.get("teacher_files") or {}
@@ -41,7 +55,7 @@ def cache_info(path: str) -> dict[str, Any]:
     ]
     complete = reader.complete
     L = reader.layout
-    size = bytes_on_disk(path)
+    size = sum(reader.files.values())
     total_crops = L.num_images * L.num_crops
     return {
         "path": str(path),

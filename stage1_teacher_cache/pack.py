@@ -25,9 +25,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from common.cache_format import CacheReader
+from common.cache_format import MAX_TREE_DEPTH, CacheReader, load_json_bounded
 from common.errors import PipelineError
-from common.locations import file_sizes, local_path, open_read, require_local
+from common.locations import open_read, require_local
 from common.manifest import check_relative_path
 
 PACK_FORMAT = "meal-v2-cache-pack"
@@ -60,16 +60,11 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def cache_files(cache: str) -> dict[str, int]:
-    """``{relative POSIX name: size}`` of the cache's files, sorted; locally anything but a regular
-    file or directory is refused (object stores hold only objects)."""
-    root = local_path(cache)
-    if root is not None:
-        for path in root.rglob("*"):
-            if path.is_symlink() or not (path.is_dir() or path.is_file()):
-                raise PackError(f"{root}: {path.relative_to(root).as_posix()} is not a regular file or directory; "
-                                "a cache holds only those")
-    files = {name: size for name, size in file_sizes(cache).items() if not name.endswith(_PARTIAL_SUFFIX)}
+def cache_files(reader: CacheReader) -> dict[str, int]:
+    """``{relative POSIX name: size}`` of the cache's files, sorted: the reader's listing, which
+    refused anything but regular files and folders (object stores hold only objects)."""
+    cache = reader.path
+    files = {name: size for name, size in reader.files.items() if not name.endswith(_PARTIAL_SUFFIX)}
     for name in files:
         problem = check_relative_path(name)
         if problem:  # a forged object key must not become a member that unpack would refuse
@@ -83,7 +78,7 @@ def pack_cache(cache: str, out: str) -> dict[str, Any]:
     """Pack a cache (local directory or URL) into the local file ``out``."""
     require_local(out, "the pack file")
     reader = CacheReader(cache, require_complete=False)  # refuse what is not a cache before writing anything
-    files = cache_files(cache)
+    files = cache_files(reader)
     base = cache.rstrip("/")
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +116,14 @@ def _member_name(member: tarfile.TarInfo, pack: str) -> str:
     problem = check_relative_path(name)
     if problem:
         raise PackError(f"{pack}: member {member.name!r}: {problem}; refusing to unpack")
+    if name.count("/") + 1 > MAX_TREE_DEPTH:  # a cache's deepest file has 6 parts; mkdir of 2,000 would recurse
+        raise PackError(f"{pack}: member {_shown_name(member.name)} is nested {name.count('/') + 1} levels deep, "
+                        f"deeper than any cache file ({MAX_TREE_DEPTH}); refusing to unpack")
     return name
+
+
+def _shown_name(name: str, limit: int = 80) -> str:
+    return repr(name) if len(name) <= limit else repr(name[: limit - 3] + "...")
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> str:
@@ -139,10 +141,12 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> str:
 def _read_index(tar: tarfile.TarFile, member: tarfile.TarInfo, pack: str) -> dict[str, Any]:
     if member.size > MAX_INDEX_BYTES:
         raise PackError(f"{pack}: {INDEX_NAME} is {member.size:,} bytes, over the {MAX_INDEX_BYTES:,} limit")
+    index = load_json_bounded(tar.extractfile(member).read(), f"{pack}: {INDEX_NAME}")
     try:
-        index = json.loads(tar.extractfile(member).read())
         if index["format"] != PACK_FORMAT or not isinstance(index["files"], dict):
             raise ValueError(f"format {index.get('format')!r}")
+        if not all(isinstance(entry, dict) for entry in index["files"].values()):
+            raise ValueError("a file entry is not an object")
     except (ValueError, KeyError, TypeError) as e:
         raise PackError(f"{pack}: {INDEX_NAME} is not a cache pack index ({e})") from None
     if index.get("version") != PACK_VERSION:

@@ -470,7 +470,7 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
             for checked in (manifest, val_manifest):
                 check_image_files(checked, progress=runtime.progress, share=(runtime.rank, runtime.world_size))
     cache_path = d.cache or d.replay_cache
-    cache = CacheReader(cache_path, manifest_hash=manifest.content_hash,
+    cache = CacheReader(cache_path, manifest_hash=manifest.content_hash, manifest_images=manifest.num_images,
                         num_classes=manifest.num_classes) if cache_path else None
     run_dir = _take_run_dir(held, d.out, cfg, d.resume, result_tables(cfg.to_dict()), runtime)
 
