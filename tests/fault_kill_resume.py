@@ -65,7 +65,13 @@ def config_toml(settings: dict) -> str:
 
 
 def _forked_run(config_file: Path, env: dict[str, str], more_crops: int = 0) -> None:
+    import gc
+
     import torch
+
+    # Objects inherited from the parent are never collected here: under pytest the parent may hold
+    # unreachable DALI pipelines of earlier tests, whose destructor aborts in a child without their threads.
+    gc.freeze()
 
     torch.set_num_threads(1)  # the parent's OpenMP pool is gone in a forked child
     os.environ.update(env)
