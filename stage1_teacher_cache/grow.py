@@ -19,9 +19,12 @@ old cache, whose arrays are about to be replaced, nor as a C+N cache before it
 is complete); every step is idempotent, so a rerun after a kill at any point
 finishes the job.
 
-The target is absolute: C is the run's ``crops.num_crops`` (the command that
-built the cache) and the result has C+N crops, so rerunning the same command
-after it finished finds C+N crops and only resumes as stage 1 would.
+With ``--num-crops C`` the target is absolute: C is the run's ``crops.num_crops``
+(the command that built the cache) and the result has C+N crops, so rerunning
+the same command after it finished finds C+N crops and only resumes as stage 1
+would. Without it, C is read from the cache (``crops_to_grow_from``): the same
+command resumes an unfinished growth, but run again after it finished it grows
+the cache by N more.
 """
 from __future__ import annotations
 
@@ -119,6 +122,15 @@ def open_growth(path: str, attrs: dict[str, Any], more: int, runtime: Runtime, s
     old = CacheReader(path, manifest_hash=attrs["manifest"]["hash"], verify_checksums=True, _while_growing=True)
     writer = CacheWriter(staging_path(path), target)
     return Growth(path, writer, seeded(C, more), more, old, C, C + more)
+
+
+def crops_to_grow_from(path: str) -> int | None:
+    """The C of a `--more-crops` run given no --num-crops: the cache's own count, which is also the one an
+    unfinished growth started from (the marker leaves the attributes as they were until the swap), so the
+    same command resumes it. None where no cache records one: the run's own C then, which ``_prepare`` checks."""
+    crops = open_attrs(path).get("crops")
+    count = crops.get("num_crops") if isinstance(crops, dict) else None
+    return count if type(count) is int else None
 
 
 def _prepare(path: str, attrs: dict[str, Any], more: int, seeded: SeededCrops) -> None:
