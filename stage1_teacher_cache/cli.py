@@ -66,9 +66,10 @@ def teacher_cache_command(ctx: click.Context, **flags) -> None:
     cfg = resolve_config(ctx, {keys[name]: value for name, value in flags.items()})
     with user_errors():
         if more_crops and flags["num_crops"] is None:  # the cache records its C; an explicit one is checked
-            from stage1_teacher_cache.grow import crops_to_grow_from
+            from common.cache_format import open_attrs
+            from stage1_teacher_cache.grow import recorded_crops
 
-            have = crops_to_grow_from(cfg.teacher_cache.out) if cfg.teacher_cache.out else None
+            have = recorded_crops(open_attrs(cfg.teacher_cache.out)) if cfg.teacher_cache.out else None
             cfg = cfg.replace(**{"crops.num_crops": have}) if have else cfg
         run(cfg, reuse_crops=reuse_crops, more_crops=more_crops or 0)
 

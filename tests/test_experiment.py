@@ -145,3 +145,20 @@ def test_more_crops_with_a_num_crops_the_cache_does_not_have_is_refused(dataset,
     assert "has 2 crops per image, but this run's crops.num_crops is 3" in result.output
     assert "pass --num-crops 2" in result.output
     assert all(np.array_equal(a, b) for a, b in zip(arrays(cache).values(), arrays(caches["small"]).values()))
+
+
+@pytest.mark.parametrize("crops", [[2], {"num_crops": "2"}, None], ids=["list", "string", "absent"])
+def test_more_crops_on_a_cache_without_a_whole_crop_count_is_refused_in_one_line(dataset, caches, tmp_path,  # noqa: F811
+                                                                                 crops):
+    cache = shutil.copytree(caches["small"], tmp_path / "cache")
+    meta = json.loads((cache / "zarr.json").read_text())
+    if crops is None:
+        del meta["attributes"]["crops"]
+    else:
+        meta["attributes"]["crops"] = crops if isinstance(crops, list) else {**meta["attributes"]["crops"], **crops}
+    (cache / "zarr.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(main, cli_args(cache, dataset["train"], "--more-crops", "1"))
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    said = [line for line in result.output.strip().splitlines() if not line.startswith("warning: ")]
+    assert len(said) == 1 and "attributes record no whole-number crop count (crops.num_crops)" in said[0], result.output
+    assert not (cache / "grow").exists()
