@@ -29,9 +29,9 @@ cache's one-off teacher cost (stage 1's caching time and crops/s, without its
 evaluation of the teachers) is recorded, as is the teachers' share of every
 online run (``teacher_s`` of metrics.jsonl).
 
-Everything goes through the library's entry points (``subset_manifest`` of
-`pipeline fashion-mnist`, ``run_train``, ``stage1_teacher_cache.run``,
-``run_distill``); no private state. Resumable per run: WORKDIR/runs.jsonl gets
+Every step is the library's experiment driver (stage2_student_distill/experiment.py:
+``subset_manifest`` of `pipeline fashion-mnist`, ``run_train``,
+``stage1_teacher_cache.run``, ``run_distill``); no private state. Resumable per run: WORKDIR/runs.jsonl gets
 one line per finished run (or cache, or teacher), and a rerun of the same
 command skips those and resumes an interrupted one from its last.pt.
 
@@ -115,15 +115,19 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_fashion_mnist import base_config, done, hard_label_config  # noqa: E402
+from benchmarks.bench_fashion_mnist import base_config  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
 )
-from common.cache_format import CacheReader  # noqa: E402
 from common.config import ConfigError, parse_assignments  # noqa: E402
-from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
-from stage2_student_distill.metrics import read_metrics  # noqa: E402
+from stage2_student_distill import experiment as ex  # noqa: E402
 
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# this study's kinds of student run -> the driver's
+DRIVER_KINDS = {"hard": "hard", "fresh": "online", "replay": "replay", "cached": "cached", "multicrop": "cached"}
 KINDS = {"hard": "hard labels", "fresh": "online MEAL V2, fresh crops", "replay": "online MEAL V2, replaying the cache",
          "cached": "MEAL V2 from the cache", "multicrop": "MEAL V2 from the cache, multi-crop"}
 SMOKE = {"train_images": 300, "val_images": 200, "teacher_epochs": 1, "student_epochs": 1, "budgets": "1,2",
@@ -173,16 +177,11 @@ def check_settings(ledger: Ledger, args) -> None:
                          "pass a new --workdir, or the same settings to resume it")
 
 
-def run_record(key: str, run_dir: Path, **fields) -> dict:
-    """What a finished run reports: last epoch's top-1, mean img/s, training wall time (sum over epochs, so
+def run_record(key: str, r: ex.RunRecord, **fields) -> dict:
+    """A finished run's ledger row: last epoch's top-1, mean img/s, training wall time (sum over epochs, so
     a resumed run counts every epoch once), and the teachers' share of it for online runs."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    val = [r for r in rows if "val_top1" in r]
-    teacher_s = [r["teacher_s"] for r in rows if "teacher_s" in r]
-    return {"key": key, **fields, "run": str(run_dir), "epochs": max((r["epoch"] for r in rows), default=0),
-            "top1": val[-1]["val_top1"] if val else None, "curve": [r["val_top1"] for r in val],
-            "img_per_s": float(np.mean([r["img_per_s"] for r in rows])) if rows else None,
-            "wall_s": float(sum(r["time_s"] for r in rows)), "teacher_s": float(sum(teacher_s)) if teacher_s else None}
+    return {"key": key, **fields, "run": r.run_dir, "epochs": r.epochs, "top1": r.top1, "curve": r.curve,
+            "img_per_s": r.img_per_s, "wall_s": r.wall_s, "teacher_s": r.teacher_s}
 
 
 # --------------------------------------------------------------------------- the study
@@ -300,76 +299,51 @@ class Study:
         self.wd = Path(args.workdir)
         self.ledger = Ledger(self.wd / "runs.jsonl")
         check_settings(self.ledger, args)
-        manifest = subset_manifest(args.source, self.wd / "data", "train", args.train_images)
-        val = subset_manifest(args.source, self.wd / "data", "test", args.val_images)
-        self.val = val
-        self.base = base_config(args, manifest, val)
+        manifests = ex.prepare_data(ex.FashionMnistData(args.source, str(self.wd / "data"), args.train_images,
+                                                        args.val_images))
+        self.val = manifests.val
+        self.base = base_config(args, manifests)
 
-    def live(self) -> dict:
-        """Stage 1's teacher settings: the trained teachers' best checkpoints."""
-        a = self.args
-        return {"teacher_cache.teachers": list(a.teachers), "teacher_cache.pretrained": False,
-                "teacher_cache.teacher_weights": [f"{n}={Path(self.ledger.get(f'teacher:{n}')['run']) / 'best.pt'}"
-                                                  for n in a.teachers],
-                "teacher_cache.topk": a.topk, "teacher_cache.batch_size": 256,
-                # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
-                **({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {})}
+    def teachers(self) -> ex.Teachers:
+        """The trained teachers' best checkpoints."""
+        return ex.Teachers.from_runs({n: self.ledger.get(f"teacher:{n}")["run"] for n in self.args.teachers})
 
     # ---- the steps
 
     def teacher(self, name: str) -> None:
         """Trained once with `pipeline train`, reused by every cache and online run."""
         a, run_dir = self.args, self.wd / f"teacher_{name}"
-        from stage2_student_distill.train import run_train
-
         init = teacher_inits(a).get(name, "")
-        if not done(run_dir, a.teacher_epochs):
-            print(f"teacher {name}: {a.teacher_epochs} epochs on {a.train_images:,} images"
-                  + (f", starting from {init}" if init else ""), flush=True)
-            run_train(self.base.replace(**{"train.model": name, "train.out": str(run_dir), "optim.epochs":
-                                           a.teacher_epochs, "train.resume": (run_dir / "last.pt").exists(),
-                                           "train.weights": init}))
-        self.ledger.add(run_record(f"teacher:{name}", run_dir, kind="teacher", model=name, init=init or None))
+        record = ex.train(self.base, ex.ModelRun("hard", name, run_dir, a.teacher_epochs,
+                                                 overrides={"train.weights": init}), say)
+        self.ledger.add(run_record(f"teacher:{name}", record, kind="teacher", model=name, init=init or None))
 
     def cache(self, C: int) -> None:
         """One cache per budget C; the first also scores the teachers and their ensemble on the test images."""
-        from stage1_teacher_cache.run import run as run_teacher_cache
-
         a, path = self.args, self.wd / f"cache_C{C}"
         first = C == a.budgets[0]
-        cfg = self.base.replace(**self.live(), **{"crops.num_crops": C, "teacher_cache.out": str(path),
-                                                  "teacher_cache.evaluate_manifest": self.val if first else ""})
         print(f"cache C = {C}: {C * a.train_images:,} crops through {', '.join(a.teachers)}", flush=True)
-        s = run_teacher_cache(cfg)
-        evaluation = CacheReader(str(path)).attrs.get("teacher_eval") if first else None
+        made = ex.build_cache(self.base, ex.CacheSpec(path, self.teachers(), self.val if first else "", {
+            "crops.num_crops": C, "teacher_cache.topk": a.topk, "teacher_cache.batch_size": 256,
+            # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
+            **({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {})}))
+        s = made.summary
         # a cache finished by an earlier, interrupted invocation reports only this one's shards
         self.ledger.add({"key": f"cache:C{C}", "kind": "cache", "C": C, "path": str(path), "crops": s["crops"],
                          "teacher_s": s["seconds"], "crops_per_s": s["crops_per_s"],
                          "complete_in_one_go": s["shards_skipped"] == 0, "bytes_on_disk": s["bytes_on_disk"],
-                         "teacher_eval": evaluation})
+                         "teacher_eval": made.evaluation if first else None})
 
     def student(self, kind: str, seed: int, C: int | None = None, m: int = 1) -> None:
         """One student run: ``kind`` in KINDS; C = the cache read (cached, multicrop) or replayed (replay)."""
-        from stage2_student_distill.train import run_distill, run_train
-
         a, key = self.args, step_key(kind, seed, C, m)
-        run_dir = self.wd / key.replace(":", "_")
+        cache_path = self.ledger.get(f"cache:C{C}")["path"] if C else ""
+        keys = {"runtime.seed": seed} if kind == "hard" else {"runtime.seed": seed, "distill.crops_per_image": m}
         epochs = max(1, a.student_epochs // m)
-        resume = (run_dir / "last.pt").exists()
-        if not done(run_dir, epochs):
-            print(f"student {a.student}, {KINDS[kind]}{f', C = {C}' if C else ''}{f', m = {m}' if m > 1 else ''}"
-                  f", seed {seed}, {epochs} epochs", flush=True)
-            if kind == "hard":
-                run_train(hard_label_config(self.base, a, seed, run_dir, resume))
-            else:
-                cache_path = self.ledger.get(f"cache:C{C}")["path"] if C else ""
-                run_distill(self.base.replace(**self.live(), **{
-                    "runtime.seed": seed, "optim.epochs": epochs, "distill.student": a.student, "distill.out": str(run_dir),
-                    "distill.resume": resume, "distill.crops_per_image": m,
-                    "distill.online": kind in ("fresh", "replay"),
-                    "distill.cache": cache_path if kind in ("cached", "multicrop") else "",
-                    "distill.replay_cache": cache_path if kind == "replay" else ""}))
-        self.ledger.add(run_record(key, run_dir, kind=kind, seed=seed, C=C, m=m, jobs=a.jobs))
+        run = ex.ModelRun(DRIVER_KINDS[kind], a.student, self.wd / key.replace(":", "_"), epochs, cache_path,
+                          self.teachers() if kind in ("fresh", "replay") else None, keys)
+        record = ex.train(self.base, run, say)
+        self.ledger.add(run_record(key, record, kind=kind, seed=seed, C=C, m=m, jobs=a.jobs))
 
     def step(self, key: str) -> None:
         f = parse_key(key)
@@ -450,7 +424,7 @@ def main(argv=None) -> int:
     # 2. the first cache, which scores the teachers: the ensemble must know more than the hard labels, or
     # distilling is not worth the time
     evaluation = study.run([f"cache:C{budgets[0]}"])[0]["teacher_eval"]
-    ensemble = 100 * evaluation["ensemble"]["top1"]
+    ensemble = ex.teacher_top1(evaluation).ensemble
     margin = ensemble - float(np.mean([r["top1"] for r in hard]))
     margin_ok = margin >= args.min_margin
     hard_top1 = ", ".join(f"{r['top1']:.2f}%" for r in hard)
@@ -563,7 +537,7 @@ def total_minutes(payload: dict) -> float:
 
 def report(payload: dict) -> str:
     a, s, ev = payload["args"], payload["summary"], payload["teacher_eval"]
-    teacher_top1 = ", ".join(f"{n} {100 * v['top1']:.2f}%" for n, v in ev["teachers"].items())
+    teacher_top1 = ", ".join(f"{n} {top1:.2f}%" for n, top1 in ex.teacher_top1(ev).teachers.items())
     lines = [
         f"### Crop budget study ({payload['finished_at']})",
         "",

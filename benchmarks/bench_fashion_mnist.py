@@ -27,10 +27,10 @@ images, the 10,000 test images, 30 epochs), plus the online comparison:
    * ``hard``: `pipeline train` (``run_train``): cross entropy to the labels,
      fresh seeded RandomResizedCrops of the same policy every epoch.
 
-Everything runs through the library's entry points (``run_train``,
-``run_distill``, ``setup``: the benchmark is a thin driver), on a
-GPU when one is present (``--device``). Runs are resumable: rerunning the same
-command with the same ``--workdir`` skips finished steps.
+Every step is the library's experiment driver (stage2_student_distill/experiment.py,
+which calls ``run_train``, ``run_distill`` and stage 1's ``run``; `pipeline demo` is the
+same driver), on a GPU when one is present (``--device``). Runs are resumable:
+rerunning the same command with the same ``--workdir`` skips finished steps.
 
 Writes the JSON (``--out``, default benchmarks/results/fashion_mnist.json) and
 a markdown section (machine, versions, command, table) between markers in
@@ -43,9 +43,8 @@ a markdown section (machine, versions, command, table) between markers in
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,8 +61,7 @@ from benchmarks.common import (  # noqa: E402
 from common.cache_format import CacheReader  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.manifest import load_manifest  # noqa: E402
-from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
-from stage2_student_distill.metrics import read_metrics  # noqa: E402
+from stage2_student_distill import experiment as ex  # noqa: E402
 
 # --------------------------------------------------------------------------- online targets against the cache
 
@@ -98,70 +96,21 @@ def compare_targets(cfg, batches: int) -> dict | None:
 # --------------------------------------------------------------------------- steps
 
 
-def run_summary(run_dir: Path, seconds: float | None, cpu_s: float | None) -> dict:
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r]
-    try:  # what the run trained on (a reused teacher's may differ from this benchmark's)
-        data = json.loads((run_dir / "config.json").read_text())["data"]
-        train_images = load_manifest(data["manifest"]).num_images
-    except (OSError, KeyError, ValueError):
-        train_images = None
-    return {
-        "run": str(run_dir),
-        "train_images": train_images,
-        "epochs_done": _epochs_done(run_dir),
-        "top1": rows[-1]["val_top1"] if rows else None,
-        "best_top1": max(r["val_top1"] for r in rows) if rows else None,
-        "curve": [r["val_top1"] for r in rows],
-        "img_per_s": float(np.mean([r["img_per_s"] for r in rows])) if rows else None,
-        "seconds": seconds,
-        "cpu_s": cpu_s,
-    }
+def run_json(r: ex.RunRecord) -> dict:
+    """A run as this benchmark's JSON records it (the keys ``report`` reads)."""
+    return {"run": r.run_dir, "train_images": r.train_images, "epochs_done": r.epochs, "top1": r.top1,
+            "best_top1": r.best_top1, "curve": r.curve, "img_per_s": r.img_per_s, "seconds": r.seconds,
+            "cpu_s": r.cpu_s}
 
 
-def _epochs_done(run_dir: Path) -> int:
-    return max((r["epoch"] for r in read_metrics(run_dir / "metrics.jsonl")), default=0)
-
-
-def done(run_dir: Path, epochs: int) -> bool:
-    return _epochs_done(run_dir) >= epochs
-
-
-def timed(fn, *a):
-    """(result, wall s, process CPU s)."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn(*a)
-    return out, time.perf_counter() - t0, time.process_time() - c0
-
-
-def base_config(args, manifest: str, val: str):
-    return load_config(args.config, {
-        "runtime.device": args.device,
-        "runtime.progress": False,
-        "runtime.num_workers": args.num_workers,
-        "data.manifest": manifest,
-        "data.val_manifest": val,
-        "optim.img_size": args.img_size,
-        "optim.batch_size": args.batch_size,
-        "optim.eval_batch_size": 512,
-        "optim.lr": args.lr,
-        "optim.schedule": "cosine",
-        "optim.weight_decay": args.weight_decay,
-        "optim.loader": args.loader,
-        "optim.log_every": 10**9,
-        "optim.eval_every": args.eval_every,
-        "crops.num_crops": args.num_crops,
-        "crops.scale": list(args.crop_scale),
-    })
-
-
-def student_overrides(args, seed: int) -> dict:
-    return {"runtime.seed": seed, "optim.epochs": args.student_epochs}
-
-
-def hard_label_config(base, args, seed: int, run_dir: Path, resume: bool):
-    """The student on hard labels (`pipeline train`): the baseline every KD run is compared with."""
-    return base.replace(**student_overrides(args, seed), **{"train.model": args.student, "train.out": str(run_dir),
-                                                            "train.resume": resume})
+def base_config(args, manifests: ex.Manifests):
+    """The config every run starts from: this benchmark's recipe (the demo's settings as flags)."""
+    cfg = load_config(args.config, {"runtime.device": args.device, "runtime.progress": False,
+                                    "runtime.num_workers": args.num_workers, "optim.log_every": 10**9})
+    recipe = ex.Recipe(img_size=args.img_size, batch_size=args.batch_size, eval_batch_size=512,
+                       eval_every=args.eval_every, lr=args.lr, schedule="cosine", weight_decay=args.weight_decay,
+                       loader=args.loader, num_crops=args.num_crops, crop_scale=tuple(args.crop_scale))
+    return ex.base_config(cfg, recipe, manifests)
 
 
 def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
@@ -308,96 +257,72 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None) -> int:
-    from stage1_teacher_cache.run import run as run_teacher_cache
-    from stage2_student_distill.train import run_distill, run_train
+# this benchmark's variants -> the driver's kinds of run
+VARIANT_KINDS = {"cached": "cached", "online": "replay", "fresh": "online", "hard": "hard"}
 
+
+def main(argv=None) -> int:
     args = parse_args(argv)
     t_start, info, wd = begin(args.workdir)
+    say = lambda msg: print(msg, flush=True)  # noqa: E731
 
     # 1. data
-    def data():
-        return (subset_manifest(args.source, wd / "data", "train", args.train_images),
-                subset_manifest(args.source, wd / "data", "test", args.val_images))
-
-    (manifest, val), data_s, _ = timed(data)
-    print(f"data ready in {data_s:.1f} s: students {manifest}, test {val}", flush=True)
-    base = base_config(args, manifest, val)
+    data = ex.FashionMnistData(args.source, str(wd / "data"), args.train_images, args.val_images)
+    manifests, data_s, _ = ex.timed(ex.prepare_data, data)
+    print(f"data ready in {data_s:.1f} s: students {manifests.train}, test {manifests.val}", flush=True)
+    base = base_config(args, manifests)
 
     # 2. teachers
     reuse = dict(item.split("=", 1) for item in args.teacher_run)
     teachers = {}
     for name in args.teachers:
-        run_dir = Path(reuse.get(name) or wd / f"teacher_{name}")
-        seconds = cpu = None
-        if name not in reuse and not done(run_dir, args.teacher_epochs):
-            # the teachers' tree only when one is trained here (reused teachers bring their own)
-            t_manifest = subset_manifest(args.source, wd / "data", "train", args.teacher_train_images)
-            cfg = base.replace(**{"data.manifest": t_manifest, "train.model": name, "train.out": str(run_dir),
-                                  "train.resume": (run_dir / "last.pt").exists(), "optim.epochs": args.teacher_epochs,
-                                  "optim.img_size": args.teacher_img_size or args.img_size})
-            print(f"teacher {name}: {args.teacher_epochs} epochs on {args.teacher_train_images} images", flush=True)
-            _, seconds, cpu = timed(run_train, cfg)
-        teachers[name] = run_summary(run_dir, seconds, cpu)
+        if name in reuse:
+            teachers[name] = run_json(ex.run_record(reuse[name]))
+            continue
+        # the teachers' tree only when one is trained here (reused teachers bring their own)
+        t_manifest = ex.prepare_data(dataclasses.replace(data, teacher_train_images=args.teacher_train_images))
+        teachers[name] = run_json(ex.train(base, ex.ModelRun(
+            "hard", name, wd / f"teacher_{name}", args.teacher_epochs,
+            overrides={"data.manifest": t_manifest.teacher_train,
+                       "optim.img_size": args.teacher_img_size or args.img_size}), say))
+    ensemble = ex.Teachers.from_runs({name: r["run"] for name, r in teachers.items()})
 
     # 3. cache
     cache_dir = Path(args.cache or wd / "cache")
-    ccfg = base.replace(**{
-        "teacher_cache.teachers": list(args.teachers),
-        "teacher_cache.teacher_weights": [f"{n}={Path(teachers[n]['run']) / 'best.pt'}" for n in args.teachers],
-        "teacher_cache.pretrained": False,
-        "teacher_cache.out": str(cache_dir),
-        "teacher_cache.evaluate_manifest": val,
-        "teacher_cache.batch_size": 256,
-    })
-    summary, cache_s, cache_cpu = timed(run_teacher_cache, ccfg)
-    evaluation = summary.get("teacher_eval") or CacheReader(str(cache_dir)).attrs.get("teacher_eval") or {}
+    cache = ex.build_cache(base, ex.CacheSpec(cache_dir, ensemble, manifests.val, {"teacher_cache.batch_size": 256}))
+    written = cache.summary["shards_written"]
+    top1 = ex.teacher_top1(cache.evaluation)
     cache_info = {
-        "path": str(cache_dir), "seconds": cache_s if summary["shards_written"] else None, "cpu_s": cache_cpu,
-        "crops_per_s": summary["crops_per_s"] if summary["shards_written"] else None,
+        "path": str(cache_dir), "seconds": cache.seconds if written else None, "cpu_s": cache.cpu_s,
+        "crops_per_s": cache.summary["crops_per_s"] if written else None,
         "topk": CacheReader(str(cache_dir)).topk,
-        "ensemble_top1": 100 * evaluation["ensemble"]["top1"] if "ensemble" in evaluation else None,
-        "teacher_top1": {k: 100 * v["top1"] for k, v in evaluation.items() if isinstance(v, dict) and "top1" in v},
-        "train_crops": cached_crop_accuracy(cache_dir, manifest),
+        "ensemble_top1": top1.ensemble,
+        "teacher_top1": top1.teachers,
+        "train_crops": cached_crop_accuracy(cache_dir, manifests.train),
     }
     print(f"cache: ensemble {cache_info['ensemble_top1']}% on the test images; argmax = label on "
           f"{100 * cache_info['train_crops']['argmax_is_label']:.2f}% of the cached training crops", flush=True)
 
     # 4. students
-    def distill_config(variant: str, seed: int, run_dir: Path, resume: bool):
-        """cached: `pipeline distill --cache`; online: `--online --replay-cache`; fresh: `--online`."""
-        return base.replace(**student_overrides(args, seed), **{
-            "distill.student": args.student, "distill.out": str(run_dir), "distill.resume": resume,
-            "distill.discriminator": not args.no_discriminator,
-            "distill.cache": str(cache_dir) if variant == "cached" else "",
-            "distill.online": variant != "cached",
-            "distill.replay_cache": str(cache_dir) if variant == "online" else "",
-            "teacher_cache.teachers": ccfg.teacher_cache.teachers,
-            "teacher_cache.teacher_weights": ccfg.teacher_cache.teacher_weights,
-            "teacher_cache.pretrained": False})
+    def student(variant: str, seed: int, run_dir: Path) -> ex.ModelRun:
+        """cached: `pipeline distill --cache`; online: `--online --replay-cache`; fresh: `--online`;
+        hard: `pipeline train`."""
+        kind = VARIANT_KINDS[variant]
+        keys = {"runtime.seed": seed} if kind == "hard" else {"runtime.seed": seed,
+                                                              "distill.discriminator": not args.no_discriminator}
+        return ex.ModelRun(kind, args.student, run_dir, args.student_epochs, str(cache_dir), ensemble, keys)
 
     students: dict[str, dict] = {}
     online_stats = None
     for seed in args.seeds:
         runs = {}
         for variant in args.variants:
-            run_dir = wd / f"seed{seed}" / variant
-            seconds = cpu = None
-            if not done(run_dir, args.student_epochs):
-                resume = (run_dir / "last.pt").exists()
-                print(f"seed {seed}: student {args.student}, {VARIANT_NAMES[variant]}, {args.student_epochs} epochs",
-                      flush=True)
-                if variant == "hard":
-                    _, seconds, cpu = timed(run_train, hard_label_config(base, args, seed, run_dir, resume))
-                else:
-                    cfg = distill_config(variant, seed, run_dir, resume)
-                    _, seconds, cpu = timed(run_distill, cfg)
-            runs[variant] = run_summary(run_dir, seconds, cpu)
+            runs[variant] = run_json(ex.train(base, student(variant, seed, wd / f"seed{seed}" / variant), say))
             print(f"seed {seed} {variant}: top-1 {runs[variant]['top1']}", flush=True)
         students[str(seed)] = runs
     if "online" in args.variants and args.compare_batches > 0:
-        online_stats = compare_targets(distill_config("online", args.seeds[0], wd / "targets-check", False),
-                                       args.compare_batches)
+        check = student("online", args.seeds[0], wd / "targets-check")
+        online_stats = compare_targets(ex.run_config(base, check), args.compare_batches)
 
     def deltas(a, b):
         per = [round(r[a]["top1"] - r[b]["top1"], 2) for r in students.values()

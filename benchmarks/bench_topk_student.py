@@ -34,15 +34,13 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.bench_fashion_mnist import (  # noqa: E402
-    base_config, done, fmt, hard_label_config, run_summary, student_overrides, timed,
-)
+from benchmarks.bench_fashion_mnist import base_config, fmt, run_json  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
 )
 from common.cache_format import CacheReader, restore_targets  # noqa: E402
 from common.config import load_config  # noqa: E402
-from data_manifests.fashion_mnist import subset_manifest  # noqa: E402
+from stage2_student_distill import experiment as ex  # noqa: E402
 from stage1_teacher_cache.info import cache_info  # noqa: E402
 from stage1_teacher_cache.sharing import reduce_topk  # noqa: E402
 
@@ -149,8 +147,6 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    import stage2_student_distill.train as train_mod
-
     args = parse_args(argv)
     t_start, info, wd = begin(args.workdir)
 
@@ -159,11 +155,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"--topk {max(args.ks)}: {args.cache} keeps only k = {reference.topk}")
     # the students' manifest is rebuilt from the idx files; the cache's manifest hash must match it
     data_dir = Path(args.data_dir or wd / "data")
-    manifest = subset_manifest(args.source, data_dir, "train", reference.num_images)
-    val = subset_manifest(args.source, data_dir, "test", args.val_images)
+    manifests = ex.prepare_data(ex.FashionMnistData(args.source, str(data_dir), reference.num_images,
+                                                    args.val_images))
     crops = reference.attrs["crops"]
     args.num_crops, args.crop_scale = int(crops["num_crops"]), tuple(crops["scale"])  # the hard baseline's policy
-    base = base_config(args, manifest, val)
+    base = base_config(args, manifests)
 
     caches = {}
     for k in args.ks:
@@ -181,19 +177,10 @@ def main(argv=None) -> int:
         names = ([f"k{k}" for k in args.ks] if "topk" in args.variants else []) + \
                 (["hard"] if "hard" in args.variants else [])
         for name in names:
-            run_dir = wd / f"seed{seed}" / name
-            seconds = cpu = None
-            if not done(run_dir, args.student_epochs):
-                resume = (run_dir / "last.pt").exists()
-                print(f"seed {seed}: {args.student}, {name}, {args.student_epochs} epochs", flush=True)
-                if name == "hard":
-                    _, seconds, cpu = timed(train_mod.run_train, hard_label_config(base, args, seed, run_dir, resume))
-                else:
-                    cfg = base.replace(**student_overrides(args, seed), **{
-                        "distill.student": args.student, "distill.out": str(run_dir),
-                        "distill.cache": caches[name[1:]]["path"], "distill.resume": resume})
-                    _, seconds, cpu = timed(train_mod.run_distill, cfg)
-            runs[name] = run_summary(run_dir, seconds, cpu)
+            run = ex.ModelRun("hard" if name == "hard" else "cached", args.student, wd / f"seed{seed}" / name,
+                              args.student_epochs, "" if name == "hard" else caches[name[1:]]["path"],
+                              overrides={"runtime.seed": seed})
+            runs[name] = run_json(ex.train(base, run, lambda msg: print(f"seed {seed}: {msg}", flush=True)))
             print(f"seed {seed} {name}: top-1 {runs[name]['top1']}", flush=True)
         students[str(seed)] = runs
 

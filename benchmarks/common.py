@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script from a checkout, no install needed
 
+from common.atomic import atomic_write_bytes  # noqa: E402
+
 RESULTS_DIR = REPO / "benchmarks" / "results"
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -426,10 +428,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 def write_results(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
     return path
 
 
@@ -470,10 +469,7 @@ def update_marked_section(path: Path, section: str, name: str) -> None:
         text = head + block + rest.split(closing, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def _json_default(obj: Any) -> Any:

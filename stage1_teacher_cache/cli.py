@@ -26,8 +26,9 @@ from common.manifest import check_image_files, load_manifest
               help="Use the crop boxes and flips stored in CACHE (same manifest) instead of drawing them from the "
                    "seed, so the new cache can be merged with CACHE (`pipeline cache merge`).")
 @click.option("--more-crops", type=click.IntRange(min=1), metavar="N",
-              help="Grow the complete cache --out, built with --num-crops C (and these same settings), to C+N crops "
-                   "per image: crops C..C+N-1 continue the seed; rerun to resume (docs/cache-format.md, Growing).")
+              help="Grow the complete cache --out (built with these same settings) from its C crops per image to "
+                   "C+N: crops C..C+N-1 continue the seed; rerun to resume. C is the cache's unless --num-crops C "
+                   "(then a rerun after it finished adds nothing; docs/cache-format.md, Growing).")
 @click.option("--topk", type=int, help="Classes kept per crop.")
 @click.option("--temperature", type=float, help="Softmax temperature of each teacher.")
 @click.option("--batch-size", type=int, help="Crops per teacher forward pass.")
@@ -64,6 +65,12 @@ def teacher_cache_command(ctx: click.Context, **flags) -> None:
     reuse_crops, more_crops = flags.pop("reuse_crops"), flags.pop("more_crops")
     cfg = resolve_config(ctx, {keys[name]: value for name, value in flags.items()})
     with user_errors():
+        if more_crops and flags["num_crops"] is None:  # the cache records its C; an explicit one is checked
+            from common.cache_format import open_attrs
+            from stage1_teacher_cache.grow import recorded_crops
+
+            have = recorded_crops(open_attrs(cfg.teacher_cache.out)) if cfg.teacher_cache.out else None
+            cfg = cfg.replace(**{"crops.num_crops": have}) if have else cfg
         run(cfg, reuse_crops=reuse_crops, more_crops=more_crops or 0)
 
 

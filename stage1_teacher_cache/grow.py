@@ -19,9 +19,12 @@ old cache, whose arrays are about to be replaced, nor as a C+N cache before it
 is complete); every step is idempotent, so a rerun after a kill at any point
 finishes the job.
 
-The target is absolute: C is the run's ``crops.num_crops`` (the command that
-built the cache) and the result has C+N crops, so rerunning the same command
-after it finished finds C+N crops and only resumes as stage 1 would.
+With ``--num-crops C`` the target is absolute: C is the run's ``crops.num_crops``
+(the command that built the cache) and the result has C+N crops, so rerunning
+the same command after it finished finds C+N crops and only resumes as stage 1
+would. Without it, C is read from the cache (``recorded_crops``): the same
+command resumes an unfinished growth, but run again after it finished it grows
+the cache by N more.
 """
 from __future__ import annotations
 
@@ -121,6 +124,17 @@ def open_growth(path: str, attrs: dict[str, Any], more: int, runtime: Runtime, s
     return Growth(path, writer, seeded(C, more), more, old, C, C + more)
 
 
+def recorded_crops(attrs: dict[str, Any]) -> int | None:
+    """The crop count a cache's attributes record; None where they hold no whole number there.
+
+    Without --num-crops this is the C a `--more-crops` run grows from, which is also the count an unfinished
+    growth started from (the marker leaves the attributes as they were until the swap), so the same command
+    resumes it."""
+    crops = attrs.get("crops")
+    count = crops.get("num_crops") if isinstance(crops, dict) else None
+    return count if type(count) is int else None
+
+
 def _prepare(path: str, attrs: dict[str, Any], more: int, seeded: SeededCrops) -> None:
     if more < 1:
         raise CacheError(f"--more-crops must be at least 1 (got {more})")
@@ -143,7 +157,10 @@ def _prepare(path: str, attrs: dict[str, Any], more: int, seeded: SeededCrops) -
         else:
             CacheWriter(staging_path(path), with_crops(attrs, C + more))  # (re)created here, before other ranks
         return
-    have = int(found.get("crops", {}).get("num_crops", -1))
+    have = recorded_crops(found)
+    if have is None:
+        raise CacheError(f"{path}: its attributes record no whole-number crop count (crops.num_crops), so it cannot "
+                         "be grown; grow only a cache that `pipeline teacher-cache` wrote, or rebuild this one")
     if have == C + more:
         _remove_staging(path)  # a run was killed after its last step: only the empty staging group is left
         print(f"note: {path} already has {C + more} crops per image; nothing to add", file=sys.stderr)
