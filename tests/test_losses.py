@@ -13,14 +13,13 @@ from common.config import OptimConfig
 from stage2_student_distill.discriminator import Discriminator, hidden_sizes
 from stage2_student_distill.losses import (
     DistillObjective,
-    HardLabelObjective,
     cutmix,
     discriminator_loss,
     kl_to_targets,
-    smooth_one_hot,
     soft_cross_entropy,
 )
 from stage2_student_distill.schedule import lr_factor, set_learning_rates
+from stage2_student_distill.targets import HardLabelTargets, smooth_one_hot
 
 
 def _targets(batch: int, classes: int, seed: int = 0) -> torch.Tensor:
@@ -201,8 +200,8 @@ def test_hard_label_objective_targets():
     class B:
         labels = torch.tensor([0, 2])
 
-    obj = HardLabelObjective(3, 0.3)
-    assert torch.allclose(obj.targets(B), torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]))
+    targets = HardLabelTargets(3, 0.3)
+    assert torch.allclose(targets(B), torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]))
 
 
 def test_step_schedule_values():
