@@ -40,8 +40,7 @@ from stage1_teacher_cache.views import make_renderer, renderer_kind
 class TargetSource(ABC):
     """What the training loop asks of every target source."""
 
-    # Why a batch of this source's targets can hold a NaN or an inf, and the remedy: the tail of
-    # the loop's one-line error when it does ("" where no cause beyond the batch itself is known).
+    # Why this source's targets can hold a NaN or an inf, and the remedy: the tail of the loop's one-line error
     non_finite_hint = ""
 
     @abstractmethod
@@ -49,20 +48,10 @@ class TargetSource(ABC):
         """Dense float32 targets of ``batch``, one row per image: [B, K] ([B, 2K] for WithHardLabels)."""
 
     def times(self) -> dict[str, float]:
-        """Seconds this source has spent producing targets so far, by metrics.jsonl key.
-
-        The loop reports the difference over an epoch, and splits the rest of the step time
-        off as ``student_s`` beside it. Empty (the default) where the source's time is the
-        loader's (cached targets arrive with the batch) or negligible (one-hot labels), which
-        keeps metrics.jsonl free of timing fields that mean nothing for the run.
-        """
+        """Seconds spent producing targets so far, by metrics.jsonl key; the loop reports an epoch's
+        share with the rest of the step time as ``student_s``. Empty (the default) where that time is
+        the loader's (cached targets come with the batch) or negligible (one-hot labels)."""
         return {}
-
-
-def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """Dense targets for hard labels, smoothed as ``F.cross_entropy(label_smoothing=)`` does."""
-    one_hot = F.one_hot(labels.long(), num_classes).float()
-    return one_hot * (1.0 - smoothing) + smoothing / num_classes
 
 
 class CachedTargets(TargetSource):
@@ -77,14 +66,15 @@ class CachedTargets(TargetSource):
 
 
 class HardLabelTargets(TargetSource):
-    """``pipeline train``: each image's one-hot label, smoothed by ``label_smoothing``."""
+    """``pipeline train``: each image's one-hot label, smoothed as ``F.cross_entropy(label_smoothing=)`` does."""
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
 
     def __call__(self, batch) -> torch.Tensor:
-        return smooth_one_hot(batch.labels, self.num_classes, self.label_smoothing)
+        one_hot = F.one_hot(batch.labels.long(), self.num_classes).float()
+        return one_hot * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
 
 
 class WithHardLabels(TargetSource):

@@ -56,13 +56,7 @@ from stage2_student_distill.metrics_log import open_run_log
 from stage2_student_distill.run_lock import RunDirLock
 from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
 from stage2_student_distill.student import create_student
-from stage2_student_distill.targets import (
-    CachedTargets,
-    HardLabelTargets,
-    OnlineTargets,
-    TargetSource,
-    WithHardLabels,
-)
+from stage2_student_distill.targets import CachedTargets, HardLabelTargets, OnlineTargets, TargetSource, WithHardLabels
 
 # Config tables whose values decide a run's result (checked on --resume).
 DISTILL_TABLES = ("runtime", "data", "optim", "distill", "preprocess")
