@@ -109,18 +109,15 @@ import signal
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.bench_fashion_mnist import base_config  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
+from benchmarks.bench_fashion_mnist import base_config
+from benchmarks.harness import (
+    REPO, begin, machine_line, markdown_table, module_command, run_header, update_marked_section, write_results,
 )
-from common.config import ConfigError, parse_assignments  # noqa: E402
-from stage2_student_distill import experiment as ex  # noqa: E402
+from common.config import ConfigError, parse_assignments
+from stage2_student_distill import experiment as ex
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -382,7 +379,8 @@ class Study:
                 while todo and not failed and len(running) < self.args.jobs:
                     key = todo.pop(0)
                     log = (logs / f"{key.replace(':', '_')}.log").open("a")
-                    cmd = [sys.executable, str(Path(__file__).resolve()), *self.argv, "--step", key]
+                    # the child inherits this process's working directory, where -m found the package
+                    cmd = module_command("benchmarks.bench_crop_budget", *self.argv, "--step", key)
                     running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
                     print(f"{key}: started (log: {log.name})", flush=True)
                 time.sleep(2)

@@ -47,21 +47,18 @@ import dataclasses
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (
     begin, machine_line, markdown_table, run_header, update_marked_section,
     write_results,
 )
-from common.cache_format import CacheReader  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.manifest import load_manifest  # noqa: E402
-from stage2_student_distill import experiment as ex  # noqa: E402
+from common.cache_format import CacheReader
+from common.config import load_config
+from common.manifest import load_manifest
+from stage2_student_distill import experiment as ex
 
 # --------------------------------------------------------------------------- online targets against the cache
 

@@ -47,13 +47,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import (  # noqa: E402
-    IMAGENET_TRAIN_IMAGES, Timer, Workdir, add_common_args, command_line, disk_usage, loadavg, machine_info,
-    machine_line, make_image_tree, markdown_table, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
+from benchmarks.harness import (
+    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, command_line, disk_usage, loadavg, machine_info,
+    machine_line, make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
     write_results,
 )
 
@@ -69,7 +66,7 @@ def child(args) -> None:
 
     import torch  # noqa: F401
 
-    from benchmarks.common import timed_epoch
+    from benchmarks.harness import timed_epoch
     from common.config import load_config
     from stage2_student_distill.checkpoint import unwrap
     from stage2_student_distill.train import setup, train_one_epoch  # noqa: F401
@@ -160,7 +157,7 @@ def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> 
             path.parent.mkdir(parents=True, exist_ok=True)
             os.link(sources[int(i) % len(sources)], path)
     timings["links_s"] = t.seconds
-    timings["cache_bytes"] = disk_usage(d / "cache")
+    timings["cache_bytes"] = disk_usage(d / "cache")["allocated"]
     return {"manifest": manifest.path, "cache": d / "cache", "run_dir": d / "run", **timings}
 
 
@@ -205,9 +202,9 @@ def main(argv=None) -> int:
         val = synthetic_manifest(wd / "val.parquet", VAL_IMAGES, p.num_classes, wd / "val-images", WIDTH, HEIGHT).path
         for n in sizes:
             prep = prepare(wd, n, p, steps, args.seed, sources)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--preset", p.name, "--seed", str(args.seed),
-                   "--manifest", str(prep["manifest"]), "--val-manifest", str(val), "--cache", str(prep["cache"]),
-                   "--run-dir", str(prep["run_dir"]), "--steps", str(steps), "--loader", args.loader]
+            cmd = module_command("benchmarks.bench_memory", "--child", "--preset", p.name, "--seed", str(args.seed),
+                                 "--manifest", str(prep["manifest"]), "--val-manifest", str(val), "--cache", str(prep["cache"]),
+                   "--run-dir", str(prep["run_dir"]), "--steps", str(steps), "--loader", args.loader)
             if args.threads is not None:
                 cmd += ["--threads", str(args.threads)]
             load = loadavg()[0]
@@ -217,8 +214,8 @@ def main(argv=None) -> int:
                 print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
                 raise SystemExit(f"child for {n} images failed ({proc.returncode})")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            m = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-manifest", "--manifest",
-                                str(prep["manifest"])], capture_output=True, text=True, cwd=REPO, check=True)
+            m = subprocess.run(module_command("benchmarks.bench_memory", "--child-manifest", "--manifest",
+                                              str(prep["manifest"])), capture_output=True, text=True, cwd=REPO, check=True)
             r["manifest_load"] = json.loads(m.stdout.strip().splitlines()[-1])
             ml = r["manifest_load"]
             ph = r["phases"]

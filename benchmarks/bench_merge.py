@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cache_format import restore_targets, round_down_fp16  # noqa: E402
-from stage1_teacher_cache.sharing import merge_targets  # noqa: E402
+from common.cache_format import restore_targets, round_down_fp16
+from stage1_teacher_cache.sharing import merge_targets
 
 # name -> true-class logit boost (look-alikes get 2.5 less); shared and per-teacher noise are N(0, 1), N(0, 0.7)
 REGIMES = {"confident": 12.0, "typical": 9.0, "uncertain": 6.5}

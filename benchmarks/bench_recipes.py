@@ -25,11 +25,8 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (
     begin, fmt_num, make_image_tree, markdown_table, run_header, write_results,
 )
 

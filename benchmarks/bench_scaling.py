@@ -54,12 +54,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import (  # noqa: E402
-    Timer, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
+from benchmarks.harness import (
+    REPO, Timer, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
     markdown_table, resolve_preset, subset_manifest, synthetic_cache, write_results,
 )
 
@@ -69,7 +66,7 @@ def worker(args) -> None:
 
     from benchmarks.bench_stage1 import config as stage1_config, timed_run
     from benchmarks.bench_stage2 import SyntheticLoader
-    from benchmarks.common import timed_epoch
+    from benchmarks.harness import timed_epoch
     from common.config import load_config
     from stage2_student_distill.train import setup
 
@@ -174,7 +171,7 @@ def main(argv=None) -> int:
         torchrun = Path(sys.executable).with_name("torchrun")
         for world in worlds:
             result = wd / f"result-{world}.json"
-            cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(world), str(Path(__file__).resolve()),
+            cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(world), "-m", "benchmarks.bench_scaling",
                    "--worker", "--preset", p.name, "--workdir", str(wd), "--result", str(result), "--seed", str(args.seed),
                    "--loader", args.loader, "--rounds", str(rounds), "--shard", str(shard)]
             if args.quick:

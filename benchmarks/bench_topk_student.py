@@ -27,22 +27,19 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.bench_fashion_mnist import base_config, fmt, run_json  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
+from benchmarks.harness import (
     begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
 )
-from common.cache_format import CacheReader, restore_targets  # noqa: E402
-from common.config import load_config  # noqa: E402
-from stage2_student_distill import experiment as ex  # noqa: E402
-from stage1_teacher_cache.info import cache_info  # noqa: E402
-from stage1_teacher_cache.sharing import reduce_topk  # noqa: E402
+from common.cache_format import CacheReader, restore_targets
+from common.config import load_config
+from stage2_student_distill import experiment as ex
+from stage1_teacher_cache.info import cache_info
+from stage1_teacher_cache.sharing import reduce_topk
 
 DOC_SECTION = "bench_topk_student"
 
