@@ -1,28 +1,9 @@
 """Teacher-cache benchmark: size on disk, read rate, top-k fidelity, and FKD-style files.
 
-What it answers (docs/performance.md, section "Cache", has the numbers and what
-they mean):
+Method, targets and sizing: docs/benchmarks.md, section bench_cache.
 
-1. Bytes per crop of a Zarr cache v1 for k = 1, 5, 10, 20, and what that is for
-   ImageNet-1k (1,281,167 images x C crops).
-2. How fast targets come out of the cache (CacheReader.gather + restore_targets,
-   dense 1000-class rows), for random batches, shard-sequential order and the
-   one-gather-per-epoch pattern that stage 2 uses; compared with what stage 2
-   consumes (ASSUMED_CONSUMPTION below).
-3. How much the top-k truncation changes the target: KL(full ensemble softmax ||
-   restored top-k target) and the fraction of mass kept.
-4. The same data in FKD's layout (one torch.save file per image): size (apparent
-   and allocated) and random read rate.
-
-The soft labels are synthetic but shaped like a real ensemble's (see
-SoftLabelModel), because the compressed size of `topk_index` depends on how
-repetitive the top-k classes of an image's crops are, and the fidelity numbers
-depend on how heavy the tail is. Everything runs on the CPU; the OS page cache
-is warm (the data was just written), so read rates are upper bounds for a cold
-network filesystem -- where FKD's one-file-per-sample pattern loses even more.
-
-    /tmp/venv/bin/python benchmarks/bench_cache.py            # full run, a few minutes on 2 cores
-    /tmp/venv/bin/python benchmarks/bench_cache.py --quick    # smoke run, < 30 s
+    python -m benchmarks.bench_cache            # full run, a few minutes on 2 cores
+    python -m benchmarks.bench_cache --quick    # smoke run, < 30 s
 """
 from __future__ import annotations
 

@@ -1,40 +1,10 @@
 """Stage 1 throughput: `pipeline teacher-cache` (crops/s) against the ensemble's pure forward pass.
 
-Rows (measured side by side, in interleaved rounds; each row reports its median round):
+Method, targets and sizing: docs/benchmarks.md, section bench_stage1.
 
-* ``teacher-cache run``: ``stage1_teacher_cache.run.run(cfg)`` -- what the
-  command runs -- on a generated ImageFolder dataset (JPEGs of 256-500 px, the
-  manifest built by ``build_manifest``): render every crop at each teacher's
-  size, forward, top-k, write Zarr shards. Two rates: steady state (timestamps
-  taken at each shard's end, from the run's summary (``shard_stamps``); the
-  first shard, which pays the render pipeline fill, is left out) and the
-  command's own figure (its summary's crops/s, whole run, teacher loading
-  excluded).
-* ``ensemble forward (limit)``: ``teacher_probs`` + ``ensemble_topk`` of the same
-  teachers on random uint8 views already on the device, the same batch size.
-* ``render only``: the renderer the command picks (``make_renderer``: torch on
-  CPU, DALI on CUDA) over the same images and boxes, on the same thread pool
-  (``prefetch``), no teachers: what the loader side can feed.
-
-Target: run >= 0.9 x ensemble forward. On the CPU preset the renderer and the
-teachers share 2 cores (and the machine's other jobs), so the run is bounded by
-render + forward rather than max(render, forward); expect ~0.5 (measured 0.54
-on 2 busy cores, at the "serial" bound 1 / (1/render + 1/forward)). The CPU
-time per crop of the run vs. render + forward (both in the table) shows whether
-the pipeline itself adds work (it does not: 3.5 vs 3.9 ms/crop). On a GPU the
-teachers run on the device while DALI renders on the CPU threads, and the
-target is judged there; on CUDA the script also counts the host<->device
-synchronisations of one forward batch.
-
-A cProfile of the run (main thread: forward, waits on the render threads,
-writes) and of the renderer called synchronously (where the render time goes)
-is printed and saved.
-
-    /tmp/venv/bin/python benchmarks/bench_stage1.py               # full (~2 min on 2 busy CPU cores)
-    /tmp/venv/bin/python benchmarks/bench_stage1.py --quick       # smoke run (< 60 s)
-    python benchmarks/bench_stage1.py --preset gpu                # on a CUDA machine (the default there)
-
-Writes benchmarks/results/stage1.json (stage1-quick.json with --quick).
+    python -m benchmarks.bench_stage1               # full (~2 min on 2 busy CPU cores)
+    python -m benchmarks.bench_stage1 --quick       # smoke run (< 60 s)
+    python -m benchmarks.bench_stage1 --preset gpu                # on a CUDA machine (the default there)
 """
 from __future__ import annotations
 

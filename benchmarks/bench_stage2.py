@@ -1,59 +1,10 @@
 """Stage 2 throughput: `pipeline distill` against its compute limit, hard-label training and online MEAL V2.
 
-Every row runs the project's own training step, ``train_one_epoch`` of
-stage2_student_distill/train.py, on a ``Job`` built by the library's
-``setup(cfg)`` (what `pipeline distill` / `pipeline train` train; validation and
-checkpointing, which are ``fit``'s, are left out). Only the loader differs:
+Method, targets and sizing: docs/benchmarks.md, section bench_stage2.
 
-* ``compute limit``: the distill Job with its loader replaced by synthetic
-  batches already on the device (same student, discriminator, optimizers,
-  loss, batch size, autocast; no decoding, no cache);
-* ``distill [dali|torch]``: the real loader: cached boxes replayed, images
-  decoded and cropped, soft targets gathered from a teacher cache;
-* ``train [..]``: hard labels (``pipeline train``), the same loader in mode
-  ``train``, cross entropy, no discriminator;
-* ``online MEAL V2``: `pipeline distill --online`, the library's online
-  target source: fresh seeded crops, each batch rendered for the student by
-  the stage 2 loader and once more per teacher at that teacher's size by
-  stage 1's renderer, in the loader's background thread (the torch path
-  decodes each image twice: once for the student, once for the teachers);
-  the teachers run under inference_mode, the mean softmax is the target,
-  then the same student step;
-* ``online compute limit``: the same Job with synthetic student and teacher
-  views on the device (the best online MEAL V2 can do with an infinitely
-  fast loader);
-* ``loader only``: the distill loader iterated without training.
-
-Throughput is steady state: the clock starts after ``--warmup`` steps (after
-a device sync) and stops after the last step (after a sync); the whole-epoch
-rate, which also pays the epoch start-up, is in the JSON. All rows are built
-first and then measured in interleaved rounds (``--rounds``, default 3); each
-row reports its median round. Next to wall-clock img/s every row has the CPU
-time per image of the training thread and of the whole process: on a shared,
-oversubscribed machine wall-clock ratios swing with other users' load, while
-"training-thread CPU ms/img, distill vs. compute limit" shows what the loader
-adds to the critical path when its threads have cores of their own. On CUDA
-the script also counts host<->device synchronisations per distill step (and
-where they come from) with ``torch.cuda.set_sync_debug_mode``.
-
-The images are generated JPEGs of ImageNet-like size (256-500 px), the
-manifest is built by ``build_manifest``, and the teacher cache is written
-straight through ``CacheWriter`` with the real crop boxes and fake soft labels
-(stage 2's cost does not depend on the target values).
-
-Targets (GPU preset, judged on a GPU only): distill >= 0.95 x compute limit,
-distill >= 4 x online MEAL V2. On the 2-core CPU preset the loader threads
-(JPEG decode + resize) and the student share 2 cores with other jobs, and the
-tiny teachers cost ~0.8 x the student's step (vs. ~8 x by FLOPs for senet154 +
-resnest269e against a ResNet-50 step), so neither ratio says anything about a
-GPU machine. Measured on 2 busy cores: distill ~0.4 x the compute limit
-wall-clock (~0.85 by training-thread CPU), ~1.6-1.7 x online MEAL V2.
-
-    /tmp/venv/bin/python benchmarks/bench_stage2.py               # full (~2.5 min on 2 busy CPU cores)
-    /tmp/venv/bin/python benchmarks/bench_stage2.py --quick       # smoke run (< 60 s)
-    python benchmarks/bench_stage2.py --preset gpu                # on a CUDA machine (the default there)
-
-Writes benchmarks/results/stage2.json (stage2-quick.json with --quick).
+    python -m benchmarks.bench_stage2               # full (~2.5 min on 2 busy CPU cores)
+    python -m benchmarks.bench_stage2 --quick       # smoke run (< 60 s)
+    python -m benchmarks.bench_stage2 --preset gpu                # on a CUDA machine (the default there)
 """
 from __future__ import annotations
 
