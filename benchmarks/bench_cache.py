@@ -40,28 +40,8 @@ TARGET_RATIO = 10.0
 
 
 class SoftLabelModel:
-    """Ensemble-like soft labels: the mean of two teachers' softmaxes over correlated logits.
-
-    Real ensemble targets are not "one class + uniform noise": the runner-up
-    classes are the image's semantic neighbours (other dog breeds), the same
-    ones on every crop of the image, with a roughly power-law falloff; small
-    crops are less confident or show a neighbouring class. The model:
-
-    * every class y has a fixed random neighbour order; class c sits at rank
-      r_y(c) (0 = y itself) and its logit is -alpha * log(1 + r_y(c)), i.e.
-      probabilities fall off like (1 + r)^-alpha (Zipf);
-    * alpha is drawn per crop, log-uniform in [1.5, 4] (crop "sharpness", i.e.
-      a per-crop temperature), and jittered +-15% per teacher (teachers differ
-      in calibration);
-    * 15% of crops are "ambiguous": their dominant class is one of y's 5
-      nearest neighbours;
-    * each teacher adds Gaussian logit noise (sigma 0.5), half shared between
-      the two teachers (they agree more than chance), half their own.
-
-    Calibrated to top-1 mean ~0.68 (p10 ~0.42, p90 ~0.90) and top-10 mass
-    ~0.95, the range of a strong ImageNet ensemble on RandomResizedCrop crops;
-    the script prints the measured statistics with the results.
-    """
+    """Ensemble-like soft labels: the mean of two teachers' softmaxes over correlated logits
+    (the model and its calibration: docs/benchmarks.md, section bench_cache)."""
 
     def __init__(self, num_classes: int, seed: int, alpha=(1.5, 4.0), ambiguous=0.15, sigma=0.5, rho=0.5, jitter=0.15):
         rng = np.random.default_rng(seed)

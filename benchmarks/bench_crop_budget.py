@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.bench_fashion_mnist import base_config
 from benchmarks.harness import (
-    REPO, begin, machine_line, markdown_table, module_command, run_header, update_marked_section, write_results,
+    REPO, begin, machine_line, markdown_table, module_command, publish, run_header,
 )
 from common.config import ConfigError, parse_assignments
 from stage2_student_distill import experiment as ex
@@ -365,13 +365,10 @@ def main(argv=None) -> int:
     summary.update(margin=margin, margin_ok=margin_ok)
     payload = {**run_header(args, t_start, info), "teachers": teachers, "teacher_eval": evaluation,
                "caches": caches, "runs": runs, "summary": summary}
-    path = write_results("crop_budget", payload, args.out)
     plot(payload, Path(args.plot))
-    section = report(payload)
-    print("\n" + section + f"\nJSON: {path}\nplot: {args.plot}", flush=True)
-    if args.doc:
-        update_marked_section(Path(args.doc), section, f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
-        print(f"markdown section updated in {args.doc}")
+    print(f"plot: {args.plot}", flush=True)
+    publish("crop_budget", payload, args.out, report(payload), args.doc,
+            f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
     return 0
 
 

@@ -17,10 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import (
-    begin, machine_line, markdown_table, run_header, update_marked_section,
-    write_results,
-)
+from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader
 from common.config import load_config
 from common.manifest import load_manifest
@@ -88,11 +85,6 @@ def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def update_doc(path: Path, section: str, tag: str = "") -> None:
-    """One marked section of ``path`` per ``--doc-tag``."""
-    update_marked_section(path, section, f"bench_fashion_mnist{f'[{tag}]' if tag else ''}")
 
 
 def report(payload: dict) -> str:
@@ -310,12 +302,8 @@ def main(argv=None) -> int:
             "cached_minus_fresh": fr, "cached_minus_fresh_per_seed": fr_per,
         },
     }
-    path = write_results("fashion_mnist", payload, args.out)
-    section = report(payload)
-    print("\n" + section + f"\nJSON: {path}", flush=True)
-    if args.doc:
-        update_doc(Path(args.doc), section, args.doc_tag)
-        print(f"markdown section updated in {args.doc}")
+    publish("fashion_mnist", payload, args.out, report(payload), args.doc,
+            f"bench_fashion_mnist{f'[{args.doc_tag}]' if args.doc_tag else ''}")
     return 0
 
 

@@ -7,8 +7,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_merge.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -25,7 +25,6 @@ from benchmarks.harness import (
     markdown_table, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
 )
 from common.config import load_config
-from common.manifest import load_manifest
 from common.runtime import build_runtime
 from stage1_teacher_cache.ensemble import ensemble_topk, teacher_probs
 from stage1_teacher_cache.teachers import load_teachers

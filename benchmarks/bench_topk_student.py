@@ -17,17 +17,12 @@ import numpy as np
 import torch
 
 from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
-from benchmarks.harness import (
-    begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
-)
+from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader, restore_targets
 from common.config import load_config
 from stage2_student_distill import experiment as ex
 from stage1_teacher_cache.info import cache_info
 from stage1_teacher_cache.sharing import reduce_topk
-
-DOC_SECTION = "bench_topk_student"
-
 
 def fidelity(reference: CacheReader, reduced: CacheReader, block: int = 4096) -> dict:
     """Mean top-k mass and KL(reference target || reduced target) over every cached crop, in nats."""
@@ -175,12 +170,7 @@ def main(argv=None) -> int:
         "caches": caches,
         "students": students,
     }
-    path = write_results("topk_student", payload, args.out)
-    section = report(payload)
-    print("\n" + section + f"\nJSON: {path}", flush=True)
-    if args.doc:
-        update_marked_section(Path(args.doc), section, DOC_SECTION)
-        print(f"markdown section updated in {args.doc}")
+    publish("topk_student", payload, args.out, report(payload), args.doc, "bench_topk_student")
     return 0
 
 

@@ -1,22 +1,6 @@
-"""Shared helpers of the stage 1 / stage 2 / memory / scaling benchmarks.
-
-Not a benchmark itself. What lives here:
-
-* ``Preset``: the two machine profiles every script understands. ``gpu`` is the
-  real thing (senet154 + resnest269e teachers with random weights, a ResNet-50
-  student at 224 px, bf16, DALI); ``cpu`` is the same pipeline shrunk so that a
-  2-core box finishes in minutes (timm's ``test_resnet`` / ``test_convnext``
-  teachers, a ``test_efficientnet`` student, 32-64 px). ``--preset`` picks one;
-  the default is ``gpu`` when CUDA is available, else ``cpu``.
-* machine and version info (recorded in every JSON next to the numbers), the
-  load average (2 shared cores: every measurement records it);
-* synthetic data: an ImageFolder tree of realistic JPEGs (256-500 px, smooth
-  content + grain, so file sizes and decode times look like ImageNet's), a
-  manifest of fake rows (``write_manifest`` without touching the disk), and a
-  teacher cache written straight through ``CacheWriter`` (valid boxes, fake
-  soft labels) -- stage 2's speed does not depend on the target values;
-* markdown tables and the JSON result files.
-"""
+"""The benchmarks' shared pieces: presets (``--preset gpu|cpu``, ``--quick``), the machine record, timing
+(steady-state loaders, cProfile, CUDA syncs, RSS), synthetic images / manifests / caches, tables, atomic JSON
+results and marked sections of the docs. What each preset holds: docs/benchmarks.md, section harness."""
 from __future__ import annotations
 
 import argparse
@@ -320,14 +304,10 @@ def image_dataset(workdir: Path, name: str, num_images: int, num_classes: int, s
 
 def subset_manifest(manifest, count: int, out: Path) -> Path:
     """The first ``count`` images of a loaded manifest, same root and classes (a warm-up set)."""
-    import pyarrow.parquet as pq
+    from common.manifest import write_manifest
+    from stage1_teacher_cache.sharing import subset_rows
 
-    from common.manifest import ManifestRow, write_manifest
-
-    digests = pq.read_table(manifest.path, columns=["sha256"]).column("sha256").to_pylist()
-    rows = [ManifestRow(manifest.paths[i], int(manifest.labels[i]), int(manifest.widths[i]),
-                        int(manifest.heights[i]), int(manifest.file_bytes[i]), digests[i]) for i in range(count)]
-    write_manifest(rows, manifest.class_names, manifest.root, out)
+    write_manifest(subset_rows(manifest, range(count)), manifest.class_names, manifest.root, out)
     return out
 
 
@@ -449,6 +429,18 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 def write_results(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
+    return path
+
+
+def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str,
+            doc_section: str) -> Path:
+    """The end of an accuracy benchmark: its JSON written, its report printed and put in the marked
+    section ``doc_section`` of ``doc`` ('' = no document)."""
+    path = write_results(name, payload, out)
+    print("\n" + section + f"\nJSON: {path}", flush=True)
+    if doc:
+        update_marked_section(Path(doc), section, doc_section)
+        print(f"markdown section updated in {doc}")
     return path
 
 
