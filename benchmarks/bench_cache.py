@@ -42,7 +42,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, no install needed
 
-from common.cache_format import CacheReader, CacheWriter, restore_targets  # noqa: E402
+from common.cache_format import CacheReader, CacheWriter  # noqa: E402
+from common.cache_storage import restore_targets  # noqa: E402
 from common.crops import image_boxes  # noqa: E402
 from stage2_student_distill.plan import shard_local_share  # noqa: E402
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cache_format import restore_targets, round_down_fp16  # noqa: E402
+from common.cache_storage import restore_targets, round_down_fp16  # noqa: E402
 from stage1_teacher_cache.sharing import merge_targets  # noqa: E402
 
 # name -> true-class logit boost (look-alikes get 2.5 less); shared and per-teacher noise are N(0, 1), N(0, 0.7)

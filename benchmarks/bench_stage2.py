@@ -76,7 +76,7 @@ from benchmarks.common import (  # noqa: E402
     machine_info, machine_line, markdown_table, profile_table, profile_top, resolve_preset, subset_manifest,
     sync, synthetic_cache, timed_epoch, write_results,
 )
-from common.cache_format import restore_targets  # noqa: E402
+from common.cache_storage import restore_targets  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.render import normalize, render_crops  # noqa: E402
 from stage2_student_distill.loaders import Batch, dali_available  # noqa: E402

@@ -38,7 +38,8 @@ from benchmarks.bench_fashion_mnist import base_config, fmt, run_json  # noqa: E
 from benchmarks.common import (  # noqa: E402
     begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
 )
-from common.cache_format import CacheReader, restore_targets  # noqa: E402
+from common.cache_format import CacheReader  # noqa: E402
+from common.cache_storage import restore_targets  # noqa: E402
 from common.config import load_config  # noqa: E402
 from stage2_student_distill import experiment as ex  # noqa: E402
 from stage1_teacher_cache.info import cache_info  # noqa: E402

@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype, restore_targets
+from common.cache_format import CacheError, CacheReader, CacheWriter
+from common.cache_storage import index_dtype, restore_targets
 from common.locations import absolute
 from common.manifest import Manifest, ManifestRow, load_manifest, write_manifest
 from stage1_teacher_cache.label_agreement import record_label_agreement
