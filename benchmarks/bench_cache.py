@@ -42,6 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from a checkout, no install needed
 
+from common import cache_storage  # noqa: E402
 from common.cache_format import CacheReader, CacheWriter  # noqa: E402
 from common.cache_storage import restore_targets  # noqa: E402
 from common.crops import image_boxes  # noqa: E402
@@ -222,18 +223,17 @@ def disk_usage(path: Path) -> dict:
 
 def cache_attrs(args, num_images: int, k: int, images_per_shard: int) -> dict:
     """Attributes shaped like stage 1's (class names included: they are part of the real size)."""
-    return {
-        "manifest": {"hash": f"synthetic-seed{args.seed}-n{num_images}", "num_images": num_images},
-        "num_classes": args.classes,
-        "class_names": [f"n{i:08d}" for i in range(args.classes)],
-        "teachers": [{"name": "synthetic_a"}, {"name": "synthetic_b"}],
-        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
-        "crops": {"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": args.crops,
-                  "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": args.seed},
-        "storage": {"k": k, "images_per_shard": images_per_shard, "residual": "uniform",
-                    "index_dtype": "uint16", "prob_dtype": "float16"},
-        "config": {"written_by": "benchmarks/bench_cache.py"},
-    }
+    return cache_storage.cache_attrs(
+        manifest={"hash": f"synthetic-seed{args.seed}-n{num_images}", "num_images": num_images},
+        num_classes=args.classes,
+        teachers=[{"name": "synthetic_a"}, {"name": "synthetic_b"}],
+        ensemble={"rule": "mean_softmax", "temperature": 1.0},
+        crops={"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": args.crops,
+               "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": args.seed},
+        k=k, images_per_shard=images_per_shard,
+        class_names=[f"n{i:08d}" for i in range(args.classes)],
+        config={"written_by": "benchmarks/bench_cache.py"},
+    )
 
 
 def write_cache(path: Path, args, data: dict, k: int, num_images: int | None = None) -> float:

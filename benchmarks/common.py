@@ -342,21 +342,19 @@ def synthetic_manifest(out: Path, num_images: int, num_classes: int, root: Path,
 
 
 def _cache_attrs(manifest, num_crops: int, topk: int, images_per_shard: int, seed: int) -> dict[str, Any]:
-    from common.cache_format import index_dtype
+    from common.cache_storage import cache_attrs
 
-    K = manifest.num_classes
-    return {
-        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
-        "num_classes": K,
-        "teachers": [{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
-        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
-        "crops": {"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": num_crops,
-                  "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
-        "storage": {"k": topk, "images_per_shard": images_per_shard, "residual": "uniform",
-                    "index_dtype": index_dtype(K).name, "prob_dtype": "float16"},
-        "class_names": list(manifest.class_names),
-        "benchmark": "synthetic soft labels (benchmarks/common.py)",
-    }
+    return cache_attrs(
+        manifest={"hash": manifest.content_hash, "num_images": manifest.num_images},
+        num_classes=manifest.num_classes,
+        teachers=[{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
+        ensemble={"rule": "mean_softmax", "temperature": 1.0},
+        crops={"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": num_crops,
+               "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
+        k=topk, images_per_shard=images_per_shard,
+        class_names=list(manifest.class_names),
+        benchmark="synthetic soft labels (benchmarks/common.py)",
+    )
 
 
 def _write_shards(job) -> None:
