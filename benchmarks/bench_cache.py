@@ -21,7 +21,8 @@ import torch
 from benchmarks.harness import (
     IMAGENET_TRAIN_IMAGES, Workdir, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, write_results,
 )
-from common.cache_format import CacheReader, CacheWriter, restore_targets
+from common.cache_format import CacheReader, CacheWriter
+from common.cache_storage import restore_targets
 from common.crops import image_boxes
 from stage2_student_distill.plan import shard_local_share
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 
-from common.cache_format import restore_targets, round_down_fp16
+from common.cache_storage import restore_targets, round_down_fp16
 from stage1_teacher_cache.sharing import merge_targets
 
 # name -> true-class logit boost (look-alikes get 2.5 less); shared and per-teacher noise are N(0, 1), N(0, 0.7)

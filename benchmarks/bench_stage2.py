@@ -24,7 +24,7 @@ from benchmarks.harness import (
     machine_info, machine_line, markdown_table, profile_table, profile_top, resolve_preset, subset_manifest,
     sync, synthetic_cache, timed_epoch, write_results,
 )
-from common.cache_format import restore_targets
+from common.cache_storage import restore_targets
 from common.config import load_config
 from common.render import decode, normalize, render_crops
 from stage2_student_distill.loaders import Batch, dali_available

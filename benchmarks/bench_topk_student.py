@@ -18,7 +18,8 @@ import torch
 
 from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
 from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
-from common.cache_format import CacheReader, restore_targets
+from common.cache_format import CacheReader
+from common.cache_storage import restore_targets
 from common.config import load_config
 from stage2_student_distill import experiment as ex
 from stage1_teacher_cache.info import cache_info

@@ -335,22 +335,20 @@ def synthetic_manifest(out: Path, num_images: int, num_classes: int, root: Path,
 def synthetic_cache_attrs(manifest_hash: str, num_images: int, class_names: Sequence[str], num_crops: int,
                           topk: int, images_per_shard: int, seed: int) -> dict[str, Any]:
     """Attributes shaped like stage 1's for a cache of synthetic soft labels (class names included:
-    they are part of the real size)."""
-    from common.cache_format import index_dtype
+    they are part of the real size), through the library's one builder."""
+    from common.cache_storage import cache_attrs
 
-    K = len(class_names)
-    return {
-        "manifest": {"hash": manifest_hash, "num_images": num_images},
-        "num_classes": K,
-        "teachers": [{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
-        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
-        "crops": {"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": num_crops,
-                  "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
-        "storage": {"k": topk, "images_per_shard": images_per_shard, "residual": "uniform",
-                    "index_dtype": index_dtype(K).name, "prob_dtype": "float16"},
-        "class_names": list(class_names),
-        "benchmark": "synthetic soft labels (benchmarks/harness.py)",
-    }
+    return cache_attrs(
+        manifest={"hash": manifest_hash, "num_images": num_images},
+        num_classes=len(class_names),
+        teachers=[{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
+        ensemble={"rule": "mean_softmax", "temperature": 1.0},
+        crops={"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": num_crops,
+               "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
+        k=topk, images_per_shard=images_per_shard,
+        class_names=list(class_names),
+        benchmark="synthetic soft labels (benchmarks/harness.py)",
+    )
 
 
 def _write_shards(job) -> None:

@@ -18,7 +18,9 @@ loudly on read as well.
 
 The group attributes (JSON, no pickle anywhere) make the cache self-describing:
 format + version, manifest hash and size, classes, teachers, ensemble rule,
-crop policy, storage, tool version and the resolved config.
+crop policy, storage, tool version and the resolved config. How targets are
+stored and restored (index dtype, float16 rounding, residual) and how every
+command builds those attributes is common/cache_storage.py.
 
 A cache can grow to more crops per image (stage1_teacher_cache/grow.py): while
 it does, its attributes carry a ``growing`` marker and readers refuse it; after,
@@ -52,15 +54,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer.cpu import as_numpy_array_wrapper
 from zarr.registry import get_pipeline_class
 
-from common.errors import PipelineError, cause_text
+from common.cache_storage import CacheError, index_dtype, round_down_fp16, target_problems
+from common.errors import cause_text
 from common.locations import file_sizes, filesystem, local_path
-from common.runtime import to_device
 
 FORMAT_NAME = "meal-v2-teacher-cache"
 FORMAT_VERSION = 1
@@ -85,14 +86,6 @@ MAX_SHARDS = 1 << 20  # per-shard bookkeeping ([shards, 5] records) stays <= 20 
 MAX_DECLARED_BYTES = 1 << 44  # 16 TiB decoded: 50x ImageNet-21k at C=32, k=100
 MAX_JSON_DEPTH = 32  # a cache's attributes nest ~6 deep; the json module and == recurse per level
 MAX_TREE_DEPTH = 8  # deepest cache file: .grow-staging/topk_prob/c/S/0/0 (6 parts)
-
-
-class CacheError(PipelineError):
-    """The cache is missing, incomplete, damaged or does not match its inputs."""
-
-
-def index_dtype(num_classes: int) -> np.dtype:
-    return np.dtype(np.uint16) if num_classes <= 65535 else np.dtype(np.int32)
 
 
 def shard_bounds(shard: int, images_per_shard: int, num_images: int) -> tuple[int, int]:
@@ -619,23 +612,6 @@ def _write_failure(path: str, shard: int, e: OSError) -> str:
     )
 
 
-def round_down_fp16(prob) -> np.ndarray:
-    """float16 probabilities rounded toward zero.
-
-    Round-to-nearest can push the stored top-k mass to >= 1, which would leave
-    no residual for the other classes; rounding down keeps sum(topk) <= the
-    true mass, so restored targets give every class a share (when k < K).
-    """
-    prob = np.asarray(prob)
-    if prob.dtype == np.float16:
-        return prob
-    p32 = prob.astype(np.float32)
-    p16 = p32.astype(np.float16)
-    over = p16.astype(np.float32) > p32
-    p16[over] = np.nextafter(p16[over], np.float16(0))
-    return p16
-
-
 def _read_records(arr, path: str, present: np.ndarray | None = None) -> np.ndarray:
     """Shard records. "Incomplete" means a record that is absent (it reads as the fill value 0)
     or not marked done; a record that cannot be *read* is an error, never "incomplete": a
@@ -850,48 +826,6 @@ class CacheReader:
             for name in DATA_ARRAYS:
                 out[name][sel] = data[name][rows]
         return out
-
-
-def restore_targets(topk_index, topk_prob, num_classes: int, device=None) -> torch.Tensor:
-    """Dense (B, num_classes) float32 targets from stored top-k.
-
-    The mass the top-k did not keep (1 - sum) is spread uniformly over the
-    other classes (the cache's ``storage.residual = "uniform"``), so every row
-    sums to 1 and no class gets zero probability unless k = num_classes.
-    """
-    idx = to_device(torch.from_numpy(np.asarray(topk_index).astype(np.int64)), device)
-    prob = to_device(torch.from_numpy(np.asarray(topk_prob).astype(np.float32)), device).clamp_min_(0)
-    k = idx.shape[-1]
-    kept = prob.sum(-1, keepdim=True)
-    if k < num_classes:
-        residual = (1.0 - kept).clamp_min(0) / (num_classes - k)
-        dense = residual.expand(*idx.shape[:-1], num_classes).clone()
-    else:
-        prob = prob / kept.clamp_min(1e-12)
-        dense = torch.zeros(*idx.shape[:-1], num_classes, device=idx.device)
-    dense.scatter_(-1, idx, prob)
-    # fp16 rounding can leave the sum a hair off 1; KL wants an exact distribution.
-    return dense / dense.sum(-1, keepdim=True)
-
-
-MASS_TOLERANCE = 1e-2  # float16 top-k rounded down sums to <= 1; allow for other writers' rounding
-
-
-def target_problems(topk_index: np.ndarray | None, topk_prob: np.ndarray | None, num_classes: int) -> list[str]:
-    """What makes stored targets unusable for training, in one vectorised pass per array: NaN,
-    infinite or negative probabilities, top-k mass above 1, class indices outside 0..classes-1.
-    ``verify`` reports these; every shard read for training refuses them."""
-    problems = []
-    if topk_prob is not None:
-        prob = np.asarray(topk_prob, dtype=np.float32)
-        mass = prob.sum(-1)
-        if not np.isfinite(mass).all() or (prob < 0).any() or (mass > 1.0 + MASS_TOLERANCE).any():
-            problems.append("probability mass outside [0, 1] (NaN, infinite, negative or above 1)")
-    if topk_index is not None:
-        index = np.asarray(topk_index)
-        if index.size and (index.max() >= num_classes or index.min() < 0):
-            problems.append(f"class index outside 0..{num_classes - 1} (num_classes {num_classes})")
-    return problems
 
 
 def _shard_problems(reader: CacheReader, shard: int) -> list[str]:

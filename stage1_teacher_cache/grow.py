@@ -32,28 +32,28 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from common.cache_format import (DATA_ARRAYS, RECORD_ARRAY, TOOL_VERSION, CacheError, CacheReader, CacheWriter,
                                  describe_difference, open_attrs, put_attrs, shard_bounds, verify_cache)
+from common.cache_storage import cache_attrs, now_utc
 from common.distributed import fail_together
 from common.locations import filesystem, local_path
 from common.runtime import Runtime
 
 STAGING = "grow"  # the staging cache: a member group of the cache being grown
 
-# (start, stop) -> boxes int32 [n, m, 4] and flips uint8 [n, m]
+# (start, stop) -> boxes int32 [n, m, 4] and flips uint8 [n, m] of images start..stop-1
 CropSource = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 # (first crop index, number of crops) -> the seed's crops with those indices
 SeededCrops = Callable[[int, int], CropSource]
 
 
 def with_crops(attrs: dict[str, Any], num_crops: int) -> dict[str, Any]:
-    return dict(attrs, crops=dict(attrs["crops"], num_crops=num_crops))
+    """The run's attributes for a cache of ``num_crops`` crops per image."""
+    return cache_attrs(attrs, num_crops=num_crops, stamp_created=False)
 
 
 def staging_path(path: str) -> str:
@@ -178,7 +178,7 @@ def _prepare(path: str, attrs: dict[str, Any], more: int, seeded: SeededCrops) -
     _check_growable(path, attrs["manifest"]["hash"], seeded(0, C))
     _remove_staging(path)  # a staging cache from before a kill that preceded the marker is not trusted
     found["growing"] = {"from_crops": C, "to_crops": C + more, "phase": "computing",
-                        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                        "started_at": now_utc()}
     put_attrs(path, found)
     CacheWriter(staging_path(path), with_crops(attrs, C + more))  # created here, before other ranks open it
 
@@ -236,15 +236,15 @@ def swap_in(path: str) -> None:
     for name in (*DATA_ARRAYS, RECORD_ARRAY):
         _move_array(path, name)
     staged = open_attrs(staging_path(path))
-    grown = dict(found, crops=staged["crops"], tool_version=TOOL_VERSION)
-    del grown["growing"]
-    grown.pop("label_agreement", None)  # of the old crops: the run recomputes it over all of them next
-    if staged.get("teacher_eval"):  # --evaluate-teachers on the growing run
-        grown["teacher_eval"] = staged["teacher_eval"]
-    grown["grown"] = [*(found.get("grown") or []), {
-        "from_crops": marker["from_crops"], "to_crops": marker["to_crops"], "started_at": marker.get("started_at"),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "tool_version": TOOL_VERSION,
-        "compute": staged.get("compute"), "config": staged.get("config")}]
+    # label_agreement (of the old crops) is not inherited: the run recomputes it over all of them next
+    grown = cache_attrs(
+        found, crops=staged["crops"], stamp_created=False, tool_version=TOOL_VERSION,
+        # --evaluate-teachers on the growing run
+        **({"teacher_eval": staged["teacher_eval"]} if staged.get("teacher_eval") else {}),
+        grown=[*(found.get("grown") or []), {
+            "from_crops": marker["from_crops"], "to_crops": marker["to_crops"], "started_at": marker.get("started_at"),
+            "finished_at": now_utc(), "tool_version": TOOL_VERSION,
+            "compute": staged.get("compute"), "config": staged.get("config")}])
     # The cache is well-formed again (arrays and attributes agree), so only now are readers let in.
     put_attrs(path, grown)
     _remove_staging(path)

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import sys
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype
+from common import cache_storage
+from common.cache_format import CacheError, CacheReader, CacheWriter
 from common.config import Config, ConfigError, CropConfig
 from common.crops import Boxes, check_boxes_inside, image_boxes
 from common.distributed import fail_together, peer_may_be_gone
@@ -41,16 +40,12 @@ from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers
 from stage1_teacher_cache.label_agreement import format_label_agreement, record_label_agreement
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, format_eval_table
-from stage1_teacher_cache.grow import open_growth
+from stage1_teacher_cache.grow import CropSource, open_growth
 from stage1_teacher_cache.info import bytes_on_disk, human_bytes
 from stage1_teacher_cache.teachers import Teacher, load_teachers
 from stage1_teacher_cache.views import batches, make_renderer
 
 CROP_ALGORITHM = "torchvision.RandomResizedCrop/counter-hash-v1"
-
-# (start, stop) -> boxes int32 [n, C, 4] and flips uint8 [n, C] of images start..stop-1
-CropSource = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
-
 
 def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dict[str, Any]:
     """Build (or resume) the cache; ``reuse_crops``: take the crops of this cache instead of the seed;
@@ -250,33 +245,26 @@ def cache_attrs(cfg: Config, manifest: Manifest, teachers: list[Teacher], k: int
     """Group attributes. Only the keys in cache_format.IDENTITY_KEYS must match to resume or append,
     so everything that may legitimately differ between runs (paths, times, eval numbers, the full
     config) lives outside them."""
-    attrs = {
-        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
-        "num_classes": manifest.num_classes,
-        "teachers": [t.identity() for t in teachers],
-        "ensemble": {"rule": RULE, "temperature": cfg.teacher_cache.temperature},
-        "crops": crops,
-        "storage": {
-            "k": k,
-            "images_per_shard": cfg.teacher_cache.images_per_shard,
-            "residual": "uniform",
-            "index_dtype": index_dtype(manifest.num_classes).name,
-            "prob_dtype": "float16",
-        },
+    return cache_storage.cache_attrs(
+        manifest={"hash": manifest.content_hash, "num_images": manifest.num_images},
+        num_classes=manifest.num_classes,
+        teachers=[t.identity() for t in teachers],
+        ensemble={"rule": RULE, "temperature": cfg.teacher_cache.temperature},
+        crops=crops,
+        k=k,
+        images_per_shard=cfg.teacher_cache.images_per_shard,
         # not identity:
-        "manifest_path": absolute(manifest.path),
-        "class_names": list(manifest.class_names),
-        "teacher_files": {t.name: t.weights_path for t in teachers if t.weights_path},
-        "teacher_eval": evaluation,
-        "crops_from": crops_from,  # the cache whose boxes were reused, if any
+        manifest_path=absolute(manifest.path),
+        class_names=list(manifest.class_names),
+        teacher_files={t.name: t.weights_path for t in teachers if t.weights_path},
+        teacher_eval=evaluation,
+        crops_from=crops_from,  # the cache whose boxes were reused, if any
         # The creator's; bf16 on a GPU and fp32 on a CPU give slightly different probabilities,
         # so hosts that share a cache should share a precision.
-        "compute": {"device": runtime.device.type, "dtype": str(runtime.dtype).removeprefix("torch."),
-                    "world_size": runtime.world_size},
-        "config": cfg.to_dict(),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return json.loads(json.dumps(attrs))  # tuples -> lists, as they read back from JSON
+        compute={"device": runtime.device.type, "dtype": str(runtime.dtype).removeprefix("torch."),
+                 "world_size": runtime.world_size},
+        config=cfg.to_dict(),
+    )
 
 
 def open_cache(path: str, attrs: dict[str, Any], runtime: Runtime) -> CacheWriter:

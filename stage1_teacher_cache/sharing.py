@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,17 +33,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from common.cache_format import CacheError, CacheReader, CacheWriter, index_dtype, restore_targets
+from common.cache_format import CacheError, CacheReader, CacheWriter
+from common.cache_storage import cache_attrs, check_residual, index_dtype, restore_targets
 from common.locations import absolute
 from common.manifest import Manifest, ManifestRow, load_manifest, write_manifest
 from stage1_teacher_cache.label_agreement import record_label_agreement
 
 # Dense rows restored at once while merging: bounds memory to ~64 MB per source whatever the class count.
 _MERGE_BLOCK_ELEMENTS = 1 << 24
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -97,9 +93,7 @@ def check_mergeable(readers: Sequence[CacheReader]) -> None:
         if diffs:
             raise CacheError("refusing to merge caches built on different inputs:\n  - " + "\n  - ".join(diffs))
     for r in readers:
-        if r.attrs["storage"].get("residual") != "uniform":
-            raise CacheError(f"{r.path}: residual rule {r.attrs['storage'].get('residual')!r}; "
-                             "merge restores targets with the uniform rule only")
+        check_residual(r.attrs, r.path, "merge")
     seen: dict[str, str] = {}
     for r in readers:
         for t in r.attrs["teachers"]:
@@ -159,29 +153,23 @@ def merge_targets(parts: Sequence[dict[str, np.ndarray]], weights: np.ndarray, n
 
 def merged_attrs(readers: Sequence[CacheReader], weights: np.ndarray, k: int) -> dict[str, Any]:
     first = readers[0].attrs
-    num_classes = int(first["num_classes"])
     files: dict[str, str] = {}
     for r in readers:
         files.update(r.attrs.get("teacher_files") or {})
-    return {
-        "manifest": first["manifest"],
-        "num_classes": num_classes,
-        "teachers": [t for r in readers for t in r.attrs["teachers"]],
-        "ensemble": first["ensemble"],
-        "crops": first["crops"],
-        "storage": {
-            "k": k,
-            "images_per_shard": int(first["storage"]["images_per_shard"]),
-            "residual": "uniform",
-            "index_dtype": index_dtype(num_classes).name,
-            "prob_dtype": "float16",
-        },
+    return cache_attrs(
+        manifest=first["manifest"],
+        num_classes=int(first["num_classes"]),
+        teachers=[t for r in readers for t in r.attrs["teachers"]],
+        ensemble=first["ensemble"],
+        crops=first["crops"],
+        k=k,
+        images_per_shard=int(first["storage"]["images_per_shard"]),
         # not identity:
-        "manifest_path": first.get("manifest_path"),
-        "class_names": first.get("class_names"),
-        "teacher_files": files,
-        "teacher_eval": None,  # each source's evaluation is kept in its merge record
-        "merge": {
+        manifest_path=first.get("manifest_path"),
+        class_names=first.get("class_names"),
+        teacher_files=files,
+        teacher_eval=None,  # each source's evaluation is kept in its merge record
+        merge={
             "rule": "teacher-weighted mean of the dense targets restored from each source's top-k "
                     "(uniform residual), then top-k",
             "k": k,
@@ -192,8 +180,7 @@ def merged_attrs(readers: Sequence[CacheReader], weights: np.ndarray, k: int) ->
                 for r, w in zip(readers, weights)
             ],
         },
-        "created_at": _now(),
-    }
+    )
 
 
 def _short(value: Any, limit: int = 160) -> str:
@@ -220,11 +207,11 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
 
     new_hash = write_manifest(subset_rows(manifest, ids), manifest.class_names, manifest.root, subset_manifest_out,
                               description=_subset_description(manifest, selection))
-    attrs = {key: value for key, value in reader.attrs.items() if key != "label_agreement"}
-    attrs.update({
-        "manifest": {"hash": new_hash, "num_images": len(ids)},
-        "manifest_path": absolute(subset_manifest_out),
-        "subset": {
+    writer = CacheWriter(out, cache_attrs(
+        reader.attrs,
+        manifest={"hash": new_hash, "num_images": len(ids)},
+        manifest_path=absolute(subset_manifest_out),
+        subset={
             "source": reader.path,
             "source_manifest": reader.attrs["manifest"],
             "selection": selection,
@@ -232,9 +219,7 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
             # the list itself could be millions of ids: a digest keeps the attributes small
             "image_ids_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(),
         },
-        "created_at": _now(),
-    })
-    writer = CacheWriter(out, attrs)
+    ))
     complete = writer.complete_shards()
     todo = [s for s in range(len(complete)) if not complete[s]]
     for shard in todo:
@@ -313,13 +298,9 @@ def reduce_topk(cache: str, out: str, topk: int, manifest_path: str | None = Non
     if not 1 <= topk < reader.topk:
         raise CacheError(f"--topk {topk}: must be between 1 and {reader.topk - 1} ({cache} keeps k = {reader.topk}; "
                          "a larger k cannot be recovered from it: rerun `pipeline teacher-cache --reuse-crops`)")
-    if reader.attrs["storage"].get("residual") != "uniform":
-        raise CacheError(f"{cache}: residual rule {reader.attrs['storage'].get('residual')!r}; reduce knows 'uniform'")
-    attrs = {key: value for key, value in reader.attrs.items() if key != "label_agreement"}
-    attrs["storage"] = dict(attrs["storage"], k=topk)
-    attrs["reduced"] = {"source": reader.path, "source_k": reader.topk, "k": topk}
-    attrs["created_at"] = _now()
-    writer = CacheWriter(out, attrs)
+    check_residual(reader.attrs, cache, "reduce")
+    writer = CacheWriter(out, cache_attrs(reader.attrs, k=topk,
+                                          reduced={"source": reader.path, "source_k": reader.topk, "k": topk}))
     complete = writer.complete_shards()
     todo = [s for s in range(len(complete)) if not complete[s]]
     for shard in todo:

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
-from common.cache_format import CacheError, restore_targets
+from common.cache_format import CacheError
+from common.cache_storage import restore_targets
 from common.config import ConfigError
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box, check_boxes_inside

@@ -13,10 +13,9 @@ from common.cache_format import (
     CacheError,
     CacheReader,
     CacheWriter,
-    index_dtype,
-    restore_targets,
     verify_cache,
 )
+from common.cache_storage import index_dtype, restore_targets
 
 N, C, K, CLASSES, PER_SHARD = 10, 3, 2, 5, 4  # 3 shards: 4 + 4 + 2 images
 

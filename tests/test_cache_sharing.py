@@ -13,7 +13,8 @@ import torch
 import zarr
 from click.testing import CliRunner
 
-from common.cache_format import CacheError, CacheReader, CacheWriter, restore_targets, round_down_fp16, verify_cache
+from common.cache_format import CacheError, CacheReader, CacheWriter, verify_cache
+from common.cache_storage import restore_targets, round_down_fp16
 from common.cli import main
 from common.config import RuntimeConfig
 from common.manifest import load_manifest

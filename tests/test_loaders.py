@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common.cache_format import CacheError, CacheReader, CacheWriter, restore_targets
+from common.cache_format import CacheError, CacheReader, CacheWriter
+from common.cache_storage import restore_targets
 from common.config import CropConfig
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box, image_boxes

@@ -1,7 +1,7 @@
 """Stored float16 top-k never claims more mass than the ensemble gave it."""
 import numpy as np
 
-from common.cache_format import restore_targets, round_down_fp16
+from common.cache_storage import restore_targets, round_down_fp16
 
 
 def test_round_down_keeps_mass_below_the_true_mass():

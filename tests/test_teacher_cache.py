@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from common.cache_format import CacheError, CacheReader, restore_targets, verify_cache
+from common.cache_format import CacheError, CacheReader, verify_cache
+from common.cache_storage import restore_targets
 from common.crops import image_boxes
 from common.manifest import load_manifest
 from common.models import WeightsError, create_model
