@@ -4,10 +4,11 @@ Every loss here runs in float32 whatever the autocast dtype of the forward
 pass: softmax/log-softmax over 1000 classes in bf16 loses the small
 probabilities that carry the "dark knowledge" of the teachers.
 
-An *objective* turns a batch into dense targets and (logits, targets) into a
-loss; it is the only thing that differs between ``pipeline distill`` (KL to
-the cached ensemble + discriminator) and ``pipeline train`` (hard labels), so
-both commands share one training loop (``train.py``).
+An *objective* turns (logits, dense targets) into a loss: KL to the
+ensemble's targets + discriminator for ``pipeline distill``, cross entropy to
+the one-hot labels for ``pipeline train``. Where the targets come from is the
+target source's business (targets.py), so both commands share one training
+loop (``train.py``).
 """
 from __future__ import annotations
 
@@ -36,12 +37,6 @@ def kl_to_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """-sum_k t_k log_softmax(s)_k, mean over the batch (cross entropy to dense targets)."""
     return -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-
-
-def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
-    """Dense targets for hard labels, smoothed as ``F.cross_entropy(label_smoothing=)`` does."""
-    one_hot = F.one_hot(labels.long(), num_classes).float()
-    return one_hot * (1.0 - smoothing) + smoothing / num_classes
 
 
 def discriminator_loss(discriminator: nn.Module, student_probs: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
@@ -107,16 +102,9 @@ class DistillObjective:
 
 
 class HardLabelObjective:
-    """``pipeline train``: cross entropy to (optionally smoothed) one-hot labels."""
+    """``pipeline train``: cross entropy to dense targets (targets.HardLabelTargets' smoothed one-hot labels)."""
 
     parts = ("loss",)
-
-    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
-        self.num_classes = num_classes
-        self.label_smoothing = label_smoothing
-
-    def targets(self, batch) -> torch.Tensor:
-        return smooth_one_hot(batch.labels, self.num_classes, self.label_smoothing)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loss = soft_cross_entropy(logits, targets)

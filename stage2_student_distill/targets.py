@@ -1,11 +1,13 @@
-"""Where a distill step's soft targets come from: the teacher cache, or the teachers themselves.
+"""Where a training step's dense targets come from: one protocol, three sources.
 
-The training loop asks ``job.targets(batch)`` for dense [B, K] float32 targets
-and does not care which source answers:
+The training loop calls the same two methods of whichever source setup chose
+(:class:`TargetSource`): ``source(batch)`` -> dense [B, K] float32 targets,
+and ``source.times()`` -> the seconds the source itself spent, by metrics.jsonl
+key. It never asks which source it has.
 
-* :class:`CachedTargets`: the cache's top-k, restored by the loader (the
-  product's main path; no teacher is loaded);
-* :class:`OnlineTargets`: online MEAL V2. The loader renders every crop of the
+* :class:`CachedTargets` (``pipeline distill --cache``): the cache's top-k,
+  restored by the loader (the product's main path; no teacher is loaded);
+* :class:`OnlineTargets` (``--online``): online MEAL V2. The loader renders every crop of the
   batch at each teacher's size and interpolation too (``views``), from the same
   decode as the student's, in its background thread; here the ensemble runs on those views under
   inference_mode (bf16 + channels_last on CUDA, as stage 1) and the *full*
@@ -13,56 +15,86 @@ and does not care which source answers:
   Which crops: fresh seeded ones (the loader's mode "train": crop index
   epoch * m + j of ``[crops]``) or a cache's boxes (mode "distill",
   ``--replay-cache``): one code path for every variant.
+* :class:`HardLabelTargets` (``pipeline train``): the (smoothed) one-hot label.
 
-Hard-label training keeps its objective's one-hot targets (losses.py); :class:`WithHardLabels`
-appends them to either source for ``distill.label_weight``.
+:class:`WithHardLabels` appends the one-hot label to a distill source for ``distill.label_weight``.
 """
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from common.runtime import Runtime
-from stage2_student_distill.losses import smooth_one_hot
 from stage1_teacher_cache.ensemble import RULE, teacher_probs
 from stage1_teacher_cache.teachers import Teacher
 
 
-class CachedTargets:
+class TargetSource(ABC):
+    """What the training loop asks of every target source."""
+
+    # Why this source's targets can hold a NaN or an inf, and the remedy: the tail of the loop's one-line error
+    non_finite_hint = ""
+
+    @abstractmethod
+    def __call__(self, batch) -> torch.Tensor:
+        """Dense float32 targets of ``batch``, one row per image: [B, K] ([B, 2K] for WithHardLabels)."""
+
+    def times(self) -> dict[str, float]:
+        """Seconds spent producing targets so far, by metrics.jsonl key; the loop reports an epoch's
+        share with the rest of the step time as ``student_s``. Empty (the default) where that time is
+        the loader's (cached targets come with the batch) or negligible (one-hot labels)."""
+        return {}
+
+
+class CachedTargets(TargetSource):
     """The cache's soft targets, restored to dense rows by the loader (mode "distill")."""
 
-    kind = "cached"
+    def __init__(self, cache: str):
+        self.non_finite_hint = (f" (the teacher cache {cache} holds non-finite soft labels: rebuild it; "
+                                "`pipeline cache verify` names damaged shards)")
 
     def __call__(self, batch) -> torch.Tensor:
         return batch.targets
 
-    def seconds(self) -> float:
-        return 0.0
+
+class HardLabelTargets(TargetSource):
+    """``pipeline train``: each image's one-hot label, smoothed as ``F.cross_entropy(label_smoothing=)`` does."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def __call__(self, batch) -> torch.Tensor:
+        one_hot = F.one_hot(batch.labels.long(), self.num_classes).float()
+        return one_hot * (1.0 - self.label_smoothing) + self.label_smoothing / self.num_classes
 
 
-class WithHardLabels:
+class WithHardLabels(TargetSource):
     """A target source with each row's one-hot label appended: [B, 2K] = [soft | one_hot].
 
     For ``distill.label_weight`` > 0 (losses.DistillObjective splits the two
     halves); carried as one tensor so CutMix mixes label and soft target by
-    the same area. Every image must have a label (setup checks).
+    the same area. Every image must have a label (setup checks). Its timing and
+    non-finite hint are the soft source's (one-hot labels are cheap and finite).
     """
 
-    def __init__(self, source, num_classes: int):
+    def __init__(self, source: TargetSource, num_classes: int):
         self.source = source
-        self.num_classes = num_classes
-        self.kind = source.kind
+        self.labels = HardLabelTargets(num_classes)
+        self.non_finite_hint = source.non_finite_hint
 
     def __call__(self, batch) -> torch.Tensor:
-        return torch.cat([self.source(batch), smooth_one_hot(batch.labels, self.num_classes)], dim=-1)
+        return torch.cat([self.source(batch), self.labels(batch)], dim=-1)
 
-    def seconds(self) -> float:
-        return self.source.seconds()
+    def times(self) -> dict[str, float]:
+        return self.source.times()
 
 
-class OnlineTargets:
+class OnlineTargets(TargetSource):
     """The teachers' mean softmax on the batch's crops, computed in the loop.
 
     ``views`` is the loader's hook: each teacher's :class:`~common.models.Preprocess`,
@@ -70,7 +102,7 @@ class OnlineTargets:
     ensemble on the views the loader attached to the batch.
     """
 
-    kind = "online"
+    non_finite_hint = " (the online teachers output non-finite probabilities: check their weights, --teacher-weights)"
 
     def __init__(self, teachers: Sequence[Teacher], runtime: Runtime, temperature: float):
         self.teachers = list(teachers)
@@ -87,9 +119,9 @@ class OnlineTargets:
             # clone(): the inference-mode result becomes a normal tensor the loss may save for backward
             return probs.mean(0).clone()
 
-    def seconds(self) -> float:
-        """Teacher time so far (device time on CUDA); syncs on CUDA, so call it on log steps only."""
-        return self._clock.seconds()
+    def times(self) -> dict[str, float]:
+        """Teacher time so far (device time on CUDA); syncs on CUDA, so the loop asks on log steps only."""
+        return {"teacher_s": self._clock.seconds()}
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must match (recorded in the checkpoint metadata)."""

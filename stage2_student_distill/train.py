@@ -4,9 +4,10 @@
 source); ``fit(job)`` is the one loop every run goes through, top to bottom.
 ``run_distill`` / ``run_train`` are ``fit(setup(cfg, ...))``. What differs
 between runs is the objective (losses.py: KL to the ensemble's targets plus
-the MEAL V2 discriminator, or cross entropy to hard labels) and, for
-distillation, where the targets come from (targets.py): the teacher cache, or
-the teachers themselves in the loop (online MEAL V2, ``distill.online``).
+the MEAL V2 discriminator, or cross entropy to hard labels) and where the
+targets come from (targets.py): the teacher cache, the teachers themselves in
+the loop (online MEAL V2, ``distill.online``) or the labels. Setup chooses the
+target source; the loop asks every source the same things.
 Benchmarks drive ``setup`` / ``train_one_epoch`` / ``fit`` directly.
 
 Reproducibility contract: the loader's epoch order and crops, the CutMix
@@ -55,7 +56,7 @@ from stage2_student_distill.metrics_log import open_run_log
 from stage2_student_distill.run_lock import RunDirLock
 from stage2_student_distill.schedule import discriminator_base_lr, lr_factor, set_learning_rates
 from stage2_student_distill.student import create_student
-from stage2_student_distill.targets import CachedTargets, OnlineTargets, WithHardLabels
+from stage2_student_distill.targets import CachedTargets, HardLabelTargets, OnlineTargets, TargetSource, WithHardLabels
 
 # Config tables whose values decide a run's result (checked on --resume).
 DISTILL_TABLES = ("runtime", "data", "optim", "distill", "preprocess")
@@ -84,8 +85,7 @@ class Job:
     student: nn.Module  # on device; compiled and DDP-wrapped as configured
     discriminator: nn.Module | None  # on device, DDP-wrapped under torchrun
     objective: DistillObjective | HardLabelObjective
-    targets: Any  # batch -> dense float32 [B, K] targets: CachedTargets, OnlineTargets (either WithHardLabels:
-    # [B, 2K]) or objective.targets
+    targets: TargetSource  # batch -> dense float32 targets: cached, online (either WithHardLabels) or hard labels
     train_loader: Any
     val_loader: Any
     meta: dict[str, Any]  # checkpoint metadata (model, classes, preprocess, teachers, ...)
@@ -148,7 +148,7 @@ def _fit(job: Job) -> dict[str, Any]:
             "lr": cfg.optim.lr * train["lr_factor"],
             **({"disc_lr": discriminator_base_lr(cfg) * train["lr_factor"]} if job.discriminator is not None else {}),
             "img_per_s": train["img_per_s"],
-            **({"teacher_s": train["teacher_s"], "student_s": train["student_s"]} if "teacher_s" in train else {}),
+            **train["times"],  # the target source's own time and the student's, where the source has one
             "time_s": time.perf_counter() - epoch_start,
         }
         with fail_together(rt):  # rank 0 writes; if that fails (disk full), every rank stops with its message
@@ -219,8 +219,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
         total=job.train_loader.num_samples_per_epoch, unit="img", disable=not rt.progress, leave=False,
         desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", dynamic_ncols=True,
     )
-    online = getattr(job.targets, "kind", None) == "online"
-    clock = Clock(job.targets.seconds() if online else 0.0)
+    clock = Clock(job.targets)
     watch = NonFiniteWatch(rt.device, loss_scaling=scaler.is_enabled())
     for step, batch in enumerate(job.train_loader.epoch(epoch)):
         clock.fetched()
@@ -246,8 +245,8 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
         if (step + 1) % cfg.optim.log_every == 0:
             with fail_together(rt):
                 watch.check(job, epoch, steps)
-            times = clock.split(job.targets.seconds()) if online else None
-            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock.start, times)
+            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock.start,
+                     clock.split())
         clock.stepped()
     bar.close()
     with fail_together(rt):
@@ -261,17 +260,19 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
         "losses": {name: value / images_seen for name, value in zip(objective.parts, totals[:-1])},
         "img_per_s": totals[-1] / max(elapsed, 1e-9),
         "lr_factor": lr_factor(cfg.optim, epoch, 0, steps),
-        **(clock.split(job.targets.seconds()) if online else {}),
+        "times": clock.split(),
     }
 
 
 class Clock:
-    """An epoch's wall time split into waiting for the loader, teachers (online) and the student."""
+    """An epoch's wall time split into waiting for the loader, the target source's own times
+    (``TargetSource.times``: online, ``teacher_s``) and the student (``student_s``, the rest)."""
 
-    def __init__(self, teacher_at_start: float):
+    def __init__(self, targets: TargetSource):
         self.start = self.last = time.perf_counter()
         self.waited = 0.0
-        self.teacher_at_start = teacher_at_start
+        self.targets = targets
+        self.at_start = targets.times()
 
     def fetched(self) -> None:
         self.waited += time.perf_counter() - self.last
@@ -279,9 +280,13 @@ class Clock:
     def stepped(self) -> None:
         self.last = time.perf_counter()
 
-    def split(self, teacher_total: float) -> dict[str, float]:
-        teacher = teacher_total - self.teacher_at_start
-        return {"teacher_s": teacher, "student_s": max(time.perf_counter() - self.start - self.waited - teacher, 0.0)}
+    def split(self) -> dict[str, float]:
+        """The source's times this epoch so far, and ``student_s`` beside them; {} for a source with none."""
+        spent = {key: total - self.at_start[key] for key, total in self.targets.times().items()}
+        if not spent:
+            return {}
+        busy = time.perf_counter() - self.start - self.waited
+        return {**spent, "student_s": max(busy - sum(spent.values()), 0.0)}
 
 
 class NonFiniteWatch:
@@ -339,15 +344,7 @@ class NonFiniteWatch:
 
     def _likely_cause(self, job: Job, cause: int) -> str:
         if cause & self.TARGETS:
-            kind = getattr(job.targets, "kind", None)
-            if kind == "cached":
-                source = (f" (the teacher cache {job.cfg.distill.cache} holds non-finite soft labels: "
-                          "rebuild it; `pipeline cache verify` names damaged shards)")
-            elif kind == "online":
-                source = " (the online teachers output non-finite probabilities: check their weights, --teacher-weights)"
-            else:
-                source = ""
-            return "that batch's targets are not finite" + source
+            return "that batch's targets are not finite" + job.targets.non_finite_hint
         if cause & self.INPUTS:
             return "that batch's input images are not finite after normalisation (check preprocess.mean/std)"
         lr = f"lower the learning rate (--lr, now {job.cfg.optim.lr:g})"
@@ -386,13 +383,13 @@ def check_weights_finite(job: Job, epoch: int) -> None:
 
 
 def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, start: float,
-             times: dict[str, float] | None = None) -> None:
+             times: dict[str, float]) -> None:
     """Running means of this rank's losses: on the bar, or as a line when progress is off."""
     values = sums.tolist()
     means = {name: v / max(values[-1], 1.0) for name, v in zip(job.objective.parts, values[:-1])}
     text = " ".join(f"{name} {value:.4f}" for name, value in means.items()) + f" lr {lr:.3g}"
-    if times:  # online: where the step time goes
-        text += f" teacher {times['teacher_s']:.1f}s student {times['student_s']:.1f}s"
+    # where the step time goes, for a target source with time of its own (online: "teacher 1.2s student 3.4s")
+    text += "".join(f" {key.removesuffix('_s')} {seconds:.1f}s" for key, seconds in times.items())
     if job.runtime.progress:
         bar.set_postfix_str(text, refresh=False)
     elif job.runtime.is_main:
@@ -479,11 +476,11 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
     if d.online:
         # Before the student is seeded, so the student starts as in a cached run.
         teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=cfg.runtime.seed)
-        targets: Any = OnlineTargets(teachers, runtime, cfg.teacher_cache.temperature)
+        targets: TargetSource = OnlineTargets(teachers, runtime, cfg.teacher_cache.temperature)
         meta_extra["online"] = {**targets.identity(), "crops": "replayed" if cache else "fresh",
                                 "replay_cache": d.replay_cache or None}
     else:
-        targets = CachedTargets()
+        targets = CachedTargets(d.cache)
         meta_extra["cache"] = {"path": d.cache, "teachers": cache.attrs.get("teachers")}
     views = targets.views if d.online else None
     if d.label_weight > 0:
@@ -542,11 +539,11 @@ def _setup_train(cfg: Config, held: contextlib.ExitStack) -> Job:
     model = _place(model, runtime, compile=runtime.compile)
     train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train",
                                         crops=cfg.crops)
-    objective = HardLabelObjective(manifest.num_classes, t.label_smoothing)
     optimizers, base_lrs = _optimizers(cfg, model, None)
     return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=t.resume, student=model, discriminator=None,
-        objective=objective, targets=objective.targets, train_loader=train_loader, val_loader=val_loader,
+        objective=HardLabelObjective(), targets=HardLabelTargets(manifest.num_classes, t.label_smoothing),
+        train_loader=train_loader, val_loader=val_loader,
         meta=_meta("train", t.model, preprocess, manifest), optimizers=optimizers, base_lrs=base_lrs,
         scaler=runtime.grad_scaler(),
     )

@@ -52,7 +52,7 @@ def _batch():
 
 @pytest.mark.parametrize("w", [0.25, 1.0])
 def test_loss_and_gradient_equal_the_hand_computation(w):
-    targets = WithHardLabels(CachedTargets(), K)(_batch())
+    targets = WithHardLabels(CachedTargets("CACHE"), K)(_batch())
     assert targets.shape == (B, 2 * K)
     logits = torch.tensor(LOGITS, dtype=torch.float32, requires_grad=True)
     objective = DistillObjective(None, label_weight=w)
@@ -75,7 +75,7 @@ def test_weight_zero_is_plain_meal_v2_and_the_discriminator_sees_only_the_soft_h
     torch.manual_seed(0)
     disc = Discriminator(K)
     objective = DistillObjective(disc, label_weight=0.5)
-    loss, parts = objective(logits, WithHardLabels(CachedTargets(), K)(_batch()))
+    loss, parts = objective(logits, WithHardLabels(CachedTargets("CACHE"), K)(_batch()))
     d_loss = discriminator_loss(disc, F.softmax(logits, -1), soft).item()
     total, kl, ce, _ = _hand(0.5)
     assert objective.parts == ("loss", "kl", "ce", "d_loss")
@@ -83,7 +83,7 @@ def test_weight_zero_is_plain_meal_v2_and_the_discriminator_sees_only_the_soft_h
 
 
 def test_cutmix_mixes_label_and_soft_target_by_the_same_area():
-    targets = WithHardLabels(CachedTargets(), K)(_batch())
+    targets = WithHardLabels(CachedTargets("CACHE"), K)(_batch())
     images = torch.arange(B, dtype=torch.float32).reshape(B, 1, 1, 1).expand(B, 3, 8, 8).contiguous()
     mixed_images, mixed = cutmix(images, targets, prob=1.0, alpha=1.0, rng=np.random.default_rng(3))
     # each image is now a blend of itself and one partner: recover the kept share from the pixels

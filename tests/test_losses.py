@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,14 +14,13 @@ from common.config import OptimConfig
 from stage2_student_distill.discriminator import Discriminator, hidden_sizes
 from stage2_student_distill.losses import (
     DistillObjective,
-    HardLabelObjective,
     cutmix,
     discriminator_loss,
     kl_to_targets,
-    smooth_one_hot,
     soft_cross_entropy,
 )
 from stage2_student_distill.schedule import lr_factor, set_learning_rates
+from stage2_student_distill.targets import HardLabelTargets
 
 
 def _targets(batch: int, classes: int, seed: int = 0) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_soft_cross_entropy_with_smoothing_equals_torch_cross_entropy():
     logits = torch.randn(8, 5)
     labels = torch.randint(0, 5, (8,))
     for eps in (0.0, 0.1):
-        ours = soft_cross_entropy(logits, smooth_one_hot(labels, 5, eps))
+        ours = soft_cross_entropy(logits, HardLabelTargets(5, eps)(SimpleNamespace(labels=labels)))
         assert torch.allclose(ours, F.cross_entropy(logits, labels, label_smoothing=eps), atol=1e-6)
 
 
@@ -201,8 +201,8 @@ def test_hard_label_objective_targets():
     class B:
         labels = torch.tensor([0, 2])
 
-    obj = HardLabelObjective(3, 0.3)
-    assert torch.allclose(obj.targets(B), torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]))
+    targets = HardLabelTargets(3, 0.3)
+    assert torch.allclose(targets(B), torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]))
 
 
 def test_step_schedule_values():

@@ -24,6 +24,7 @@ import stage2_student_distill.losses as losses
 from common.cli import main
 from common.config import load_config
 from stage2_student_distill.metrics import read_metrics
+from stage2_student_distill.targets import HardLabelTargets
 from stage2_student_distill.train import NonFiniteWatch
 from test_distill import data  # noqa: F401  (the tiny manifests + cache fixture)
 
@@ -165,7 +166,7 @@ def test_the_watch_under_fp16_loss_scaling_tolerates_skipped_steps_but_not_bad_d
     non-finite data, or a loss that never comes back, is one."""
     finite, nan = torch.tensor([1.0, 0.5]), torch.tensor([float("nan"), 0.5])
     images, targets = torch.zeros(2, 3), torch.full((2, 3), 1 / 3)
-    job = SimpleNamespace(cfg=load_config(None, {"optim.lr": "0.1"}), targets=None, run_dir="RUN")
+    job = SimpleNamespace(cfg=load_config(None, {"optim.lr": "0.1"}), targets=HardLabelTargets(3), run_dir="RUN")
 
     watch = NonFiniteWatch(torch.device("cpu"), loss_scaling=True)
     counted = [watch.update(step, parts, images, targets).item() for step, parts in enumerate([finite, nan, finite])]
