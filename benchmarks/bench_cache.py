@@ -1,52 +1,30 @@
 """Teacher-cache benchmark: size on disk, read rate, top-k fidelity, and FKD-style files.
 
-What it answers (docs/performance.md, section "Cache", has the numbers and what
-they mean):
+Method, targets and sizing: docs/benchmarks.md, section bench_cache.
 
-1. Bytes per crop of a Zarr cache v1 for k = 1, 5, 10, 20, and what that is for
-   ImageNet-1k (1,281,167 images x C crops).
-2. How fast targets come out of the cache (CacheReader.gather + restore_targets,
-   dense 1000-class rows), for random batches, shard-sequential order and the
-   one-gather-per-epoch pattern that stage 2 uses; compared with what stage 2
-   consumes (ASSUMED_CONSUMPTION below).
-3. How much the top-k truncation changes the target: KL(full ensemble softmax ||
-   restored top-k target) and the fraction of mass kept.
-4. The same data in FKD's layout (one torch.save file per image): size (apparent
-   and allocated) and random read rate.
-
-The soft labels are synthetic but shaped like a real ensemble's (see
-SoftLabelModel), because the compressed size of `topk_index` depends on how
-repetitive the top-k classes of an image's crops are, and the fidelity numbers
-depend on how heavy the tail is. Everything runs on the CPU; the OS page cache
-is warm (the data was just written), so read rates are upper bounds for a cold
-network filesystem -- where FKD's one-file-per-sample pattern loses even more.
-
-    /tmp/venv/bin/python benchmarks/bench_cache.py            # full run, a few minutes on 2 cores
-    /tmp/venv/bin/python benchmarks/bench_cache.py --quick    # smoke run, < 30 s
+    python -m benchmarks.bench_cache            # full run, a few minutes on 2 cores
+    python -m benchmarks.bench_cache --quick    # smoke run, < 30 s
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout, no install needed
 
-from common.cache_format import CacheReader, CacheWriter, restore_targets  # noqa: E402
-from common.crops import image_boxes  # noqa: E402
-from stage2_student_distill.plan import shard_local_share  # noqa: E402
+from benchmarks.harness import (
+    IMAGENET_TRAIN_IMAGES, Workdir, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, write_results,
+)
+from common.cache_format import CacheReader, CacheWriter, restore_targets
+from common.crops import image_boxes
+from stage2_student_distill.plan import shard_local_share
 
-IMAGENET_TRAIN_IMAGES = 1_281_167
 # Stage 2 consumption we compare against (assumptions, not measurements):
 # ResNet-50 training in bf16 + channels_last with DALI runs at roughly 3,000
 # img/s on one H100; a node of 8 is ~24,000 img/s. Under torchrun every rank
@@ -62,28 +40,8 @@ TARGET_RATIO = 10.0
 
 
 class SoftLabelModel:
-    """Ensemble-like soft labels: the mean of two teachers' softmaxes over correlated logits.
-
-    Real ensemble targets are not "one class + uniform noise": the runner-up
-    classes are the image's semantic neighbours (other dog breeds), the same
-    ones on every crop of the image, with a roughly power-law falloff; small
-    crops are less confident or show a neighbouring class. The model:
-
-    * every class y has a fixed random neighbour order; class c sits at rank
-      r_y(c) (0 = y itself) and its logit is -alpha * log(1 + r_y(c)), i.e.
-      probabilities fall off like (1 + r)^-alpha (Zipf);
-    * alpha is drawn per crop, log-uniform in [1.5, 4] (crop "sharpness", i.e.
-      a per-crop temperature), and jittered +-15% per teacher (teachers differ
-      in calibration);
-    * 15% of crops are "ambiguous": their dominant class is one of y's 5
-      nearest neighbours;
-    * each teacher adds Gaussian logit noise (sigma 0.5), half shared between
-      the two teachers (they agree more than chance), half their own.
-
-    Calibrated to top-1 mean ~0.68 (p10 ~0.42, p90 ~0.90) and top-10 mass
-    ~0.95, the range of a strong ImageNet ensemble on RandomResizedCrop crops;
-    the script prints the measured statistics with the results.
-    """
+    """Ensemble-like soft labels: the mean of two teachers' softmaxes over correlated logits
+    (the model and its calibration: docs/benchmarks.md, section bench_cache)."""
 
     def __init__(self, num_classes: int, seed: int, alpha=(1.5, 4.0), ambiguous=0.15, sigma=0.5, rho=0.5, jitter=0.15):
         rng = np.random.default_rng(seed)
@@ -204,37 +162,6 @@ def generate(args, model: SoftLabelModel) -> dict:
 # --------------------------------------------------------------------------- sizes
 
 
-def disk_usage(path: Path) -> dict:
-    """Apparent bytes (sum of st_size, like `du --apparent-size -s -B1`) and allocated bytes
-    (sum of st_blocks * 512, like `du -s -B1`), directories included as du counts them.
-    Small files are rounded up to the filesystem block (4 KiB here), so the two can differ a lot."""
-    apparent = allocated = files = 0
-    for root, dirs, names in os.walk(path):
-        for name in [*dirs, *names]:
-            st = os.lstat(os.path.join(root, name))
-            apparent += st.st_size
-            allocated += st.st_blocks * 512
-            files += name in names
-    st = os.lstat(path)
-    return {"apparent": apparent + st.st_size, "allocated": allocated + st.st_blocks * 512, "files": files}
-
-
-def cache_attrs(args, num_images: int, k: int, images_per_shard: int) -> dict:
-    """Attributes shaped like stage 1's (class names included: they are part of the real size)."""
-    return {
-        "manifest": {"hash": f"synthetic-seed{args.seed}-n{num_images}", "num_images": num_images},
-        "num_classes": args.classes,
-        "class_names": [f"n{i:08d}" for i in range(args.classes)],
-        "teachers": [{"name": "synthetic_a"}, {"name": "synthetic_b"}],
-        "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
-        "crops": {"algorithm": "torchvision.RandomResizedCrop/counter-hash-v1", "num_crops": args.crops,
-                  "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": args.seed},
-        "storage": {"k": k, "images_per_shard": images_per_shard, "residual": "uniform",
-                    "index_dtype": "uint16", "prob_dtype": "float16"},
-        "config": {"written_by": "benchmarks/bench_cache.py"},
-    }
-
-
 def write_cache(path: Path, args, data: dict, k: int, num_images: int | None = None) -> float:
     """Write a cache with the first k classes of `data`; returns seconds.
 
@@ -246,7 +173,9 @@ def write_cache(path: Path, args, data: dict, k: int, num_images: int | None = N
     n_data = len(data["boxes"])
     num_images = num_images or n_data
     ips = args.images_per_shard
-    writer = CacheWriter(path, cache_attrs(args, num_images, k, ips))
+    attrs = synthetic_cache_attrs(f"synthetic-seed{args.seed}-n{num_images}", num_images,
+                                  [f"n{i:08d}" for i in range(args.classes)], args.crops, k, ips, args.seed)
+    writer = CacheWriter(path, attrs)
     full_shards = max(1, n_data // ips)
     t0 = time.perf_counter()
     for s in range(writer.layout.num_shards):
@@ -422,24 +351,6 @@ def bench_fkd_random(root: Path, rng, num_images: int, num_crops: int, num_class
 # --------------------------------------------------------------------------- environment and report
 
 
-def machine_info() -> dict:
-    import numcodecs
-    import zarr
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
-    return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1),
-            "torch_threads": torch.get_num_threads(), "loadavg_at_start": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-            "zarr": zarr.__version__, "numcodecs": numcodecs.__version__, "numpy": np.__version__}
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def fmt_rate(x: float) -> str:
     return f"{x:,.0f}"
 
@@ -515,7 +426,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where the caches go (default: a temp dir, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the written caches")
-    p.add_argument("--out", default=str(REPO / "benchmarks/results/cache.json"))
+    p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/cache.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: 500 images, few batches, no ImageNet-scale (< 30 s)")
     args = p.parse_args(argv)
     args.ks = sorted({int(k) for k in args.ks.split(",")} | {args.read_k, args.fkd_k})
@@ -528,9 +439,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_cache_"))
-    work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"args": vars(args) | {"command": " ".join([sys.executable, *sys.argv])},
+    res: dict = {"args": vars(args) | {"command": command_line()},
                  "machine": machine_info(), "assumed_consumption_img_per_s": ASSUMED_CONSUMPTION, "timings_s": {}}
     N, C, K = args.images, args.crops, args.classes
     clock = [time.perf_counter()]
@@ -543,7 +452,7 @@ def main(argv=None) -> dict:
         if next_msg:
             print(f"[{now - t_start:5.0f} s] {next_msg}", file=sys.stderr, flush=True)
 
-    try:
+    with Workdir(args.workdir, args.keep, "bench_cache_") as work:
         print(f"[    0 s] generating {N:,} x {C} soft labels ...", file=sys.stderr, flush=True)
         data = generate(args, SoftLabelModel(K, args.seed))
         res["label_stats"], res["fidelity"] = data.pop("label_stats"), data.pop("fidelity")
@@ -635,12 +544,7 @@ def main(argv=None) -> dict:
 
         # Report before cleaning up: deleting tens of thousands of small files takes a while.
         print(report(res))
-        print(f"\ntotal {res['total_s']:.0f} s (before cleanup); JSON: {args.out}")
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2, default=str) + "\n")
-    finally:
-        if not args.keep and args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+        print(f"\ntotal {res['total_s']:.0f} s (before cleanup); JSON: {write_results('cache', res, args.out)}")
     return res
 
 

@@ -1,104 +1,10 @@
 """The crop budget study: what a cache of C crops per image costs against online MEAL V2.
 
-A cache holds C RandomResizedCrops per training image; over E epochs each
-comes back E/C times, while MEAL V2 as the paper runs it draws a fresh crop
-every step. This script measures, on Fashion-MNIST with the students on all
-60,000 training images and scored on all 10,000 test images, one student
-architecture trained for the same E epochs with the same optimizer:
+Method, targets and sizing: docs/benchmarks.md, section bench_crop_budget.
 
-* ``hard``: hard labels (`pipeline train`), seeds 0 and 1;
-* ``fresh``: online MEAL V2 with fresh seeded crops every step (`pipeline
-  distill --online`), seeds 0 and 1;
-* ``replay``: online MEAL V2 replaying the C = E cache's crops (`--online
-  --replay-cache`): the cache's crops with live, full-softmax teachers;
-* ``cached``: MEAL V2 from a cache of C crops per image (`pipeline distill
-  --cache`), C in {1, 2, 4, 8, E}; the best C again with seed 1;
-* ``multicrop``: m = 2 crops per decoded image (FKD-style,
-  ``distill.crops_per_image``) from the C = E cache for E / m epochs, so the
-  student sees as many crops as every other run and each crop once.
-
-The teachers are real timm architectures trained once with `pipeline train`
-on the same 60,000 images and reused; the study checks that their ensemble
-is at least ``--min-margin`` (2) points above the hard-label student before
-it spends time on distillation (``--ignore-margin`` goes on anyway);
-``--teacher-init NAME=PATH`` trains a teacher further from a checkpoint
-instead of from scratch (a warm restart: ``--teacher-epochs`` more epochs of a
-fresh cosine schedule), which is how a stronger teacher is had without paying
-again for the epochs it has. Each
-cache's one-off teacher cost (stage 1's caching time and crops/s, without its
-evaluation of the teachers) is recorded, as is the teachers' share of every
-online run (``teacher_s`` of metrics.jsonl).
-
-Every step is the library's experiment driver (stage2_student_distill/experiment.py:
-``subset_manifest`` of `pipeline fashion-mnist`, ``run_train``,
-``stage1_teacher_cache.run``, ``run_distill``); no private state. Resumable per run: WORKDIR/runs.jsonl gets
-one line per finished run (or cache, or teacher), and a rerun of the same
-command skips those and resumes an interrupted one from its last.pt.
-
-``--jobs 2`` runs independent steps two at a time, each in a child process
-(``--step KEY``, its log in WORKDIR/logs/): on a 2-core CPU one training run
-uses one core, because stage 2 gives the model the cores its two decode
-workers leave (common/runtime.py), so two runs at a time do about twice the
-work per hour. Each run's img/s and wall time are then those of a run sharing
-the machine with another, which the report says.
-
-Sizing (planned at about 2.5 hours from the rates below; the full run on an
-idle 2-core CPU took 118 min: teachers 17, caches 12, hard / cached /
-multi-crop students 50, online students 36; docs/results.md).
-
-* Model compute, CPU seconds per image with one torch thread (robust to the
-  other jobs' load), 28 px batches of 128, train / inference img per CPU-s:
-  test_efficientnet 1,600 / 5,700; mobilenetv3_small_050 750 / 3,070;
-  lcnet_050 660 / 2,820; regnetx_002 490 / 2,330; resnet10t 400 / 1,630;
-  regnetx_004 380 / 1,400; tinynet_e 340 / 1,350.
-* Learning per step (1 epoch, 94 steps of 128 on 12,000 images, top-1 on
-  1,000 test images): resnet10t 77.8%, regnetx_002 64.4%,
-  mobilenetv3_small_050 61.1% (lcnet_050 and regnetx_002 were still near
-  chance after 23 steps, mobilenetv3_small_050 at 18%: the MobileNet-style
-  nets start slowly at this size and lr).
-* Pipeline rates (the same runs, loaded machine): resnet10t 170-310 img/s,
-  regnetx_002 120-565 img/s training; the student 900 img/s from the cache,
-  online 300 img/s with three teachers (teachers 70% of the time);
-  docs/results.md's earlier runs: the student ~1,100 img/s hard and cached,
-  ~550 online on an idler machine.
-* The 12-epoch rerun's machine (AMD EPYC VM, 2026-12-02) is slower per core:
-  resnet10t trained at 150-180 img/s alone on a core (430 on the Intel VM of
-  the first study), 12 epochs in 51-86 min; the student ~600 img/s from the
-  cache (13.5 min a run) and ~150 online with resnet10t in the loop (~55 min),
-  two runs at a time: ``--jobs 2`` about halves the study's wall time there,
-  which is still more than one 180-minute session.
-
-Choices:
-
-* 28 px, Fashion-MNIST's own size: no upsampling (32 px costs ~30% more);
-* teachers resnet10t + regnetx_002: two real families (4.9 M and 2.3 M
-  parameters), the two that learn fastest per CPU-second, 4 epochs each on
-  the 60,000 images: ~13 + ~7 min; their ensemble scores ~900 crops/s;
-* student test_efficientnet (0.1 M parameters, the demo's), ~45 s per epoch
-  of 60,000 crops on hard labels or the cache. It was expected far below the
-  teachers; measured, it is above them: 88.9-89.2% in 8 epochs on hard labels
-  against resnet10t 87.9% and regnetx_002 84.0% after 4, so the default
-  ``--teacher-epochs 4`` misses the margin and the script stops (exit 2)
-  unless ``--ignore-margin``. The study needs teachers trained for several
-  times longer (docs/results.md, "Reading the crop budget study");
-* E = 8: C in {1, 2, 4, 8, E} is then {1, 2, 4, 8} (C = E is the C = 8 run),
-  and the multi-crop run (m = 2) reads the C = 8 cache for 4 epochs, i.e.
-  as many crops as every other run, each once. 8 hard / cached / multi-crop
-  runs of 8 x 60,000 crops (~60 min), 3 online runs (~16 min each with the
-  teachers in the loop, ~48 min), 4 caches of 15 x 60,000 crops in all
-  (~17 min), teachers ~20 min: about 2 h 25 min on an idle 2-core CPU, the
-  nearest to 2 h that keeps C = 8 and 2 seeds. With more time,
-  ``--student-epochs 16`` adds C = 16 as its own run (~4.5 h).
-
-    python benchmarks/bench_crop_budget.py                 # the study (~2 h on an idle 2-core CPU)
-    python benchmarks/bench_crop_budget.py --smoke         # every run kind on tiny subsets (~1 min on 2 busy cores)
-    python benchmarks/bench_crop_budget.py --jobs 2        # two runs at a time, one core each
-
-The JSON goes to ``--out`` (default benchmarks/results/crop_budget.json), the
-table and the plot (top-1 against C, online and hard labels as lines) to a
-marked section of ``--doc`` (default docs/results.md) and ``--plot``
-(default docs/img/crop_budget.png). ``--smoke`` writes all three under
-WORKDIR instead, so its meaningless numbers never reach the docs.
+    python -m benchmarks.bench_crop_budget                 # the study (~2 h on an idle 2-core CPU)
+    python -m benchmarks.bench_crop_budget --smoke         # every run kind on tiny subsets (~1 min on 2 busy cores)
+    python -m benchmarks.bench_crop_budget --jobs 2        # two runs at a time, one core each
 """
 from __future__ import annotations
 
@@ -109,18 +15,15 @@ import signal
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.bench_fashion_mnist import base_config  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
+from benchmarks.bench_fashion_mnist import base_config
+from benchmarks.harness import (
+    REPO, begin, machine_line, markdown_table, module_command, publish, run_header,
 )
-from common.config import ConfigError, parse_assignments  # noqa: E402
-from stage2_student_distill import experiment as ex  # noqa: E402
+from common.config import ConfigError, parse_assignments
+from stage2_student_distill import experiment as ex
 
 def say(msg: str) -> None:
     print(msg, flush=True)
@@ -382,7 +285,8 @@ class Study:
                 while todo and not failed and len(running) < self.args.jobs:
                     key = todo.pop(0)
                     log = (logs / f"{key.replace(':', '_')}.log").open("a")
-                    cmd = [sys.executable, str(Path(__file__).resolve()), *self.argv, "--step", key]
+                    # the child inherits this process's working directory, where -m found the package
+                    cmd = module_command("benchmarks.bench_crop_budget", *self.argv, "--step", key)
                     running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
                     print(f"{key}: started (log: {log.name})", flush=True)
                 time.sleep(2)
@@ -461,13 +365,10 @@ def main(argv=None) -> int:
     summary.update(margin=margin, margin_ok=margin_ok)
     payload = {**run_header(args, t_start, info), "teachers": teachers, "teacher_eval": evaluation,
                "caches": caches, "runs": runs, "summary": summary}
-    path = write_results("crop_budget", payload, args.out)
     plot(payload, Path(args.plot))
-    section = report(payload)
-    print("\n" + section + f"\nJSON: {path}\nplot: {args.plot}", flush=True)
-    if args.doc:
-        update_marked_section(Path(args.doc), section, f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
-        print(f"markdown section updated in {args.doc}")
+    print(f"plot: {args.plot}", flush=True)
+    publish("crop_budget", payload, args.out, report(payload), args.doc,
+            f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
     return 0
 
 

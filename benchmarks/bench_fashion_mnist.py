@@ -1,43 +1,9 @@
 """Fashion-MNIST accuracy: MEAL V2 from the cache vs. online MEAL V2 vs. hard labels, at equal epochs.
 
-The experiment of `pipeline demo`, at any scale (default: all 60,000 training
-images, the 10,000 test images, 30 epochs), plus the online comparison:
+Method, targets and sizing: docs/benchmarks.md, section bench_fashion_mnist.
 
-1. Fashion-MNIST idx files -> PNG trees + manifests (``subset_manifest``, as
-   `pipeline demo`): the students' training set (``--train-images``) and the
-   teachers' (``--teacher-train-images``; default the same set);
-2. the teachers, trained on hard labels with `pipeline train`'s ``run_train``
-   (each at its own input size, ``--teacher-img-size``), or reused
-   (``--teacher-run NAME=DIR``);
-3. the teacher cache (``stage1_teacher_cache.run``): C crops per training
-   image, the ensemble's mean softmax on each (top-k kept);
-4. per seed, the same student three ways, each for ``--student-epochs``:
-
-   * ``cached``: `pipeline distill` (``run_distill``): KL to the cached targets
-     + the MEAL V2 discriminator;
-   * ``online``: online MEAL V2 on *the same crops*: `pipeline distill
-     --online --replay-cache CACHE` (the library's online target source: the
-     cache's plan, boxes and flips, each crop rendered at every teacher's own
-     size and the teachers run in the loop; their full mean softmax is the
-     target). The gap to ``cached`` is what storing top-k in float16 costs
-     (plus run-to-run noise); the script also measures the targets'
-     difference directly (``--compare-batches``);
-   * ``fresh``: online MEAL V2 as the paper runs it, `pipeline distill
-     --online`: a fresh seeded crop every step (crop index epoch * m + j);
-   * ``hard``: `pipeline train` (``run_train``): cross entropy to the labels,
-     fresh seeded RandomResizedCrops of the same policy every epoch.
-
-Every step is the library's experiment driver (stage2_student_distill/experiment.py,
-which calls ``run_train``, ``run_distill`` and stage 1's ``run``; `pipeline demo` is the
-same driver), on a GPU when one is present (``--device``). Runs are resumable:
-rerunning the same command with the same ``--workdir`` skips finished steps.
-
-Writes the JSON (``--out``, default benchmarks/results/fashion_mnist.json) and
-a markdown section (machine, versions, command, table) between markers in
-``--doc`` (default docs/results.md).
-
-    python benchmarks/bench_fashion_mnist.py                       # full scale (GPU recommended)
-    python benchmarks/bench_fashion_mnist.py --train-images 1000 --teacher-train-images 60000 \\
+    python -m benchmarks.bench_fashion_mnist                       # full scale (GPU recommended)
+    python -m benchmarks.bench_fashion_mnist --train-images 1000 --teacher-train-images 60000 \\
         --teacher-epochs 2 --student-epochs 60 --num-crops 16 --seeds 0,1,2   # the demo's scale
 """
 from __future__ import annotations
@@ -47,21 +13,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.common import (  # noqa: E402
-    begin, machine_line, markdown_table, run_header, update_marked_section,
-    write_results,
-)
-from common.cache_format import CacheReader  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.manifest import load_manifest  # noqa: E402
-from stage2_student_distill import experiment as ex  # noqa: E402
+from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
+from common.cache_format import CacheReader
+from common.config import load_config
+from common.manifest import load_manifest
+from stage2_student_distill import experiment as ex
 
 # --------------------------------------------------------------------------- online targets against the cache
 
@@ -125,11 +85,6 @@ def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def update_doc(path: Path, section: str, tag: str = "") -> None:
-    """One marked section of ``path`` per ``--doc-tag``."""
-    update_marked_section(path, section, f"bench_fashion_mnist{f'[{tag}]' if tag else ''}")
 
 
 def report(payload: dict) -> str:
@@ -347,12 +302,8 @@ def main(argv=None) -> int:
             "cached_minus_fresh": fr, "cached_minus_fresh_per_seed": fr_per,
         },
     }
-    path = write_results("fashion_mnist", payload, args.out)
-    section = report(payload)
-    print("\n" + section + f"\nJSON: {path}", flush=True)
-    if args.doc:
-        update_doc(Path(args.doc), section, args.doc_tag)
-        print(f"markdown section updated in {args.doc}")
+    publish("fashion_mnist", payload, args.out, report(payload), args.doc,
+            f"bench_fashion_mnist{f'[{args.doc_tag}]' if args.doc_tag else ''}")
     return 0
 
 

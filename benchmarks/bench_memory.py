@@ -1,40 +1,10 @@
 """Host memory of `pipeline distill` against dataset size: 10k, 100k and 1.28M (ImageNet-1k) images.
 
-For each size the parent writes a synthetic dataset and then runs one fresh
-child process that trains, so each peak is that size's alone:
+Method, targets and sizing: docs/benchmarks.md, section bench_memory.
 
-* manifest: ``write_manifest`` with fake rows (every image 400x300, fake
-  sha256), so 1.28M rows take seconds, not an ImageNet download;
-* cache: a complete teacher cache written through ``CacheWriter`` with
-  C = 4 crops and k = 5 (not the default C = 8, k = 10: a 1.28M-image cache of
-  real-looking rows is written in about a minute this way and stays < 100 MB;
-  per-image host memory scales with C * k, so the JSON also gives the
-  extrapolation to C = 8-10, k = 10);
-* images: only the files the run will open exist -- hard links to a few real
-  400x300 JPEGs, one per image id of the first ``steps`` (+ prefetch) batches of
-  epoch 0, found with the loader's own ``plan_epoch``;
-* the child builds the Job with the library's ``train.setup`` (what
-  `pipeline distill` trains) and runs the real ``train_one_epoch`` for
-  ``--steps`` steps. The training loop has no "max steps" setting, so the
-  loader is wrapped to stop after ``--steps`` batches; the epoch's start-up
-  (the shuffle, the crop order, the one gather of every cache row the epoch
-  uses, the box check) runs in full, so everything that scales with the
-  dataset is in the peak. Validation is not run (its manifest is a fixed
-  10,000-row synthetic one, built but not iterated).
-
-The child reads its resident set from /proc/self/status (VmRSS, VmHWM) at each
-phase; ``resource.getrusage``'s ru_maxrss is recorded too but not used: on
-Linux it survives exec and so includes the parent's size at fork time (psutil
-is not installed here). A second child loads the manifest alone, to separate
-``load_manifest``'s transient peak from what it keeps.
-Target: peak RSS does not grow with dataset size beyond the per-image index
-(a few hundred bytes per image), and stays < 4 GB + the model for ImageNet.
-
-    /tmp/venv/bin/python benchmarks/bench_memory.py              # 10k, 100k, 1.28M (3-4 min on 2 busy CPU cores, < 100 MB disk)
-    /tmp/venv/bin/python benchmarks/bench_memory.py --quick      # 10k, 50k, few steps (< 60 s)
-    /tmp/venv/bin/python benchmarks/bench_memory.py --sizes 10000,1281167 --steps 200
-
-Writes benchmarks/results/memory.json (memory-quick.json with --quick).
+    python -m benchmarks.bench_memory              # 10k, 100k, 1.28M (3-4 min on 2 busy CPU cores, < 100 MB disk)
+    python -m benchmarks.bench_memory --quick      # 10k, 50k, few steps (< 60 s)
+    python -m benchmarks.bench_memory --sizes 10000,1281167 --steps 200
 """
 from __future__ import annotations
 
@@ -47,13 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import (  # noqa: E402
-    IMAGENET_TRAIN_IMAGES, Timer, Workdir, add_common_args, command_line, disk_usage, loadavg, machine_info,
-    machine_line, make_image_tree, markdown_table, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
+from benchmarks.harness import (
+    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, command_line, disk_usage, loadavg, machine_info,
+    machine_line, make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
     write_results,
 )
 
@@ -69,7 +36,7 @@ def child(args) -> None:
 
     import torch  # noqa: F401
 
-    from benchmarks.common import timed_epoch
+    from benchmarks.harness import timed_epoch
     from common.config import load_config
     from stage2_student_distill.checkpoint import unwrap
     from stage2_student_distill.train import setup, train_one_epoch  # noqa: F401
@@ -160,7 +127,7 @@ def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> 
             path.parent.mkdir(parents=True, exist_ok=True)
             os.link(sources[int(i) % len(sources)], path)
     timings["links_s"] = t.seconds
-    timings["cache_bytes"] = disk_usage(d / "cache")
+    timings["cache_bytes"] = disk_usage(d / "cache")["allocated"]
     return {"manifest": manifest.path, "cache": d / "cache", "run_dir": d / "run", **timings}
 
 
@@ -205,9 +172,9 @@ def main(argv=None) -> int:
         val = synthetic_manifest(wd / "val.parquet", VAL_IMAGES, p.num_classes, wd / "val-images", WIDTH, HEIGHT).path
         for n in sizes:
             prep = prepare(wd, n, p, steps, args.seed, sources)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--preset", p.name, "--seed", str(args.seed),
-                   "--manifest", str(prep["manifest"]), "--val-manifest", str(val), "--cache", str(prep["cache"]),
-                   "--run-dir", str(prep["run_dir"]), "--steps", str(steps), "--loader", args.loader]
+            cmd = module_command("benchmarks.bench_memory", "--child", "--preset", p.name, "--seed", str(args.seed),
+                                 "--manifest", str(prep["manifest"]), "--val-manifest", str(val), "--cache", str(prep["cache"]),
+                   "--run-dir", str(prep["run_dir"]), "--steps", str(steps), "--loader", args.loader)
             if args.threads is not None:
                 cmd += ["--threads", str(args.threads)]
             load = loadavg()[0]
@@ -217,8 +184,8 @@ def main(argv=None) -> int:
                 print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
                 raise SystemExit(f"child for {n} images failed ({proc.returncode})")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            m = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child-manifest", "--manifest",
-                                str(prep["manifest"])], capture_output=True, text=True, cwd=REPO, check=True)
+            m = subprocess.run(module_command("benchmarks.bench_memory", "--child-manifest", "--manifest",
+                                              str(prep["manifest"])), capture_output=True, text=True, cwd=REPO, check=True)
             r["manifest_load"] = json.loads(m.stdout.strip().splitlines()[-1])
             ml = r["manifest_load"]
             ph = r["phases"]

@@ -1,35 +1,19 @@
 """Precision lost by `pipeline cache merge`: merging top-k caches vs merging full softmaxes.
 
-Synthetic teachers (no models needed, CPU, a minute): for every crop a true class
-gets a logit boost and 4 "look-alike" classes a smaller one; every teacher sees
-that shared logit vector (what the teachers agree on) plus its own noise. Three
-regimes set how confident the ensemble is (mean top-1 probability printed). Teachers are split into caches; each cache stores
-the top-k of its ensemble the way `teacher-cache` does (float16 rounded down),
-and the real merge code (stage1_teacher_cache.sharing.merge_targets) combines
-them. Reported per k, in nats, averaged over crops:
+Method, targets and sizing: docs/benchmarks.md, section bench_merge.
 
-* ``KL(full || one run)``: the loss of a single top-k cache of all the teachers
-  (what `teacher-cache` with every teacher at once would store);
-* ``KL(full || merged)``: the loss of merging top-k caches of teacher subsets;
-* ``top-1 agree``: the merged target's argmax equals the full ensemble's.
-
-``full`` is the exact ensemble: the teacher-weighted mean of every softmax.
-
-    /tmp/venv/bin/python benchmarks/bench_merge.py [--crops 4000 --classes 1000]
+    python -m benchmarks.bench_merge [--crops 4000 --classes 1000]
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.cache_format import restore_targets, round_down_fp16  # noqa: E402
-from stage1_teacher_cache.sharing import merge_targets  # noqa: E402
+from common.cache_format import restore_targets, round_down_fp16
+from stage1_teacher_cache.sharing import merge_targets
 
 # name -> true-class logit boost (look-alikes get 2.5 less); shared and per-teacher noise are N(0, 1), N(0, 0.7)
 REGIMES = {"confident": 12.0, "typical": 9.0, "uncertain": 6.5}

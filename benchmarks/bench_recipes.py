@@ -1,20 +1,9 @@
 """Every recipe runs: each recipe's real teachers and student, random weights, on a CPU.
 
-Issue 13 item 4. Per recipe (``recipes/NAME.toml`` through ``load_config(recipe=...)``,
-so exactly what ``pipeline --recipe NAME`` resolves), with only what a smoke run
-must change overridden: random weights (``teacher_cache.pretrained`` and
-``distill.pretrained`` off: no downloads), 4 generated images in 2 classes, 1
-cached crop per image (8 for the FKD recipe, whose point is 8 crops per decoded
-image), every model at ``--size`` px (default 64), 1 epoch of 2 distill steps
-(batch 2; FKD: 2 images x 8 crops), torch loader, CPU. It runs
-``stage1_teacher_cache.run.run`` (teacher-cache) then ``run_distill`` (distill,
-with its validation), one recipe at a time, and records per recipe the
-outcome, the parameter counts and the wall time.
+Method, targets and sizing: docs/benchmarks.md, section bench_recipes.
 
-    python benchmarks/bench_recipes.py                       # all recipes (a few minutes on 2 cores)
-    python benchmarks/bench_recipes.py --recipes mealv2_resnet50_224 --size 32
-
-Writes benchmarks/results/recipes.json; the run we quote is in docs/recipes.md.
+    python -m benchmarks.bench_recipes                       # all recipes (a few minutes on 2 cores)
+    python -m benchmarks.bench_recipes --recipes mealv2_resnet50_224 --size 32
 """
 from __future__ import annotations
 
@@ -25,11 +14,8 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (
     begin, fmt_num, make_image_tree, markdown_table, run_header, write_results,
 )
 

@@ -1,46 +1,10 @@
 """Scaling: stage 1 and stage 2 throughput with 1 and 2 ranks under torchrun.
 
-The parent writes one dataset (generated JPEGs, ``build_manifest``, a synthetic
-teacher cache for stage 2) and launches, for each world size W,
+Method, targets and sizing: docs/benchmarks.md, section bench_scaling.
 
-    torchrun --standalone --nproc_per_node W benchmarks/bench_scaling.py --worker ...
-
-Every rank runs with ONE torch thread and ONE loader/render worker thread
-(OMP_NUM_THREADS=1, ``torch.set_num_threads(1)``, ``runtime.num_workers=1``), in
-both runs, so 1 rank vs 2 ranks compares equal per-rank resources. In each
-launch the ranks run, in order:
-
-* stage 1: ``stage1_teacher_cache.run.run(cfg)`` on a warm-up subset, then on
-  the measured manifest; the figure is the command's own (total crops of all
-  ranks / wall time of the slowest rank, after its all-reduce), and the sum of
-  the ranks' steady-state rates (first shard left out);
-* stage 2: the distill ``Job`` from ``run_distill`` (student and discriminator
-  DDP-wrapped, gloo on CPU / NCCL on CUDA, each rank its own share of the
-  epoch) through the project's ``train_one_epoch``; global img/s = images of
-  all ranks / slowest rank's steady-state time; also with synthetic batches
-  (the DDP compute limit: no loader), to separate DDP's own cost.
-
-Per-rank batch size is constant (weak scaling, as torchrun users run it), so
-2 ranks train a global batch twice as large.
-
-On a 2-core machine, 2 ranks cannot speed up compute: 1 rank already keeps
-both cores busy (its compute thread + its loader thread), and 2 ranks x 2
-threads share the same 2 cores, and stage 2 pays gloo's gradient all-reduce on
-top. On a machine shared with other jobs the wall-clock rates say little,
-though: the scheduler shares the cores per runnable thread, so 2 ranks (4
-threads) get a larger share of the machine than 1 rank (2 threads), and the
-load changes between the two launches. The table therefore also gives the
-process CPU time per crop / image (mean over ranks): equal for 1 and 2 ranks
-means no parallel overhead; stage 2's increase is DDP's (gloo all-reduce).
-Measured: stage 1 CPU/crop 4.7 vs 4.3 ms (no overhead), stage 2 +0.7-0.9 ms
-per image (DDP on CPU). On a GPU node each rank has its own GPU and CPU cores:
-judge scaling there.
-
-    /tmp/venv/bin/python benchmarks/bench_scaling.py            # full (~2.5 min on 2 busy CPU cores)
-    /tmp/venv/bin/python benchmarks/bench_scaling.py --quick    # smoke run: 2 ranks only (~1 min)
-    python benchmarks/bench_scaling.py --preset gpu --worlds 1,2,4,8   # on a GPU node
-
-Writes benchmarks/results/scaling.json (scaling-quick.json with --quick).
+    python -m benchmarks.bench_scaling            # full (~2.5 min on 2 busy CPU cores)
+    python -m benchmarks.bench_scaling --quick    # smoke run: 2 ranks only (~1 min)
+    python -m benchmarks.bench_scaling --preset gpu --worlds 1,2,4,8   # on a GPU node
 """
 from __future__ import annotations
 
@@ -51,15 +15,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.common import (  # noqa: E402
-    Timer, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
+from benchmarks.harness import (
+    REPO, Timer, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
     markdown_table, resolve_preset, subset_manifest, synthetic_cache, write_results,
 )
 
@@ -69,7 +29,7 @@ def worker(args) -> None:
 
     from benchmarks.bench_stage1 import config as stage1_config, timed_run
     from benchmarks.bench_stage2 import SyntheticLoader
-    from benchmarks.common import timed_epoch
+    from benchmarks.harness import timed_epoch
     from common.config import load_config
     from stage2_student_distill.train import setup
 
@@ -174,7 +134,7 @@ def main(argv=None) -> int:
         torchrun = Path(sys.executable).with_name("torchrun")
         for world in worlds:
             result = wd / f"result-{world}.json"
-            cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(world), str(Path(__file__).resolve()),
+            cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(world), "-m", "benchmarks.bench_scaling",
                    "--worker", "--preset", p.name, "--workdir", str(wd), "--result", str(result), "--seed", str(args.seed),
                    "--loader", args.loader, "--rounds", str(rounds), "--shard", str(shard)]
             if args.quick:

@@ -1,40 +1,10 @@
 """Stage 1 throughput: `pipeline teacher-cache` (crops/s) against the ensemble's pure forward pass.
 
-Rows (measured side by side, in interleaved rounds; each row reports its median round):
+Method, targets and sizing: docs/benchmarks.md, section bench_stage1.
 
-* ``teacher-cache run``: ``stage1_teacher_cache.run.run(cfg)`` -- what the
-  command runs -- on a generated ImageFolder dataset (JPEGs of 256-500 px, the
-  manifest built by ``build_manifest``): render every crop at each teacher's
-  size, forward, top-k, write Zarr shards. Two rates: steady state (timestamps
-  taken at each shard's end, from the run's summary (``shard_stamps``); the
-  first shard, which pays the render pipeline fill, is left out) and the
-  command's own figure (its summary's crops/s, whole run, teacher loading
-  excluded).
-* ``ensemble forward (limit)``: ``teacher_probs`` + ``ensemble_topk`` of the same
-  teachers on random uint8 views already on the device, the same batch size.
-* ``render only``: the renderer the command picks (``make_renderer``: torch on
-  CPU, DALI on CUDA) over the same images and boxes, on the same thread pool
-  (``prefetch``), no teachers: what the loader side can feed.
-
-Target: run >= 0.9 x ensemble forward. On the CPU preset the renderer and the
-teachers share 2 cores (and the machine's other jobs), so the run is bounded by
-render + forward rather than max(render, forward); expect ~0.5 (measured 0.54
-on 2 busy cores, at the "serial" bound 1 / (1/render + 1/forward)). The CPU
-time per crop of the run vs. render + forward (both in the table) shows whether
-the pipeline itself adds work (it does not: 3.5 vs 3.9 ms/crop). On a GPU the
-teachers run on the device while DALI renders on the CPU threads, and the
-target is judged there; on CUDA the script also counts the host<->device
-synchronisations of one forward batch.
-
-A cProfile of the run (main thread: forward, waits on the render threads,
-writes) and of the renderer called synchronously (where the render time goes)
-is printed and saved.
-
-    /tmp/venv/bin/python benchmarks/bench_stage1.py               # full (~2 min on 2 busy CPU cores)
-    /tmp/venv/bin/python benchmarks/bench_stage1.py --quick       # smoke run (< 60 s)
-    python benchmarks/bench_stage1.py --preset gpu                # on a CUDA machine (the default there)
-
-Writes benchmarks/results/stage1.json (stage1-quick.json with --quick).
+    python -m benchmarks.bench_stage1               # full (~2 min on 2 busy CPU cores)
+    python -m benchmarks.bench_stage1 --quick       # smoke run (< 60 s)
+    python -m benchmarks.bench_stage1 --preset gpu                # on a CUDA machine (the default there)
 """
 from __future__ import annotations
 
@@ -45,25 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import stage1_teacher_cache.run as s1  # noqa: E402
-from benchmarks.common import (  # noqa: E402
+import stage1_teacher_cache.run as s1
+from benchmarks.harness import (
     Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
     markdown_table, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
 )
-from common.config import load_config  # noqa: E402
-from common.manifest import load_manifest  # noqa: E402
-from common.runtime import build_runtime  # noqa: E402
-from stage1_teacher_cache.ensemble import ensemble_topk, teacher_probs  # noqa: E402
-from stage1_teacher_cache.teachers import load_teachers  # noqa: E402
-from common.prefetch import prefetch  # noqa: E402
-from stage1_teacher_cache.views import make_renderer  # noqa: E402
+from common.config import load_config
+from common.runtime import build_runtime
+from stage1_teacher_cache.ensemble import ensemble_topk, teacher_probs
+from stage1_teacher_cache.teachers import load_teachers
+from common.prefetch import prefetch
+from stage1_teacher_cache.views import make_renderer
 
 
 def config(p, manifest: Path, out: Path, seed: int, loader: str = "auto"):
@@ -148,34 +114,6 @@ def render_only(render, cfg, manifest, group: int, workers: int) -> dict:
             crops += len(views[0])
     return {"crops_per_s": crops / (time.perf_counter() - t0),
             "process_cpu_ms_per_crop": 1000 * (time.process_time() - p0) / crops, "load1": load}
-
-
-def render_alternatives(preprocesses, jobs) -> dict:
-    """One thread, image by image, alternating: the torch renderer's steps (``decode`` + ``render_crops``
-    per teacher, which resizes uint8) vs. the same with the float32 resize it used before."""
-    from benchmarks.common import render_crops_float32
-    from common.render import decode, render_crops
-
-    cur = alt = 0.0
-    diffs, images, crops = [], 0, 0
-    for paths, boxes, flips in jobs:
-        for i, path in enumerate(paths):
-            t0 = time.perf_counter()
-            image = decode(path)
-            a = [render_crops(image, b[i], flips[i], p.input_size, p.interpolation) for b, p in zip(boxes, preprocesses)]
-            t1 = time.perf_counter()
-            image = decode(path)
-            b_ = [render_crops_float32(image, b[i], flips[i], p.input_size, p.interpolation)
-                  for b, p in zip(boxes, preprocesses)]
-            t2 = time.perf_counter()
-            cur, alt = cur + t1 - t0, alt + t2 - t1
-            diffs += [(x.int() - y.int()).abs() for x, y in zip(a, b_)]
-            images += 1
-            crops += sum(len(x) for x in a)
-    d = torch.cat([x.flatten() for x in diffs]).float()
-    return {"images": images, "crops": crops, "current_ms_per_image": 1000 * cur / images,
-            "float32_ms_per_image": 1000 * alt / images, "speedup": alt / cur,
-            "max_abs_diff": int(d.max()), "mean_abs_diff": float(d.mean())}
 
 
 def main(argv=None) -> int:
@@ -285,7 +223,6 @@ def main(argv=None) -> int:
             jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
             _, top = profile_top(lambda: [render(*job) for job in jobs], n=10)
             extra["profile_render_one_thread"] = top
-            extra["render_alternatives"] = render_alternatives([t.preprocess for t in teachers], jobs[:4])
             if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
                 g = torch.Generator().manual_seed(0)
                 host = [torch.randint(0, 256, (p.stage1_batch, 3, t.preprocess.input_size, t.preprocess.input_size),
@@ -316,12 +253,6 @@ def main(argv=None) -> int:
         if key in extra:
             print(f"\ncProfile, {title}, top 10 by own time:\n")
             print(profile_table(extra[key]))
-    if "render_alternatives" in extra:
-        a = extra["render_alternatives"]
-        print(f"\ntorch renderer, one thread ({a['images']} images, {a['crops']} teacher views): uint8 resize "
-              f"(current) {a['current_ms_per_image']:.1f} ms/image; float32 resize (before) "
-              f"{a['float32_ms_per_image']:.1f} ms/image ({a['speedup']:.1f}x), pixels differ by <= {a['max_abs_diff']} "
-              f"(mean {a['mean_abs_diff']:.3f}) levels")
     if extra.get("cuda_syncs_per_batch"):
         print(f"\nCUDA synchronisations per forward batch: {extra['cuda_syncs_per_batch']}")
     path = write_results("stage1-quick" if args.quick else "stage1", {

@@ -1,59 +1,10 @@
 """Stage 2 throughput: `pipeline distill` against its compute limit, hard-label training and online MEAL V2.
 
-Every row runs the project's own training step, ``train_one_epoch`` of
-stage2_student_distill/train.py, on a ``Job`` built by the library's
-``setup(cfg)`` (what `pipeline distill` / `pipeline train` train; validation and
-checkpointing, which are ``fit``'s, are left out). Only the loader differs:
+Method, targets and sizing: docs/benchmarks.md, section bench_stage2.
 
-* ``compute limit``: the distill Job with its loader replaced by synthetic
-  batches already on the device (same student, discriminator, optimizers,
-  loss, batch size, autocast; no decoding, no cache);
-* ``distill [dali|torch]``: the real loader: cached boxes replayed, images
-  decoded and cropped, soft targets gathered from a teacher cache;
-* ``train [..]``: hard labels (``pipeline train``), the same loader in mode
-  ``train``, cross entropy, no discriminator;
-* ``online MEAL V2``: `pipeline distill --online`, the library's online
-  target source: fresh seeded crops, each batch rendered for the student by
-  the stage 2 loader and once more per teacher at that teacher's size by
-  stage 1's renderer, in the loader's background thread (the torch path
-  decodes each image twice: once for the student, once for the teachers);
-  the teachers run under inference_mode, the mean softmax is the target,
-  then the same student step;
-* ``online compute limit``: the same Job with synthetic student and teacher
-  views on the device (the best online MEAL V2 can do with an infinitely
-  fast loader);
-* ``loader only``: the distill loader iterated without training.
-
-Throughput is steady state: the clock starts after ``--warmup`` steps (after
-a device sync) and stops after the last step (after a sync); the whole-epoch
-rate, which also pays the epoch start-up, is in the JSON. All rows are built
-first and then measured in interleaved rounds (``--rounds``, default 3); each
-row reports its median round. Next to wall-clock img/s every row has the CPU
-time per image of the training thread and of the whole process: on a shared,
-oversubscribed machine wall-clock ratios swing with other users' load, while
-"training-thread CPU ms/img, distill vs. compute limit" shows what the loader
-adds to the critical path when its threads have cores of their own. On CUDA
-the script also counts host<->device synchronisations per distill step (and
-where they come from) with ``torch.cuda.set_sync_debug_mode``.
-
-The images are generated JPEGs of ImageNet-like size (256-500 px), the
-manifest is built by ``build_manifest``, and the teacher cache is written
-straight through ``CacheWriter`` with the real crop boxes and fake soft labels
-(stage 2's cost does not depend on the target values).
-
-Targets (GPU preset, judged on a GPU only): distill >= 0.95 x compute limit,
-distill >= 4 x online MEAL V2. On the 2-core CPU preset the loader threads
-(JPEG decode + resize) and the student share 2 cores with other jobs, and the
-tiny teachers cost ~0.8 x the student's step (vs. ~8 x by FLOPs for senet154 +
-resnest269e against a ResNet-50 step), so neither ratio says anything about a
-GPU machine. Measured on 2 busy cores: distill ~0.4 x the compute limit
-wall-clock (~0.85 by training-thread CPU), ~1.6-1.7 x online MEAL V2.
-
-    /tmp/venv/bin/python benchmarks/bench_stage2.py               # full (~2.5 min on 2 busy CPU cores)
-    /tmp/venv/bin/python benchmarks/bench_stage2.py --quick       # smoke run (< 60 s)
-    python benchmarks/bench_stage2.py --preset gpu                # on a CUDA machine (the default there)
-
-Writes benchmarks/results/stage2.json (stage2-quick.json with --quick).
+    python -m benchmarks.bench_stage2               # full (~2.5 min on 2 busy CPU cores)
+    python -m benchmarks.bench_stage2 --quick       # smoke run (< 60 s)
+    python -m benchmarks.bench_stage2 --preset gpu                # on a CUDA machine (the default there)
 """
 from __future__ import annotations
 
@@ -64,23 +15,20 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.common import (  # noqa: E402
+from benchmarks.harness import (
     LimitedLoader, Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg,
     machine_info, machine_line, markdown_table, profile_table, profile_top, resolve_preset, subset_manifest,
     sync, synthetic_cache, timed_epoch, write_results,
 )
-from common.cache_format import restore_targets  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.render import normalize, render_crops  # noqa: E402
-from stage2_student_distill.loaders import Batch, dali_available  # noqa: E402
-from stage2_student_distill.train import setup, train_one_epoch  # noqa: E402
+from common.cache_format import restore_targets
+from common.config import load_config
+from common.render import decode, normalize, render_crops
+from stage2_student_distill.loaders import Batch, dali_available
+from stage2_student_distill.train import setup, train_one_epoch
 
 
 def config(p, wd: Path, manifest: Path, val: Path, cache: Path, loader: str, tag: str, seed: int):
@@ -160,7 +108,8 @@ def loader_only(loader, warmup: int, device) -> dict:
 
 
 def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, images: int) -> dict:
-    """Single-threaded cost per image of the torch loader's steps, and of a PIL-resize alternative."""
+    """Single-threaded cost per image of the torch loader's steps (the library's ``decode`` and
+    ``render_crops``), and of a PIL crop + resize alternative."""
     from PIL import Image
 
     from common.cache_format import CacheReader
@@ -169,34 +118,22 @@ def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, im
     reader = CacheReader(cache_path)
     ids = np.arange(min(images, manifest.num_images))
     rows = reader.gather(ids, np.zeros_like(ids))
-    from benchmarks.common import render_crops_float32
-
-    t = {"open_decode": 0.0, "to_tensor": 0.0, "torch_render": 0.0, "pil_render": 0.0, "view_to_tensor": 0.0,
-         "view_torch_render": 0.0, "view_float32_render": 0.0}
+    t = {"decode": 0.0, "torch_render": 0.0, "pil_render": 0.0}
     pil_mode = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[interpolation]
     for j, i in enumerate(ids):
         path = manifest.abspath(int(i))
         t0 = time.perf_counter()
-        img = open_image(path)
+        image = decode(path)
         t1 = time.perf_counter()
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        render_crops(image, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
         t2 = time.perf_counter()
-        render_crops(arr, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
-        t3 = time.perf_counter()
         x, y, w, h = (int(v) for v in rows["boxes"][j])
-        out = img.resize((size, size), pil_mode, box=(x, y, x + w, y + h))
+        out = open_image(path).resize((size, size), pil_mode, box=(x, y, x + w, y + h))
         if rows["flip"][j]:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
-        t4 = time.perf_counter()
-        # common.render.decode's alternative: one writable copy, CHW as a view (no permuted copy)
-        view = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
-        t5 = time.perf_counter()
-        render_crops(view, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
-        t6 = time.perf_counter()
-        render_crops_float32(view, rows["boxes"][j:j + 1], rows["flip"][j:j + 1], size, interpolation)
-        t7 = time.perf_counter()
-        for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
+        t3 = time.perf_counter()
+        for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2)):
             t[key] += dt
     n = len(ids)
     ms = {f"{k}_ms": 1000 * v / n for k, v in t.items()}
@@ -382,11 +319,8 @@ def main(argv=None) -> int:
     if extra.get("render_anatomy"):
         a = extra["render_anatomy"]
         print(f"\ntorch loader, one thread, per image ({a['images']} images, {a['mean_file_kb']:.0f} KB, "
-              f"{a['mean_pixels'] / 1e3:.0f} kpixel): open+decode {a['open_decode_ms']:.2f} ms, to tensor "
-              f"{a['to_tensor_ms']:.2f} ms, torch crop+resize {a['torch_render_ms']:.2f} ms; PIL crop+resize "
-              f"alternative {a['pil_render_ms']:.2f} ms; CHW view instead of the permuted copy: to tensor "
-              f"{a['view_to_tensor_ms']:.2f} ms, crop+resize (uint8, current) {a['view_torch_render_ms']:.2f} ms, "
-              f"float32 crop+resize (before) {a['view_float32_render_ms']:.2f} ms")
+              f"{a['mean_pixels'] / 1e3:.0f} kpixel): decode {a['decode_ms']:.2f} ms, torch crop+resize "
+              f"{a['torch_render_ms']:.2f} ms; PIL crop+resize (with its own decode) {a['pil_render_ms']:.2f} ms")
     if extra.get("cuda_syncs"):
         c = extra["cuda_syncs"]
         print(f"\nCUDA synchronisations in {c['steps']} distill steps: {c['total']} ({c['per_step']:.1f} per step): {c['by_line']}")

@@ -1,25 +1,10 @@
 """What the cache's k costs the distilled student: the same student from top-k caches of the same crops.
 
-Issue 6 item 3 asks for the reconstruction fidelity of the stored top-k target
-*and its effect on the distilled student*. This script takes one teacher cache
-of Fashion-MNIST (``--cache``: the one `benchmarks/bench_fashion_mnist.py` or
-`pipeline demo` built; its largest k is the reference, and with k = 10 = all
-classes that reference is the full softmax), derives a cache per smaller k with
-`pipeline cache reduce` (identical to what stage 1 writes with that k on the
-same crops), and per seed trains the student from each through
-`pipeline distill`'s ``run_distill``, plus the hard-label baseline through
-``run_train``. All else is equal: crops, flips, plan, seed, schedule.
+Method, targets and sizing: docs/benchmarks.md, section bench_topk_student.
 
-Per k it also records bytes per crop on disk, the mean top-k mass, and the
-mean KL(reference || restored top-k target) over every cached crop, so the
-fidelity numbers of section 3 of docs/performance.md meet their effect.
-
-    python benchmarks/bench_fashion_mnist.py --train-images 1000 --teacher-train-images 60000 \\
+    python -m benchmarks.bench_fashion_mnist --train-images 1000 --teacher-train-images 60000 \\
         --teacher-epochs 2 --student-epochs 60 --num-crops 16 --seeds 0 --variants cached --workdir W
-    python benchmarks/bench_topk_student.py --cache W/cache --workdir W/topk --topk 1,2,3,5,10 --seeds 0,1,2
-
-Runs are resumable (rerun with the same ``--workdir``). Writes
-benchmarks/results/topk_student.json and its section of docs/performance.md.
+    python -m benchmarks.bench_topk_student --cache W/cache --workdir W/topk --topk 1,2,3,5,10 --seeds 0,1,2
 """
 from __future__ import annotations
 
@@ -27,25 +12,17 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
-sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.bench_fashion_mnist import base_config, fmt, run_json  # noqa: E402
-from benchmarks.common import (  # noqa: E402
-    begin, machine_line, markdown_table, run_header, update_marked_section, write_results,
-)
-from common.cache_format import CacheReader, restore_targets  # noqa: E402
-from common.config import load_config  # noqa: E402
-from stage2_student_distill import experiment as ex  # noqa: E402
-from stage1_teacher_cache.info import cache_info  # noqa: E402
-from stage1_teacher_cache.sharing import reduce_topk  # noqa: E402
-
-DOC_SECTION = "bench_topk_student"
-
+from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
+from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
+from common.cache_format import CacheReader, restore_targets
+from common.config import load_config
+from stage2_student_distill import experiment as ex
+from stage1_teacher_cache.info import cache_info
+from stage1_teacher_cache.sharing import reduce_topk
 
 def fidelity(reference: CacheReader, reduced: CacheReader, block: int = 4096) -> dict:
     """Mean top-k mass and KL(reference target || reduced target) over every cached crop, in nats."""
@@ -193,12 +170,7 @@ def main(argv=None) -> int:
         "caches": caches,
         "students": students,
     }
-    path = write_results("topk_student", payload, args.out)
-    section = report(payload)
-    print("\n" + section + f"\nJSON: {path}", flush=True)
-    if args.doc:
-        update_marked_section(Path(args.doc), section, DOC_SECTION)
-        print(f"markdown section updated in {args.doc}")
+    publish("topk_student", payload, args.out, report(payload), args.doc, "bench_topk_student")
     return 0
 
 

@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 bench() {  # name, then its arguments; the JSON and the log land in OUT
   local name=$1; shift
-  python3 "benchmarks/$name.py" --out "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
+  python3 -m "benchmarks.$name" --out "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
 }
 
 case $stage in

@@ -1,22 +1,6 @@
-"""Shared helpers of the stage 1 / stage 2 / memory / scaling benchmarks.
-
-Not a benchmark itself. What lives here:
-
-* ``Preset``: the two machine profiles every script understands. ``gpu`` is the
-  real thing (senet154 + resnest269e teachers with random weights, a ResNet-50
-  student at 224 px, bf16, DALI); ``cpu`` is the same pipeline shrunk so that a
-  2-core box finishes in minutes (timm's ``test_resnet`` / ``test_convnext``
-  teachers, a ``test_efficientnet`` student, 32-64 px). ``--preset`` picks one;
-  the default is ``gpu`` when CUDA is available, else ``cpu``.
-* machine and version info (recorded in every JSON next to the numbers), the
-  load average (2 shared cores: every measurement records it);
-* synthetic data: an ImageFolder tree of realistic JPEGs (256-500 px, smooth
-  content + grain, so file sizes and decode times look like ImageNet's), a
-  manifest of fake rows (``write_manifest`` without touching the disk), and a
-  teacher cache written straight through ``CacheWriter`` (valid boxes, fake
-  soft labels) -- stage 2's speed does not depend on the target values;
-* markdown tables and the JSON result files.
-"""
+"""The benchmarks' shared pieces: presets (``--preset gpu|cpu``, ``--quick``), the machine record, timing
+(steady-state loaders, cProfile, CUDA syncs, RSS), synthetic images / manifests / caches, tables, atomic JSON
+results and marked sections of the docs. What each preset holds: docs/benchmarks.md, section harness."""
 from __future__ import annotations
 
 import argparse
@@ -34,11 +18,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # run as a script from a checkout, no install needed
+from common.atomic import atomic_write_bytes
 
-from common.atomic import atomic_write_bytes  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -122,7 +104,15 @@ def resolve_preset(args: argparse.Namespace, **overrides: Any) -> Preset:
 
 
 def command_line() -> str:
-    return "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    """How this benchmark was invoked, as a command that reruns it from the repository root."""
+    module = os.path.relpath(sys.argv[0], REPO).removesuffix(".py").replace(os.sep, ".")
+    return " ".join(["python -m", module, *sys.argv[1:]])
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """The argv that runs benchmark ``module`` (e.g. "benchmarks.bench_memory") in a child process;
+    run it with ``cwd=REPO`` so that ``-m`` finds the package."""
+    return [sys.executable, "-m", module, *args]
 
 
 # --------------------------------------------------------------------------- machine
@@ -174,6 +164,7 @@ def machine_info() -> dict[str, Any]:
         "timm": _version("timm"),
         "dali": _version("nvidia.dali"),
         "zarr": _version("zarr"),
+        "numcodecs": _version("numcodecs"),
         "numpy": np.__version__,
         "pillow": _version("PIL"),
         "cuda": torch.cuda.is_available(),
@@ -230,15 +221,19 @@ class Workdir:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def disk_usage(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_blocks * 512
-            except OSError:
-                pass
-    return total
+def disk_usage(path: Path) -> dict[str, int]:
+    """Apparent bytes (sum of st_size, like `du --apparent-size -s -B1`) and allocated bytes
+    (sum of st_blocks * 512, like `du -s -B1`), directories included as du counts them.
+    Small files are rounded up to the filesystem block (4 KiB here), so the two can differ a lot."""
+    apparent = allocated = files = 0
+    for root, dirs, names in os.walk(path):
+        for name in [*dirs, *names]:
+            st = os.lstat(os.path.join(root, name))
+            apparent += st.st_size
+            allocated += st.st_blocks * 512
+            files += name in names
+    st = os.lstat(path)
+    return {"apparent": apparent + st.st_size, "allocated": allocated + st.st_blocks * 512, "files": files}
 
 
 # --------------------------------------------------------------------------- synthetic images
@@ -309,14 +304,10 @@ def image_dataset(workdir: Path, name: str, num_images: int, num_classes: int, s
 
 def subset_manifest(manifest, count: int, out: Path) -> Path:
     """The first ``count`` images of a loaded manifest, same root and classes (a warm-up set)."""
-    import pyarrow.parquet as pq
+    from common.manifest import write_manifest
+    from stage1_teacher_cache.sharing import subset_rows
 
-    from common.manifest import ManifestRow, write_manifest
-
-    digests = pq.read_table(manifest.path, columns=["sha256"]).column("sha256").to_pylist()
-    rows = [ManifestRow(manifest.paths[i], int(manifest.labels[i]), int(manifest.widths[i]),
-                        int(manifest.heights[i]), int(manifest.file_bytes[i]), digests[i]) for i in range(count)]
-    write_manifest(rows, manifest.class_names, manifest.root, out)
+    write_manifest(subset_rows(manifest, range(count)), manifest.class_names, manifest.root, out)
     return out
 
 
@@ -341,12 +332,15 @@ def synthetic_manifest(out: Path, num_images: int, num_classes: int, root: Path,
                            paths_fmt="c{:04d}/img{:07d}.jpg")
 
 
-def _cache_attrs(manifest, num_crops: int, topk: int, images_per_shard: int, seed: int) -> dict[str, Any]:
+def synthetic_cache_attrs(manifest_hash: str, num_images: int, class_names: Sequence[str], num_crops: int,
+                          topk: int, images_per_shard: int, seed: int) -> dict[str, Any]:
+    """Attributes shaped like stage 1's for a cache of synthetic soft labels (class names included:
+    they are part of the real size)."""
     from common.cache_format import index_dtype
 
-    K = manifest.num_classes
+    K = len(class_names)
     return {
-        "manifest": {"hash": manifest.content_hash, "num_images": manifest.num_images},
+        "manifest": {"hash": manifest_hash, "num_images": num_images},
         "num_classes": K,
         "teachers": [{"name": "synthetic", "timm_name": "synthetic", "weights": "none"}],
         "ensemble": {"rule": "mean_softmax", "temperature": 1.0},
@@ -354,8 +348,8 @@ def _cache_attrs(manifest, num_crops: int, topk: int, images_per_shard: int, see
                   "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "flip_p": 0.5, "seed": seed},
         "storage": {"k": topk, "images_per_shard": images_per_shard, "residual": "uniform",
                     "index_dtype": index_dtype(K).name, "prob_dtype": "float16"},
-        "class_names": list(manifest.class_names),
-        "benchmark": "synthetic soft labels (benchmarks/common.py)",
+        "class_names": list(class_names),
+        "benchmark": "synthetic soft labels (benchmarks/harness.py)",
     }
 
 
@@ -391,7 +385,8 @@ def synthetic_cache(path: Path, manifest, num_crops: int, topk: int, images_per_
     """
     from common.cache_format import CacheWriter
 
-    attrs = _cache_attrs(manifest, num_crops, topk, images_per_shard, seed)
+    attrs = synthetic_cache_attrs(manifest.content_hash, manifest.num_images, manifest.class_names, num_crops, topk,
+                                  images_per_shard, seed)
     S = CacheWriter(path, attrs).layout.num_shards  # creates the arrays and attributes
     widths, heights = np.asarray(manifest.widths), np.asarray(manifest.heights)
     jobs = [(str(path), attrs, widths, heights, list(range(w, S, workers)), seed) for w in range(workers)]
@@ -418,17 +413,34 @@ def fmt_num(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table of cells already formatted (``str`` of each)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """``columns``: (key, header). Missing keys print as empty cells."""
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(fmt_num(row[k]) if k in row else "" for k, _ in columns) + " |")
-    return "\n".join(lines)
+    return md_table([h for _, h in columns],
+                    ([fmt_num(row[k]) if k in row else "" for k, _ in columns] for row in rows))
 
 
 def write_results(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
     path = Path(out) if out else RESULTS_DIR / f"{name}.json"
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
+    return path
+
+
+def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str,
+            doc_section: str) -> Path:
+    """The end of an accuracy benchmark: its JSON written, its report printed and put in the marked
+    section ``doc_section`` of ``doc`` ('' = no document)."""
+    path = write_results(name, payload, out)
+    print("\n" + section + f"\nJSON: {path}", flush=True)
+    if doc:
+        update_marked_section(Path(doc), section, doc_section)
+        print(f"markdown section updated in {doc}")
     return path
 
 
@@ -589,41 +601,6 @@ def timed_epoch(job, epoch: int, warmup: int, max_steps: int | None = None) -> d
             "main_cpu_ms_per_img": main_cpu, "process_cpu_ms_per_img": proc_cpu,
             "warmup_steps": warmup, "timed_images": timed.images, "epoch_s": seconds,
             "losses": out["losses"], "load1": round(load0, 2)}
-
-
-# --------------------------------------------------------------------------- render alternatives (proposed fixes)
-
-
-def decode_view(path):
-    """``common.render.decode`` without its two extra copies: one writable HWC array, CHW as a view."""
-    import torch
-
-    from common.images import open_image
-
-    return torch.from_numpy(np.array(open_image(path), dtype=np.uint8)).permute(2, 0, 1)
-
-
-def render_crops_float32(image, boxes, flips, size: int, interpolation: str = "bilinear"):
-    """``common.render.render_crops`` as it was before it resized uint8 directly: each crop
-    converted to float32, resized, rounded, clamped and cast back (the "before" of
-    docs/performance.md's render comparison)."""
-    import torch
-    import torch.nn.functional as F
-
-    from common.render import resize_mode
-
-    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
-    flips = np.asarray(flips).reshape(-1)
-    mode = resize_mode(interpolation)
-    kwargs = {"antialias": True, "align_corners": False} if mode != "nearest" else {}
-    out = torch.empty((len(boxes), 3, size, size), dtype=torch.uint8)
-    for i, (x, y, w, h) in enumerate(boxes):
-        crop = image[:, y:y + h, x:x + w].unsqueeze(0).float()
-        resized = F.interpolate(crop, size=(size, size), mode=mode, **kwargs)[0]
-        if flips[i]:
-            resized = resized.flip(-1)
-        out[i] = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return out
 
 
 # --------------------------------------------------------------------------- CUDA synchronisation points
