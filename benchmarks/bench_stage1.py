@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=args.seed)
         group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
         render = make_renderer(cfg.teacher_cache.loader, runtime, [t.preprocess for t in teachers], p.num_crops, group)
-        render_kind = "dali" if "dali" in render.__qualname__ else "torch"
+        render_kind = render.kind
         limit_batches = max(5, min(40, crops_total // p.stage1_batch // 3))
 
         runs = {"run": [], "limit": [], "render": []}

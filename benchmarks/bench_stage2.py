@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                 add_row("train (hard labels)", job.train_loader.kind, job)
         online_job = setup(cfg_for(first, "online").replace(**{"distill.online": True, "distill.cache": ""}), "distill")
         online_steps = args.online_steps or (min(steps_per_epoch, 40) if on_gpu else None)
-        render_kind = online_job.targets.render_kind
+        render_kind = online_job.train_loader.kind
         add_row("online MEAL V2", render_kind, online_job, online_steps)
         add_row("online compute limit", "-", dataclasses.replace(online_job, train_loader=SyntheticLoader(
             online_job.train_loader, online_steps or steps_per_epoch, teachers=online_job.targets.teachers)))

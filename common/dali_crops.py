@@ -1,19 +1,20 @@
 """Crop rendering with NVIDIA DALI: encoded image + boxes + flips -> uint8 crops.
 
-The DALI twin of ``common.render``: same contract, same frame, close pixels.
-For each image it decodes once (EXIF orientation applied, as PIL's
+The DALI twin of ``common.render.TorchRenderer``: same contract, same frame,
+close pixels. For each image it decodes once (EXIF orientation applied, as PIL's
 ``exif_transpose`` does, so boxes drawn in the manifest's frame land on the same
-pixels), cuts ``crops_per_image`` boxes (absolute x, y, w, h), resizes each to
-``size`` x ``size`` with antialiasing, mirrors where flagged, and returns uint8
-CHW. With one crop per image the decoder only decodes the region of interest.
+pixels), cuts ``crops_per_image`` boxes per view (absolute x, y, w, h), resizes
+each to every view's size with antialiasing, mirrors where flagged, and returns
+uint8 CHW per view. With one crop per image and one view the decoder only
+decodes the region of interest (on the CPU its pixels equal the full decode's).
 Without CUDA (``device_id=None``) everything runs on the CPU; with a GPU the
 decoder is DALI's "mixed" one and the crops come back on that GPU.
 
-Usage (stage 1 renders cached boxes at a teacher's size; stage 2 at the student's)::
+Usage (stage 1 renders cached boxes at every teacher's size; stage 2 at the
+student's, and online also at every teacher's)::
 
-    renderer = DaliCropRenderer(size=224, interpolation="bicubic", batch_size=64,
-                                num_threads=4, device_id=None)
-    crops = renderer.render(files, boxes, flips)  # boxes [n, 4] or [n, m, 4]
+    renderer = DaliCropRenderer([View(224, "bicubic")], batch_size=64, num_threads=4, device_id=None)
+    (crops,) = renderer.render(files, [boxes], flips).views  # boxes [n, 4] or [n, m, 4] per view
 
 The pipeline is fed explicitly and run synchronously (no DALI prefetching), so a
 call returns exactly the images it was given; callers that want to overlap
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -36,13 +38,13 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from common.errors import PipelineError, cause_text
 from common.images import ImageError, open_image
-from common.render import resize_mode
+from common.render import Rendered, View, check_frame, resize_mode
 
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
 
 
 class RenderedCrops(NamedTuple):
-    crops: torch.Tensor  # uint8 [n*m, 3, S, S], image-major: all m crops of image 0, then image 1...
+    views: list[torch.Tensor]  # per view uint8 [n*m, 3, S, S], image-major: all m crops of image 0, then image 1...
     sample_ids: torch.Tensor  # int64 [n*m] (CPU), as fed
     image_sizes: torch.Tensor  # int64 [n, 2] (CPU): (width, height) of each image after EXIF orientation
 
@@ -77,15 +79,13 @@ def decode_failure(paths: Sequence[str | os.PathLike], error: Exception) -> Pipe
     )
 
 
-def _crop_pipeline(size: int, interpolation: str, batch_size: int, num_threads: int, device_id: int | None, m: int):
-    """The DALI graph; external sources: encoded [bytes], boxes [m, 4], flips [m], sample_ids [m]."""
-    interp = _INTERP[resize_mode(interpolation)]
+def _crop_pipeline(views: list[View], batch_size: int, num_threads: int, device_id: int | None, m: int):
+    """The DALI graph; external sources: encoded [bytes], boxes{v} [m, 4] per view, flips [m], sample_ids [m]."""
     decode_kwargs = {"device": "cpu", "output_type": types.RGB}
     if device_id is not None:
         # The mixed decoder's default chroma upsampling differs from libjpeg's (which PIL
         # and DALI's CPU decoder use); match it so GPU and CPU crops agree.
         decode_kwargs.update(device="mixed", jpeg_fancy_upsampling=True)
-    resize_kwargs = {"antialias": True} if interp != types.INTERP_NN else {}
 
     @pipeline_def(
         batch_size=batch_size,
@@ -97,21 +97,27 @@ def _crop_pipeline(size: int, interpolation: str, batch_size: int, num_threads: 
     )
     def pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        boxes = fn.external_source(name="boxes", dtype=types.INT32, ndim=2)
+        boxes = [fn.external_source(name=f"boxes{v}", dtype=types.INT32, ndim=2) for v in range(len(views))]
         flips = fn.external_source(name="flips", dtype=types.INT32, ndim=1)
         sample_ids = fn.external_source(name="sample_ids", dtype=types.INT64, ndim=1)
         shape = fn.peek_image_shape(encoded)  # (H, W, C) after EXIF orientation
         # Slice arguments are in DALI's default "WH" axis order: start = (x, y), shape = (w, h).
-        if m == 1:
-            views = [fn.decoders.image_slice(encoded, start=boxes[0, 0:2], shape=boxes[0, 2:4], **decode_kwargs)]
-        else:  # one full decode shared by the m crops
+        if m == 1 and len(views) == 1:
+            regions = [[fn.decoders.image_slice(encoded, start=boxes[0][0, 0:2], shape=boxes[0][0, 2:4],
+                                                **decode_kwargs)]]
+        else:  # one full decode shared by every crop of every view
             image = fn.decoders.image(encoded, **decode_kwargs)
-            views = [fn.slice(image, start=boxes[j, 0:2], shape=boxes[j, 2:4], axis_names="WH") for j in range(m)]
+            regions = [[fn.slice(image, start=b[j, 0:2], shape=b[j, 2:4], axis_names="WH") for j in range(m)]
+                       for b in boxes]
         crops = []
-        for j, view in enumerate(views):
-            view = fn.resize(view, resize_x=size, resize_y=size, interp_type=interp, **resize_kwargs)
-            # With no mean/std this is only mirror + HWC->CHW, staying uint8.
-            crops.append(fn.crop_mirror_normalize(view, dtype=types.UINT8, output_layout="CHW", mirror=flips[j]))
+        for view, view_regions in zip(views, regions):
+            interp = _INTERP[resize_mode(view.interpolation)]
+            resize_kwargs = {"antialias": True} if interp != types.INTERP_NN else {}
+            for j, region in enumerate(view_regions):
+                region = fn.resize(region, resize_x=view.size, resize_y=view.size, interp_type=interp, **resize_kwargs)
+                # With no mean/std this is only mirror + HWC->CHW, staying uint8.
+                crops.append(fn.crop_mirror_normalize(region, dtype=types.UINT8, output_layout="CHW",
+                                                      mirror=flips[j]))
         return (*crops, sample_ids, shape)
 
     pipe = pipeline()
@@ -123,77 +129,95 @@ class DaliCropRenderer:
     """Renders crops of encoded images with DALI; see the module docstring.
 
     ``batch_size`` is the most *images* per DALI run (each gives
-    ``crops_per_image`` crops); ``render`` splits longer inputs. Thread-safe:
-    runs are serialised.
+    ``crops_per_image`` crops per view); ``render`` splits longer inputs and
+    reads the files of a run on ``num_threads`` threads (cheap, but slow on
+    network filesystems if done one by one). Thread-safe: runs are serialised.
     """
+
+    kind = "dali"
 
     def __init__(
         self,
-        size: int,
-        interpolation: str = "bilinear",
+        views: Sequence[View],
         batch_size: int = 64,
         num_threads: int = 2,
         device_id: int | None = None,
         crops_per_image: int = 1,
     ):
-        if size < 1 or batch_size < 1 or crops_per_image < 1:
-            raise ValueError("size, batch_size and crops_per_image must be >= 1")
-        self.size = size
+        self.views = [View(*v) for v in views]
+        if not self.views or min(v.size for v in self.views) < 1 or batch_size < 1 or crops_per_image < 1:
+            raise ValueError("at least one view; sizes, batch_size and crops_per_image must be >= 1")
         self.batch_size = batch_size
         self.crops_per_image = crops_per_image
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        self._pipe = _crop_pipeline(size, interpolation, batch_size, max(1, num_threads), device_id, crops_per_image)
+        self._pipe = _crop_pipeline(self.views, batch_size, max(1, num_threads), device_id, crops_per_image)
         self._lock = threading.Lock()
+        self._readers = ThreadPoolExecutor(max(1, num_threads), thread_name_prefix="read")
 
-    def render(self, files: Sequence[str | os.PathLike], boxes, flips) -> torch.Tensor:
-        """uint8 [n*m, 3, S, S] crops of ``files`` on the renderer's device.
+    def __call__(self, files, boxes, flips, frames=None) -> list[torch.Tensor]:
+        """The views only; see :meth:`render`."""
+        return self.render(files, boxes, flips, frames).views
 
-        ``boxes``: int [n, 4] (m = 1) or [n, m, 4] x, y, w, h in the EXIF-oriented
-        frame; ``flips``: [n] or [n, m], 1 = mirror. A box outside its image is an error.
+    def render(self, files: Sequence[str | os.PathLike], boxes, flips, frames=None, sample_ids=None) -> Rendered:
+        """uint8 [n*m, 3, S_v, S_v] crops of ``files`` per view, on the renderer's device.
+
+        ``boxes``: one int [n, 4] (m = 1) or [n, m, 4] per view, x, y, w, h in the
+        EXIF-oriented frame; ``flips``: [n] or [n, m], 1 = mirror; ``frames``: the
+        manifest's (width, height) per image, checked when given. ``sample_ids``
+        [n, m] travel through DALI and come back beside the crops for the caller to
+        compare; without them the order is checked here. A box outside its image is an error.
         """
-        m = self.crops_per_image
-        boxes = np.asarray(boxes, dtype=np.int32).reshape(len(files), m, 4)
-        flips = np.asarray(flips).reshape(len(files), m)
-        sample_ids = np.arange(len(files) * m, dtype=np.int64).reshape(len(files), m)
-        parts = []
-        for start in range(0, len(files), self.batch_size):
+        n, m = len(files), self.crops_per_image
+        boxes = [np.asarray(b, dtype=np.int32).reshape(n, m, 4) for b in boxes]
+        flips = np.asarray(flips).reshape(n, m)
+        fed_ids = np.arange(n * m, dtype=np.int64).reshape(n, m) if sample_ids is None else \
+            np.asarray(sample_ids, dtype=np.int64).reshape(n, m)
+        parts, ids = [], []
+        for start in range(0, n, self.batch_size):
             rows = slice(start, start + self.batch_size)
-            encoded = [read_encoded(f) for f in files[rows]]
+            batch_files = list(files[rows])
+            encoded = list(self._readers.map(read_encoded, batch_files))
             try:
-                out = self.render_encoded(encoded, boxes[rows], flips[rows], sample_ids[rows])
+                out = self.render_encoded(encoded, [b[rows] for b in boxes], flips[rows], fed_ids[rows])
             except RuntimeError as e:  # DALI's errors are RuntimeErrors that name no file
-                raise decode_failure(files[rows], e) from e
-            if not torch.equal(out.sample_ids, torch.from_numpy(sample_ids[rows].reshape(-1))):
+                raise decode_failure(batch_files, e) from e
+            if frames is not None:
+                for path, size, frame in zip(batch_files, out.image_sizes.tolist(), frames[rows]):
+                    check_frame(path, size, frame)
+            if sample_ids is None and not torch.equal(out.sample_ids, torch.from_numpy(fed_ids[rows].reshape(-1))):
                 raise RuntimeError("DALI returned crops in a different order than they were fed")
-            parts.append(out.crops)
+            parts.append(out.views)
+            ids.append(out.sample_ids)
         if not parts:
-            return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
-        return torch.cat(parts)
+            return Rendered([torch.empty((0, 3, v.size, v.size), dtype=torch.uint8, device=self.device)
+                             for v in self.views], torch.empty(0, dtype=torch.int64))
+        return Rendered([torch.cat(p) for p in zip(*parts)], torch.cat(ids))
 
     def render_encoded(self, encoded: Sequence[np.ndarray], boxes, flips, sample_ids) -> RenderedCrops:
         """One DALI run over at most ``batch_size`` images.
 
-        ``encoded``: n uint8 arrays (file bytes); ``boxes`` [n, m, 4]; ``flips``
-        [n, m]; ``sample_ids`` [n, m] int64, returned flattened beside the crops.
+        ``encoded``: n uint8 arrays (file bytes); ``boxes`` one [n, m, 4] per view;
+        ``flips`` [n, m]; ``sample_ids`` [n, m] int64, returned flattened beside the crops.
         """
         n, m = len(encoded), self.crops_per_image
         if not 1 <= n <= self.batch_size:
             raise ValueError(f"render_encoded takes 1..{self.batch_size} images, got {n}")
-        boxes = np.ascontiguousarray(boxes, dtype=np.int32).reshape(n, m, 4)
         flips = np.ascontiguousarray(flips, dtype=np.int32).reshape(n, m)
         sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64).reshape(n, m)
         with self._lock:
             self._pipe.feed_input("encoded", list(encoded))
-            self._pipe.feed_input("boxes", list(boxes))
+            for v, view_boxes in enumerate(boxes):
+                self._pipe.feed_input(f"boxes{v}", list(np.ascontiguousarray(view_boxes, dtype=np.int32).reshape(n, m, 4)))
             self._pipe.feed_input("flips", list(flips))
             self._pipe.feed_input("sample_ids", list(sample_ids))
             outputs = self._pipe.run()
-            # Copy out before the next run reuses DALI's buffers.
-            crops = torch.stack([self._to_torch(outputs[j]) for j in range(m)], dim=1)
-            ids = torch.from_numpy(np.array(outputs[m].as_tensor()))
-            shapes = np.array(outputs[m + 1].as_tensor())
+            # Copy out before the next run reuses DALI's buffers. Outputs: view-major, crop j within.
+            views = [torch.stack([self._to_torch(outputs[v * m + j]) for j in range(m)], dim=1)
+                     .reshape(n * m, 3, view.size, view.size) for v, view in enumerate(self.views)]
+            ids = torch.from_numpy(np.array(outputs[-2].as_tensor()))
+            shapes = np.array(outputs[-1].as_tensor())
         return RenderedCrops(
-            crops=crops.reshape(n * m, 3, self.size, self.size),
+            views=views,
             sample_ids=ids.reshape(n * m),
             image_sizes=torch.from_numpy(shapes[:, [1, 0]].astype(np.int64)),
         )

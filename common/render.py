@@ -1,9 +1,14 @@
-"""Turn (image, box, flip) into the pixels a model sees -- the pure-PyTorch path.
+"""Turn (image, box, flip) into the pixels a model sees: the one renderer.
 
 Stage 1 renders each cached crop at every teacher's input size; stage 2 renders
-the same box at the student's size. Keeping the geometry in one place is what
-makes "the student sees the teacher's view" true. The DALI loaders implement the
-same contract (ROI decode, resize, mirror) and are tested against this one.
+the same box at the student's size, and an online run at the student's and every
+teacher's at once. Keeping the geometry in one place is what makes "the student
+sees the teacher's view" true. A renderer is built for a list of :class:`View`
+(size + interpolation) and decodes each image once for all of them:
+:class:`TorchRenderer` here, or ``common.dali_crops.DaliCropRenderer`` (same
+contract: ROI decode, resize, mirror; tested against this one), picked by
+:func:`build_renderer`. Both check the decoded frame against the manifest's
+(:func:`check_frame`), the one "file changed since the manifest" check.
 
 Pixels stay uint8 until they are on the compute device: 4x less host memory and
 host-to-device traffic than float32.
@@ -11,11 +16,18 @@ host-to-device traffic than float32.
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, NamedTuple, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.images import open_image
+from common.images import ImageError, open_image
+
+if TYPE_CHECKING:
+    from common.runtime import Runtime
 
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "linear": "bilinear", "cubic": "bicubic"}
 
@@ -24,6 +36,41 @@ def decode(path) -> torch.Tensor:
     """uint8 [3, H, W], RGB, EXIF orientation applied (the manifest's frame)."""
     # One copy out of PIL; the channel-first result is a view (crops slice it anyway).
     return torch.from_numpy(np.array(open_image(path), dtype=np.uint8)).permute(2, 0, 1)
+
+
+class View(NamedTuple):
+    """One rendering of a crop: square side and resampling (a model's input)."""
+
+    size: int
+    interpolation: str = "bilinear"
+
+    @classmethod
+    def of(cls, preprocess) -> View:
+        """The view a :class:`~common.models.Preprocess` asks for."""
+        return cls(preprocess.input_size, preprocess.interpolation)
+
+
+class Rendered(NamedTuple):
+    views: list[torch.Tensor]  # per view uint8 [n*m, 3, S_v, S_v], image-major
+    sample_ids: torch.Tensor  # int64 [n*m] (CPU): the ids given, as they came back with the crops
+
+
+def check_frame(path, decoded: tuple[int, int], recorded: tuple[int, int]) -> None:
+    """The decoder's frame (width, height after EXIF orientation) must be the manifest's, or every
+    box drawn in the manifest's frame (seeded or cached) lands elsewhere."""
+    decoded, recorded = tuple(int(v) for v in decoded), tuple(int(v) for v in recorded)
+    if decoded != recorded:
+        raise ImageError(
+            path, f"decoded as {decoded[0]}x{decoded[1]} (after EXIF orientation) but the manifest says "
+            f"{recorded[0]}x{recorded[1]}; the file changed since the manifest was built -- rebuild the manifest "
+            "(and the teacher cache)"
+        )
+
+
+def manifest_frames(manifest, image_ids) -> np.ndarray:
+    """int64 [n, 2]: the (width, height) the manifest recorded for ``image_ids``, for :func:`check_frame`."""
+    ids = np.asarray(image_ids, dtype=np.int64)
+    return np.stack([manifest.widths[ids], manifest.heights[ids]], axis=1).astype(np.int64)
 
 
 def resize_mode(interpolation: str) -> str:
@@ -52,6 +99,57 @@ def render_crops(image: torch.Tensor, boxes, flips, size: int, interpolation: st
         resized = F.interpolate(crop, size=(size, size), mode=mode, **kwargs)[0]
         out[i] = resized.flip(-1) if flips[i] else resized
     return out
+
+
+class TorchRenderer:
+    """Decode with PIL, render every view with :func:`render_crops`; images spread over ``workers``
+    threads (PIL decoding and torch's resize release the GIL)."""
+
+    kind = "torch"
+
+    def __init__(self, views: Sequence[View], workers: int = 1, pin_memory: bool = False):
+        self.views = [View(*v) for v in views]
+        self.pin_memory = pin_memory
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 1 else None
+
+    def __call__(self, paths, boxes, flips, frames=None) -> list[torch.Tensor]:
+        """The views only; see :meth:`render`."""
+        return self.render(paths, boxes, flips, frames).views
+
+    def render(self, paths: Sequence[str | os.PathLike], boxes, flips, frames=None, sample_ids=None) -> Rendered:
+        """Crops of ``paths``, each decoded once: ``boxes`` one int [n, m, 4] per view (x, y, w, h),
+        ``flips`` [n, m]; ``frames`` the manifest's (width, height) per image, checked when given;
+        ``sample_ids`` [n, m] come back beside the crops (default 0..n*m-1)."""
+        n = len(paths)
+        boxes = [np.asarray(b).reshape(n, -1, 4) for b in boxes]
+        flips = np.asarray(flips).reshape(n, -1)
+        frames = [None] * n if frames is None else frames
+        per_image = list((self._pool.map if self._pool is not None else map)(
+            lambda i: self._render_image(paths[i], [b[i] for b in boxes], flips[i], frames[i]), range(n)))
+        views = [torch.cat(parts) for parts in zip(*per_image)] if per_image else \
+            [torch.empty((0, 3, v.size, v.size), dtype=torch.uint8) for v in self.views]
+        if self.pin_memory:
+            views = [v.pin_memory() for v in views]
+        ids = np.arange(n * flips.shape[1]) if sample_ids is None else np.asarray(sample_ids)
+        return Rendered(views, torch.as_tensor(ids, dtype=torch.int64).reshape(-1))
+
+    def _render_image(self, path, boxes, flips, frame) -> list[torch.Tensor]:
+        image = decode(path)  # once, for every view
+        if frame is not None:
+            check_frame(path, (image.shape[2], image.shape[1]), frame)
+        return [render_crops(image, b, flips, v.size, v.interpolation) for b, v in zip(boxes, self.views)]
+
+
+def build_renderer(kind: str, views: Sequence[View], runtime: Runtime, crops_per_image: int, images_per_call: int,
+                   workers: int = 1, pin_memory: bool = False):
+    """The renderer of ``kind`` (``"torch"`` | ``"dali"``, as ``common.loader_kind.choose_loader`` resolved it)
+    for ``views``; ``workers`` threads split a torch call's images (DALI has its own threads)."""
+    if kind == "torch":
+        return TorchRenderer(views, workers, pin_memory)
+    from common.dali_crops import DaliCropRenderer, device_id_for
+
+    return DaliCropRenderer(views, batch_size=images_per_call, num_threads=max(1, runtime.num_workers),
+                            device_id=device_id_for(runtime), crops_per_image=crops_per_image)
 
 
 def normalize(batch: torch.Tensor, mean, std, device=None, memory_format=torch.contiguous_format) -> torch.Tensor:

@@ -67,7 +67,7 @@ def count_hits(teachers: Sequence[Teacher], manifest: Manifest, ids: np.ndarray,
     def centre_crops(group: np.ndarray) -> list[torch.Tensor]:
         sizes = [(int(manifest.widths[i]), int(manifest.heights[i])) for i in group]
         boxes = [np.array([[centre_box(w, h, p.crop_pct)] for w, h in sizes]) for p in pres]  # [n, 1, 4] each
-        return render([path_of(i) for i in group], boxes, np.zeros((len(group), 1), np.uint8))
+        return render([path_of(i) for i in group], boxes, np.zeros((len(group), 1), np.uint8), sizes)
 
     groups = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
     views = prefetch(centre_crops, groups, runtime.num_workers, depth=2 * runtime.num_workers + 2)

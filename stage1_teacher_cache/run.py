@@ -17,6 +17,7 @@ authoritative), so a new teacher's cache can later be merged with that one.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import sys
@@ -35,6 +36,7 @@ from common.distributed import fail_together, peer_may_be_gone
 from common.locations import absolute
 from common.manifest import ConfinedPaths, Manifest, load_manifest
 from common.prefetch import prefetch
+from common.render import manifest_frames
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers
@@ -93,11 +95,15 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
     group = max(1, tc.batch_size // C)  # images per render call: about one forward batch
     render = make_renderer(tc.loader, runtime, [t.preprocess for t in teachers], C, group)
     path_of = ConfinedPaths(manifest)
+    # (boxes, flips) of each shard whose render jobs were handed out, oldest first: drawn (or read) once,
+    # here, and taken by the shard loop when it writes the shard (after every job of it was rendered).
+    shard_crops: collections.deque[tuple[np.ndarray, np.ndarray]] = collections.deque()
 
     def render_jobs() -> Iterator[tuple[range, list[np.ndarray], np.ndarray]]:
         for shard in todo:
             start, stop = writer.shard_range(shard)
             xywh, flip = crop_boxes(start, stop)
+            shard_crops.append((xywh, flip))
             for lo in range(0, stop - start, group):
                 rows = slice(lo, lo + group)
                 yield range(start + lo, min(start + lo + group, stop)), [xywh[rows]] * len(teachers), flip[rows]
@@ -105,7 +111,7 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
     def render_group(job: tuple[range, list[np.ndarray], np.ndarray]) -> list[torch.Tensor]:
         # Paths are checked here, in the job, so a bad file surfaces in order: after every shard before it is written.
         ids, boxes, flips = job
-        return render([path_of(i) for i in ids], boxes, flips)
+        return render([path_of(i) for i in ids], boxes, flips, manifest_frames(manifest, ids))
 
     # One iterator over every shard of this rank, so rendering runs ahead across shard boundaries.
     views = prefetch(render_group, render_jobs(), runtime.num_workers, depth=2 * runtime.num_workers + 2)
@@ -119,10 +125,10 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
     with bar:
         for shard in todo:
             start, stop = writer.shard_range(shard)
-            xywh, flip = crop_boxes(start, stop)
             shard_views = _progress(itertools.islice(views, -(-(stop - start) // group)), bar, C, started)
             index, prob = shard_targets(shard_views, teachers, runtime, tc.batch_size, tc.temperature, k)
             shard_stamps.append((time.perf_counter(), time.thread_time(), time.process_time(), len(index)))
+            xywh, flip = shard_crops.popleft()  # this shard's: its groups were all rendered above
             write_shard(shard, xywh, flip, index, prob)
 
     summary = summarize(writer, runtime, tc.out, shards_written=len(todo), skipped=len(mine) - len(todo),

@@ -10,10 +10,12 @@ One :class:`Loader` serves three modes:
   ``common.crops`` with crop index ``epoch * m + j``.
 * ``eval``: the centre crop of every image exactly once, in id order.
 
-Rendering (decode + crop + resize + mirror, uint8) is pluggable: the pure
-PyTorch backend here (``common.render`` in a thread pool; PIL decoding releases
-the GIL) or the DALI backend (:mod:`stage2_student_distill.loader_dali`). Both
-produce the same boxes, since the boxes are planned here, not by the backend.
+Rendering (decode + crop + resize + mirror, uint8) is ``common.render``'s
+renderer: pure PyTorch in a thread pool (PIL decoding releases the GIL) or DALI
+(``common.dali_crops``; on the CPU without CUDA, with the "mixed" GPU decoder
+and crops arriving on the device with it). Both produce the same boxes, since
+the boxes are planned here, not by the renderer, and both check each decoded
+frame against the manifest's.
 A background thread (``common.prefetch``) keeps a few rendered batches ahead of
 the training loop; pixels stay uint8 until they reach the device, where they
 are normalised, and labels travel through pinned memory
@@ -25,15 +27,15 @@ compared with the plan: a mismatch raises instead of training on misaligned
 targets.
 
 For online MEAL V2 (``views=``, stage2_student_distill/targets.py) the same
-background thread also renders every crop of the batch once per teacher, at
-that teacher's size (stage 1's renderer); the views travel with the batch.
+renderer call also renders every crop of the batch at each teacher's size and
+interpolation, from the same decode; the views travel with the batch.
 """
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,10 +46,9 @@ from common.config import ConfigError
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box, check_boxes_inside
 from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
-from common.images import ImageError
 from common.manifest import ConfinedPaths
 from common.prefetch import in_background, prefetch
-from common.render import decode, normalize, render_crops
+from common.render import View, build_renderer, manifest_frames, normalize
 from common.runtime import to_device
 from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
 
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
     from common.runtime import Runtime
 
 MODES = ("distill", "train", "eval")
-# (paths [n], boxes int32 [n, m, 4], flips uint8 [n, m]) -> uint8 [n*m, 3, S, S] per teacher (image-major)
-ViewRenderer = Callable[[list, np.ndarray, np.ndarray], list[torch.Tensor]]
 PREFETCH_BATCHES = 3  # batches rendered (or being rendered) ahead of the one the training step uses
 
 
@@ -90,45 +89,6 @@ class _EpochSamples:
     topk_prob: np.ndarray | None = None  # [n, m, k] (distill)
 
 
-class _TorchBackend:
-    """Decode with PIL and render with ``common.render`` in ``num_workers`` threads."""
-
-    kind = "torch"
-
-    def __init__(self, manifest, size: int, interpolation: str, num_workers: int, pin_memory: bool):
-        self.manifest = manifest
-        self.path_of = ConfinedPaths(manifest)
-        self.size = size
-        self.interpolation = interpolation
-        self.pin_memory = pin_memory
-        self.pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="decode")
-
-    def render(self, image_ids, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 [n*m, 3, S, S] and the sample ids each worker says it rendered."""
-        results = list(self.pool.map(self._render_image, image_ids, boxes, flips, sample_ids))
-        crops = torch.cat([crops for crops, _ in results])
-        ids = torch.cat([ids for _, ids in results])
-        return (crops.pin_memory() if self.pin_memory else crops), ids
-
-    def _render_image(self, image_id, boxes, flips, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.path_of(image_id)
-        image = decode(path)
-        check_decoded_size(path, (image.shape[2], image.shape[1]), self.manifest, image_id)
-        crops = render_crops(image, boxes, flips, self.size, self.interpolation)
-        return crops, torch.as_tensor(sample_ids, dtype=torch.int64)
-
-
-def check_decoded_size(path, size: tuple[int, int], manifest, image_id) -> None:
-    """The decoder's frame must be the manifest's, or every cached box lands elsewhere."""
-    expected = (int(manifest.widths[image_id]), int(manifest.heights[image_id]))
-    if tuple(size) != expected:
-        raise ImageError(
-            path, f"decoded as {size[0]}x{size[1]} (after EXIF orientation) but the manifest says "
-            f"{expected[0]}x{expected[1]}; the file changed since the manifest was built -- rebuild the manifest "
-            "(and the teacher cache)"
-        )
-
-
 class Loader:
     """Batches for one rank; ``epoch(e)`` is deterministic given (seed, e, rank, world_size)."""
 
@@ -146,7 +106,7 @@ class Loader:
         crops: CropConfig | None = None,
         crops_per_image: int = 1,
         max_images: int | None = None,
-        views: ViewRenderer | None = None,
+        views: Sequence[Preprocess] | None = None,
     ):
         _validate(manifest, mode, batch_size, cache, crops, crops_per_image)
         self.manifest = manifest
@@ -160,9 +120,9 @@ class Loader:
         self.crops_per_image = crops_per_image
         self.images_per_batch = batch_size // crops_per_image
         self.num_images = manifest.num_images if max_images is None else min(manifest.num_images, max_images)
-        # Online MEAL V2: each batch's crops rendered again per teacher, in the prefetch thread.
+        # Online MEAL V2: the teachers' views of each crop, rendered beside the student's from one decode.
         self.views = views
-        self._view_paths = ConfinedPaths(manifest) if views is not None else None
+        self._path_of = ConfinedPaths(manifest)
         self._centre_boxes = None
         if mode == "eval":
             self._centre_boxes = np.array(
@@ -170,14 +130,10 @@ class Loader:
                 dtype=np.int32,
             ).reshape(-1, 4)
 
-        size, interp = preprocess.input_size, preprocess.interpolation
-        if backend_kind == "dali":
-            from stage2_student_distill.loader_dali import DaliBackend
-
-            self._backend = DaliBackend(manifest, size, interp, self.images_per_batch, crops_per_image, runtime)
-        else:
-            self._backend = _TorchBackend(manifest, size, interp, runtime.num_workers, pin_memory=runtime.is_cuda)
-        self.kind = self._backend.kind
+        rendered_views = [View.of(p) for p in [preprocess, *(views or [])]]  # the student's first
+        self._renderer = build_renderer(backend_kind, rendered_views, runtime, crops_per_image, self.images_per_batch,
+                                        workers=max(1, runtime.num_workers), pin_memory=runtime.is_cuda)
+        self.kind = self._renderer.kind
         self._current: tuple[int, _EpochSamples] | None = None  # the plan being replayed
         self._next: tuple[int, Future] | None = None  # the next epoch's plan, being built
 
@@ -205,12 +161,13 @@ class Loader:
 
         def produce(index: int):
             rows = plan.batch_slice(index)
-            ids, boxes, flips = plan.image_ids[rows], samples.boxes[rows], samples.flips[rows]
-            pixels, rendered_ids = self._backend.render(ids, boxes, flips, samples.sample_ids[rows])
-            views = self.views([self._view_paths(int(i)) for i in ids], boxes, flips) if self.views is not None else None
-            return pixels, rendered_ids, views
+            ids = plan.image_ids[rows]
+            out = self._renderer.render([self._path_of(int(i)) for i in ids],
+                                        [samples.boxes[rows]] * len(self._renderer.views), samples.flips[rows],
+                                        manifest_frames(self.manifest, ids), samples.sample_ids[rows])
+            return out.views[0], out.sample_ids, out.views[1:] if self.views is not None else None
 
-        # One producer thread (the backend parallelises within a batch; DALI runs one batch at a time).
+        # One producer thread (the renderer parallelises within a batch; DALI runs one batch at a time).
         # closing(): a training loop that stops early also stops the producer.
         rendered = prefetch(produce, range(plan.num_batches), workers=1, depth=PREFETCH_BATCHES + 1,
                             name="loader-prefetch")
@@ -373,7 +330,7 @@ def build_loader(
     crops: CropConfig | None = None,
     crops_per_image: int = 1,
     max_images: int | None = None,
-    views: ViewRenderer | None = None,
+    views: Sequence[Preprocess] | None = None,
 ) -> Loader:
     """A :class:`Loader`; ``kind`` is ``optim.loader``: auto | dali | torch (the rule: ``common.loader_kind``)."""
     return Loader(

@@ -8,9 +8,8 @@ key. It never asks which source it has.
 * :class:`CachedTargets` (``pipeline distill --cache``): the cache's top-k,
   restored by the loader (the product's main path; no teacher is loaded);
 * :class:`OnlineTargets` (``--online``): online MEAL V2. The loader renders every crop of the
-  batch once more per teacher, at that teacher's size and interpolation,
-  through stage 1's renderer (``stage1_teacher_cache.views.make_renderer``), in
-  its background thread; here the ensemble runs on those views under
+  batch at each teacher's size and interpolation too (``views``), from the same
+  decode as the student's, in its background thread; here the ensemble runs on those views under
   inference_mode (bf16 + channels_last on CUDA, as stage 1) and the *full*
   mean softmax (``stage1_teacher_cache.ensemble.teacher_probs``) is the target.
   Which crops: fresh seeded ones (the loader's mode "train": crop index
@@ -24,17 +23,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import RULE, teacher_probs
 from stage1_teacher_cache.teachers import Teacher
-from stage1_teacher_cache.views import make_renderer, renderer_kind
 
 
 class TargetSource(ABC):
@@ -101,36 +97,19 @@ class WithHardLabels(TargetSource):
 class OnlineTargets(TargetSource):
     """The teachers' mean softmax on the batch's crops, computed in the loop.
 
-    ``render`` is the loader's hook (paths, boxes [n, m, 4], flips [n, m]) ->
-    one uint8 view batch per teacher; ``__call__`` runs the ensemble on the
-    views the loader attached to the batch.
+    ``views`` is the loader's hook: each teacher's :class:`~common.models.Preprocess`,
+    rendered by the loader beside the student's view; ``__call__`` runs the
+    ensemble on the views the loader attached to the batch.
     """
 
     non_finite_hint = " (the online teachers output non-finite probabilities: check their weights, --teacher-weights)"
 
-    def __init__(self, teachers: Sequence[Teacher], runtime: Runtime, temperature: float, loader: str,
-                 crops_per_image: int, images_per_batch: int):
+    def __init__(self, teachers: Sequence[Teacher], runtime: Runtime, temperature: float):
         self.teachers = list(teachers)
         self.runtime = runtime
         self.temperature = temperature
-        self.render_kind = renderer_kind(loader, runtime)  # "torch" | "dali" (teacher_cache.loader)
-        self._render = make_renderer(loader, runtime, [t.preprocess for t in self.teachers],
-                                     crops_per_image, images_per_batch)
+        self.views = [t.preprocess for t in self.teachers]
         self._clock = _DeviceClock(runtime)
-        # The torch renderer works image by image: split a batch over the decode workers (PIL and
-        # torch's resize release the GIL). DALI renders a whole batch in one call.
-        self._workers = max(1, runtime.num_workers)
-        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="teacher-views") \
-            if self.render_kind == "torch" and self._workers > 1 else None
-
-    def render(self, paths: Sequence[str], boxes: np.ndarray, flips: np.ndarray) -> list[torch.Tensor]:
-        """uint8 views [n*m, 3, S_t, S_t] per teacher, image-major like the student's batch."""
-        teachers = len(self.teachers)
-        if self._pool is None or len(paths) < 2:
-            return self._render(paths, [boxes] * teachers, flips)
-        chunks = [c for c in np.array_split(np.arange(len(paths)), self._workers) if len(c)]
-        parts = self._pool.map(lambda c: self._render([paths[i] for i in c], [boxes[c]] * teachers, flips[c]), chunks)
-        return [torch.cat(views) for views in zip(*parts)]
 
     def __call__(self, batch) -> torch.Tensor:
         if batch.views is None:

@@ -476,15 +476,13 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
     if d.online:
         # Before the student is seeded, so the student starts as in a cached run.
         teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=cfg.runtime.seed)
-        targets: TargetSource = OnlineTargets(
-            teachers, runtime, cfg.teacher_cache.temperature, cfg.teacher_cache.loader,
-            crops_per_image=m, images_per_batch=max(1, cfg.optim.batch_size // m))
+        targets: TargetSource = OnlineTargets(teachers, runtime, cfg.teacher_cache.temperature)
         meta_extra["online"] = {**targets.identity(), "crops": "replayed" if cache else "fresh",
                                 "replay_cache": d.replay_cache or None}
     else:
         targets = CachedTargets(d.cache)
         meta_extra["cache"] = {"path": d.cache, "teachers": cache.attrs.get("teachers")}
-    views = targets.render if d.online else None
+    views = targets.views if d.online else None
     if d.label_weight > 0:
         targets = WithHardLabels(targets, manifest.num_classes)
 

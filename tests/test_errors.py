@@ -239,14 +239,15 @@ def test_a_dali_decode_failure_names_the_file(tmp_path):
     from PIL import Image
 
     from common.dali_crops import DaliCropRenderer
+    from common.render import View
 
     rng = np.random.default_rng(0)
     good, bad = tmp_path / "good.jpg", tmp_path / "bad.jpg"
     Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(good)
     bad.write_bytes(good.read_bytes()[:200])  # truncated after the manifest was built
-    renderer = DaliCropRenderer(16, "bilinear", batch_size=2, num_threads=1)
+    renderer = DaliCropRenderer([View(16, "bilinear")], batch_size=2, num_threads=1)
     with pytest.raises(ImageError) as err:
-        renderer.render([str(good), str(bad)], [[0, 0, 10, 10], [0, 0, 10, 10]], [0, 0])
+        renderer([str(good), str(bad)], [[[0, 0, 10, 10], [0, 0, 10, 10]]], [0, 0])
     assert str(err.value).startswith(f"{bad}: ") and "truncated or corrupt image" in str(err.value)
     assert isinstance(err.value.__cause__, RuntimeError)  # DALI's own error, kept
 

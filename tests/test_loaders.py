@@ -24,7 +24,8 @@ from common.crops import boxes as crop_boxes
 from common.crops import centre_box, image_boxes
 from common.images import ImageError
 from common.models import Preprocess
-from common.render import decode, render_crops
+from common import render
+from common.render import View, decode, render_crops
 from common.runtime import Runtime
 from common.runtime import to_device as real_to_device
 from data_manifests.build import build_manifest
@@ -292,8 +293,8 @@ def test_distill_plan_deterministic_and_rank_shares(data):
 
 def test_multi_crop_one_decode_adjacent_distinct(data, monkeypatch):
     decodes = []
-    real_decode = loaders.decode
-    monkeypatch.setattr(loaders, "decode", lambda path: decodes.append(path) or real_decode(path))
+    real_decode = render.decode
+    monkeypatch.setattr(render, "decode", lambda path: decodes.append(path) or real_decode(path))
     ld = loader(data, "torch", "distill", batch_size=4, crops_per_image=2)
     batches = list(ld.epoch(0))
     assert len(ld) == 4 and ld.num_samples_per_epoch == 16  # 2 images x 2 crops per batch
@@ -316,12 +317,12 @@ def test_multi_crop_one_decode_adjacent_distinct(data, monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_sample_id_mismatch_raises(data, kind, monkeypatch):
     ld = loader(data, kind, "distill")
-    backend = type(ld._backend)
+    backend = type(ld._renderer)
     real_render = backend.render
 
     def corrupt(self, *args):
-        crops, ids = real_render(self, *args)
-        return crops, ids.roll(1)  # as if two samples were swapped in flight
+        out = real_render(self, *args)
+        return out._replace(sample_ids=out.sample_ids.roll(1))  # as if two samples were swapped in flight
 
     monkeypatch.setattr(backend, "render", corrupt)
     with pytest.raises(RuntimeError, match="sample ids"):
@@ -403,8 +404,8 @@ def test_dali_renderer_exif_frame_and_multi_crop(data):
     files = [manifest.abspath(2), manifest.abspath(7)]  # orientation 6 (36x48) and 3 (30x40)
     boxes = np.array([[[2, 3, 20, 30], [10, 0, 26, 17]], [[0, 5, 15, 30], [4, 4, 26, 36]]], np.int32)
     flips = np.array([[0, 1], [1, 0]])
-    renderer = DaliCropRenderer(size=16, interpolation="bilinear", batch_size=1, num_threads=1, crops_per_image=2)
-    out = renderer.render(files, boxes, flips)  # two DALI runs of one image each
+    renderer = DaliCropRenderer([View(16, "bilinear")], batch_size=1, num_threads=1, crops_per_image=2)
+    (out,) = renderer(files, [boxes], flips)  # two DALI runs of one image each
     assert out.shape == (4, 3, 16, 16) and out.dtype == torch.uint8
     for n, f in enumerate(files):
         ref = render_crops(decode(f), boxes[n], flips[n], 16, "bilinear")
@@ -503,9 +504,9 @@ def test_dali_mixed_decoder_matches_the_cpu_decoder(data, m):
     manifest = data["manifest"]
     files = [manifest.abspath(i) for i in range(manifest.num_images)]
     b = image_boxes(SEED, manifest.image_ids, manifest.widths, manifest.heights, m)
-    args = dict(size=24, interpolation="bilinear", batch_size=3, num_threads=2, crops_per_image=m)
-    cpu = DaliCropRenderer(**args).render(files, b.as_array(), b.flip)
-    gpu = DaliCropRenderer(**args, device_id=torch.cuda.current_device()).render(files, b.as_array(), b.flip)
+    args = dict(views=[View(24, "bilinear")], batch_size=3, num_threads=2, crops_per_image=m)
+    (cpu,) = DaliCropRenderer(**args)(files, [b.as_array()], b.flip)
+    (gpu,) = DaliCropRenderer(**args, device_id=torch.cuda.current_device())(files, [b.as_array()], b.flip)
     assert gpu.is_cuda and gpu.dtype == torch.uint8 and gpu.shape == cpu.shape == (len(files) * m, 3, 24, 24)
     diff = (gpu.cpu().float() - cpu.float()).abs().flatten(1).mean(1)
     assert diff.max() < MEAN_TOLERANCE, diff

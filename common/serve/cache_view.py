@@ -20,7 +20,7 @@ from common.crops import check_boxes_inside
 from common.images import ImageError
 from common.manifest import ConfinedPaths, load_manifest
 from common.models import Preprocess
-from common.render import decode, render_crops
+from common.render import check_frame, decode, manifest_frames, render_crops
 from common.serve.pictures import chw_to_pil, png_data_uri
 from stage1_teacher_cache.info import cache_info, human_bytes
 from stage1_teacher_cache.label_agreement import crop_top1, disagreeing_crops
@@ -128,11 +128,12 @@ class CacheView:
         try:
             path = self._paths(image_id)
             image = decode(path)
+            check_frame(path, (image.shape[2], image.shape[1]), manifest_frames(m, [image_id])[0])
             rows = self.reader.images([image_id])
             boxes, flips = rows["boxes"][0], rows["flip"][0]
             check_boxes_inside(boxes[None], [image.shape[2]], [image.shape[1]], flips=flips[None],
                                where=lambda _, j: f"crop {j}", error=lambda msg: ImageError(path, msg),
-                               remedy="the file changed after the cache was built; rebuild the manifest and cache")
+                               remedy="the cache's boxes do not fit this manifest's images; rebuild the cache")
         except (ImageError, ValueError, OSError) as e:
             card["error"] = str(e)
             return card
