@@ -483,8 +483,16 @@ class Grid:
         say(f"{key}: {'finished' if rc == 0 else f'FAILED (exit {rc})'}")
         return rc
 
+    def prepare_data(self) -> None:
+        """Every data tree and manifest, here: children running at once would write the same tree together."""
+        self.manifest("test", self.args.val_images)
+        for images, skip in sorted({(r.images, 0) for r in self.regimes} | {
+                (t.images, t.skip) for t in self.teacher_specs.values() if not t.weights}):
+            self.manifest("train", images, skip)
+
     def all(self) -> dict[str, dict]:
         """Every phase in order; seed 1 and item 3's regimes decided from the runs before them."""
+        self.prepare_data()
         first, caches, _, _ = plan_steps(self.regimes)
         done = {**self.run(first), **self.run(caches)}
         seed0 = plan_steps(self.regimes, lambda r: (0, 1) if r.always_two_seeds else (0,))[2]

@@ -105,6 +105,7 @@ def fake_grid(tmp_path: Path, regimes, top1) -> tuple[grid.Grid, list[str]]:
         return g.record(key, {"kind": s.kind, "top1": top1(s)})
 
     g.step = step
+    g.prepare_data = lambda: None
     return g, ran
 
 
@@ -149,7 +150,7 @@ def test_search_finds_a_known_two_feature_rule_and_it_holds_out():
     # training points kept off the thresholds, so the true rule is the only perfect one with a wide margin
     points = [{"ensemble": float(rng.uniform(70, 90)), "short_hard": float(rng.uniform(70, 90)),
                "agreement": float(rng.choice([rng.uniform(60, 78), rng.uniform(82, 98)])),
-               "margin": float(rng.choice([rng.uniform(-5, 1), rng.uniform(3, 8)]))} for _ in range(40)]
+               "margin": float(rng.choice([rng.uniform(-5, 1), rng.uniform(3, 8)]))} for _ in range(24)]
     rule = grid.search_rule(rows_from(points, truth))
     assert rule.accuracy == 1.0
     assert rule.op == "and" and {c.feature for c in rule.conditions} == {"margin", "agreement"}
