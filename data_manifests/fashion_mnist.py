@@ -60,32 +60,41 @@ def prepare_fashion_mnist(
     return train, prepare_split(source_dir, "test", out_dir / "test", test_limit)
 
 
-def prepare_split(source_dir: str | os.PathLike, split: str, split_dir: str | os.PathLike, limit: int | None = None) -> Path:
+def prepare_split(source_dir: str | os.PathLike, split: str, split_dir: str | os.PathLike, limit: int | None = None,
+                  skip: int = 0) -> Path:
     """One split (``train`` or ``test``) as an ImageFolder tree in ``split_dir``; returns it.
 
-    ``limit``: the class-balanced subset of ``prepare_fashion_mnist``.
+    ``limit``: the class-balanced subset of ``prepare_fashion_mnist``, taken after the first ``skip``
+    class-balanced images (``balanced_subset``), so that two subsets can be disjoint.
     """
     if split not in SPLIT_FILES:
         raise FashionMnistError(f"unknown split {split!r}: use {' or '.join(SPLIT_FILES)}")
     if limit is not None and limit < len(CLASS_NAMES):
         raise FashionMnistError(f"{split} limit {limit} is below one image per class ({len(CLASS_NAMES)})")
+    if skip < 0:
+        raise FashionMnistError(f"{split} skip {skip} is negative")
     images_file, labels_file = (_find(Path(source_dir), name) for name in SPLIT_FILES[split])
-    return _write_split(Path(split_dir), images_file, labels_file, limit)
+    return _write_split(Path(split_dir), images_file, labels_file, limit, skip)
 
 
 def subset_manifest(source_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str, images: int,
-                    progress: bool = False) -> str:
+                    progress: bool = False, skip: int = 0) -> str:
     """PNG tree + manifest of the first ``images`` (class-balanced) of ``split`` -> the manifest's path.
 
-    One folder per split and size (``DATA_DIR/{split}-{images}``), so a manifest is
-    never paired with another tree and runs of the same size share it; both steps
-    are skipped when already complete.
+    ``skip``: start after the first ``skip`` class-balanced images, so that teachers can learn from
+    images other than the students' (the students' ``subset_manifest(..., N)`` and the teachers'
+    ``subset_manifest(..., M, skip=N)`` share no image).
+
+    One folder per split, size and skip (``DATA_DIR/{split}-{images}[-skip{skip}]``), so a
+    manifest is never paired with another tree and runs of the same subset share it; both
+    steps are skipped when already complete.
     """
-    split_dir = Path(data_dir) / f"{split}-{images}"
-    root = prepare_split(source_dir, split, split_dir / "images", limit=images)
+    split_dir = Path(data_dir) / (f"{split}-{images}" + (f"-skip{skip}" if skip else ""))
+    root = prepare_split(source_dir, split, split_dir / "images", limit=images, skip=skip)
     path = split_dir / "manifest.parquet"
     if not path.exists():
-        build_manifest(root, path, description=f"Fashion-MNIST {split}, {images} images", progress=progress)
+        after = f" after the first {skip}" if skip else ""
+        build_manifest(root, path, description=f"Fashion-MNIST {split}, {images} images{after}", progress=progress)
     return str(path)
 
 
@@ -96,13 +105,14 @@ def _find(source_dir: Path, name: str) -> Path:
     raise FashionMnistError(f"Fashion-MNIST not found in {source_dir} (no {name}[.gz]): {_INSTALL_HINT}")
 
 
-def _write_split(split_dir: Path, images_file: Path, labels_file: Path, limit: int | None) -> Path:
+def _write_split(split_dir: Path, images_file: Path, labels_file: Path, limit: int | None, skip: int = 0) -> Path:
     identity = {
         "images": images_file.name,
         "labels": labels_file.name,
         "images_bytes": images_file.stat().st_size,
         "labels_bytes": labels_file.stat().st_size,
         "limit": limit,
+        **({"skip": skip} if skip else {}),  # absent when 0: trees written before the option stay complete
     }
     if _read_marker(split_dir).get("source") == identity:
         return split_dir
@@ -115,7 +125,10 @@ def _write_split(split_dir: Path, images_file: Path, labels_file: Path, limit: i
         )
     if labels.size and labels.max() >= len(CLASS_NAMES):
         raise FashionMnistError(f"{labels_file}: label {labels.max()} outside 0..{len(CLASS_NAMES) - 1}")
-    selected = balanced_subset(labels, limit)
+    selected = balanced_subset(labels, limit, skip)
+    if skip and limit is not None and len(selected) < limit:  # the skipped images left too few
+        raise FashionMnistError(f"{images_file}: {limit} class-balanced images after the first {skip} need more "
+                                f"than the {labels.size} it holds; lower the images or the skip")
 
     tmp = split_dir.with_name(f".{split_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -139,14 +152,21 @@ def _read_marker(split_dir: Path) -> dict:
         return {}
 
 
-def balanced_subset(labels: np.ndarray, limit: int | None) -> np.ndarray:
-    """Indices of the first ``limit // 10`` images of each class (+1 for the first ``limit % 10``)."""
-    if limit is None or limit >= labels.size:
+def balanced_subset(labels: np.ndarray, limit: int | None, skip: int = 0) -> np.ndarray:
+    """Indices of the first ``limit // 10`` images of each class (+1 for the first ``limit % 10``),
+    after the images ``balanced_subset(labels, skip)`` takes: the two subsets are disjoint."""
+    if skip == 0 and (limit is None or limit >= labels.size):
         return np.arange(labels.size)
-    per_class, extra = divmod(limit, len(CLASS_NAMES))
-    chosen = [
-        np.flatnonzero(labels == c)[: per_class + (1 if c < extra else 0)] for c in range(len(CLASS_NAMES))
-    ]
+
+    def per_class(n: int, c: int) -> int:
+        quotient, extra = divmod(n, len(CLASS_NAMES))
+        return quotient + (1 if c < extra else 0)
+
+    chosen = []
+    for c in range(len(CLASS_NAMES)):
+        start = per_class(skip, c)
+        stop = None if limit is None else start + per_class(limit, c)
+        chosen.append(np.flatnonzero(labels == c)[start:stop])
     return np.sort(np.concatenate(chosen))
 
 
