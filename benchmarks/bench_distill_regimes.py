@@ -177,8 +177,10 @@ class Step:
 
 
 # The strong teacher of item 4: resnet10t, 22 epochs on all 60,000 images at 28 px, 92.12% (the crop budget
-# study's warm restart, committed with its results); the student plateaus near 89-90% there.
-STRONG_TEACHER = "benchmarks/results/crop_budget_t22_state/teacher_resnet10t/best.pt"
+# study's warm restart); the student plateaus near 89-90% there. Weights are not kept in git: regenerate it
+# with the commands in docs/results.md ("A teacher trained longer"), or take it from the commit that still
+# held it: git show 8ff9461:benchmarks/results/crop_budget_t22_state/teacher_resnet10t/best.pt > PATH
+STRONG_TEACHER = "runs/teachers/resnet10t_e22/best.pt"
 OTHERS = 30000  # disjoint teachers learn from training images after the first 30,000 (3,000 a class)
 
 
@@ -783,8 +785,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:  # one step, as a child of an invocation with --jobs > 1
         grid.step(args.step)
         return 0
-    # the benchmark harness's machine record and JSON writer (benchmarks/common.py)
-    from benchmarks.common import begin, machine_line, run_header, write_results
+    # the benchmark harness's machine record and JSON writer
+    from benchmarks.harness import begin, machine_line, run_header, write_results
 
     started, info, _ = begin(args.workdir)
     done = grid.all()
