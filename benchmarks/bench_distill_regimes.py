@@ -347,26 +347,38 @@ def plan_table(regimes: Sequence[Regime], val_images: int, jobs: int) -> tuple[s
 # --------------------------------------------------------------------------- running the steps
 
 
+# The files a step leaves for later steps: its record counts as done only while they exist. The grid
+# outlives a session (about 3 h of 2 cores), and only the records are kept in git: a later session redoes
+# the teachers, caches and pre-trained students whose files are gone (seeded, so the same runs), and
+# skips every student whose record is there.
+ARTIFACTS = {"teacher": lambda row: row["weights"], "cache": lambda row: Path(row["path"]) / "zarr.json",
+             "pre": lambda row: Path(row["run"]) / "best.pt"}
+
+
 class Grid:
-    """The steps of ``regimes`` in WORKDIR, each recorded as steps/KEY.json once finished."""
+    """The steps of ``regimes`` in WORKDIR, each recorded as STEPS/KEY.json once finished (STEPS: --steps-dir,
+    kept in git for a full grid so that it resumes across sessions; WORKDIR/steps otherwise)."""
 
     def __init__(self, args: argparse.Namespace, argv: list[str], regimes: Sequence[Regime]):
         self.args, self.argv, self.regimes = args, argv, list(regimes)
         self.wd = Path(args.workdir)
-        (self.wd / "steps").mkdir(parents=True, exist_ok=True)
+        self.steps_dir = Path(getattr(args, "steps_dir", None) or self.wd / "steps")
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
         self.teacher_specs = {t.name: t for r in regimes for t in r.teachers}
         self.base = None  # the config, built on first use (the plan and the report need none)
 
     # ---- the record of finished steps
 
     def path(self, key: str) -> Path:
-        return self.wd / "steps" / f"{key.replace(':', '_')}.json"
+        return self.steps_dir / f"{key.replace(':', '_')}.json"
 
     def done(self, key: str) -> dict | None:
         try:
-            return json.loads(self.path(key).read_text())
+            row = json.loads(self.path(key).read_text())
         except FileNotFoundError:
             return None
+        artifact = ARTIFACTS.get(row.get("kind"))
+        return None if artifact and not Path(artifact(row)).exists() else row
 
     def record(self, key: str, row: dict) -> dict:
         row = {"key": key, **row}
@@ -750,6 +762,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default=None, help="data, runs, caches, steps/ (reruns resume; "
                                                    "default runs/distill-regimes[-smoke])")
+    p.add_argument("--steps-dir", default=None, help="the finished steps' records (default "
+                                                     "benchmarks/results/distill_regimes_steps, kept in git; "
+                                                     "with --smoke WORKDIR/steps)")
     p.add_argument("--val-images", type=int, default=VAL_IMAGES, help="test images scored")
     p.add_argument("--strong-teacher", default=STRONG_TEACHER, help="item 4's teacher: a resnet10t checkpoint")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -766,6 +781,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                 setattr(args, key, value)
     wd = Path(args.workdir or f"runs/distill-regimes{'-smoke' if args.smoke else ''}")
     args.workdir = str(wd)
+    args.steps_dir = args.steps_dir or str(wd / "steps" if args.smoke else REPO / "benchmarks/results/distill_regimes_steps")
     args.out = args.out or str(wd / "distill_regimes.json" if args.smoke else REPO / "benchmarks/results/distill_regimes.json")
     args.report = args.report or str(wd / "distill_regimes.md" if args.smoke else REPO / "benchmarks/results/distill_regimes.md")
     args.plot = args.plot or str(wd / "distill_regimes.png" if args.smoke else REPO / "docs/img/distill_regimes.png")

@@ -6,6 +6,7 @@ through the command line and checks that a rerun does not train again.
 from __future__ import annotations
 
 import argparse
+import shutil
 import json
 from pathlib import Path
 
@@ -101,7 +102,14 @@ def fake_grid(tmp_path: Path, regimes, top1) -> tuple[grid.Grid, list[str]]:
         ran.append(key)
         s = Step.parse(key)
         if s.kind == "cache":
-            return g.record(key, {"kind": "cache", "ensemble_top1": 85.0, "agreement_pct": 90.0, "path": "c"})
+            cache = tmp_path / "caches" / key.replace(":", "_")
+            cache.mkdir(parents=True, exist_ok=True)
+            (cache / "zarr.json").write_text("{}")
+            return g.record(key, {"kind": "cache", "ensemble_top1": 85.0, "agreement_pct": 90.0, "path": str(cache)})
+        if s.kind == "teacher":
+            weights = tmp_path / f"{key.replace(':', '_')}.pt"
+            weights.write_bytes(b"")
+            return g.record(key, {"kind": "teacher", "weights": str(weights), "top1": top1(s)})
         return g.record(key, {"kind": s.kind, "top1": top1(s)})
 
     g.step = step
@@ -118,6 +126,19 @@ def test_a_rerun_skips_finished_steps(tmp_path: Path):
     g2, ran2 = fake_grid(tmp_path, regimes, lambda s: 50.0)  # a new invocation on the same workdir
     g2.run([Step("hard", "r", 0), Step("short", "r", 0)])
     assert ran2 == []
+
+
+def test_a_later_session_redoes_the_steps_whose_files_are_gone_and_keeps_the_students(tmp_path: Path):
+    regimes = [Regime("r", 100, (TeacherSpec("test_resnet", 1, 100),), 4)]
+    g, _ = fake_grid(tmp_path, regimes, lambda s: 50.0)
+    first = g.all()
+    teacher, cache = (next(k for k in first if k.startswith(kind)) for kind in ("teacher:", "cache:"))
+    Path(first[teacher]["weights"]).unlink()  # a new machine: the records came through git, the files did not
+    shutil.rmtree(first[cache]["path"])
+    g2, ran = fake_grid(tmp_path, regimes, lambda s: 0.0)
+    g2.all()
+    assert ran == [teacher, cache]  # the students (top1 50.0) are kept
+    assert all(g2.done(k)["top1"] == 50.0 for k in first if Step.parse(k).kind in ("hard", "cached", "online"))
 
 
 def test_seed1_where_the_gain_is_under_a_point_and_label_weights_on_the_extremes(tmp_path: Path):
