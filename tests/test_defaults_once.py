@@ -1,0 +1,116 @@
+"""Issue 24 item 6, defaults once: one unit for accuracies (percent), one choice list per setting,
+one alias table, one way of mapping flags to config keys.
+
+Accuracies: stage 1 stored the teachers' top-1/top-5 as fractions before this change, and caches written
+then must still read as percent everywhere. The expected figures are the old fractions times 100, worked
+out by hand from the record below, never read back from a run.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from common.cache_format import CacheReader
+from common.cli import main
+from stage1_fixtures import make_manifest
+from stage1_fixtures import config as stage1_config
+from stage1_teacher_cache.run import run as teacher_cache
+from stage1_teacher_cache.teacher_eval import read_teacher_eval, student_caught_up, summarize_hits
+from stage2_student_distill import experiment as ex
+from stage2_student_distill.train import _teacher_eval_on
+
+MANIFEST = {"hash": "h", "path": "val.parquet", "num_images": 10}
+# As stage 1 wrote it before accuracies were stored in percent: no "unit", fractions. 10 images, 3 classes:
+# test_resnet 8 right (top-5 all 10), test_efficientnet 3 (9), their mean 6 (10); without one, the other alone.
+OLD_RECORD = {
+    "manifest": MANIFEST,
+    "crop": "centre (each teacher's crop_pct)",
+    "teachers": {"test_resnet": {"top1": 0.8, "top5": 1.0}, "test_efficientnet": {"top1": 0.3, "top5": 0.9}},
+    "ensemble": {"top1": 0.6, "top5": 1.0},
+    "leave_one_out": {"test_resnet": {"top1": 0.3, "top5": 0.9}, "test_efficientnet": {"top1": 0.8, "top5": 1.0}},
+    "best_teacher": {"name": "test_resnet", "top1": 0.8},
+    "chance_top1": 1 / 3,
+}
+HITS = [[8, 10], [3, 9], [6, 10], [3, 9], [8, 10]]  # the same figures as hit counts (layout of hits_of_probs)
+
+
+def test_an_old_fraction_record_reads_as_the_percent_record_stage_1_writes_now():
+    new = summarize_hits(["test_resnet", "test_efficientnet"], HITS, 10, 3, MANIFEST)
+    assert new["unit"] == "percent"
+    assert new["teachers"]["test_resnet"] == {"top1": 80.0, "top5": 100.0}
+    assert new["chance_top1"] == pytest.approx(100 / 3)
+    read = read_teacher_eval(OLD_RECORD)
+    assert flat(read) == pytest.approx(flat(new)) and read.keys() == new.keys()
+    assert read_teacher_eval(new) is new  # a percent record is not converted twice
+    assert OLD_RECORD["teachers"]["test_resnet"]["top1"] == 0.8  # the stored record is left as it was
+    assert read_teacher_eval(None) is None
+
+
+def flat(record: dict, prefix: str = "") -> dict:
+    """Every number of a record by its dotted path (the strings must match exactly)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def old_cache(tmp_path_factory):
+    """A real cache whose ``teacher_eval`` attribute is an old fraction record."""
+    tmp = tmp_path_factory.mktemp("old-eval")
+    manifest = make_manifest(tmp, "train")
+    cache = tmp / "cache"
+    teacher_cache(stage1_config(manifest, cache))
+    zarr.open_group(str(cache), mode="r+").attrs.update({"teacher_eval": OLD_RECORD})
+    return {"cache": cache, "manifest": manifest, "tmp": tmp}
+
+
+def test_cache_info_shows_an_old_cache_in_percent(old_cache):
+    cli = CliRunner()
+    shown = cli.invoke(main, ["cache", "info", str(old_cache["cache"])])
+    assert shown.exit_code == 0, shown.output
+    assert "val top-1 80.00% top-5 100.00%; ensemble without it top-1 30.00%" in shown.stdout
+    assert "val top-1 30.00% top-5 90.00%; ensemble without it top-1 80.00%" in shown.stdout
+    assert "val top-1 60.00% top-5 100.00%, -20.00 points over the best single teacher test_resnet (80.00%)" \
+        in shown.stdout
+    assert "teacher test_efficientnet lowers the ensemble: without it 80.00%, with it 60.00% top-1" in shown.stdout
+
+    info = json.loads(cli.invoke(main, ["cache", "info", str(old_cache["cache"]), "--json"]).stdout)
+    assert info["ensemble_eval"] == {"top1": 60.0, "top5": 100.0}
+    assert info["best_teacher_eval"] == {"name": "test_resnet", "top1": 80.0}
+    assert {t["name"]: t["eval"]["top1"] for t in info["teachers"]} == {"test_resnet": 80.0, "test_efficientnet": 30.0}
+
+
+def test_the_experiment_driver_and_distill_read_an_old_cache_in_percent(old_cache):
+    read = ex.teacher_top1(ex.cache_evaluation(old_cache["cache"]))
+    assert read == ex.TeacherTop1({"test_resnet": 80.0, "test_efficientnet": 30.0}, 60.0)
+    assert ex.teacher_top1(OLD_RECORD) == read  # an old results JSON's copy of the record, too
+
+    # distill keeps the record only for its own validation images (same content hash), in percent
+    evaluation = _teacher_eval_on(CacheReader(str(old_cache["cache"])), SimpleNamespace(content_hash="h"))
+    assert evaluation["ensemble"] == {"top1": 60.0, "top5": 100.0}
+    assert student_caught_up(59.6, evaluation).startswith("the student (59.60% top-1) has caught up with its "
+                                                          "teachers' ensemble (60.00% on the same 10 images")
+    assert student_caught_up(59.4, evaluation) is None  # 0.6 points under: more than CAUGHT_UP_POINTS
+
+
+def test_the_serve_cache_page_shows_an_old_cache_in_percent(old_cache):
+    pytest.importorskip("flask")
+    from common.serve.app import Served, create_app
+
+    served = Served(cache=old_cache["cache"], manifest=old_cache["manifest"])
+    assert served.cache.wait(60)
+    page = create_app(served).test_client().get("/cache").text
+    facts = re.search(r'<table class="facts".*?</table>', page, flags=re.S).group(0)
+    text = " ".join(re.sub(r"<[^>]+>", " ", facts).split())
+    assert "val top-1 80.00%, top-5 100.00%; ensemble without it top-1 30.00%" in text
+    assert "val top-1 60.00%, top-5 100.00%; best single teacher test_resnet 80.00%" in text
