@@ -32,6 +32,16 @@ class ConfigError(PipelineError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
+# Each choice list is written once, here: the checks in _validate_table, the CLI's click.Choice
+# and common/loader_kind.py read these.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOADERS = ("auto", "dali", "torch")
+SCHEDULES = ("step", "cosine")
+LOG_SINKS = ("jsonl", "tensorboard")
+DISC_LR_MODES = ("own", "as_released")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # preprocess.interpolation may also be "": the model's own
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -280,12 +290,15 @@ def _validate_table(table: str, t: Any) -> None:
         for key in keys:
             need(getattr(t, key) > 0, key, "must be > 0")
 
+    def one_of(key: str, choices: tuple[str, ...]) -> None:
+        need(getattr(t, key) in choices, key, f"use one of {', '.join(choices)}")
+
     def area_range(key: str) -> None:
         lo, hi = getattr(t, key)
         need(0 < lo <= hi <= 1, key, "need 0 < min <= max <= 1")
 
     if table == "runtime":
-        need(t.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "use auto, fp32, bf16 or fp16")
+        one_of("precision", PRECISIONS)
         # exactly the forms build_runtime handles; any other ("cuda_evil", "meta") would end in a traceback
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "device", "use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
         seed("seed")
@@ -301,7 +314,7 @@ def _validate_table(table: str, t: Any) -> None:
         at_least(1, "topk", "batch_size", "images_per_shard")
         positive("temperature")
         need(t.min_top1_over_chance >= 0, "min_top1_over_chance", "must be >= 0 (0 = no check)")
-        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
+        one_of("loader", LOADERS)
         for key in ("teacher_weights", "input_sizes"):
             for item in getattr(t, key):
                 need("=" in item, key, f"entry {item!r} must look like NAME=VALUE")
@@ -312,17 +325,17 @@ def _validate_table(table: str, t: Any) -> None:
         need(t.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(all(m >= 1 for m in t.lr_decay_epochs), "lr_decay_epochs", "milestones are epochs >= 1")
         at_least(0, "warmup_epochs")
-        need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
-        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
+        one_of("schedule", SCHEDULES)
+        one_of("loader", LOADERS)
         need(t.img_size >= 0, "img_size", "must be >= 0 (0 = model default)")
         need(t.eval_every >= 1, "eval_every", "must be >= 1 (the last epoch is always validated)")
-        need(t.log in ("jsonl", "tensorboard"), "log", "use jsonl or tensorboard")
+        one_of("log", LOG_SINKS)
     elif table == "distill":
         positive("disc_lr", "cutmix_alpha")
         at_least(1, "crops_per_image")
         probability("cutmix_prob")
         need(t.label_weight >= 0, "label_weight", "must be >= 0 (0 = MEAL V2: no hard labels)")
-        need(t.disc_lr_mode in ("own", "as_released"), "disc_lr_mode", "use own or as_released")
+        one_of("disc_lr_mode", DISC_LR_MODES)
     elif table == "train":
         need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     elif table == "demo":
@@ -331,11 +344,11 @@ def _validate_table(table: str, t: Any) -> None:
         at_least(0, "teacher_train_images")
         area_range("crop_scale")
         positive("lr")
-        need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
-        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
+        one_of("schedule", SCHEDULES)
+        one_of("loader", LOADERS)
     elif table == "preprocess":
-        need(t.interpolation in ("", "bilinear", "bicubic", "nearest"), "interpolation",
-             "use bilinear, bicubic, nearest or \"\" (the model's own)")
+        need(t.interpolation in ("", *INTERPOLATIONS), "interpolation",
+             f"use {', '.join(INTERPOLATIONS)} or \"\" (the model's own)")
         need(0 <= t.crop_pct <= 1, "crop_pct", "must be in (0, 1], or 0 for the model's own")
         for key in ("mean", "std"):
             need(len(getattr(t, key)) in (0, 3), key, "give 3 values (R, G, B) or [] for the model's own")

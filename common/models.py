@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from common.config import INTERPOLATIONS
 from common.errors import PipelineError, cause_text
 
 # The teachers of the MEAL V2 paper, by their short names -> timm weights tags.
@@ -150,7 +151,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 MAX_INPUT_SIZE = 4096
 MAX_CLASSES = 10**6
 MAX_CROP_PCT = 2.0  # timm's own configs reach 1.15 (volo_d5_512)
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # A timm architecture with an optional weights tag; no scheme ("hf-hub:", "local-dir:") nor path ("timm/..."),
 # which would make timm read a model hub or a local directory just to build the architecture.
 _LOCAL_MODEL_NAME = re.compile(r"([A-Za-z0-9_]+)(?:\.[A-Za-z0-9_]+)?")

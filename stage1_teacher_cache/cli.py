@@ -11,6 +11,7 @@ import click
 
 from common.cache_format import repair_cache, verify_cache
 from common.cli_support import resolve_config, user_errors
+from common.config import LOADERS
 from common.manifest import check_image_files, load_manifest
 
 
@@ -35,7 +36,7 @@ from common.manifest import check_image_files, load_manifest
 @click.option("--images-per-shard", type=int, help="Images per shard (unit of work and resume).")
 @click.option("--num-crops", type=int, help="Crops cached per image (crops.num_crops).")
 @click.option("--crop-seed", type=int, help="Seed of the crop boxes (crops.seed).")
-@click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), help="Crop decoding/rendering path.")
+@click.option("--loader", type=click.Choice(LOADERS), help="Crop decoding/rendering path.")
 @click.option("--evaluate-teachers", "evaluate_manifest", type=click.Path(dir_okay=False), metavar="VAL_MANIFEST",
               help="Measure each teacher, the ensemble and each leave-one-out ensemble on this manifest first; "
                    "warn if a teacher lowers the ensemble (docs/teachers.md); stop if one is near chance.")

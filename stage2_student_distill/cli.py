@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from common.cli_support import resolve_config, user_errors
+from common.config import LOADERS, LOG_SINKS, PRECISIONS, SCHEDULES
 
 # Options shared by distill and train: flag -> (config key, click settings).
 _LOOP_OPTIONS = {
@@ -19,17 +20,17 @@ _LOOP_OPTIONS = {
     "--eval-batch-size": ("optim.eval_batch_size", dict(type=int, help="Validation batch size per process.")),
     "--lr": ("optim.lr", dict(type=float, help="Student learning rate (SGD, momentum optim.momentum).")),
     "--weight-decay": ("optim.weight_decay", dict(type=float, help="Student weight decay (MEAL V2: 0).")),
-    "--schedule": ("optim.schedule", dict(type=click.Choice(["step", "cosine"]), help="Learning-rate schedule.")),
+    "--schedule": ("optim.schedule", dict(type=click.Choice(SCHEDULES), help="Learning-rate schedule.")),
     "--lr-decay-epochs": ("optim.lr_decay_epochs", dict(metavar="E1,E2,...", help="Step schedule milestones.")),
     "--lr-decay-factor": ("optim.lr_decay_factor", dict(type=float, help="Step schedule factor per milestone.")),
     "--warmup-epochs": ("optim.warmup_epochs", dict(type=int, help="Linear warmup from lr/10 over these epochs.")),
     "--img-size": ("optim.img_size", dict(type=int, help="Input size (0: the model's default).")),
-    "--loader": ("optim.loader", dict(type=click.Choice(["auto", "dali", "torch"]), help="Data loader.")),
+    "--loader": ("optim.loader", dict(type=click.Choice(LOADERS), help="Data loader.")),
     "--log-every": ("optim.log_every", dict(type=int, help="Steps between loss logs.")),
-    "--log": ("optim.log", dict(type=click.Choice(["jsonl", "tensorboard"]),
+    "--log": ("optim.log", dict(type=click.Choice(LOG_SINKS),
                                 help="Metrics sinks: metrics.jsonl, or metrics.jsonl + TensorBoard events (extra `tensorboard`).")),
     "--device": ("runtime.device", dict(help="auto | cpu | cuda | cuda:N.")),
-    "--precision": ("runtime.precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast dtype.")),
+    "--precision": ("runtime.precision", dict(type=click.Choice(PRECISIONS), help="Autocast dtype.")),
     "--seed": ("runtime.seed", dict(type=int, help="Seed of initialisation, shuffling and CutMix.")),
     "--num-workers": ("runtime.num_workers", dict(type=int, help="Decode workers / DALI threads.")),
     "--compile/--no-compile": ("runtime.compile", dict(default=None, help="torch.compile the student.")),

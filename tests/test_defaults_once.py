@@ -114,3 +114,31 @@ def test_the_serve_cache_page_shows_an_old_cache_in_percent(old_cache):
     text = " ".join(re.sub(r"<[^>]+>", " ", facts).split())
     assert "val top-1 80.00%, top-5 100.00%; ensemble without it top-1 30.00%" in text
     assert "val top-1 60.00%, top-5 100.00%; best single teacher test_resnet 80.00%" in text
+
+
+# --------------------------------------------------------------------------- each choice list once
+
+
+def _choices(command: str, flag: str) -> tuple[str, ...]:
+    option = next(p for p in main.commands[command].params if flag in p.opts)
+    return tuple(option.type.choices)
+
+
+def test_the_cli_offers_exactly_the_choices_the_config_accepts():
+    from common import config as c
+    from common import loader_kind, models
+
+    assert _choices("teacher-cache", "--loader") == c.LOADERS
+    for command in ("distill", "train"):
+        assert _choices(command, "--loader") == c.LOADERS
+        assert _choices(command, "--schedule") == c.SCHEDULES
+        assert _choices(command, "--log") == c.LOG_SINKS
+        assert _choices(command, "--precision") == c.PRECISIONS
+    assert loader_kind.LOADERS is c.LOADERS and models.INTERPOLATIONS is c.INTERPOLATIONS
+    # and the config refuses anything else, listing the same choices
+    for key, choices in {"optim.schedule": c.SCHEDULES, "optim.log": c.LOG_SINKS, "runtime.precision": c.PRECISIONS,
+                         "teacher_cache.loader": c.LOADERS, "distill.disc_lr_mode": c.DISC_LR_MODES}.items():
+        with pytest.raises(c.ConfigError, match=f"'{key}' = 'nope': use one of {', '.join(choices)}$"):
+            c.load_config(None, {key: "nope"})
+    with pytest.raises(c.ConfigError, match="use bilinear, bicubic, nearest or"):
+        c.load_config(None, {"preprocess.interpolation": "lanczos"})
