@@ -142,3 +142,20 @@ def test_the_cli_offers_exactly_the_choices_the_config_accepts():
             c.load_config(None, {key: "nope"})
     with pytest.raises(c.ConfigError, match="use bilinear, bicubic, nearest or"):
         c.load_config(None, {"preprocess.interpolation": "lanczos"})
+
+
+# --------------------------------------------------------------------------- one table of model names
+
+
+def test_teacher_aliases_and_released_models_come_from_one_table():
+    from common.models import ALIASES, MODEL_NAMES, resolve_name
+    from stage2_student_distill.hub import HUB_MODELS, hub_model
+
+    assert set(ALIASES).isdisjoint(HUB_MODELS) and set(ALIASES) | set(HUB_MODELS) == set(MODEL_NAMES)
+    assert resolve_name("senet154") == "senet154.gluon_in1k" and resolve_name("resnest269") == "resnest269e.in1k"
+    assert resolve_name("efficientnet_b4") == "tf_efficientnet_b4.ns_jft_in1k"
+    # a released model's name is the hub's (`predict --hub`), never a timm alias: as before the merge
+    assert resolve_name("mealv2_resnest50") == "mealv2_resnest50"
+    released = hub_model("mealv2_resnest50_380x380")
+    assert (released.arch, released.file_name, released.input_size) == ("resnet50", "MEALV2_ResNet50_380.pth", 380)
+    assert hub_model("mealv2_efficientnet_b0").arch == "tf_efficientnet_b0"
