@@ -26,8 +26,25 @@ class ConfigShown(Exception):
     """Raised by resolve_config in show-only mode, after printing, so the command stops there."""
 
 
+def config_options(options: dict[str, tuple[str, dict]]):
+    """The one way a command maps flags to config keys: ``{"--flag": ("table.key", click settings)}``.
+
+    Each option is attached under the parameter name ``table__key`` (its help ends with ``[table.key]``),
+    so the command hands those parameters to ``resolve_config`` as they come.
+    """
+
+    def decorate(command):
+        for flag, (key, settings) in reversed(options.items()):
+            help_text = f"{settings.get('help', '')} [{key}]".lstrip()
+            command = click.option(flag, key.replace(".", "__"), **{**settings, "help": help_text})(command)
+        return command
+
+    return decorate
+
+
 def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -> Config:
-    """pipeline.toml (or --config) <- --recipe <- --set TABLE.KEY=VALUE <- command flags (None = not given)."""
+    """pipeline.toml (or --config) <- --recipe <- --set TABLE.KEY=VALUE <- command flags: the parameters of
+    ``config_options`` by their names ``table__key`` (None or () = not given)."""
     src: ConfigSource = ctx.find_root().obj or ConfigSource(None, ())
     overrides: dict[str, object] = {}
     for item in src.assignments:
@@ -35,7 +52,7 @@ def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -
         if not sep:
             raise click.UsageError(f"--set {item!r}: expected TABLE.KEY=VALUE")
         overrides[key.strip()] = value.strip()
-    overrides.update({k: v for k, v in (flags or {}).items() if v is not None and v != ()})
+    overrides.update({name.replace("__", "."): v for name, v in (flags or {}).items() if v is not None and v != ()})
     with user_errors():
         cfg = load_config(src.path, overrides, recipe=src.recipe)
     if src.show_only:

@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 
 from common.atomic import atomic_write_bytes, atomic_write_json
-from common.cli_support import resolve_config, user_errors
+from common.cli_support import config_options, resolve_config, user_errors
 from common.config import Config
 
 
@@ -119,12 +119,12 @@ def run(cfg: Config) -> dict:
 
 
 @click.command("demo")
-@click.option("--out", default=None, help="Run directory (demo.out).")
-@click.option("--train-images", type=int, default=None, help="Training subset size (demo.train_images).")
-@click.option("--val-images", type=int, default=None, help="Test subset size (demo.val_images).")
+@config_options({"--out": ("demo.out", dict(help="Run directory.")),
+                 "--train-images": ("demo.train_images", dict(type=int, help="Training subset size.")),
+                 "--val-images": ("demo.val_images", dict(type=int, help="Test subset size."))})
 @click.pass_context
-def demo_command(ctx, out, train_images, val_images):
+def demo_command(ctx, **flags):
     """Run the whole pipeline on Fashion-MNIST (the embedded default) and print a results table."""
-    cfg = resolve_config(ctx, {"demo.out": out, "demo.train_images": train_images, "demo.val_images": val_images})
+    cfg = resolve_config(ctx, flags)
     with user_errors():
         run(cfg)

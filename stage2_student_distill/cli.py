@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from common.cli_support import resolve_config, user_errors
+from common.cli_support import config_options, resolve_config, user_errors
 from common.config import LOADERS, LOG_SINKS, PRECISIONS, SCHEDULES
 
 # Options shared by distill and train: flag -> (config key, click settings).
@@ -77,30 +77,14 @@ _TRAIN_OPTIONS = {
 }
 
 
-def _config_options(options: dict[str, tuple[str, dict]]):
-    """Attach each option under a parameter name that encodes its config key."""
-
-    def decorate(command):
-        for flag, (key, settings) in reversed(options.items()):
-            help_text = f"{settings.get('help', '')} [{key}]"
-            command = click.option(flag, key.replace(".", "__"), **{**settings, "help": help_text})(command)
-        return command
-
-    return decorate
-
-
-def _overrides(flags: dict[str, object]) -> dict[str, object]:
-    return {name.replace("__", "."): value for name, value in flags.items()}
-
-
 @click.command("distill")
-@_config_options({**_DISTILL_OPTIONS, **_LOOP_OPTIONS})
+@config_options({**_DISTILL_OPTIONS, **_LOOP_OPTIONS})
 @click.pass_context
 def distill_command(ctx: click.Context, **flags) -> None:
     """Train a student from a teacher cache (or --online, from live teachers): KL to the ensemble + MEAL V2 discriminator."""
     from stage2_student_distill.train import run_distill
 
-    cfg = resolve_config(ctx, _overrides(flags))
+    cfg = resolve_config(ctx, flags)
     with user_errors():
         result = run_distill(cfg)
     if result["is_main"]:  # under torchrun every rank returns; one reports
@@ -108,13 +92,13 @@ def distill_command(ctx: click.Context, **flags) -> None:
 
 
 @click.command("train")
-@_config_options({**_TRAIN_OPTIONS, **_LOOP_OPTIONS})
+@config_options({**_TRAIN_OPTIONS, **_LOOP_OPTIONS})
 @click.pass_context
 def train_command(ctx: click.Context, **flags) -> None:
     """Train a model on hard labels (baselines; teachers for custom datasets)."""
     from stage2_student_distill.train import run_train
 
-    cfg = resolve_config(ctx, _overrides(flags))
+    cfg = resolve_config(ctx, flags)
     with user_errors():
         result = run_train(cfg)
     if result["is_main"]:
@@ -125,14 +109,14 @@ def train_command(ctx: click.Context, **flags) -> None:
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A `pipeline distill/train` checkpoint (RUN/best.pt or RUN/last.pt).")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="Manifest to score [default: data.val_manifest].")
-@_config_options({k: _LOOP_OPTIONS[k] for k in ("--data-root", "--eval-batch-size", "--loader", "--device",
+@config_options({k: _LOOP_OPTIONS[k] for k in ("--data-root", "--eval-batch-size", "--loader", "--device",
                                                  "--precision", "--num-workers")})
 @click.pass_context
 def evaluate_command(ctx: click.Context, checkpoint: str, manifest: str | None, **flags) -> None:
     """Top-1 / top-5 / loss of a checkpoint (model, classes and preprocessing from its metadata)."""
     from stage2_student_distill.evaluate import run_evaluate
 
-    cfg = resolve_config(ctx, _overrides(flags))
+    cfg = resolve_config(ctx, flags)
     manifest = manifest or cfg.data.val_manifest
     if not manifest:
         raise click.UsageError("give --manifest (or set data.val_manifest)")

@@ -159,3 +159,46 @@ def test_teacher_aliases_and_released_models_come_from_one_table():
     released = hub_model("mealv2_resnest50_380x380")
     assert (released.arch, released.file_name, released.input_size) == ("resnet50", "MEALV2_ResNet50_380.pth", 380)
     assert hub_model("mealv2_efficientnet_b0").arch == "tf_efficientnet_b0"
+
+
+# --------------------------------------------------------------------------- flags -> config keys, one way
+
+
+def _options(command, path=()):
+    import click
+
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _options(sub, (*path, name))
+    else:
+        yield from ((path, p) for p in command.params if isinstance(p, click.Option))
+
+
+def test_every_flag_that_sets_a_config_key_is_declared_the_same_way():
+    from common.config import Config
+
+    tables = Config().to_dict()
+    keyed = [(path, p) for path, p in _options(main) if "__" in (p.name or "")]
+    assert {path[0] for path, _ in keyed} >= {"teacher-cache", "distill", "train", "evaluate", "predict", "serve", "demo"}
+    for path, option in keyed:
+        table, key = option.name.split("__")
+        assert key in tables[table], (path, option.opts)
+        assert option.help.endswith(f"[{table}.{key}]"), (path, option.opts)
+
+
+@pytest.mark.parametrize("command, flags, expected", [
+    ("teacher-cache", ["--topk", "3", "--num-crops", "2", "--input-size", "a=40", "--no-pretrained"],
+     {"teacher_cache": {"topk": 3, "input_sizes": ["a=40"], "pretrained": False}, "crops": {"num_crops": 2}}),
+    ("distill", ["--schedule", "cosine", "--no-discriminator", "--device", "cpu"],
+     {"optim": {"schedule": "cosine"}, "distill": {"discriminator": False}, "runtime": {"device": "cpu"}}),
+    ("predict", ["--hub", "mealv2_resnest50", "--device", "cpu", "x.png"], {"runtime": {"device": "cpu"}}),
+    ("demo", ["--train-images", "50", "--out", "elsewhere"], {"demo": {"train_images": 50, "out": "elsewhere"}}),
+])
+def test_config_show_resolves_each_commands_flags_to_their_keys(command, flags, expected):
+    import tomllib
+
+    shown = CliRunner().invoke(main, ["config", "show", command, *flags])
+    assert shown.exit_code == 0, shown.output
+    resolved = tomllib.loads(shown.stdout)
+    for table, values in expected.items():
+        assert {k: resolved[table][k] for k in values} == values
