@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -42,9 +43,10 @@ def config_options(options: dict[str, tuple[str, dict]]):
     return decorate
 
 
-def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -> Config:
-    """pipeline.toml (or --config) <- --recipe <- --set TABLE.KEY=VALUE <- command flags: the parameters of
-    ``config_options`` by their names ``table__key`` (None or () = not given)."""
+def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None, layers: tuple[Path, ...] = ()) -> Config:
+    """pipeline.toml (or --config) <- ``layers`` (the command's own partial configs) <- --recipe <- --set
+    TABLE.KEY=VALUE <- command flags: the parameters of ``config_options`` by their names ``table__key``
+    (None or () = not given)."""
     src: ConfigSource = ctx.find_root().obj or ConfigSource(None, ())
     overrides: dict[str, object] = {}
     for item in src.assignments:
@@ -54,7 +56,7 @@ def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -
         overrides[key.strip()] = value.strip()
     overrides.update({name.replace("__", "."): v for name, v in (flags or {}).items() if v is not None and v != ()})
     with user_errors():
-        cfg = load_config(src.path, overrides, recipe=src.recipe)
+        cfg = load_config(src.path, overrides, recipe=src.recipe, layers=layers)
     if src.show_only:
         click.echo(config_to_toml(cfg), nl=False)
         raise ConfigShown

@@ -153,21 +153,11 @@ class DemoConfig:
     train_images: int = 1000  # the students' class-balanced subset of the 60,000 training images
     val_images: int = 10000  # the test images scored (all 10,000: +-0.4 points of sampling noise)
     teacher_train_images: int = 60000  # the teachers' training images (0: the students' subset)
-    img_size: int = 32
     teachers: tuple[str, ...] = ("test_resnet", "test_byobnet")
     teacher_epochs: int = 2  # on teacher_train_images
     student: str = "test_efficientnet"
     student_epochs: int = 60
-    num_crops: int = 16
-    crop_scale: tuple[float, float] = (0.64, 1.0)  # milder than ImageNet's: 28 px garments
-    batch_size: int = 128
-    eval_batch_size: int = 500  # validation batches (no gradients: larger is cheaper per image)
-    lr: float = 0.05
-    schedule: str = "cosine"  # step | cosine
-    weight_decay: float = 5e-5
-    loader: str = "torch"  # stage 2 loader of every demo run: auto | dali | torch
-    cache_batch_size: int = 256  # crops per teacher forward pass in the teacher cache
-    eval_every: int = 10  # epochs between validations (and the last)
+    # its training settings ([optim], [crops], [teacher_cache]) are common/demo.toml, laid over the file
 
 
 @dataclass(frozen=True)
@@ -339,13 +329,8 @@ def _validate_table(table: str, t: Any) -> None:
     elif table == "train":
         need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     elif table == "demo":
-        at_least(1, "train_images", "val_images", "img_size", "teacher_epochs", "student_epochs", "num_crops",
-                 "batch_size", "eval_every")
+        at_least(1, "train_images", "val_images", "teacher_epochs", "student_epochs")
         at_least(0, "teacher_train_images")
-        area_range("crop_scale")
-        positive("lr")
-        one_of("schedule", SCHEDULES)
-        one_of("loader", LOADERS)
     elif table == "preprocess":
         need(t.interpolation in ("", *INTERPOLATIONS), "interpolation",
              f"use {', '.join(INTERPOLATIONS)} or \"\" (the model's own)")
@@ -376,12 +361,14 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str | None = None
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str | None = None,
+    layers: tuple[Path, ...] = (),
 ) -> Config:
-    """Defaults <- TOML file (``path``, default: the packaged pipeline.toml) <- recipe <- overrides.
+    """Defaults <- TOML file (``path``, default: the packaged pipeline.toml) <- layers <- recipe <- overrides.
 
-    ``recipe`` is a name from ``recipes/`` or a path to a partial config file
-    (common/recipes.py); it is laid over the file, and overrides still win.
+    ``layers`` are a command's own partial config files (common/demo.toml); ``recipe`` is a name from
+    ``recipes/`` or a path to a partial config file (common/recipes.py); both are laid over the file,
+    and overrides still win.
     """
     cfg = Config()
     path = Path(path) if path else DEFAULT_CONFIG_PATH
@@ -389,6 +376,8 @@ def load_config(
         cfg = apply_overrides(cfg, read_config_file(path), source=str(path))
     elif path != DEFAULT_CONFIG_PATH:
         raise ConfigError(f"config file {path} does not exist; pass an existing --config or omit it")
+    for layer in layers:
+        cfg = apply_overrides(cfg, read_config_file(layer), source=str(layer))
     if recipe:
         from common.recipes import recipe_path  # recipes build on this module
 

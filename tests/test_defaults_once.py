@@ -7,6 +7,7 @@ out by hand from the record below, never read back from a run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -202,3 +203,37 @@ def test_config_show_resolves_each_commands_flags_to_their_keys(command, flags, 
     resolved = tomllib.loads(shown.stdout)
     for table, values in expected.items():
         assert {k: resolved[table][k] for k in values} == values
+
+
+# --------------------------------------------------------------------------- [demo] holds only the demo's own
+
+# The values the demo ran with when [demo] re-declared them (img_size ... eval_every, crop_scale, cache_batch_size)
+DEMO_BEFORE = {"optim": {"img_size": 32, "batch_size": 128, "eval_batch_size": 500, "lr": 0.05, "schedule": "cosine",
+                         "weight_decay": 5e-5, "loader": "torch", "eval_every": 10},
+               "crops": {"num_crops": 16, "scale": [0.64, 1.0]}, "teacher_cache": {"batch_size": 256}}
+
+
+def _shown(*args: str) -> dict:
+    import tomllib
+
+    shown = CliRunner().invoke(main, ["config", "show", *args])
+    assert shown.exit_code == 0, shown.output
+    return tomllib.loads(shown.stdout)
+
+
+def test_the_demo_runs_with_the_settings_it_had_and_declares_none_of_them_twice():
+    from common.config import DemoConfig
+    from common.demo import demo_config
+
+    assert {f.name for f in dataclasses.fields(DemoConfig)} == {
+        "out", "data_dir", "source_dir", "train_images", "val_images", "teacher_train_images", "teachers",
+        "teacher_epochs", "student", "student_epochs"}
+    demo = _shown("demo")
+    for table, values in DEMO_BEFORE.items():
+        assert {k: demo[table][k] for k in values} == values
+        assert {k: v for k, v in demo_config().to_dict()[table].items() if k in values} == values
+    # the demo's layer is its own: other commands keep pipeline.toml's values
+    assert _shown("distill")["optim"]["lr"] == 0.01 and _shown("distill")["crops"]["num_crops"] == 8
+    # and --set wins over it, as over a recipe
+    assert _shown("demo", "--out", "x")["demo"]["out"] == "x"
+    assert CliRunner().invoke(main, ["--set", "optim.lr=0.2", "config", "show", "demo"]).stdout.count("lr = 0.2\n") == 1
