@@ -396,15 +396,13 @@ class Grid:
     def config(self, train_manifest: str):
         """The demo's recipe (32 px, batch 128, SGD lr 0.05 cosine, crops at scale 0.64-1) on ``train_manifest``,
         validated on the test images after the last epoch only."""
-        from common.config import load_config
+        from common.demo import demo_config
 
         a = self.args
-        cfg = load_config(a.config, {"runtime.device": a.device, "runtime.progress": False,
-                                     "runtime.num_workers": a.num_workers, "optim.log_every": 10**9})
-        d = cfg.demo
-        recipe = ex.Recipe(d.img_size, d.batch_size, d.eval_batch_size, 10**6, d.lr, d.schedule, d.weight_decay,
-                           d.loader, d.num_crops, tuple(d.crop_scale))
-        base = ex.base_config(cfg, recipe, ex.Manifests(train_manifest, self.manifest("test", a.val_images)))
+        base = demo_config(a.config, {
+            "runtime.device": a.device, "runtime.progress": False, "runtime.num_workers": a.num_workers,
+            "optim.log_every": 10**9, "optim.eval_every": 10**6,  # validated after the last epoch only
+            "data.manifest": train_manifest, "data.val_manifest": self.manifest("test", a.val_images)})
         # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
         return base.replace(**({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {}))
 

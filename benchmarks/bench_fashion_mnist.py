@@ -20,6 +20,7 @@ import torch
 from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader
 from common.config import load_config
+from common.demo import demo_config
 from common.manifest import load_manifest
 from stage2_student_distill import experiment as ex
 
@@ -164,7 +165,8 @@ def fmt(v) -> str:
 
 
 def parse_args(argv):
-    demo = load_config().demo
+    cfg = demo_config()  # the demo's settings are this benchmark's defaults
+    demo = cfg.demo
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
@@ -182,13 +184,13 @@ def parse_args(argv):
     p.add_argument("--cache", default=None, help="reuse this teacher cache (default: WORKDIR/cache)")
     p.add_argument("--student", default=demo.student)
     p.add_argument("--student-epochs", type=int, default=30)
-    p.add_argument("--img-size", type=int, default=demo.img_size, help="student input size")
+    p.add_argument("--img-size", type=int, default=cfg.optim.img_size, help="student input size")
     p.add_argument("--num-crops", type=int, default=None, help="cached crops per image (default: --student-epochs)")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=list(demo.crop_scale))
-    p.add_argument("--batch-size", type=int, default=demo.batch_size)
-    p.add_argument("--lr", type=float, default=demo.lr)
+    p.add_argument("--crop-scale", type=float, nargs=2, default=list(cfg.crops.scale))
+    p.add_argument("--batch-size", type=int, default=cfg.optim.batch_size)
+    p.add_argument("--lr", type=float, default=cfg.optim.lr)
     p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
-    p.add_argument("--eval-every", type=int, default=demo.eval_every, help="epochs between validations (and the last)")
+    p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every, help="epochs between validations (and the last)")
     p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
     p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, fresh, hard")
     p.add_argument("--compare-batches", type=int, default=20,

@@ -20,7 +20,7 @@ from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
 from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader
 from common.cache_storage import restore_targets
-from common.config import load_config
+from common.demo import demo_config
 from stage2_student_distill import experiment as ex
 from stage1_teacher_cache.info import cache_info
 from stage1_teacher_cache.sharing import reduce_topk
@@ -91,7 +91,8 @@ def _delta(per_seed, payload, other):
 
 
 def parse_args(argv):
-    demo = load_config().demo
+    cfg = demo_config()  # the demo's settings are this benchmark's defaults
+    demo = cfg.demo
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="a Fashion-MNIST teacher cache (its k is the reference)")
@@ -103,11 +104,11 @@ def parse_args(argv):
     p.add_argument("--topk", default="1,2,3,5,10", help="comma list of k (each <= the cache's)")
     p.add_argument("--student", default=demo.student)
     p.add_argument("--student-epochs", type=int, default=demo.student_epochs)
-    p.add_argument("--img-size", type=int, default=demo.img_size)
-    p.add_argument("--batch-size", type=int, default=demo.batch_size)
-    p.add_argument("--lr", type=float, default=demo.lr)
+    p.add_argument("--img-size", type=int, default=cfg.optim.img_size)
+    p.add_argument("--batch-size", type=int, default=cfg.optim.batch_size)
+    p.add_argument("--lr", type=float, default=cfg.optim.lr)
     p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
-    p.add_argument("--eval-every", type=int, default=demo.eval_every)
+    p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every)
     p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
     p.add_argument("--variants", default="topk,hard", help="topk (the k sweep) and/or hard (the baseline)")
     p.add_argument("--device", default="auto")

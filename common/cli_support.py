@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 
@@ -26,8 +27,26 @@ class ConfigShown(Exception):
     """Raised by resolve_config in show-only mode, after printing, so the command stops there."""
 
 
-def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -> Config:
-    """pipeline.toml (or --config) <- --recipe <- --set TABLE.KEY=VALUE <- command flags (None = not given)."""
+def config_options(options: dict[str, tuple[str, dict]]):
+    """The one way a command maps flags to config keys: ``{"--flag": ("table.key", click settings)}``.
+
+    Each option is attached under the parameter name ``table__key`` (its help ends with ``[table.key]``),
+    so the command hands those parameters to ``resolve_config`` as they come.
+    """
+
+    def decorate(command):
+        for flag, (key, settings) in reversed(options.items()):
+            help_text = f"{settings.get('help', '')} [{key}]".lstrip()
+            command = click.option(flag, key.replace(".", "__"), **{**settings, "help": help_text})(command)
+        return command
+
+    return decorate
+
+
+def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None, layers: tuple[Path, ...] = ()) -> Config:
+    """pipeline.toml (or --config) <- ``layers`` (the command's own partial configs) <- --recipe <- --set
+    TABLE.KEY=VALUE <- command flags: the parameters of ``config_options`` by their names ``table__key``
+    (None or () = not given)."""
     src: ConfigSource = ctx.find_root().obj or ConfigSource(None, ())
     overrides: dict[str, object] = {}
     for item in src.assignments:
@@ -35,9 +54,9 @@ def resolve_config(ctx: click.Context, flags: dict[str, object] | None = None) -
         if not sep:
             raise click.UsageError(f"--set {item!r}: expected TABLE.KEY=VALUE")
         overrides[key.strip()] = value.strip()
-    overrides.update({k: v for k, v in (flags or {}).items() if v is not None and v != ()})
+    overrides.update({name.replace("__", "."): v for name, v in (flags or {}).items() if v is not None and v != ()})
     with user_errors():
-        cfg = load_config(src.path, overrides, recipe=src.recipe)
+        cfg = load_config(src.path, overrides, recipe=src.recipe, layers=layers)
     if src.show_only:
         click.echo(config_to_toml(cfg), nl=False)
         raise ConfigShown

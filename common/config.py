@@ -32,6 +32,16 @@ class ConfigError(PipelineError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
+# Each choice list is written once, here: the checks in _validate_table, the CLI's click.Choice
+# and common/loader_kind.py read these.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOADERS = ("auto", "dali", "torch")
+SCHEDULES = ("step", "cosine")
+LOG_SINKS = ("jsonl", "tensorboard")
+DISC_LR_MODES = ("own", "as_released")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # preprocess.interpolation may also be "": the model's own
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -143,21 +153,11 @@ class DemoConfig:
     train_images: int = 1000  # the students' class-balanced subset of the 60,000 training images
     val_images: int = 10000  # the test images scored (all 10,000: +-0.4 points of sampling noise)
     teacher_train_images: int = 60000  # the teachers' training images (0: the students' subset)
-    img_size: int = 32
     teachers: tuple[str, ...] = ("test_resnet", "test_byobnet")
     teacher_epochs: int = 2  # on teacher_train_images
     student: str = "test_efficientnet"
     student_epochs: int = 60
-    num_crops: int = 16
-    crop_scale: tuple[float, float] = (0.64, 1.0)  # milder than ImageNet's: 28 px garments
-    batch_size: int = 128
-    eval_batch_size: int = 500  # validation batches (no gradients: larger is cheaper per image)
-    lr: float = 0.05
-    schedule: str = "cosine"  # step | cosine
-    weight_decay: float = 5e-5
-    loader: str = "torch"  # stage 2 loader of every demo run: auto | dali | torch
-    cache_batch_size: int = 256  # crops per teacher forward pass in the teacher cache
-    eval_every: int = 10  # epochs between validations (and the last)
+    # its training settings ([optim], [crops], [teacher_cache]) are common/demo.toml, laid over the file
 
 
 @dataclass(frozen=True)
@@ -280,12 +280,15 @@ def _validate_table(table: str, t: Any) -> None:
         for key in keys:
             need(getattr(t, key) > 0, key, "must be > 0")
 
+    def one_of(key: str, choices: tuple[str, ...]) -> None:
+        need(getattr(t, key) in choices, key, f"use one of {', '.join(choices)}")
+
     def area_range(key: str) -> None:
         lo, hi = getattr(t, key)
         need(0 < lo <= hi <= 1, key, "need 0 < min <= max <= 1")
 
     if table == "runtime":
-        need(t.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "use auto, fp32, bf16 or fp16")
+        one_of("precision", PRECISIONS)
         # exactly the forms build_runtime handles; any other ("cuda_evil", "meta") would end in a traceback
         need(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None, "device", "use auto, cpu, cuda or cuda:N (N = 0, 1, ...)")
         seed("seed")
@@ -301,7 +304,7 @@ def _validate_table(table: str, t: Any) -> None:
         at_least(1, "topk", "batch_size", "images_per_shard")
         positive("temperature")
         need(t.min_top1_over_chance >= 0, "min_top1_over_chance", "must be >= 0 (0 = no check)")
-        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
+        one_of("loader", LOADERS)
         for key in ("teacher_weights", "input_sizes"):
             for item in getattr(t, key):
                 need("=" in item, key, f"entry {item!r} must look like NAME=VALUE")
@@ -312,30 +315,25 @@ def _validate_table(table: str, t: Any) -> None:
         need(t.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(all(m >= 1 for m in t.lr_decay_epochs), "lr_decay_epochs", "milestones are epochs >= 1")
         at_least(0, "warmup_epochs")
-        need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
-        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
+        one_of("schedule", SCHEDULES)
+        one_of("loader", LOADERS)
         need(t.img_size >= 0, "img_size", "must be >= 0 (0 = model default)")
         need(t.eval_every >= 1, "eval_every", "must be >= 1 (the last epoch is always validated)")
-        need(t.log in ("jsonl", "tensorboard"), "log", "use jsonl or tensorboard")
+        one_of("log", LOG_SINKS)
     elif table == "distill":
         positive("disc_lr", "cutmix_alpha")
         at_least(1, "crops_per_image")
         probability("cutmix_prob")
         need(t.label_weight >= 0, "label_weight", "must be >= 0 (0 = MEAL V2: no hard labels)")
-        need(t.disc_lr_mode in ("own", "as_released"), "disc_lr_mode", "use own or as_released")
+        one_of("disc_lr_mode", DISC_LR_MODES)
     elif table == "train":
         need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
     elif table == "demo":
-        at_least(1, "train_images", "val_images", "img_size", "teacher_epochs", "student_epochs", "num_crops",
-                 "batch_size", "eval_every")
+        at_least(1, "train_images", "val_images", "teacher_epochs", "student_epochs")
         at_least(0, "teacher_train_images")
-        area_range("crop_scale")
-        positive("lr")
-        need(t.schedule in ("step", "cosine"), "schedule", "use step or cosine")
-        need(t.loader in ("auto", "dali", "torch"), "loader", "use auto, dali or torch")
     elif table == "preprocess":
-        need(t.interpolation in ("", "bilinear", "bicubic", "nearest"), "interpolation",
-             "use bilinear, bicubic, nearest or \"\" (the model's own)")
+        need(t.interpolation in ("", *INTERPOLATIONS), "interpolation",
+             f"use {', '.join(INTERPOLATIONS)} or \"\" (the model's own)")
         need(0 <= t.crop_pct <= 1, "crop_pct", "must be in (0, 1], or 0 for the model's own")
         for key in ("mean", "std"):
             need(len(getattr(t, key)) in (0, 3), key, "give 3 values (R, G, B) or [] for the model's own")
@@ -363,12 +361,14 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
 
 
 def load_config(
-    path: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str | None = None
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str | None = None,
+    layers: tuple[Path, ...] = (),
 ) -> Config:
-    """Defaults <- TOML file (``path``, default: the packaged pipeline.toml) <- recipe <- overrides.
+    """Defaults <- TOML file (``path``, default: the packaged pipeline.toml) <- layers <- recipe <- overrides.
 
-    ``recipe`` is a name from ``recipes/`` or a path to a partial config file
-    (common/recipes.py); it is laid over the file, and overrides still win.
+    ``layers`` are a command's own partial config files (common/demo.toml); ``recipe`` is a name from
+    ``recipes/`` or a path to a partial config file (common/recipes.py); both are laid over the file,
+    and overrides still win.
     """
     cfg = Config()
     path = Path(path) if path else DEFAULT_CONFIG_PATH
@@ -376,6 +376,8 @@ def load_config(
         cfg = apply_overrides(cfg, read_config_file(path), source=str(path))
     elif path != DEFAULT_CONFIG_PATH:
         raise ConfigError(f"config file {path} does not exist; pass an existing --config or omit it")
+    for layer in layers:
+        cfg = apply_overrides(cfg, read_config_file(layer), source=str(layer))
     if recipe:
         from common.recipes import recipe_path  # recipes build on this module
 

@@ -1,4 +1,4 @@
-"""`pipeline demo`: the whole pipeline on Fashion-MNIST, CPU-only, driven by [demo].
+"""`pipeline demo`: the whole pipeline on Fashion-MNIST, CPU-only, driven by [demo] and common/demo.toml.
 
 Steps (each skipped when its output is already complete, so a rerun resumes):
   1. Fashion-MNIST idx files -> PNG ImageFolder trees (class-balanced subsets):
@@ -12,7 +12,7 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   6. the same student on hard labels for the same epochs (the baseline)
   7. a results table (results.md / results.json) and a plot of validation curves
 
-Expected with the shipped [demo] settings (seed 0; about 7 minutes on an idle
+Expected with the shipped settings (seed 0; about 7 minutes on an idle
 2-core CPU): teachers test_resnet 87.4% and test_byobnet 84.3%, ensemble 87.0%;
 student test_efficientnet 81.0% with MEAL V2 vs. 78.9% on hard labels, on the
 10,000 test images. docs/results.md has the seeds, the online-KD comparison
@@ -26,8 +26,16 @@ from pathlib import Path
 import click
 
 from common.atomic import atomic_write_bytes, atomic_write_json
-from common.cli_support import resolve_config, user_errors
-from common.config import Config
+from common.cli_support import config_options, resolve_config, user_errors
+from common.config import Config, load_config
+
+# The demo's training settings: a partial config laid over pipeline.toml, like a recipe (under --recipe and --set)
+DEMO_SETTINGS = Path(__file__).resolve().parent / "demo.toml"
+
+
+def demo_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
+    """The config `pipeline demo` starts from: ``path`` (default pipeline.toml) <- common/demo.toml <- ``overrides``."""
+    return load_config(path, overrides, layers=(DEMO_SETTINGS,))
 
 
 def _say(msg: str) -> None:
@@ -38,18 +46,19 @@ def run(cfg: Config) -> dict:
     # the driver is stage 2's (it calls both stages), which common/ imports only when the command runs
     from stage2_student_distill import experiment as ex
 
-    d = cfg.demo
+    d, crops = cfg.demo, cfg.crops
     teacher_images = d.teacher_train_images or d.train_images
     out = Path(d.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     steps: dict[str, float] = {}  # wall seconds per step, in results.json
     _say(
-        f"Fashion-MNIST at {d.img_size}px, scored on {d.val_images} test images. Teachers "
+        f"Fashion-MNIST at {cfg.optim.img_size}px, scored on {d.val_images} test images. Teachers "
         f"{', '.join(d.teachers)} x {d.teacher_epochs} epochs on {teacher_images} training images; their ensemble "
-        f"cached on {d.num_crops} crops (area {d.crop_scale[0]:g}-{d.crop_scale[1]:g}) of each of the students' "
+        f"cached on {crops.num_crops} crops (area {crops.scale[0]:g}-{crops.scale[1]:g}) of each of the students' "
         f"{d.train_images} training images; student {d.student} x {d.student_epochs} epochs, once with MEAL V2 "
-        f"(cached KD) and once on hard labels, same images and epochs. Change these in pipeline.toml [demo]."
+        f"(cached KD) and once on hard labels, same images and epochs. Change these in pipeline.toml [demo] "
+        f"and {DEMO_SETTINGS.name} (or with --set)."
     )
     if teacher_images > d.train_images:
         _say(f"the teachers learn from {teacher_images} images, the students from {d.train_images}: distillation "
@@ -61,10 +70,7 @@ def run(cfg: Config) -> dict:
         d.source_dir, d.data_dir, d.train_images, d.val_images, teacher_images, cfg.runtime.progress))
     _say("2/7 manifests ready")
 
-    # 28 x 28 garments survive only mild cropping: the ImageNet scale range (0.08, 1) would often leave a
-    # few pixels of background, hence [demo] crop_scale
-    base = ex.base_config(cfg, ex.Recipe(d.img_size, d.batch_size, d.eval_batch_size, d.eval_every, d.lr, d.schedule,
-                                         d.weight_decay, d.loader, d.num_crops, tuple(d.crop_scale)), manifests)
+    base = cfg.replace(**{"data.manifest": manifests.train, "data.val_manifest": manifests.val})
 
     teacher_runs = {}
     for i, name in enumerate(d.teachers):
@@ -79,8 +85,7 @@ def run(cfg: Config) -> dict:
     cache_dir = out / "cache"
     _say(f"4/7 caching the ensemble's soft labels -> {cache_dir}")
     teachers = ex.Teachers.from_runs({name: r.run_dir for name, r in teacher_runs.items()})
-    cache = ex.build_cache(base, ex.CacheSpec(cache_dir, teachers, manifests.val,
-                                              {"teacher_cache.batch_size": d.cache_batch_size}))
+    cache = ex.build_cache(base, ex.CacheSpec(cache_dir, teachers, manifests.val))
     steps["4 teacher cache"] = cache.seconds
 
     _say(f"5/7 distilling {d.student} from the cache ({d.student_epochs} epochs)")
@@ -119,12 +124,12 @@ def run(cfg: Config) -> dict:
 
 
 @click.command("demo")
-@click.option("--out", default=None, help="Run directory (demo.out).")
-@click.option("--train-images", type=int, default=None, help="Training subset size (demo.train_images).")
-@click.option("--val-images", type=int, default=None, help="Test subset size (demo.val_images).")
+@config_options({"--out": ("demo.out", dict(help="Run directory.")),
+                 "--train-images": ("demo.train_images", dict(type=int, help="Training subset size.")),
+                 "--val-images": ("demo.val_images", dict(type=int, help="Test subset size."))})
 @click.pass_context
-def demo_command(ctx, out, train_images, val_images):
+def demo_command(ctx, **flags):
     """Run the whole pipeline on Fashion-MNIST (the embedded default) and print a results table."""
-    cfg = resolve_config(ctx, {"demo.out": out, "demo.train_images": train_images, "demo.val_images": val_images})
+    cfg = resolve_config(ctx, flags, layers=(DEMO_SETTINGS,))
     with user_errors():
         run(cfg)

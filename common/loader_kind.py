@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from common.config import ConfigError
+from common.config import LOADERS, ConfigError
 
 if TYPE_CHECKING:
     from common.runtime import Runtime
-
-LOADERS = ("auto", "dali", "torch")
 
 
 def dali_available() -> bool:

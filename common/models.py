@@ -18,19 +18,43 @@ import timm
 import torch
 from torch import nn
 
+from common.config import INTERPOLATIONS
 from common.errors import PipelineError, cause_text
 
-# The teachers of the MEAL V2 paper, by their short names -> timm weights tags.
-ALIASES: dict[str, str] = {
-    "senet154": "senet154.gluon_in1k",
-    "resnest269": "resnest269e.in1k",
-    "resnest269e": "resnest269e.in1k",
-    "resnet152s": "resnet152s.gluon_in1k",
+
+@dataclass(frozen=True)
+class ModelName:
+    """What a short model name stands for."""
+
+    timm_name: str  # a timm architecture; with a weights tag for the teachers' timm weights
+    release_file: str = ""  # set for a released MEAL V2 model: its file in the release (`predict --hub`)
+    input_size: int = 224  # a released model's evaluation resolution
+
+
+# Every short model name, written once. The teachers of the MEAL V2 paper resolve to timm names with
+# weights tags (ALIASES); the released MEAL V2 models are loaded by name from their release
+# (stage2_student_distill/hub.py HUB_MODELS, hubconf.py). The released names, architectures and files are
+# the original's (szq0214/MEAL-V2 hubconf.py): "resnest50" there is a vanilla ResNet-50.
+MODEL_NAMES: dict[str, ModelName] = {
+    "senet154": ModelName("senet154.gluon_in1k"),
+    "resnest269": ModelName("resnest269e.in1k"),
+    "resnest269e": ModelName("resnest269e.in1k"),
+    "resnet152s": ModelName("resnet152s.gluon_in1k"),
     # the 380 px recipe of MEAL V2 uses EfficientNet-B4 teachers
-    "efficientnet_b4": "tf_efficientnet_b4.ns_jft_in1k",
-    "efficientnet_b4_ap": "tf_efficientnet_b4.ap_in1k",
-    "efficientnet_b4_aa": "tf_efficientnet_b4.aa_in1k",
+    "efficientnet_b4": ModelName("tf_efficientnet_b4.ns_jft_in1k"),
+    "efficientnet_b4_ap": ModelName("tf_efficientnet_b4.ap_in1k"),
+    "efficientnet_b4_aa": ModelName("tf_efficientnet_b4.aa_in1k"),
+    "mealv1_resnest50": ModelName("resnet50", "MEALV1_ResNet50_224.pth"),
+    "mealv2_resnest50": ModelName("resnet50", "MEALV2_ResNet50_224.pth"),
+    "mealv2_resnest50_cutmix": ModelName("resnet50", "MEALV2_ResNet50_224_cutmix.pth"),
+    "mealv2_resnest50_380x380": ModelName("resnet50", "MEALV2_ResNet50_380.pth", input_size=380),
+    "mealv2_mobilenetv3_small_075": ModelName("tf_mobilenetv3_small_075", "MEALV2_MobileNet_V3_Small_0.75_224.pth"),
+    "mealv2_mobilenetv3_small_100": ModelName("tf_mobilenetv3_small_100", "MEALV2_MobileNet_V3_Small_1.0_224.pth"),
+    "mealv2_mobilenet_v3_large_100": ModelName("tf_mobilenetv3_large_100", "MEALV2_MobileNet_V3_Large_1.0_224.pth"),
+    "mealv2_efficientnet_b0": ModelName("tf_efficientnet_b0", "MEALV2_EfficientNet_B0_224.pth"),
 }
+# Short name -> timm name with weights tag, for --teachers / --student / --model.
+ALIASES: dict[str, str] = {name: m.timm_name for name, m in MODEL_NAMES.items() if not m.release_file}
 
 
 class WeightsError(PipelineError):
@@ -150,7 +174,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 MAX_INPUT_SIZE = 4096
 MAX_CLASSES = 10**6
 MAX_CROP_PCT = 2.0  # timm's own configs reach 1.15 (volo_d5_512)
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # A timm architecture with an optional weights tag; no scheme ("hf-hub:", "local-dir:") nor path ("timm/..."),
 # which would make timm read a model hub or a local directory just to build the architecture.
 _LOCAL_MODEL_NAME = re.compile(r"([A-Za-z0-9_]+)(?:\.[A-Za-z0-9_]+)?")

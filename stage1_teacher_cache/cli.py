@@ -10,18 +10,40 @@ import json
 import click
 
 from common.cache_format import repair_cache, verify_cache
-from common.cli_support import resolve_config, user_errors
+from common.cli_support import config_options, resolve_config, user_errors
+from common.config import LOADERS
 from common.manifest import check_image_files, load_manifest
 
 
+_INPUT_OPTIONS = {
+    "--teachers": ("teacher_cache.teachers", dict(help="Comma-separated timm names or MEAL V2 aliases, e.g. senet154,resnest269.")),
+    "--teacher-weights": ("teacher_cache.teacher_weights", dict(
+        multiple=True, metavar="NAME=PATH",
+        help="Local weights for a teacher: safetensors, state dict or `pipeline train` checkpoint (repeatable).")),
+    "--input-size": ("teacher_cache.input_sizes", dict(multiple=True, metavar="NAME=SIZE",
+                                                       help="Override a teacher's input size (repeatable).")),
+    "--manifest": ("data.manifest", dict(type=click.Path(dir_okay=False), help="Training manifest.")),
+    "--out": ("teacher_cache.out", dict(help="Cache directory or fsspec URL; rerun to resume.")),
+}
+_CACHE_OPTIONS = {
+    "--topk": ("teacher_cache.topk", dict(type=int, help="Classes kept per crop.")),
+    "--temperature": ("teacher_cache.temperature", dict(type=float, help="Softmax temperature of each teacher.")),
+    "--batch-size": ("teacher_cache.batch_size", dict(type=int, help="Crops per teacher forward pass.")),
+    "--images-per-shard": ("teacher_cache.images_per_shard", dict(type=int, help="Images per shard (unit of work and resume).")),
+    "--num-crops": ("crops.num_crops", dict(type=int, help="Crops cached per image.")),
+    "--crop-seed": ("crops.seed", dict(type=int, help="Seed of the crop boxes.")),
+    "--loader": ("teacher_cache.loader", dict(type=click.Choice(LOADERS), help="Crop decoding/rendering path.")),
+    "--evaluate-teachers": ("teacher_cache.evaluate_manifest", dict(
+        type=click.Path(dir_okay=False), metavar="VAL_MANIFEST",
+        help="Measure each teacher, the ensemble and each leave-one-out ensemble on this manifest first; "
+             "warn if a teacher lowers the ensemble (docs/teachers.md); stop if one is near chance.")),
+    "--pretrained/--no-pretrained": ("teacher_cache.pretrained", dict(
+        default=None, help="timm hub weights for teachers without --teacher-weights.")),
+}
+
+
 @click.command("teacher-cache")
-@click.option("--teachers", help="Comma-separated timm names or MEAL V2 aliases, e.g. senet154,resnest269.")
-@click.option("--teacher-weights", multiple=True, metavar="NAME=PATH",
-              help="Local weights for a teacher: safetensors, state dict or `pipeline train` checkpoint (repeatable).")
-@click.option("--input-size", "input_sizes", multiple=True, metavar="NAME=SIZE",
-              help="Override a teacher's input size (repeatable).")
-@click.option("--manifest", type=click.Path(dir_okay=False), help="Training manifest (data.manifest).")
-@click.option("--out", help="Cache directory or fsspec URL; rerun to resume.")
+@config_options(_INPUT_OPTIONS)
 @click.option("--reuse-crops", metavar="CACHE",
               help="Use the crop boxes and flips stored in CACHE (same manifest) instead of drawing them from the "
                    "seed, so the new cache can be merged with CACHE (`pipeline cache merge`).")
@@ -29,43 +51,15 @@ from common.manifest import check_image_files, load_manifest
               help="Grow the complete cache --out (built with these same settings) from its C crops per image to "
                    "C+N: crops C..C+N-1 continue the seed; rerun to resume. C is the cache's unless --num-crops C "
                    "(then a rerun after it finished adds nothing; docs/cache-format.md, Growing).")
-@click.option("--topk", type=int, help="Classes kept per crop.")
-@click.option("--temperature", type=float, help="Softmax temperature of each teacher.")
-@click.option("--batch-size", type=int, help="Crops per teacher forward pass.")
-@click.option("--images-per-shard", type=int, help="Images per shard (unit of work and resume).")
-@click.option("--num-crops", type=int, help="Crops cached per image (crops.num_crops).")
-@click.option("--crop-seed", type=int, help="Seed of the crop boxes (crops.seed).")
-@click.option("--loader", type=click.Choice(["auto", "dali", "torch"]), help="Crop decoding/rendering path.")
-@click.option("--evaluate-teachers", "evaluate_manifest", type=click.Path(dir_okay=False), metavar="VAL_MANIFEST",
-              help="Measure each teacher, the ensemble and each leave-one-out ensemble on this manifest first; "
-                   "warn if a teacher lowers the ensemble (docs/teachers.md); stop if one is near chance.")
-@click.option("--pretrained/--no-pretrained", default=None,
-              help="timm hub weights for teachers without --teacher-weights (default: [teacher_cache] pretrained).")
+@config_options(_CACHE_OPTIONS)
 @click.pass_context
-def teacher_cache_command(ctx: click.Context, **flags) -> None:
+def teacher_cache_command(ctx: click.Context, reuse_crops: str | None, more_crops: int | None, **flags) -> None:
     """Run the teacher ensemble over C seeded crops of every image and cache the top-k soft labels."""
     from stage1_teacher_cache.run import run  # torch/timm load only when the command runs
 
-    keys = {
-        "teachers": "teacher_cache.teachers",
-        "teacher_weights": "teacher_cache.teacher_weights",
-        "input_sizes": "teacher_cache.input_sizes",
-        "manifest": "data.manifest",
-        "out": "teacher_cache.out",
-        "topk": "teacher_cache.topk",
-        "temperature": "teacher_cache.temperature",
-        "batch_size": "teacher_cache.batch_size",
-        "images_per_shard": "teacher_cache.images_per_shard",
-        "num_crops": "crops.num_crops",
-        "crop_seed": "crops.seed",
-        "loader": "teacher_cache.loader",
-        "evaluate_manifest": "teacher_cache.evaluate_manifest",
-        "pretrained": "teacher_cache.pretrained",
-    }
-    reuse_crops, more_crops = flags.pop("reuse_crops"), flags.pop("more_crops")
-    cfg = resolve_config(ctx, {keys[name]: value for name, value in flags.items()})
+    cfg = resolve_config(ctx, flags)
     with user_errors():
-        if more_crops and flags["num_crops"] is None:  # the cache records its C; an explicit one is checked
+        if more_crops and flags["crops__num_crops"] is None:  # the cache records its C; an explicit one is checked
             from common.cache_format import open_attrs
             from stage1_teacher_cache.grow import recorded_crops
 

@@ -27,7 +27,7 @@ from common.manifest import ConfinedPaths, Manifest
 from common.prefetch import prefetch
 from common.runtime import Runtime
 from stage1_teacher_cache.ensemble import teacher_probs
-from stage1_teacher_cache.teacher_eval import summarize_hits
+from stage1_teacher_cache.teacher_eval import percent, summarize_hits
 from stage1_teacher_cache.teachers import Teacher
 from stage1_teacher_cache.views import Renderer, batches
 
@@ -99,9 +99,9 @@ def check_teachers(result: dict[str, Any], min_top1_over_chance: float) -> None:
     floor = min_top1_over_chance * chance
     weak = {name: r["top1"] for name, r in result["teachers"].items() if r["top1"] < floor}
     if weak:
-        listed = ", ".join(f"{name} (top-1 {top1:.2%})" for name, top1 in weak.items())
+        listed = ", ".join(f"{name} (top-1 {percent(top1)})" for name, top1 in weak.items())
         raise TeacherCheckError(
-            f"teacher check failed: {listed} below {min_top1_over_chance:g} x chance = {floor:.2%} "
+            f"teacher check failed: {listed} below {min_top1_over_chance:g} x chance = {percent(floor)} "
             f"on {result['manifest']['path']}. Likely causes: wrong weights for this dataset (--teacher-weights), "
             "wrong normalisation or input size (check the teacher's preprocessing, --input-size), or a class order "
             "that differs from the one the teacher was trained with. Lower teacher_cache.min_top1_over_chance "

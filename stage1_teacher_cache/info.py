@@ -7,7 +7,7 @@ from common.cache_format import CacheError, CacheReader, cache_files
 from common.errors import cause_text
 from stage1_teacher_cache.grow import growth_progress
 from stage1_teacher_cache.label_agreement import format_label_agreement
-from stage1_teacher_cache.teacher_eval import ensemble_warnings, points
+from stage1_teacher_cache.teacher_eval import ensemble_warnings, percent, points, read_teacher_eval
 
 
 def bytes_on_disk(path: str) -> int:
@@ -45,7 +45,7 @@ def cache_info(path: str) -> dict[str, Any]:
 def _describe(reader: CacheReader) -> dict[str, Any]:
     path = reader.path
     a = reader.attrs
-    evaluation = a.get("teacher_eval") or {}
+    evaluation = read_teacher_eval(a.get("teacher_eval")) or {}
     files = a.get("teacher_files") or {}
     without = evaluation.get("leave_one_out") or {}
     teachers = [
@@ -111,9 +111,9 @@ def format_cache_info(info: dict[str, Any]) -> str:
         if t.get("weights_sha256"):
             weights += f" sha256 {t['weights_sha256'][:16]}..."
         ev = t.get("eval")
-        score = f"val top-1 {ev['top1']:.2%} top-5 {ev['top5']:.2%}" if ev else "not evaluated"
+        score = f"val top-1 {percent(ev['top1'])} top-5 {percent(ev['top5'])}" if ev else "not evaluated"
         if t.get("ensemble_without"):
-            score += f"; ensemble without it top-1 {t['ensemble_without']['top1']:.2%}"
+            score += f"; ensemble without it top-1 {percent(t['ensemble_without']['top1'])}"
         lines += [
             f"  {t['name']} ({t['timm_name']}, {t['params'] / 1e6:.1f}M params): {p['input_size']} px {p['interpolation']}, "
             f"mean {_fmt3(p['mean'])} std {_fmt3(p['std'])}, crop_pct {p['crop_pct']:g}",
@@ -122,11 +122,12 @@ def format_cache_info(info: dict[str, Any]) -> str:
     e = info["ensemble"]
     ensemble = f"{e['rule']}, temperature {e['temperature']:g}"
     if info.get("ensemble_eval"):
-        ensemble += f"; val top-1 {info['ensemble_eval']['top1']:.2%} top-5 {info['ensemble_eval']['top5']:.2%}"
+        ensemble += (f"; val top-1 {percent(info['ensemble_eval']['top1'])} "
+                     f"top-5 {percent(info['ensemble_eval']['top5'])}")
         best = info.get("best_teacher_eval")
         if best and len(info["teachers"]) > 1:
             ensemble += (f", {points(info['ensemble_eval']['top1'] - best['top1'])} over the best single teacher "
-                         f"{best['name']} ({best['top1']:.2%})")
+                         f"{best['name']} ({percent(best['top1'])})")
     compute = info.get("compute")
     lines += [
         f"ensemble      {ensemble}",

@@ -1,7 +1,9 @@
 """The ``teacher_eval`` record of a cache: built from stage 1's hit counts, shown by
 `teacher-cache --evaluate-teachers`, `cache info` and `pipeline serve`, and judged here.
 
-Plain numbers only (no torch, no timm), so reading a cache's record stays cheap.
+Plain numbers only (no torch, no timm), so reading a cache's record stays cheap. Accuracies are in
+percent, like a student's ``val_top1``; records written before ``"unit": "percent"`` was stored hold
+fractions and are converted by ``read_teacher_eval``, the one door every reader goes through.
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import numpy as np
 def summarize_hits(names: Sequence[str], hits: np.ndarray, num_images: int, num_classes: int,
                    manifest: dict[str, Any]) -> dict[str, Any]:
     """The ``teacher_eval`` record from the summed hit counts of ``hits_of_probs`` (layout there)."""
-    acc = [{"top1": float(a[0]), "top5": float(a[1])} for a in np.asarray(hits) / num_images]
+    acc = [{"top1": float(a[0]), "top5": float(a[1])} for a in 100 * np.asarray(hits) / num_images]
     T = len(names)
     scores = dict(zip(names, acc[:T]))
     best = max(names, key=lambda n: scores[n]["top1"])  # the first of equals, as listed
     return {
+        "unit": UNIT,
         "manifest": manifest,
         "crop": "centre (each teacher's crop_pct)",
         "teachers": scores,
@@ -25,8 +28,32 @@ def summarize_hits(names: Sequence[str], hits: np.ndarray, num_images: int, num_
         # the mean softmax of the other teachers; with two teachers, the other teacher alone
         "leave_one_out": dict(zip(names, acc[T + 1 :])) if T > 1 else {},
         "best_teacher": {"name": best, "top1": scores[best]["top1"]},
-        "chance_top1": 1.0 / num_classes,
+        "chance_top1": 100.0 / num_classes,
     }
+
+
+UNIT = "percent"
+
+
+def read_teacher_eval(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``record`` (a cache's ``teacher_eval`` attribute, or a copy kept in a results JSON) with its
+    accuracies in percent: a record without ``"unit": "percent"`` was written when stage 1 stored fractions."""
+    if not record or record.get("unit") == UNIT:
+        return record
+
+    def pct(scores: dict[str, Any]) -> dict[str, Any]:
+        return {key: 100 * value if key in ("top1", "top5") else value for key, value in scores.items()}
+
+    converted = dict(record, unit=UNIT)
+    for key in ("ensemble", "best_teacher"):
+        if record.get(key):
+            converted[key] = pct(record[key])
+    for key in ("teachers", "leave_one_out"):
+        if record.get(key):
+            converted[key] = {name: pct(scores) for name, scores in record[key].items()}
+    if record.get("chance_top1") is not None:
+        converted["chance_top1"] = 100 * record["chance_top1"]
+    return converted
 
 
 def format_eval_table(result: dict[str, Any]) -> str:
@@ -36,9 +63,9 @@ def format_eval_table(result: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows) + 2
     head = f"{'teacher':<{width}}{'top-1':>8}{'top-5':>8}" + (f"{'ensemble without it':>22}" if loo else "")
     lines = [f"{head}   on {result['manifest']['num_images']} images"]
-    lines += [f"{name:<{width}}{r['top1']:>8.2%}{r['top5']:>8.2%}"
-              + (f"{loo[name]['top1']:>22.2%}" if name in loo else "") for name, r in rows]
-    lines.append(f"{'chance':<{width}}{result['chance_top1']:>8.2%}")
+    lines += [f"{name:<{width}}{percent(r['top1']):>8}{percent(r['top5']):>8}"
+              + (f"{percent(loo[name]['top1']):>22}" if name in loo else "") for name, r in rows]
+    lines.append(f"{'chance':<{width}}{percent(result['chance_top1']):>8}")
     if len(result["teachers"]) > 1 and result.get("best_teacher"):
         lines.append(f"ensemble margin over the best single teacher ({result['best_teacher']['name']}): "
                      f"{points(result['ensemble']['top1'] - result['best_teacher']['top1'])}")
@@ -54,12 +81,12 @@ def ensemble_warnings(result: dict[str, Any]) -> list[str]:
     if not loo or not best:
         return []
     ensemble = result["ensemble"]["top1"]
-    warnings = [f"teacher {name} lowers the ensemble: without it {r['top1']:.2%}, with it {ensemble:.2%} top-1"
+    warnings = [f"teacher {name} lowers the ensemble: without it {percent(r['top1'])}, with it {percent(ensemble)} top-1"
                 for name, r in loo.items() if r["top1"] > ensemble]
     # with two teachers "A lowers it" already says "B alone is better"; more teachers can hide it
     if ensemble <= best["top1"] and not (warnings and len(loo) == 2):
-        warnings.append(f"the ensemble ({ensemble:.2%} top-1) is not above its best single teacher "
-                        f"{best['name']} ({best['top1']:.2%})")
+        warnings.append(f"the ensemble ({percent(ensemble)} top-1) is not above its best single teacher "
+                        f"{best['name']} ({percent(best['top1'])})")
     if warnings:
         warnings[-1] += ("; the student learns this ensemble: drop the weak teacher from --teachers or "
                          "train it longer (docs/teachers.md)")
@@ -79,7 +106,7 @@ def student_caught_up(student_top1: float, result: dict[str, Any] | None) -> str
     (docs/teachers.md). None otherwise, or without a record."""
     if not result or "ensemble" not in result:
         return None
-    ensemble = 100 * result["ensemble"]["top1"]
+    ensemble = result["ensemble"]["top1"]
     if student_top1 < ensemble - CAUGHT_UP_POINTS:
         return None
     return (f"the student ({student_top1:.2f}% top-1) has caught up with its teachers' ensemble ({ensemble:.2f}% "
@@ -90,4 +117,9 @@ def student_caught_up(student_top1: float, result: dict[str, Any] | None) -> str
 
 
 def points(delta: float) -> str:
-    return f"{100 * delta:+.2f} points"
+    """A difference of two percentages."""
+    return f"{delta:+.2f} points"
+
+
+def percent(value: float) -> str:
+    return f"{value:.2f}%"

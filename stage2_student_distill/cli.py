@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import click
 
-from common.cli_support import resolve_config, user_errors
+from common.cli_support import config_options, resolve_config, user_errors
+from common.config import LOADERS, LOG_SINKS, PRECISIONS, SCHEDULES
 
 # Options shared by distill and train: flag -> (config key, click settings).
 _LOOP_OPTIONS = {
@@ -19,17 +20,17 @@ _LOOP_OPTIONS = {
     "--eval-batch-size": ("optim.eval_batch_size", dict(type=int, help="Validation batch size per process.")),
     "--lr": ("optim.lr", dict(type=float, help="Student learning rate (SGD, momentum optim.momentum).")),
     "--weight-decay": ("optim.weight_decay", dict(type=float, help="Student weight decay (MEAL V2: 0).")),
-    "--schedule": ("optim.schedule", dict(type=click.Choice(["step", "cosine"]), help="Learning-rate schedule.")),
+    "--schedule": ("optim.schedule", dict(type=click.Choice(SCHEDULES), help="Learning-rate schedule.")),
     "--lr-decay-epochs": ("optim.lr_decay_epochs", dict(metavar="E1,E2,...", help="Step schedule milestones.")),
     "--lr-decay-factor": ("optim.lr_decay_factor", dict(type=float, help="Step schedule factor per milestone.")),
     "--warmup-epochs": ("optim.warmup_epochs", dict(type=int, help="Linear warmup from lr/10 over these epochs.")),
     "--img-size": ("optim.img_size", dict(type=int, help="Input size (0: the model's default).")),
-    "--loader": ("optim.loader", dict(type=click.Choice(["auto", "dali", "torch"]), help="Data loader.")),
+    "--loader": ("optim.loader", dict(type=click.Choice(LOADERS), help="Data loader.")),
     "--log-every": ("optim.log_every", dict(type=int, help="Steps between loss logs.")),
-    "--log": ("optim.log", dict(type=click.Choice(["jsonl", "tensorboard"]),
+    "--log": ("optim.log", dict(type=click.Choice(LOG_SINKS),
                                 help="Metrics sinks: metrics.jsonl, or metrics.jsonl + TensorBoard events (extra `tensorboard`).")),
     "--device": ("runtime.device", dict(help="auto | cpu | cuda | cuda:N.")),
-    "--precision": ("runtime.precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="Autocast dtype.")),
+    "--precision": ("runtime.precision", dict(type=click.Choice(PRECISIONS), help="Autocast dtype.")),
     "--seed": ("runtime.seed", dict(type=int, help="Seed of initialisation, shuffling and CutMix.")),
     "--num-workers": ("runtime.num_workers", dict(type=int, help="Decode workers / DALI threads.")),
     "--compile/--no-compile": ("runtime.compile", dict(default=None, help="torch.compile the student.")),
@@ -76,30 +77,14 @@ _TRAIN_OPTIONS = {
 }
 
 
-def _config_options(options: dict[str, tuple[str, dict]]):
-    """Attach each option under a parameter name that encodes its config key."""
-
-    def decorate(command):
-        for flag, (key, settings) in reversed(options.items()):
-            help_text = f"{settings.get('help', '')} [{key}]"
-            command = click.option(flag, key.replace(".", "__"), **{**settings, "help": help_text})(command)
-        return command
-
-    return decorate
-
-
-def _overrides(flags: dict[str, object]) -> dict[str, object]:
-    return {name.replace("__", "."): value for name, value in flags.items()}
-
-
 @click.command("distill")
-@_config_options({**_DISTILL_OPTIONS, **_LOOP_OPTIONS})
+@config_options({**_DISTILL_OPTIONS, **_LOOP_OPTIONS})
 @click.pass_context
 def distill_command(ctx: click.Context, **flags) -> None:
     """Train a student from a teacher cache (or --online, from live teachers): KL to the ensemble + MEAL V2 discriminator."""
     from stage2_student_distill.train import run_distill
 
-    cfg = resolve_config(ctx, _overrides(flags))
+    cfg = resolve_config(ctx, flags)
     with user_errors():
         result = run_distill(cfg)
     if result["is_main"]:  # under torchrun every rank returns; one reports
@@ -107,13 +92,13 @@ def distill_command(ctx: click.Context, **flags) -> None:
 
 
 @click.command("train")
-@_config_options({**_TRAIN_OPTIONS, **_LOOP_OPTIONS})
+@config_options({**_TRAIN_OPTIONS, **_LOOP_OPTIONS})
 @click.pass_context
 def train_command(ctx: click.Context, **flags) -> None:
     """Train a model on hard labels (baselines; teachers for custom datasets)."""
     from stage2_student_distill.train import run_train
 
-    cfg = resolve_config(ctx, _overrides(flags))
+    cfg = resolve_config(ctx, flags)
     with user_errors():
         result = run_train(cfg)
     if result["is_main"]:
@@ -124,14 +109,14 @@ def train_command(ctx: click.Context, **flags) -> None:
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="A `pipeline distill/train` checkpoint (RUN/best.pt or RUN/last.pt).")
 @click.option("--manifest", type=click.Path(dir_okay=False), help="Manifest to score [default: data.val_manifest].")
-@_config_options({k: _LOOP_OPTIONS[k] for k in ("--data-root", "--eval-batch-size", "--loader", "--device",
+@config_options({k: _LOOP_OPTIONS[k] for k in ("--data-root", "--eval-batch-size", "--loader", "--device",
                                                  "--precision", "--num-workers")})
 @click.pass_context
 def evaluate_command(ctx: click.Context, checkpoint: str, manifest: str | None, **flags) -> None:
     """Top-1 / top-5 / loss of a checkpoint (model, classes and preprocessing from its metadata)."""
     from stage2_student_distill.evaluate import run_evaluate
 
-    cfg = resolve_config(ctx, _overrides(flags))
+    cfg = resolve_config(ctx, flags)
     manifest = manifest or cfg.data.val_manifest
     if not manifest:
         raise click.UsageError("give --manifest (or set data.val_manifest)")

@@ -240,10 +240,11 @@ def build_cache(base: Config, spec: CacheSpec) -> CacheResult:
 
 
 def cache_evaluation(cache: str | Path) -> dict[str, Any] | None:
-    """The ``teacher_eval`` attribute of ``cache`` (None when it was built without --evaluate-teachers)."""
+    """The ``teacher_eval`` attribute of ``cache``, in percent (None when it was built without --evaluate-teachers)."""
     from common.cache_format import CacheReader
+    from stage1_teacher_cache.teacher_eval import read_teacher_eval
 
-    return CacheReader(str(cache)).attrs.get("teacher_eval")
+    return read_teacher_eval(CacheReader(str(cache)).attrs.get("teacher_eval"))
 
 
 @dataclass(frozen=True)
@@ -256,12 +257,15 @@ class TeacherTop1:
 
 def teacher_top1(evaluation: Mapping[str, Any] | None) -> TeacherTop1:
     """Per-teacher and ensemble top-1 from a ``teacher_eval`` record, in the schema stage 1 writes
-    (stage1_teacher_cache/teacher_eval.py ``summarize_hits``: fractions under ``teachers[name]["top1"]``
-    and ``ensemble["top1"]``); empty for a cache built without --evaluate-teachers."""
+    (stage1_teacher_cache/teacher_eval.py ``summarize_hits``: ``teachers[name]["top1"]`` and
+    ``ensemble["top1"]``; a record of an older cache or results JSON holds fractions); empty for a cache
+    built without --evaluate-teachers."""
+    from stage1_teacher_cache.teacher_eval import read_teacher_eval
+
+    evaluation = read_teacher_eval(evaluation)
     if not evaluation:
         return TeacherTop1({}, None)
-    return TeacherTop1({name: 100 * r["top1"] for name, r in evaluation["teachers"].items()},
-                       100 * evaluation["ensemble"]["top1"])
+    return TeacherTop1({name: r["top1"] for name, r in evaluation["teachers"].items()}, evaluation["ensemble"]["top1"])
 
 
 # --------------------------------------------------------------------------- results

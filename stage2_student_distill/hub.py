@@ -38,7 +38,7 @@ from torch import nn
 
 from common.errors import PipelineError
 from common.locations import scheme
-from common.models import Preprocess, WeightsError, create_model, load_failure, read_weights
+from common.models import MODEL_NAMES, Preprocess, WeightsError, create_model, load_failure, read_weights
 
 RELEASE = "https://github.com/szq0214/MEAL-V2/releases/download/v1.0.0/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,18 +64,9 @@ class HubModel:
         return Preprocess(self.input_size, "bilinear", IMAGENET_MEAN, IMAGENET_STD, crop_pct=224 / 256)
 
 
-# The names, architectures and files of the original release (szq0214/MEAL-V2 hubconf.py).
-# "resnest50" in the names is the original's spelling; the architecture is a vanilla ResNet-50.
-HUB_MODELS: dict[str, HubModel] = {
-    "mealv1_resnest50": HubModel("resnet50", "MEALV1_ResNet50_224.pth"),
-    "mealv2_resnest50": HubModel("resnet50", "MEALV2_ResNet50_224.pth"),
-    "mealv2_resnest50_cutmix": HubModel("resnet50", "MEALV2_ResNet50_224_cutmix.pth"),
-    "mealv2_resnest50_380x380": HubModel("resnet50", "MEALV2_ResNet50_380.pth", input_size=380),
-    "mealv2_mobilenetv3_small_075": HubModel("tf_mobilenetv3_small_075", "MEALV2_MobileNet_V3_Small_0.75_224.pth"),
-    "mealv2_mobilenetv3_small_100": HubModel("tf_mobilenetv3_small_100", "MEALV2_MobileNet_V3_Small_1.0_224.pth"),
-    "mealv2_mobilenet_v3_large_100": HubModel("tf_mobilenetv3_large_100", "MEALV2_MobileNet_V3_Large_1.0_224.pth"),
-    "mealv2_efficientnet_b0": HubModel("tf_efficientnet_b0", "MEALV2_EfficientNet_B0_224.pth"),
-}
+# The released models of the one table of model names (common/models.py MODEL_NAMES).
+HUB_MODELS: dict[str, HubModel] = {name: HubModel(m.timm_name, m.release_file, m.input_size)
+                                   for name, m in MODEL_NAMES.items() if m.release_file}
 IMAGENET_CLASSES = 1000
 
 

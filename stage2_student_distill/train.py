@@ -37,7 +37,7 @@ from common.distributed import broadcast_buffers, fail_together
 from common.manifest import Manifest, check_image_files, load_manifest
 from common.models import Preprocess, apply_preprocess_config, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
-from stage1_teacher_cache.teacher_eval import student_caught_up
+from stage1_teacher_cache.teacher_eval import read_teacher_eval, student_caught_up
 from stage1_teacher_cache.teachers import load_teachers
 from stage2_student_distill.checkpoint import (
     RunError,
@@ -516,7 +516,7 @@ def _require_labels(manifest: Manifest, why: str) -> None:
 
 def _teacher_eval_on(cache: CacheReader | None, val_manifest: Manifest) -> dict[str, Any] | None:
     """The cache's scores of its teachers, when they were measured on ``val_manifest`` (same content hash)."""
-    evaluation = cache.attrs.get("teacher_eval") if cache is not None else None
+    evaluation = read_teacher_eval(cache.attrs.get("teacher_eval")) if cache is not None else None
     if evaluation and evaluation.get("manifest", {}).get("hash") == val_manifest.content_hash:
         return evaluation
     return None

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from common.cli_support import resolve_config, user_errors
+from common.cli_support import config_options, resolve_config, user_errors
 
 _HUB_HELP = ("A released MEAL V2 model: mealv1_resnest50, mealv2_resnest50, mealv2_resnest50_cutmix, "
              "mealv2_resnest50_380x380, mealv2_mobilenetv3_small_075, mealv2_mobilenetv3_small_100, "
@@ -36,7 +36,7 @@ def _one_model(checkpoint, hub_name, hub_weights) -> None:
               help="Take class names from this manifest (for checkpoints that do not record them).")
 @click.option("--topk", type=int, default=5, show_default=True, help="Classes shown per image.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Images per forward pass.")
-@click.option("--device", "runtime__device", help="auto | cpu | cuda | cuda:N. [runtime.device]")
+@config_options({"--device": ("runtime.device", dict(help="auto | cpu | cuda | cuda:N."))})
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one list of {image, top: [{index, name, prob}]}).")
 @click.pass_context
 def predict_command(ctx: click.Context, images, checkpoint, hub_name, hub_weights, manifest, topk, batch_size,
@@ -50,7 +50,7 @@ def predict_command(ctx: click.Context, images, checkpoint, hub_name, hub_weight
     from stage2_student_distill.predict import format_predictions, run_predict
 
     _one_model(checkpoint, hub_name, hub_weights)
-    cfg = resolve_config(ctx, {"runtime.device": runtime__device})
+    cfg = resolve_config(ctx, {"runtime__device": runtime__device})
     with user_errors():
         device = build_runtime(cfg.runtime, init_distributed=False).device  # ConfigError: e.g. no CUDA
         predictions = run_predict(images, checkpoint=checkpoint, hub=hub_name, hub_weights=hub_weights,

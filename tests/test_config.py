@@ -91,8 +91,8 @@ def test_cli_help_lists_commands_and_bad_set_is_reported():
     (["--set", "distill.cutmix_prob=2"], "distill.cutmix_prob"),
     (["--set", "distill.cutmix_alpha=0"], "distill.cutmix_alpha"),
     (["--set", "train.label_smoothing=1.0"], "train.label_smoothing"),
-    (["--set", "demo.batch_size=0"], "demo.batch_size"),
-    (["--set", "demo.crop_scale=[0.5, 1.5]"], "demo.crop_scale"),
+    (["--set", "demo.train_images=0"], "demo.train_images"),
+    (["--set", "crops.scale=[0.5, 1.5]"], "crops.scale"),
 ])
 def test_out_of_range_values_exit_1_naming_the_key_without_traceback(args, key, tmp_path):
     result = CliRunner().invoke(main, [*args, "distill", "--out", str(tmp_path / "run")])

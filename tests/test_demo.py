@@ -47,8 +47,8 @@ def test_demo_runs_every_step_and_resumes(tmp_path):
         "--set", "runtime.progress=false", "--set", "runtime.num_workers=0",
         "--set", f"demo.source_dir={tmp_path / 'src'}", "--set", f"demo.data_dir={tmp_path / 'data'}",
         "--set", "demo.teacher_train_images=300", "--set", "demo.teacher_epochs=4",
-        "--set", "demo.student_epochs=4", "--set", "demo.eval_every=2", "--set", "demo.batch_size=10",
-        "--set", "demo.num_crops=2", "--set", "demo.img_size=16",
+        "--set", "demo.student_epochs=4", "--set", "optim.eval_every=2", "--set", "optim.batch_size=10",
+        "--set", "crops.num_crops=2", "--set", "optim.img_size=16",
         "demo", "--out", str(out), "--train-images", "100", "--val-images", "60",
     ]  # fmt: skip
     first = CliRunner().invoke(cli_main, args)

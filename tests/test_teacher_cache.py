@@ -234,8 +234,8 @@ def test_evaluation_is_recorded_and_does_not_block_resume(built, dataset, tmp_pa
     assert summary["shards_written"] == 0
     ev = CacheReader(cache).attrs["teacher_eval"]
     assert set(ev["teachers"]) == set(TEACHERS) and ev["manifest"]["num_images"] == 6
-    assert all(0 <= r["top1"] <= r["top5"] <= 1 for r in [*ev["teachers"].values(), ev["ensemble"]])
-    assert ev["chance_top1"] == pytest.approx(1 / 3)
+    assert all(0 <= r["top1"] <= r["top5"] <= 100 for r in [*ev["teachers"].values(), ev["ensemble"]])
+    assert ev["chance_top1"] == pytest.approx(100 / 3)
     # two teachers: the ensemble without one is the other alone (docs/teachers.md)
     a, b = TEACHERS
     assert ev["leave_one_out"] == {a: ev["teachers"][b], b: ev["teachers"][a]}

@@ -76,10 +76,10 @@ def record_of(*teachers):
 
 def test_the_record_holds_the_leave_one_out_and_best_teacher_figures():
     record = record_of(0, 1, 2)
-    assert {n: r["top1"] for n, r in record["teachers"].items()} == pytest.approx({"A": 5 / 6, "B": 5 / 6, "C": 2 / 6})
-    assert record["ensemble"]["top1"] == pytest.approx(4 / 6)
-    assert {n: r["top1"] for n, r in record["leave_one_out"].items()} == pytest.approx({"A": .5, "B": .5, "C": 1.0})
-    assert record["best_teacher"] == {"name": "A", "top1": pytest.approx(5 / 6)}  # the first of equals
+    assert {n: r["top1"] for n, r in record["teachers"].items()} == pytest.approx({"A": 500 / 6, "B": 500 / 6, "C": 200 / 6})
+    assert record["ensemble"]["top1"] == pytest.approx(400 / 6)
+    assert {n: r["top1"] for n, r in record["leave_one_out"].items()} == pytest.approx({"A": 50.0, "B": 50.0, "C": 100.0})
+    assert record["best_teacher"] == {"name": "A", "top1": pytest.approx(500 / 6)}  # the first of equals
     json.dumps(record)  # stored as a cache attribute
     table = format_eval_table(record)
     assert "ensemble without it" in table and "100.00%" in table.splitlines()[3]  # C's row: without C
@@ -105,7 +105,7 @@ def test_two_teachers_one_weak_get_one_warning():
 
 def test_no_warning_when_every_teacher_helps():
     record = record_of(0, 1)  # mean(A, B) = 6/6 against 5/6 for each alone
-    assert record["ensemble"]["top1"] == 1.0 and ensemble_warnings(record) == []
+    assert record["ensemble"]["top1"] == 100.0 and ensemble_warnings(record) == []
 
 
 def test_an_ensemble_equal_to_its_best_teacher_is_not_above_it():
@@ -167,9 +167,9 @@ def test_teacher_cache_warns_and_cache_info_shows_the_figures(tmp_path):
 
     info = json.loads(cli("cache", "info", str(cache), "--json").stdout)
     by_name = {t["name"]: t for t in info["teachers"]}
-    assert by_name["test_resnet"]["ensemble_without"]["top1"] == pytest.approx(2 / 7)
-    assert by_name["test_efficientnet"]["ensemble_without"]["top1"] == pytest.approx(3 / 7)
-    assert info["best_teacher_eval"] == {"name": "test_resnet", "top1": pytest.approx(3 / 7)}
+    assert by_name["test_resnet"]["ensemble_without"]["top1"] == pytest.approx(200 / 7)
+    assert by_name["test_efficientnet"]["ensemble_without"]["top1"] == pytest.approx(300 / 7)
+    assert info["best_teacher_eval"] == {"name": "test_resnet", "top1": pytest.approx(300 / 7)}
     assert info["ensemble_warnings"][0].startswith(warning)
 
 
@@ -183,7 +183,7 @@ def test_hits_of_rank_shares_sum_to_the_hits_of_all_images():
 
 
 def test_a_student_is_told_when_it_has_caught_up_with_its_teachers():
-    record = {"ensemble": {"top1": 0.8724, "top5": 0.99}, "manifest": {"num_images": 10000}}
+    record = {"unit": "percent", "ensemble": {"top1": 87.24, "top5": 99.0}, "manifest": {"num_images": 10000}}
     note = student_caught_up(87.17, record)  # the study's cached C = 1 run: 0.07 points under its ensemble
     assert note.startswith("the student (87.17% top-1) has caught up with its teachers' ensemble (87.24% on the "
                            "same 10000 images, from --evaluate-teachers)")
@@ -228,5 +228,5 @@ def test_distill_notes_a_student_at_or_above_the_ensemble_it_was_scored_against(
                                              "with its teachers' ensemble (0.00% on the same 3 images")
     assert f"note: {result['teacher_note']}" in capsys.readouterr().err
     again = job(val, "above")
-    again.teacher_eval = {**stored, "ensemble": {"top1": 1.01, "top5": 1.0}}
+    again.teacher_eval = {**stored, "ensemble": {"top1": 101.0, "top5": 100.0}}
     assert fit(again)["teacher_note"] is None and "note:" not in capsys.readouterr().err

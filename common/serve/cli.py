@@ -5,7 +5,7 @@ import ipaddress
 
 import click
 
-from common.cli_support import resolve_config, user_errors
+from common.cli_support import config_options, resolve_config, user_errors
 from common.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB
 
 _LOCAL_HOSTS = {"localhost"}
@@ -29,7 +29,7 @@ def _is_local(host: str) -> bool:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind. Anything but loopback exposes the pages (and the data they show) to the network.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
-@click.option("--device", "runtime__device", help="Where the Predict model runs: auto | cpu | cuda | cuda:N. [runtime.device]")
+@config_options({"--device": ("runtime.device", dict(help="Where the Predict model runs: auto | cpu | cuda | cuda:N."))})
 @click.option("--max-upload-mb", default=MAX_UPLOAD_MB, show_default=True, type=click.IntRange(1), help="Largest upload accepted.")
 @click.option("--max-pixels", default=MAX_PIXELS, show_default=True, type=click.IntRange(1),
               help="Largest decoded image accepted (width x height).")
@@ -55,7 +55,7 @@ def serve_command(ctx, checkpoint, hub_name, hub_weights, cache, manifest, runs,
                                    "'mealv2-pipeline[serve]'") from None
     from common.runtime import build_runtime
 
-    cfg = resolve_config(ctx, {"runtime.device": runtime__device})
+    cfg = resolve_config(ctx, {"runtime__device": runtime__device})
     with user_errors():
         try:
             device = build_runtime(cfg.runtime, init_distributed=False).device
