@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.bench_fashion_mnist import base_config
 from benchmarks.harness import (
-    REPO, begin, machine_line, markdown_table, module_command, publish, run_header,
+    REPO, add_quick_arg, begin, machine_line, markdown_table, module_command, publish, run_header,
 )
 from common.config import ConfigError, parse_assignments
 from stage2_student_distill import experiment as ex
@@ -99,8 +99,7 @@ def teacher_inits(args: argparse.Namespace | dict) -> dict[str, str]:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help=f"every run kind on tiny subsets, 1 epoch (~1 min; {SMOKE}); output under WORKDIR")
+    add_quick_arg(p, f"every run kind on tiny subsets, 1 epoch (~1 min; {SMOKE})", "all output under WORKDIR")
     p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default=None,
@@ -138,17 +137,17 @@ def parse_args(argv):
                    help="independent runs at a time, each in its own process (2 on a 2-core CPU: one core each)")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child of --jobs > 1
     args = p.parse_args(argv)
-    if args.smoke:
+    if args.quick:
         for key, value in SMOKE.items():
             setattr(args, key, value)
         args.ignore_margin = True
-    wd = Path(args.workdir or f"runs/bench-crop-budget{'-smoke' if args.smoke else ''}")
+    wd = Path(args.workdir or f"runs/bench-crop-budget{'-smoke' if args.quick else ''}")
     args.workdir = str(wd)
-    args.out = args.out or str(wd / "crop_budget.json" if args.smoke else REPO / "benchmarks/results/crop_budget.json")
-    args.doc = str(wd / "results.md") if args.smoke and args.doc is None else (
+    args.out = args.out or str(wd / "crop_budget.json" if args.quick else REPO / "benchmarks/results/crop_budget.json")
+    args.doc = str(wd / "results.md") if args.quick and args.doc is None else (
         "docs/results.md" if args.doc is None else args.doc)
     tag = f"-{args.doc_tag}" if args.doc_tag else ""
-    args.plot = args.plot or str(wd / "crop_budget.png" if args.smoke else REPO / f"docs/img/crop_budget{tag}.png")
+    args.plot = args.plot or str(wd / "crop_budget.png" if args.quick else REPO / f"docs/img/crop_budget{tag}.png")
     E = args.student_epochs
     args.eval_every = args.eval_every or E
     args.budgets = sorted({E if b.strip() == "E" else int(b) for b in args.budgets.split(",") if b.strip()})
@@ -229,7 +228,7 @@ class Study:
         made = ex.build_cache(self.base, ex.CacheSpec(path, self.teachers(), self.val if first else "", {
             "crops.num_crops": C, "teacher_cache.topk": a.topk, "teacher_cache.batch_size": 256,
             # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
-            **({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {})}))
+            **({"teacher_cache.min_top1_over_chance": 0.0} if a.quick else {})}))
         s = made.summary
         # a cache finished by an earlier, interrupted invocation reports only this one's shards
         self.ledger.add({"key": f"cache:C{C}", "kind": "cache", "C": C, "path": str(path), "crops": s["crops"],

@@ -250,11 +250,11 @@ def main(argv=None) -> int:
     print(f"\npeak RSS grows {slope or 0:.0f} bytes per image; ImageNet-1k (C=4, k=5): {imagenet_peak:.0f} MB, with C=10, "
           f"k=10 about {verdict['imagenet_peak_mb_c10_k10']:.0f} MB; limit 4 GB + model state "
           f"({base['model_state_mb']:.0f} MB) = {verdict['limit_mb']:.0f} MB -> {'met' if verdict['met'] else 'NOT met'}")
-    path = write_results("memory-quick" if args.quick else "memory", {
+    path = write_results("memory", {
         "command": command_line(), "machine": info, "preset": p, "steps": steps, "sizes": sizes,
         "cache": {"num_crops": 4, "topk": 5, "images_per_shard": 1024}, "loadavg_at_end": loadavg(),
         "rows": rows, "verdict": verdict, "raw": raw, "table": table,
-    }, args.out)
+    }, args.out, args.quick)
     print(f"\nwrote {path}")
     return 0
 
