@@ -91,11 +91,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 s)") -> None:
+def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 s)",
+                  where: str = "JSON under benchmarks/results/quick/") -> None:
     """The one smoke-run flag of every benchmark (``--smoke`` is the same flag); each benchmark maps it to its
     own small sizes. Its JSON goes to benchmarks/results/quick/ (git-ignored), never over a recorded full run."""
     parser.add_argument("--quick", "--smoke", dest="quick", action="store_true",
-                        help=f"{help}; JSON under benchmarks/results/quick/")
+                        help=f"{help}; {where}")
 
 
 def add_out_arg(parser: argparse.ArgumentParser) -> None:
