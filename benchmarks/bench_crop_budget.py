@@ -308,25 +308,10 @@ class Study:
                              "rerun the same command to resume")
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    t_start, info, wd = begin(args.workdir)
-    study = Study(args, argv)
-    if args.step:  # one step, as a child of an invocation with --jobs > 1
-        study.step(args.step)
-        return 0
-    if args.jobs > 1:  # `kill` of this process: its children are ended too (the finally of the child runner in Study)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    E, seeds, budgets = args.student_epochs, args.seeds, args.budgets
-
-    # 1. teachers and the hard-label students: independent of one another
-    rows = study.run([f"teacher:{n}" for n in args.teachers] + [step_key("hard", s) for s in seeds])
-    teachers, hard = dict(zip(args.teachers, rows)), rows[len(args.teachers):]
-
-    # 2. the first cache, which scores the teachers: the ensemble must know more than the hard labels, or
-    # distilling is not worth the time
-    evaluation = study.run([f"cache:C{budgets[0]}"])[0]["teacher_eval"]
+def check_margin(args, study: Study, hard: list[dict]) -> tuple[dict, float, float, bool]:
+    """The first cache, which scores the teachers: the ensemble must know more than the hard labels, or
+    distilling is not worth the time. (its evaluation, the ensemble's top-1, the margin, whether enough)"""
+    evaluation = study.run([f"cache:C{args.budgets[0]}"])[0]["teacher_eval"]
     ensemble = ex.teacher_top1(evaluation).ensemble
     margin = ensemble - float(np.mean([r["top1"] for r in hard]))
     margin_ok = margin >= args.min_margin
@@ -334,14 +319,14 @@ def main(argv=None) -> int:
     print(f"teacher ensemble {ensemble:.2f}% is {margin:+.2f} points from the hard-label student "
           f"({hard_top1}): {'enough' if margin_ok else 'NOT enough'} "
           f"(the study needs >= {args.min_margin})", flush=True)
-    if not margin_ok and not args.ignore_margin:
-        print(f"stopping: train stronger teachers (more --teacher-epochs in a new --workdir, or larger --teachers); "
-              f"--ignore-margin distils anyway", file=sys.stderr)
-        return 2
+    return evaluation, ensemble, margin, margin_ok
 
-    # 3. the other caches, then the students in the order the targets need them, so a study cut short has
-    # answered the most: cached C = E and online fresh (target 2), the other budgets (targets 1 and 3), the
-    # second online seed; then the best C again, online replaying the largest cache, multi-crop
+
+def students(args, study: Study) -> dict:
+    """The other caches, then the students in the order the targets need them, so a study cut short has
+    answered the most: cached C = E and online fresh (target 2), the other budgets (targets 1 and 3), the
+    second online seed; then the best C again, online replaying the largest cache, multi-crop."""
+    seeds, budgets = args.seeds, args.budgets
     caches = study.run([f"cache:C{C}" for C in budgets])
     big = max(budgets)
     order = [step_key("cached", seeds[0], big), step_key("fresh", seeds[0])]
@@ -354,16 +339,38 @@ def main(argv=None) -> int:
     if args.multi_crop > 1:
         later.append(step_key("multicrop", seeds[0], big, args.multi_crop))
     later_rows = study.run(later)
-    best_runs = [cached[best]] + later_rows[:len(seeds) - 1]
-    replay = later_rows[len(seeds) - 1]
-    multicrop = later_rows[len(seeds)] if args.multi_crop > 1 else None
+    return {"caches": caches, "cached": cached, "fresh": fresh, "best": best,
+            "best_runs": [cached[best]] + later_rows[:len(seeds) - 1], "replay": later_rows[len(seeds) - 1],
+            "multicrop": later_rows[len(seeds)] if args.multi_crop > 1 else None}
 
-    runs = [*hard, *fresh, replay, *[cached[C] for C in budgets], *best_runs[1:],
-            *([multicrop] if multicrop else [])]
-    summary = summarize(args, ensemble, hard, fresh, replay, cached, best, best_runs)
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    t_start, info, wd = begin(args.workdir)
+    study = Study(args, argv)
+    if args.step:  # one step, as a child of an invocation with --jobs > 1
+        study.step(args.step)
+        return 0
+    if args.jobs > 1:  # `kill` of this process: its children are ended too (the finally of the child runner in Study)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # 1. teachers and the hard-label students: independent of one another
+    rows = study.run([f"teacher:{n}" for n in args.teachers] + [step_key("hard", s) for s in args.seeds])
+    teachers, hard = dict(zip(args.teachers, rows)), rows[len(args.teachers):]
+    # 2. is the ensemble worth distilling?
+    evaluation, ensemble, margin, margin_ok = check_margin(args, study, hard)
+    if not margin_ok and not args.ignore_margin:
+        print(f"stopping: train stronger teachers (more --teacher-epochs in a new --workdir, or larger --teachers); "
+              f"--ignore-margin distils anyway", file=sys.stderr)
+        return 2
+    # 3. the students from the caches, online and multi-crop
+    st = students(args, study)
+    runs = [*hard, *st["fresh"], st["replay"], *[st["cached"][C] for C in args.budgets], *st["best_runs"][1:],
+            *([st["multicrop"]] if st["multicrop"] else [])]
+    summary = summarize(args, ensemble, hard, st["fresh"], st["replay"], st["cached"], st["best"], st["best_runs"])
     summary.update(margin=margin, margin_ok=margin_ok)
     payload = {**run_header(args, t_start, info), "teachers": teachers, "teacher_eval": evaluation,
-               "caches": caches, "runs": runs, "summary": summary}
+               "caches": st["caches"], "runs": runs, "summary": summary}
     plot(payload, Path(args.plot))
     print(f"plot: {args.plot}", flush=True)
     publish("crop_budget", payload, args.out, report(payload), args.doc,
