@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, command_line, disk_usage, loadavg, machine_info,
-    machine_line, make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
+    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, announce, command_line, disk_usage, loadavg,
+    make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
     write_results,
 )
 
@@ -155,10 +155,9 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [10_000, 50_000] if args.quick else [10_000, 100_000, IMAGENET_TRAIN_IMAGES])
     steps = args.steps or (8 if args.quick else (200 if p.name == "gpu" else 20))
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    print(f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {steps} steps per size, "
-          f"cache C=4 k=5, sizes {sizes}, loader {args.loader}", flush=True)
+    info = announce(
+        f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {steps} steps "
+        f"per size, cache C=4 k=5, sizes {sizes}, loader {args.loader}")
 
     rows, raw = [], []
     with Workdir(args.workdir, args.keep, "bench-memory-") as wd:

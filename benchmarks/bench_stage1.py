@@ -21,8 +21,8 @@ import torch
 
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
-    Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
-    markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
+    Timer, Workdir, add_common_args, announce, command_line, count_cuda_syncs, image_dataset, loadavg, markdown_table,
+    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -271,11 +271,10 @@ def report(table_rows: list[dict], targets: dict, render_kind: str, extra: dict)
 def main(argv=None) -> int:
     args, p, rounds = parse_args(argv)
     on_gpu = torch.cuda.is_available() and p.device != "cpu"
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    print(f"preset {p.name}: teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.stage1_images} images x C="
-          f"{p.num_crops} = {p.stage1_images * p.num_crops} crops, batch {p.stage1_batch}, k={p.topk}, shards of "
-          f"{p.images_per_shard}, {p.num_workers} render workers, loader {args.loader}, {rounds} round(s)", flush=True)
+    info = announce(
+        f"preset {p.name}: teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.stage1_images} images x "
+        f"C={p.num_crops} = {p.stage1_images * p.num_crops} crops, batch {p.stage1_batch}, k={p.topk}, shards of "
+        f"{p.images_per_shard}, {p.num_workers} render workers, loader {args.loader}, {rounds} round(s)")
     with Workdir(args.workdir, args.keep, "bench-stage1-") as wd:
         runs, render_kind, limit_batches, extra = measure(args, p, rounds, wd, on_gpu)
     table_rows, targets = summarize(runs, render_kind, p.num_workers, on_gpu)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    LimitedLoader, Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg,
-    machine_info, machine_line, markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest,
-    sync, synthetic_cache, timed_epoch, write_results,
+    LimitedLoader, Timer, Workdir, add_common_args, announce, command_line, count_cuda_syncs, image_dataset, loadavg,
+    markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
+    timed_epoch, write_results,
 )
 from common.cache_storage import restore_targets
 from common.config import load_config
@@ -341,12 +341,11 @@ def report(rows: list[dict], targets: dict, extra: dict) -> str:
 
 def main(argv=None) -> int:
     args, p, on_gpu = parse_args(argv)
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    print(f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {p.stage2_images} "
-          f"images ({p.stage2_images // p.stage2_batch} steps/epoch, {args.warmup} warm-up, {args.rounds} round(s)), "
-          f"teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.num_classes} classes, C={p.num_crops}, "
-          f"k={p.topk}, {p.num_workers} loader workers, loaders {args.loaders}", flush=True)
+    info = announce(
+        f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, "
+        f"{p.stage2_images} images ({p.stage2_images // p.stage2_batch} steps/epoch, {args.warmup} warm-up, "
+        f"{args.rounds} round(s)), teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.num_classes} "
+        f"classes, C={p.num_crops}, k={p.topk}, {p.num_workers} loader workers, loaders {args.loaders}")
     with Workdir(args.workdir, args.keep, "bench-stage2-") as wd:
         rows, extra = measure(args, p, wd, on_gpu)
     targets = summarize(rows, on_gpu)

@@ -188,6 +188,14 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def announce(*lines: str) -> dict[str, Any]:
+    """The machine record, printed before what this run will measure (``lines``)."""
+    info = machine_info()
+    for line in (machine_line(info), *lines):
+        print(line, flush=True)
+    return info
+
+
 def machine_line(info: dict[str, Any]) -> str:
     gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
     return (
@@ -464,8 +472,7 @@ def publish(name: str, payload: dict[str, Any], out: str | None, section: str, d
 
 def begin(workdir: str | Path) -> tuple[float, dict[str, Any], Path]:
     """Start of an accuracy benchmark: its clock, the machine (printed) and its work directory (created)."""
-    started, info = time.time(), machine_info()
-    print(machine_line(info), flush=True)
+    started, info = time.time(), announce()
     path = Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     return started, info, path
