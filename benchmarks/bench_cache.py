@@ -19,7 +19,7 @@ import torch
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, Workdir, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, write_results,
+    IMAGENET_TRAIN_IMAGES, Workdir, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, write_results,
 )
 from common.cache_format import CacheReader, CacheWriter
 from common.cache_storage import restore_targets
@@ -427,8 +427,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where the caches go (default: a temp dir, removed at the end)")
     p.add_argument("--keep", action="store_true", help="keep the written caches")
-    p.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/cache.json)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 500 images, few batches, no ImageNet-scale (< 30 s)")
+    add_out_arg(p)
+    add_quick_arg(p, help="smoke run: 500 images, few batches, no ImageNet-scale (< 30 s)")
     args = p.parse_args(argv)
     args.ks = sorted({int(k) for k in args.ks.split(",")} | {args.read_k, args.fkd_k})
     if args.quick:
@@ -545,7 +545,7 @@ def main(argv=None) -> dict:
 
         # Report before cleaning up: deleting tens of thousands of small files takes a while.
         print(report(res))
-        print(f"\ntotal {res['total_s']:.0f} s (before cleanup); JSON: {write_results('cache', res, args.out)}")
+        print(f"\ntotal {res['total_s']:.0f} s (before cleanup); JSON: {write_results('cache', res, args.out, args.quick)}")
     return res
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.bench_fashion_mnist import base_config
 from benchmarks.harness import (
-    REPO, begin, machine_line, markdown_table, module_command, publish, run_header,
+    REPO, add_quick_arg, begin, machine_line, markdown_table, module_command, publish, run_header,
 )
 from common.config import ConfigError, parse_assignments
 from stage2_student_distill import experiment as ex
@@ -99,8 +99,7 @@ def teacher_inits(args: argparse.Namespace | dict) -> dict[str, str]:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help=f"every run kind on tiny subsets, 1 epoch (~1 min; {SMOKE}); output under WORKDIR")
+    add_quick_arg(p, f"every run kind on tiny subsets, 1 epoch (~1 min; {SMOKE})", "all output under WORKDIR")
     p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
     p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default=None,
@@ -138,17 +137,17 @@ def parse_args(argv):
                    help="independent runs at a time, each in its own process (2 on a 2-core CPU: one core each)")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child of --jobs > 1
     args = p.parse_args(argv)
-    if args.smoke:
+    if args.quick:
         for key, value in SMOKE.items():
             setattr(args, key, value)
         args.ignore_margin = True
-    wd = Path(args.workdir or f"runs/bench-crop-budget{'-smoke' if args.smoke else ''}")
+    wd = Path(args.workdir or f"runs/bench-crop-budget{'-smoke' if args.quick else ''}")
     args.workdir = str(wd)
-    args.out = args.out or str(wd / "crop_budget.json" if args.smoke else REPO / "benchmarks/results/crop_budget.json")
-    args.doc = str(wd / "results.md") if args.smoke and args.doc is None else (
+    args.out = args.out or str(wd / "crop_budget.json" if args.quick else REPO / "benchmarks/results/crop_budget.json")
+    args.doc = str(wd / "results.md") if args.quick and args.doc is None else (
         "docs/results.md" if args.doc is None else args.doc)
     tag = f"-{args.doc_tag}" if args.doc_tag else ""
-    args.plot = args.plot or str(wd / "crop_budget.png" if args.smoke else REPO / f"docs/img/crop_budget{tag}.png")
+    args.plot = args.plot or str(wd / "crop_budget.png" if args.quick else REPO / f"docs/img/crop_budget{tag}.png")
     E = args.student_epochs
     args.eval_every = args.eval_every or E
     args.budgets = sorted({E if b.strip() == "E" else int(b) for b in args.budgets.split(",") if b.strip()})
@@ -229,7 +228,7 @@ class Study:
         made = ex.build_cache(self.base, ex.CacheSpec(path, self.teachers(), self.val if first else "", {
             "crops.num_crops": C, "teacher_cache.topk": a.topk, "teacher_cache.batch_size": 256,
             # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
-            **({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {})}))
+            **({"teacher_cache.min_top1_over_chance": 0.0} if a.quick else {})}))
         s = made.summary
         # a cache finished by an earlier, interrupted invocation reports only this one's shards
         self.ledger.add({"key": f"cache:C{C}", "kind": "cache", "C": C, "path": str(path), "crops": s["crops"],
@@ -309,25 +308,10 @@ class Study:
                              "rerun the same command to resume")
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    t_start, info, wd = begin(args.workdir)
-    study = Study(args, argv)
-    if args.step:  # one step, as a child of an invocation with --jobs > 1
-        study.step(args.step)
-        return 0
-    if args.jobs > 1:  # `kill` of this process: its children are ended too (the finally of the child runner in Study)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    E, seeds, budgets = args.student_epochs, args.seeds, args.budgets
-
-    # 1. teachers and the hard-label students: independent of one another
-    rows = study.run([f"teacher:{n}" for n in args.teachers] + [step_key("hard", s) for s in seeds])
-    teachers, hard = dict(zip(args.teachers, rows)), rows[len(args.teachers):]
-
-    # 2. the first cache, which scores the teachers: the ensemble must know more than the hard labels, or
-    # distilling is not worth the time
-    evaluation = study.run([f"cache:C{budgets[0]}"])[0]["teacher_eval"]
+def check_margin(args, study: Study, hard: list[dict]) -> tuple[dict, float, float, bool]:
+    """The first cache, which scores the teachers: the ensemble must know more than the hard labels, or
+    distilling is not worth the time. (its evaluation, the ensemble's top-1, the margin, whether enough)"""
+    evaluation = study.run([f"cache:C{args.budgets[0]}"])[0]["teacher_eval"]
     ensemble = ex.teacher_top1(evaluation).ensemble
     margin = ensemble - float(np.mean([r["top1"] for r in hard]))
     margin_ok = margin >= args.min_margin
@@ -335,14 +319,14 @@ def main(argv=None) -> int:
     print(f"teacher ensemble {ensemble:.2f}% is {margin:+.2f} points from the hard-label student "
           f"({hard_top1}): {'enough' if margin_ok else 'NOT enough'} "
           f"(the study needs >= {args.min_margin})", flush=True)
-    if not margin_ok and not args.ignore_margin:
-        print(f"stopping: train stronger teachers (more --teacher-epochs in a new --workdir, or larger --teachers); "
-              f"--ignore-margin distils anyway", file=sys.stderr)
-        return 2
+    return evaluation, ensemble, margin, margin_ok
 
-    # 3. the other caches, then the students in the order the targets need them, so a study cut short has
-    # answered the most: cached C = E and online fresh (target 2), the other budgets (targets 1 and 3), the
-    # second online seed; then the best C again, online replaying the largest cache, multi-crop
+
+def students(args, study: Study) -> dict:
+    """The other caches, then the students in the order the targets need them, so a study cut short has
+    answered the most: cached C = E and online fresh (target 2), the other budgets (targets 1 and 3), the
+    second online seed; then the best C again, online replaying the largest cache, multi-crop."""
+    seeds, budgets = args.seeds, args.budgets
     caches = study.run([f"cache:C{C}" for C in budgets])
     big = max(budgets)
     order = [step_key("cached", seeds[0], big), step_key("fresh", seeds[0])]
@@ -355,16 +339,38 @@ def main(argv=None) -> int:
     if args.multi_crop > 1:
         later.append(step_key("multicrop", seeds[0], big, args.multi_crop))
     later_rows = study.run(later)
-    best_runs = [cached[best]] + later_rows[:len(seeds) - 1]
-    replay = later_rows[len(seeds) - 1]
-    multicrop = later_rows[len(seeds)] if args.multi_crop > 1 else None
+    return {"caches": caches, "cached": cached, "fresh": fresh, "best": best,
+            "best_runs": [cached[best]] + later_rows[:len(seeds) - 1], "replay": later_rows[len(seeds) - 1],
+            "multicrop": later_rows[len(seeds)] if args.multi_crop > 1 else None}
 
-    runs = [*hard, *fresh, replay, *[cached[C] for C in budgets], *best_runs[1:],
-            *([multicrop] if multicrop else [])]
-    summary = summarize(args, ensemble, hard, fresh, replay, cached, best, best_runs)
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    t_start, info, wd = begin(args.workdir)
+    study = Study(args, argv)
+    if args.step:  # one step, as a child of an invocation with --jobs > 1
+        study.step(args.step)
+        return 0
+    if args.jobs > 1:  # `kill` of this process: its children are ended too (the finally of the child runner in Study)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # 1. teachers and the hard-label students: independent of one another
+    rows = study.run([f"teacher:{n}" for n in args.teachers] + [step_key("hard", s) for s in args.seeds])
+    teachers, hard = dict(zip(args.teachers, rows)), rows[len(args.teachers):]
+    # 2. is the ensemble worth distilling?
+    evaluation, ensemble, margin, margin_ok = check_margin(args, study, hard)
+    if not margin_ok and not args.ignore_margin:
+        print(f"stopping: train stronger teachers (more --teacher-epochs in a new --workdir, or larger --teachers); "
+              f"--ignore-margin distils anyway", file=sys.stderr)
+        return 2
+    # 3. the students from the caches, online and multi-crop
+    st = students(args, study)
+    runs = [*hard, *st["fresh"], st["replay"], *[st["cached"][C] for C in args.budgets], *st["best_runs"][1:],
+            *([st["multicrop"]] if st["multicrop"] else [])]
+    summary = summarize(args, ensemble, hard, st["fresh"], st["replay"], st["cached"], st["best"], st["best_runs"])
     summary.update(margin=margin, margin_ok=margin_ok)
     payload = {**run_header(args, t_start, info), "teachers": teachers, "teacher_eval": evaluation,
-               "caches": caches, "runs": runs, "summary": summary}
+               "caches": st["caches"], "runs": runs, "summary": summary}
     plot(payload, Path(args.plot))
     print(f"plot: {args.plot}", flush=True)
     publish("crop_budget", payload, args.out, report(payload), args.doc,

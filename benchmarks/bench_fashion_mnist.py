@@ -22,6 +22,7 @@ from common.cache_format import CacheReader
 from common.config import load_config
 from common.demo import demo_config
 from common.manifest import load_manifest
+from stage1_teacher_cache.label_agreement import cache_label_agreement
 from stage2_student_distill import experiment as ex
 
 # --------------------------------------------------------------------------- online targets against the cache
@@ -75,14 +76,15 @@ def base_config(args, manifests: ex.Manifests):
 
 
 def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
-    """How often the cached ensemble's argmax is the label on the students' training crops."""
+    """How often the cached ensemble's top-1 is the label on the students' training crops (the share stage 1
+    records as ``label_agreement``, here a fraction), and the mean probability the soft labels give the label."""
     manifest = load_manifest(manifest_path)
     reader = CacheReader(str(cache_dir), manifest_hash=manifest.content_hash)
+    # a cache made before stage 1 recorded the agreement (a reused --cache): the library's same count
+    agreement = reader.attrs.get("label_agreement") or cache_label_agreement(reader, manifest.labels)
     rows = reader.images(np.arange(reader.num_images))
-    labels = manifest.labels[:, None]
-    index, prob = rows["topk_index"], rows["topk_prob"].astype(np.float32)
-    true_prob = np.where(index == labels[..., None], prob, 0.0).sum(-1)
-    return {"argmax_is_label": float((index[..., 0] == labels).mean()), "mean_true_class_prob": float(true_prob.mean())}
+    true_prob = np.where(rows["topk_index"] == manifest.labels[:, None, None], rows["topk_prob"].astype(np.float32), 0)
+    return {"argmax_is_label": agreement["crops_pct"] / 100, "mean_true_class_prob": float(true_prob.sum(-1).mean())}
 
 
 # --------------------------------------------------------------------------- report

@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, command_line, disk_usage, loadavg, machine_info,
-    machine_line, make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
+    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, announce, command_line, disk_usage, loadavg,
+    make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
     write_results,
 )
 
@@ -155,10 +155,9 @@ def main(argv=None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [10_000, 50_000] if args.quick else [10_000, 100_000, IMAGENET_TRAIN_IMAGES])
     steps = args.steps or (8 if args.quick else (200 if p.name == "gpu" else 20))
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    print(f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {steps} steps per size, "
-          f"cache C=4 k=5, sizes {sizes}, loader {args.loader}", flush=True)
+    info = announce(
+        f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {steps} steps "
+        f"per size, cache C=4 k=5, sizes {sizes}, loader {args.loader}")
 
     rows, raw = [], []
     with Workdir(args.workdir, args.keep, "bench-memory-") as wd:
@@ -250,11 +249,11 @@ def main(argv=None) -> int:
     print(f"\npeak RSS grows {slope or 0:.0f} bytes per image; ImageNet-1k (C=4, k=5): {imagenet_peak:.0f} MB, with C=10, "
           f"k=10 about {verdict['imagenet_peak_mb_c10_k10']:.0f} MB; limit 4 GB + model state "
           f"({base['model_state_mb']:.0f} MB) = {verdict['limit_mb']:.0f} MB -> {'met' if verdict['met'] else 'NOT met'}")
-    path = write_results("memory-quick" if args.quick else "memory", {
+    path = write_results("memory", {
         "command": command_line(), "machine": info, "preset": p, "steps": steps, "sizes": sizes,
         "cache": {"num_crops": 4, "topk": 5, "images_per_shard": 1024}, "loadavg_at_end": loadavg(),
         "rows": rows, "verdict": verdict, "raw": raw, "table": table,
-    }, args.out)
+    }, args.out, args.quick)
     print(f"\nwrote {path}")
     return 0
 

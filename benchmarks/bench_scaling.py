@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    REPO, Timer, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
-    markdown_table, resolve_preset, subset_manifest, synthetic_cache, write_results,
+    REPO, Timer, Workdir, add_common_args, announce, command_line, image_dataset, loadavg, markdown_table, median_of,
+    resolve_preset, subset_manifest, synthetic_cache, write_results,
 )
 
 
@@ -28,9 +28,8 @@ def worker(args) -> None:
     import torch
 
     from benchmarks.bench_stage1 import config as stage1_config, timed_run
-    from benchmarks.bench_stage2 import SyntheticLoader
+    from benchmarks.bench_stage2 import SyntheticLoader, config as stage2_config
     from benchmarks.harness import timed_epoch
-    from common.config import load_config
     from stage2_student_distill.train import setup
 
     p = resolve_preset(args, num_workers=1)
@@ -53,16 +52,9 @@ def worker(args) -> None:
         torch.distributed.all_reduce(steady)
     out["stage1"] = {**res, "sum_steady_crops_per_s": float(steady[0]), "mean_cpu_ms_per_crop": float(steady[1])}
 
-    # stage 2
-    cfg = load_config(None, {
-        "runtime.device": p.device, "runtime.precision": p.precision, "runtime.progress": False,
-        "runtime.num_workers": 1, "runtime.seed": args.seed,
-        "data.manifest": str(wd / "s2.parquet"), "data.val_manifest": str(wd / "s1-warm.parquet"),
-        "optim.epochs": 1, "optim.batch_size": p.stage2_batch, "optim.eval_batch_size": p.stage2_batch,
-        "optim.img_size": p.student_size, "optim.loader": args.loader,
-        "distill.student": p.student, "distill.cache": str(wd / "s2-cache"), "distill.out": str(wd / f"w{world}-run"),
-    })
-    job = setup(cfg, "distill")
+    # stage 2: bench_stage2's config (one loader worker per rank: the preset above) on this benchmark's data
+    job = setup(stage2_config(p, wd, wd / "s2.parquet", wd / "s1-warm.parquet", wd / "s2-cache", args.loader,
+                              f"w{world}", args.seed), "distill")
     steps = len(job.train_loader)
     synth = dataclasses.replace(job, train_loader=SyntheticLoader(job.train_loader, steps))
     timed_epoch(job, 0, warmup=0, max_steps=2)
@@ -86,7 +78,7 @@ def worker(args) -> None:
         Path(args.result).write_text(json.dumps(out))
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--worlds", default=None, help="comma list of rank counts (default 1,2; --quick: 2, a "
@@ -99,66 +91,65 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args)
-        return 0
-
+        return args, None
     p = resolve_preset(args)
-    worlds = [int(w) for w in (args.worlds or ("2" if args.quick else "1,2")).split(",")]
+    args.worlds = [int(w) for w in (args.worlds or ("2" if args.quick else "1,2")).split(",")]
     import torch
 
-    if p.device != "cpu" and torch.cuda.is_available() and max(worlds) > torch.cuda.device_count():
-        raise SystemExit(f"--worlds {worlds}: this machine has {torch.cuda.device_count()} GPU(s), one per rank; "
+    if p.device != "cpu" and torch.cuda.is_available() and max(args.worlds) > torch.cuda.device_count():
+        raise SystemExit(f"--worlds {args.worlds}: this machine has {torch.cuda.device_count()} GPU(s), one per rank; "
                          "lower --worlds or use --preset cpu")
-    rounds = args.rounds or (1 if args.quick else 2)
+    args.rounds = args.rounds or (1 if args.quick else 2)
     # per-rank work stays the same size as the preset's; the dataset is sized for the largest world
-    s1_images = (64 if args.quick else 256) if p.name == "cpu" else p.stage1_images
-    s2_images = (4 if args.quick else 16) * p.stage2_batch * max(worlds)
-    shard = max(8, s1_images // (4 * max(worlds)))
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    print(f"preset {p.name}: worlds {worlds}, 1 torch thread + 1 loader thread per rank; stage 1: {s1_images} images "
-          f"x C={p.num_crops}, shards of {shard}; stage 2: {s2_images} images, per-rank batch {p.stage2_batch}, "
-          f"{rounds} round(s)", flush=True)
+    args.s1_images = (64 if args.quick else 256) if p.name == "cpu" else p.stage1_images
+    args.s2_images = (4 if args.quick else 16) * p.stage2_batch * max(args.worlds)
+    args.shard = max(8, args.s1_images // (4 * max(args.worlds)))
+    return args, p
 
-    launches = []
-    with Workdir(args.workdir, args.keep, "bench-scaling-") as wd:
-        with Timer() as t:
-            s2_path, s2 = image_dataset(wd, f"s2-{s2_images}", s2_images, min(p.num_classes, s2_images),
-                                        sizes=p.image_sizes, seed=args.seed)
-            shutil.copy(s2_path, wd / "s2.parquet")
-            subset_manifest(s2, s1_images, wd / "s1.parquet")
-            subset_manifest(s2, min(s1_images, 2 * shard), wd / "s1-warm.parquet")
-            if not (wd / "s2-cache").exists():
-                synthetic_cache(wd / "s2-cache", s2, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
-        print(f"data in {t.seconds:.1f} s", flush=True)
-        torchrun = Path(sys.executable).with_name("torchrun")
-        for world in worlds:
-            result = wd / f"result-{world}.json"
-            cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(world), "-m", "benchmarks.bench_scaling",
-                   "--worker", "--preset", p.name, "--workdir", str(wd), "--result", str(result), "--seed", str(args.seed),
-                   "--loader", args.loader, "--rounds", str(rounds), "--shard", str(shard)]
-            if args.quick:
-                cmd.append("--quick")
-            if args.threads is not None:
-                cmd += ["--threads", str(args.threads)]
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-            load = loadavg()[0]
-            with Timer() as t:
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-            if proc.returncode:
-                print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
-                raise SystemExit(f"torchrun with {world} rank(s) failed ({proc.returncode})")
-            r = json.loads(result.read_text())
-            r["launch_s"], r["load1"] = t.seconds, load
-            launches.append(r)
-            s2r = {k: max(x["global_img_per_s"] for x in v) for k, v in r["stage2"].items()}
-            print(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
-                  f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
-                  f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {t.seconds:.0f} s (load {load})",
-                  flush=True)
 
-    import numpy as np
+def setup_data(args, p, wd: Path) -> None:
+    """Stage 2's JPEGs, manifest and synthetic cache; stage 1's manifest (and its warm-up) a subset of them."""
+    with Timer() as t:
+        s2_path, s2 = image_dataset(wd, f"s2-{args.s2_images}", args.s2_images, min(p.num_classes, args.s2_images),
+                                    sizes=p.image_sizes, seed=args.seed)
+        shutil.copy(s2_path, wd / "s2.parquet")
+        subset_manifest(s2, args.s1_images, wd / "s1.parquet")
+        subset_manifest(s2, min(args.s1_images, 2 * args.shard), wd / "s1-warm.parquet")
+        if not (wd / "s2-cache").exists():
+            synthetic_cache(wd / "s2-cache", s2, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
+    print(f"data in {t.seconds:.1f} s", flush=True)
 
+
+def launch(args, p, wd: Path, world: int) -> dict:
+    """One torchrun launch of ``world`` ranks running :func:`worker`; rank 0's result."""
+    result = wd / f"result-{world}.json"
+    # torchrun's module, not its script: a venv made without console scripts has no bin/torchrun
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), "-m",
+           "benchmarks.bench_scaling", "--worker", "--preset", p.name, "--workdir", str(wd), "--result", str(result),
+           "--seed", str(args.seed), "--loader", args.loader, "--rounds", str(args.rounds), "--shard", str(args.shard)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    load = loadavg()[0]
+    with Timer() as t:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+        raise SystemExit(f"torchrun with {world} rank(s) failed ({proc.returncode})")
+    r = json.loads(result.read_text())
+    r["launch_s"], r["load1"] = t.seconds, load
+    s2r = {k: max(x["global_img_per_s"] for x in v) for k, v in r["stage2"].items()}
+    print(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
+          f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
+          f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {t.seconds:.0f} s (load {load})",
+          flush=True)
+    return r
+
+
+def summarize(launches: list[dict]) -> list[dict]:
+    """One row per stage and rank count (stage 2: the median round), with the speed-up over 1 rank."""
     rows = []
     for r in launches:
         w = r["world_size"]
@@ -168,9 +159,8 @@ def main(argv=None) -> int:
                      "rate": r["stage1"]["sum_steady_crops_per_s"], "unit": "crops/s", "load1": r["load1"],
                      "cpu_ms": r["stage1"]["mean_cpu_ms_per_crop"]})
         for name, runs in r["stage2"].items():
-            rows.append({"stage": f"2: {name}", "ranks": w, "rate": float(np.median([x["global_img_per_s"] for x in runs])),
-                         "unit": "img/s", "load1": r["load1"],
-                         "cpu_ms": float(np.median([x["mean_cpu_ms_per_img"] for x in runs])),
+            rows.append({"stage": f"2: {name}", "ranks": w, "rate": median_of(runs, "global_img_per_s"),
+                         "unit": "img/s", "load1": r["load1"], "cpu_ms": median_of(runs, "mean_cpu_ms_per_img"),
                          "rounds": [x["global_img_per_s"] for x in runs]})
     rows.sort(key=lambda row: (row["stage"], row["ranks"]))
     one = {row["stage"]: row["rate"] for row in rows if row["ranks"] == 1}
@@ -178,17 +168,33 @@ def main(argv=None) -> int:
         if row["stage"] in one and one[row["stage"]]:
             row["speedup"] = row["rate"] / one[row["stage"]]
             row["efficiency"] = row["speedup"] / row["ranks"]
+    return rows
+
+
+def main(argv=None) -> int:
+    args, p = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    info = announce(
+        f"preset {p.name}: worlds {args.worlds}, 1 torch thread + 1 loader thread per rank; stage 1: "
+        f"{args.s1_images} images x C={p.num_crops}, shards of {args.shard}; stage 2: {args.s2_images} images, "
+        f"per-rank batch {p.stage2_batch}, {args.rounds} round(s)")
+    with Workdir(args.workdir, args.keep, "bench-scaling-") as wd:
+        setup_data(args, p, wd)
+        launches = [launch(args, p, wd, world) for world in args.worlds]
+    rows = summarize(launches)
     table = markdown_table(rows, [("stage", "stage"), ("ranks", "ranks"), ("rate", "global rate"), ("unit", "unit"),
                                   ("speedup", "speed-up vs 1 rank"), ("efficiency", "scaling efficiency"),
                                   ("cpu_ms", "process CPU ms per crop/img (mean of ranks)"),
                                   ("load1", "load avg (1 min)")])
     print()
     print(table)
-    path = write_results("scaling-quick" if args.quick else "scaling", {
-        "command": command_line(), "machine": info, "preset": p, "worlds": worlds, "threads_per_rank": 1,
-        "loader_workers_per_rank": 1, "stage1_images": s1_images, "stage2_images": s2_images, "rounds": rounds,
-        "loadavg_at_end": loadavg(), "rows": rows, "launches": launches, "table": table,
-    }, args.out)
+    path = write_results("scaling", {
+        "command": command_line(), "machine": info, "preset": p, "worlds": args.worlds, "threads_per_rank": 1,
+        "loader_workers_per_rank": 1, "stage1_images": args.s1_images, "stage2_images": args.s2_images,
+        "rounds": args.rounds, "loadavg_at_end": loadavg(), "rows": rows, "launches": launches, "table": table,
+    }, args.out, args.quick)
     print(f"\nwrote {path}")
     return 0
 

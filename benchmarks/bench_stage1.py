@@ -21,8 +21,8 @@ import torch
 
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
-    Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg, machine_info, machine_line,
-    markdown_table, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
+    Timer, Workdir, add_common_args, announce, command_line, count_cuda_syncs, image_dataset, loadavg, markdown_table,
+    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -116,7 +116,7 @@ def render_only(render, cfg, manifest, group: int, workers: int) -> dict:
             "process_cpu_ms_per_crop": 1000 * (time.process_time() - p0) / crops, "load1": load}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--images", type=int, default=None, help="images in the dataset (default: the preset's)")
@@ -129,125 +129,135 @@ def main(argv=None) -> int:
     if args.quick:
         p = resolve_preset(args, stage1_images=min(p.stage1_images, 3 * p.images_per_shard))
     p = resolve_preset(args, stage1_images=args.images or p.stage1_images, stage1_batch=args.batch_size or p.stage1_batch)
-    rounds = args.rounds or (1 if args.quick else 3)
-    on_gpu = torch.cuda.is_available() and p.device != "cpu"
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    crops_total = p.stage1_images * p.num_crops
-    print(f"preset {p.name}: teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.stage1_images} images x C="
-          f"{p.num_crops} = {crops_total} crops, batch {p.stage1_batch}, k={p.topk}, shards of {p.images_per_shard}, "
-          f"{p.num_workers} render workers, loader {args.loader}, {rounds} round(s)", flush=True)
+    return args, p, args.rounds or (1 if args.quick else 3)
 
-    rows, extra = {}, {}
-    with Workdir(args.workdir, args.keep, "bench-stage1-") as wd:
-        with Timer() as t_data:
-            manifest_path, manifest = image_dataset(wd, f"s1-{p.stage1_images}", p.stage1_images,
-                                                    min(p.num_classes, p.stage1_images), sizes=p.image_sizes,
-                                                    seed=args.seed)
-            warm_path = subset_manifest(manifest, min(manifest.num_images, 2 * p.images_per_shard),
-                                        wd / "warm.parquet")
-        print(f"data: {manifest.num_images} JPEGs ({manifest.file_bytes.mean() / 1024:.0f} KB mean, "
-              f"{(manifest.widths.astype(float) * manifest.heights).mean() / 1e3:.0f} kpixel) + manifest in "
-              f"{t_data.seconds:.1f} s", flush=True)
 
-        cfg = config(p, manifest_path, wd / "cache-x", args.seed, args.loader)
-        # warm-up run (page cache, allocator, cuDNN autotuning, DALI start-up) on a subset
-        s1.run(config(p, warm_path, wd / "cache-warm", args.seed, args.loader))
-        shutil.rmtree(wd / "cache-warm", ignore_errors=True)
+def setup_data(args, p, wd: Path):
+    """The JPEGs + manifest, a warm-up subset, and a warm-up run (page cache, allocator, cuDNN autotuning,
+    DALI start-up) on it."""
+    with Timer() as t_data:
+        manifest_path, manifest = image_dataset(wd, f"s1-{p.stage1_images}", p.stage1_images,
+                                                min(p.num_classes, p.stage1_images), sizes=p.image_sizes, seed=args.seed)
+        warm_path = subset_manifest(manifest, min(manifest.num_images, 2 * p.images_per_shard), wd / "warm.parquet")
+    print(f"data: {manifest.num_images} JPEGs ({manifest.file_bytes.mean() / 1024:.0f} KB mean, "
+          f"{(manifest.widths.astype(float) * manifest.heights).mean() / 1e3:.0f} kpixel) + manifest in "
+          f"{t_data.seconds:.1f} s", flush=True)
+    s1.run(config(p, warm_path, wd / "cache-warm", args.seed, args.loader))
+    shutil.rmtree(wd / "cache-warm", ignore_errors=True)
+    return manifest_path, manifest
 
-        runtime = build_runtime(cfg.runtime)
-        teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=args.seed)
-        group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
-        render = make_renderer(cfg.teacher_cache.loader, runtime, [t.preprocess for t in teachers], p.num_crops, group)
-        render_kind = render.kind
-        limit_batches = max(5, min(40, crops_total // p.stage1_batch // 3))
 
-        runs = {"run": [], "limit": [], "render": []}
-        for r in range(rounds):
-            out = wd / f"cache-{r}"
-            res = timed_run(config(p, manifest_path, out, args.seed, args.loader))
-            shutil.rmtree(out, ignore_errors=True)
-            runs["run"].append(res)
-            print(f"  round {r + 1}: teacher-cache run     {res['crops_per_s'] or 0:>9.1f} crops/s steady, "
-                  f"{res['command_crops_per_s']:.1f} command figure (load {res['load1']})", flush=True)
-            res = forward_limit(teachers, runtime, p.stage1_batch, limit_batches)
-            runs["limit"].append(res)
-            print(f"  round {r + 1}: ensemble forward      {res['crops_per_s']:>9.1f} crops/s (load {res['load1']})",
-                  flush=True)
-            res = render_only(render, cfg, manifest, group, runtime.num_workers)
-            runs["render"].append(res)
-            print(f"  round {r + 1}: render only ({render_kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
-                  f"(load {res['load1']})", flush=True)
+def measure_rounds(args, p, rounds, wd, manifest_path, manifest, teachers, runtime, render, render_kind, cfg,
+                   limit_batches) -> dict:
+    """Interleaved rounds of the three measurements: the run, the forward limit, the renderer alone."""
+    group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
+    runs = {"run": [], "limit": [], "render": []}
+    for r in range(rounds):
+        out = wd / f"cache-{r}"
+        res = timed_run(config(p, manifest_path, out, args.seed, args.loader))
+        shutil.rmtree(out, ignore_errors=True)
+        runs["run"].append(res)
+        print(f"  round {r + 1}: teacher-cache run     {res['crops_per_s'] or 0:>9.1f} crops/s steady, "
+              f"{res['command_crops_per_s']:.1f} command figure (load {res['load1']})", flush=True)
+        res = forward_limit(teachers, runtime, p.stage1_batch, limit_batches)
+        runs["limit"].append(res)
+        print(f"  round {r + 1}: ensemble forward      {res['crops_per_s']:>9.1f} crops/s (load {res['load1']})",
+              flush=True)
+        res = render_only(render, cfg, manifest, group, runtime.num_workers)
+        runs["render"].append(res)
+        print(f"  round {r + 1}: render only ({render_kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
+              f"(load {res['load1']})", flush=True)
+    return runs
 
-        def med(key, field):
-            values = [x[field] for x in runs[key] if x.get(field) is not None]
-            return float(np.median(values)) if values else None
 
-        def row(label, key, rate_field="crops_per_s"):
-            return {"row": label, "crops_per_s": med(key, rate_field), "load1": med(key, "load1"),
-                    "main_cpu_ms_per_crop": med(key, "main_cpu_ms_per_crop"),
-                    "process_cpu_ms_per_crop": med(key, "process_cpu_ms_per_crop"),
-                    "rounds": [x[rate_field] for x in runs[key]]}
+def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, render, cfg, on_gpu) -> dict:
+    """Where the time goes: cProfile of the run and of the renderer; CUDA syncs of one forward batch."""
+    extra = {}
+    if not args.quick:
+        out = wd / "cache-profile"
+        _, extra["profile_run_main_thread"] = profile_top(
+            lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)), n=10)
+        shutil.rmtree(out, ignore_errors=True)
+    group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
+    jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
+    _, extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs], n=10)
+    if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
+        g = torch.Generator().manual_seed(0)
+        host = [torch.randint(0, 256, (p.stage1_batch, 3, t.preprocess.input_size, t.preprocess.input_size),
+                              dtype=torch.uint8, generator=g) for t in teachers]
+        dev = [v.to(runtime.device) for v in host]
+        extra["cuda_syncs_per_batch"] = {
+            "host_views (torch renderer)": count_cuda_syncs(
+                lambda: ensemble_topk(teacher_probs(teachers, host, runtime), p.topk)),
+            "device_views (DALI renderer)": count_cuda_syncs(
+                lambda: ensemble_topk(teacher_probs(teachers, dev, runtime), p.topk)),
+        }
+    return extra
 
-        run_row = row("teacher-cache run (steady)", "run")
-        table_rows = [
-            run_row,
-            {**row("teacher-cache run (command's figure)", "run", "command_crops_per_s"),
-             "main_cpu_ms_per_crop": None, "process_cpu_ms_per_crop": None},
-            row("ensemble forward on device tensors (limit)", "limit"),
-            row(f"render only ({render_kind}, {runtime.num_workers} workers)", "render"),
-        ]
-        limit_row, render_row = table_rows[2], table_rows[3]
-        limit = limit_row["crops_per_s"]
-        for r in table_rows:
-            r["x_limit"] = r["crops_per_s"] / limit if r["crops_per_s"] else None
-        ratio = run_row["crops_per_s"] / limit
-        # If rendering and forward shared nothing, the run would go at min(render, forward);
-        # if they shared one set of cores fully, at the harmonic combination.
-        serial = 1 / (1 / limit + 1 / render_row["crops_per_s"])
-        parts_cpu = limit_row["process_cpu_ms_per_crop"] + render_row["process_cpu_ms_per_crop"]
-        targets = {"run_over_limit": ratio, "target": 0.9, "met": ratio >= 0.9,
-                   "overlapped_bound": min(limit, render_row["crops_per_s"]), "serial_bound": serial,
-                   "run_process_cpu_ms_per_crop": run_row["process_cpu_ms_per_crop"],
-                   "parts_process_cpu_ms_per_crop": parts_cpu,
-                   "run_main_cpu_over_forward_main_cpu": (run_row["main_cpu_ms_per_crop"] or 0)
-                   / limit_row["main_cpu_ms_per_crop"],
-                   "judged_on": "gpu" if on_gpu else "cpu (GPU target; not judged here)"}
 
-        if not args.no_profile:
-            if not args.quick:
-                out = wd / "cache-profile"
-                _, top = profile_top(lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)), n=10)
-                shutil.rmtree(out, ignore_errors=True)
-                extra["profile_run_main_thread"] = top
-            jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
-            _, top = profile_top(lambda: [render(*job) for job in jobs], n=10)
-            extra["profile_render_one_thread"] = top
-            if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
-                g = torch.Generator().manual_seed(0)
-                host = [torch.randint(0, 256, (p.stage1_batch, 3, t.preprocess.input_size, t.preprocess.input_size),
-                                      dtype=torch.uint8, generator=g) for t in teachers]
-                dev = [v.to(runtime.device) for v in host]
-                extra["cuda_syncs_per_batch"] = {
-                    "host_views (torch renderer)": count_cuda_syncs(
-                        lambda: ensemble_topk(teacher_probs(teachers, host, runtime), p.topk)),
-                    "device_views (DALI renderer)": count_cuda_syncs(
-                        lambda: ensemble_topk(teacher_probs(teachers, dev, runtime), p.topk)),
-                }
-        del teachers, render
-        gc.collect()
+def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, dict]:
+    """(the rounds' measurements, the renderer's kind, the forward limit's batches, the profiles)."""
+    manifest_path, manifest = setup_data(args, p, wd)
+    cfg = config(p, manifest_path, wd / "cache-x", args.seed, args.loader)
+    runtime = build_runtime(cfg.runtime)
+    teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=args.seed)
+    group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
+    render = make_renderer(cfg.teacher_cache.loader, runtime, [t.preprocess for t in teachers], p.num_crops, group)
+    render_kind = render.kind
+    limit_batches = max(5, min(40, p.stage1_images * p.num_crops // p.stage1_batch // 3))
+    runs = measure_rounds(args, p, rounds, wd, manifest_path, manifest, teachers, runtime, render, render_kind, cfg,
+                          limit_batches)
+    extra = {} if args.no_profile else measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime,
+                                                        render, cfg, on_gpu)
+    del teachers, render
+    gc.collect()
+    return runs, render_kind, limit_batches, extra
 
+
+def summarize(runs: dict, render_kind: str, workers: int, on_gpu: bool) -> tuple[list[dict], dict]:
+    """The table's rows (medians over the rounds, x the forward limit) and the targets."""
+    def row(label, key, rate_field="crops_per_s"):
+        return {"row": label, "crops_per_s": median_of(runs[key], rate_field), "load1": median_of(runs[key], "load1"),
+                "main_cpu_ms_per_crop": median_of(runs[key], "main_cpu_ms_per_crop"),
+                "process_cpu_ms_per_crop": median_of(runs[key], "process_cpu_ms_per_crop"),
+                "rounds": [x[rate_field] for x in runs[key]]}
+
+    run_row, limit_row = row("teacher-cache run (steady)", "run"), row("ensemble forward on device tensors (limit)", "limit")
+    render_row = row(f"render only ({render_kind}, {workers} workers)", "render")
+    table_rows = [run_row, {**row("teacher-cache run (command's figure)", "run", "command_crops_per_s"),
+                            "main_cpu_ms_per_crop": None, "process_cpu_ms_per_crop": None}, limit_row, render_row]
+    limit = limit_row["crops_per_s"]
+    for r in table_rows:
+        r["x_limit"] = r["crops_per_s"] / limit if r["crops_per_s"] else None
+    ratio = run_row["crops_per_s"] / limit
+    # If rendering and forward shared nothing, the run would go at min(render, forward);
+    # if they shared one set of cores fully, at the harmonic combination.
+    targets = {"run_over_limit": ratio, "target": 0.9, "met": ratio >= 0.9,
+               "overlapped_bound": min(limit, render_row["crops_per_s"]),
+               "serial_bound": 1 / (1 / limit + 1 / render_row["crops_per_s"]),
+               "run_process_cpu_ms_per_crop": run_row["process_cpu_ms_per_crop"],
+               "parts_process_cpu_ms_per_crop": limit_row["process_cpu_ms_per_crop"]
+               + render_row["process_cpu_ms_per_crop"],
+               "run_main_cpu_over_forward_main_cpu": (run_row["main_cpu_ms_per_crop"] or 0)
+               / limit_row["main_cpu_ms_per_crop"],
+               "judged_on": "gpu" if on_gpu else "cpu (GPU target; not judged here)"}
+    return table_rows, targets
+
+
+def report(table_rows: list[dict], targets: dict, render_kind: str, extra: dict) -> str:
+    """Prints the table, the targets and the profiles; returns the table."""
     table = markdown_table(table_rows, [("row", "what"), ("crops_per_s", "crops/s (median)"),
                                         ("x_limit", "x forward limit"), ("main_cpu_ms_per_crop", "main-thread CPU ms/crop"),
                                         ("process_cpu_ms_per_crop", "process CPU ms/crop"),
                                         ("load1", "load avg (1 min)")])
     print()
     print(table)
-    print(f"\nrun / forward limit = {ratio:.2f} (target >= 0.9); bounds from the parts: overlapped "
-          f"min(render, forward) = {targets['overlapped_bound']:.1f}, serial 1/(1/render + 1/forward) = "
-          f"{serial:.1f} crops/s. CPU per crop: run {targets['run_process_cpu_ms_per_crop']:.2f} ms vs render + "
-          f"forward {parts_cpu:.2f} ms; the run's main thread spends {targets['run_main_cpu_over_forward_main_cpu']:.2f}"
-          f" x the forward's CPU per crop; judged on {targets['judged_on']}")
+    t = targets
+    print(f"\nrun / forward limit = {t['run_over_limit']:.2f} (target >= 0.9); bounds from the parts: overlapped "
+          f"min(render, forward) = {t['overlapped_bound']:.1f}, serial 1/(1/render + 1/forward) = "
+          f"{t['serial_bound']:.1f} crops/s. CPU per crop: run {t['run_process_cpu_ms_per_crop']:.2f} ms vs render + "
+          f"forward {t['parts_process_cpu_ms_per_crop']:.2f} ms; the run's main thread spends "
+          f"{t['run_main_cpu_over_forward_main_cpu']:.2f} x the forward's CPU per crop; judged on {t['judged_on']}")
     for key, title in (("profile_run_main_thread", "run(cfg), main thread"),
                        ("profile_render_one_thread", f"{render_kind} renderer called synchronously")):
         if key in extra:
@@ -255,11 +265,25 @@ def main(argv=None) -> int:
             print(profile_table(extra[key]))
     if extra.get("cuda_syncs_per_batch"):
         print(f"\nCUDA synchronisations per forward batch: {extra['cuda_syncs_per_batch']}")
-    path = write_results("stage1-quick" if args.quick else "stage1", {
+    return table
+
+
+def main(argv=None) -> int:
+    args, p, rounds = parse_args(argv)
+    on_gpu = torch.cuda.is_available() and p.device != "cpu"
+    info = announce(
+        f"preset {p.name}: teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.stage1_images} images x "
+        f"C={p.num_crops} = {p.stage1_images * p.num_crops} crops, batch {p.stage1_batch}, k={p.topk}, shards of "
+        f"{p.images_per_shard}, {p.num_workers} render workers, loader {args.loader}, {rounds} round(s)")
+    with Workdir(args.workdir, args.keep, "bench-stage1-") as wd:
+        runs, render_kind, limit_batches, extra = measure(args, p, rounds, wd, on_gpu)
+    table_rows, targets = summarize(runs, render_kind, p.num_workers, on_gpu)
+    table = report(table_rows, targets, render_kind, extra)
+    path = write_results("stage1", {
         "command": command_line(), "machine": info, "preset": p, "rounds": rounds, "render": render_kind,
         "limit_batches": limit_batches, "loadavg_at_end": loadavg(), "rows": table_rows, "runs": runs,
         "targets": targets, **extra, "table": table,
-    }, args.out)
+    }, args.out, args.quick)
     print(f"\nwrote {path}")
     return 0
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    LimitedLoader, Timer, count_cuda_syncs, Workdir, add_common_args, command_line, image_dataset, loadavg,
-    machine_info, machine_line, markdown_table, profile_table, profile_top, resolve_preset, subset_manifest,
-    sync, synthetic_cache, timed_epoch, write_results,
+    LimitedLoader, Timer, Workdir, add_common_args, announce, command_line, count_cuda_syncs, image_dataset, loadavg,
+    markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
+    timed_epoch, write_results,
 )
 from common.cache_storage import restore_targets
 from common.config import load_config
@@ -146,7 +146,7 @@ def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, im
 # --------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--images", type=int, default=None, help="training images (default: the preset's)")
@@ -166,118 +166,125 @@ def main(argv=None) -> int:
     if p.device == "cpu" and torch.cuda.is_available():
         print("note: --preset cpu on a CUDA machine runs on the CPU", file=sys.stderr)
     on_gpu = torch.cuda.is_available() and p.device != "cpu"
-    steps_per_epoch = p.stage2_images // p.stage2_batch
-    warmup = args.warmup if args.warmup is not None else max(1, min(5, steps_per_epoch // 6))
-    rounds = args.rounds or (1 if args.quick else 3)
+    steps = p.stage2_images // p.stage2_batch
+    args.warmup = args.warmup if args.warmup is not None else max(1, min(5, steps // 6))
+    args.rounds = args.rounds or (1 if args.quick else 3)
     if args.loaders:
-        loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
+        args.loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
     elif on_gpu:
-        loaders = ["auto"]
+        args.loaders = ["auto"]
     else:
-        loaders = (["dali"] if dali_available() else []) + ([] if args.quick and dali_available() else ["torch"])
-    info = machine_info()
-    print(machine_line(info), flush=True)
-    print(f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, "
-          f"{p.stage2_images} images ({steps_per_epoch} steps/epoch, {warmup} warm-up, {rounds} round(s)), teachers "
-          f"{list(p.teachers)} {list(p.teacher_sizes)}, {p.num_classes} classes, C={p.num_crops}, k={p.topk}, "
-          f"{p.num_workers} loader workers, loaders {loaders}", flush=True)
+        args.loaders = (["dali"] if dali_available() else []) + ([] if args.quick and dali_available() else ["torch"])
+    args.online_steps = args.online_steps or (min(steps, 40) if on_gpu else None)
+    return args, p, on_gpu
 
+
+def setup_data(args, p, wd: Path):
+    """JPEGs + manifest, a validation subset and a synthetic cache (reused from a kept workdir)."""
+    with Timer() as t_data:
+        manifest_path, manifest = image_dataset(wd, f"train{p.stage2_images}", p.stage2_images, p.num_classes,
+                                                sizes=p.image_sizes, seed=args.seed)
+        val_path = subset_manifest(manifest, p.num_classes, wd / "val.parquet")
+        cache = wd / f"cache{p.stage2_images}"
+        if not cache.exists():
+            synthetic_cache(cache, manifest, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
+    print(f"data: {p.stage2_images} JPEGs ({manifest.file_bytes.mean() / 1024:.0f} KB mean, "
+          f"{(manifest.widths.astype(float) * manifest.heights).mean() / 1e3:.0f} kpixel) + manifest + cache "
+          f"in {t_data.seconds:.1f} s", flush=True)
+    return manifest_path, manifest, val_path, cache
+
+
+def setup_rows(args, p, wd, manifest_path, val_path, cache) -> tuple[list[dict], dict]:
+    """Every row's job (mode, loader label, job, step cap), built once and measured in rounds; and the
+    distill jobs by loader kind (for the loader-only rows)."""
+    steps = p.stage2_images // p.stage2_batch
+    stamp = iter(range(1000))
+
+    def cfg_for(loader: str, tag: str):
+        return config(p, wd, manifest_path, val_path, cache, loader, f"{tag}-{next(stamp)}", args.seed)
+
+    def row(mode, label, job, max_steps=None):
+        return {"mode": mode, "loader": label, "job": job, "max_steps": max_steps, "runs": []}
+
+    first = args.loaders[0]
+    base = setup(cfg_for(first, "limit"), "distill")
+    rows = [row("compute limit", "-", dataclasses.replace(base, train_loader=SyntheticLoader(base.train_loader, steps)))]
+    distill_jobs = {}
+    for loader in args.loaders:
+        job = setup(cfg_for(loader, "distill"), "distill")
+        distill_jobs[job.train_loader.kind] = job
+        rows.append(row("distill", job.train_loader.kind, job))
+        if loader == first:
+            job = setup(cfg_for(loader, "train"), "train")
+            rows.append(row("train (hard labels)", job.train_loader.kind, job))
+    online = setup(cfg_for(first, "online").replace(**{"distill.online": True, "distill.cache": ""}), "distill")
+    rows.append(row("online MEAL V2", online.train_loader.kind, online, args.online_steps))
+    rows.append(row("online compute limit", "-", dataclasses.replace(online, train_loader=SyntheticLoader(
+        online.train_loader, args.online_steps or steps, teachers=online.targets.teachers))))
+    return rows, distill_jobs
+
+
+def measure_rounds(args, rows_spec: list[dict], distill_jobs: dict) -> dict:
+    """Every row warmed once (allocator, autotuning, thread pools), then interleaved rounds; the rows' runs
+    go into ``rows_spec``, the loader-only runs are returned by loader kind."""
+    for spec in rows_spec:
+        timed_epoch(spec["job"], 0, warmup=0, max_steps=2)
+    loader_runs = {kind: [] for kind in distill_jobs}
+    for r in range(args.rounds):
+        for spec in rows_spec:
+            res = timed_epoch(spec["job"], r, args.warmup, spec["max_steps"])
+            spec["runs"].append(res)
+            print(f"  round {r + 1}: {spec['mode']:<22} {spec['loader']:<6} {res['img_per_s']:>8.1f} img/s, "
+                  f"CPU ms/img: main thread {res['main_cpu_ms_per_img']:.2f}, process "
+                  f"{res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
+        for kind, job in distill_jobs.items():
+            res = loader_only(job.train_loader, args.warmup, job.runtime.device)
+            loader_runs[kind].append(res)
+            print(f"  round {r + 1}: loader only (distill)  {kind:<6} {res['img_per_s']:>8.1f} img/s, "
+                  f"CPU ms/img: process {res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
+    return loader_runs
+
+
+def measure_profiles(args, job, manifest, cache: Path, on_gpu: bool) -> dict:
+    """Where the time goes: cProfile of the distill loop (main thread), render cost per image, CUDA syncs."""
     extra = {}
-    with Workdir(args.workdir, args.keep, "bench-stage2-") as wd:
-        with Timer() as t_data:
-            manifest_path, manifest = image_dataset(wd, f"train{p.stage2_images}", p.stage2_images, p.num_classes,
-                                                    sizes=p.image_sizes, seed=args.seed)
-            val_path = subset_manifest(manifest, p.num_classes, wd / "val.parquet")
-            cache = wd / f"cache{p.stage2_images}"
-            if not cache.exists():
-                synthetic_cache(cache, manifest, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
-        print(f"data: {p.stage2_images} JPEGs ({manifest.file_bytes.mean() / 1024:.0f} KB mean, "
-              f"{(manifest.widths.astype(float) * manifest.heights).mean() / 1e3:.0f} kpixel) + manifest + cache "
-              f"in {t_data.seconds:.1f} s", flush=True)
-        stamp = iter(range(1000))
+    if not args.quick:
+        _, extra["profile_distill_main_thread"] = profile_top(lambda: timed_epoch(job, args.rounds, args.warmup), n=10)
+        extra["profile_loader"] = job.train_loader.kind
+    pp = job.train_loader.preprocess
+    extra["render_anatomy"] = render_anatomy(manifest, cache, pp.input_size, pp.interpolation, 16 if args.quick else 64)
+    if on_gpu:  # host<->device synchronisations per training step, and where they come from
+        n = min(10, len(job.train_loader))
+        syncs = count_cuda_syncs(lambda: train_one_epoch(
+            dataclasses.replace(job, train_loader=LimitedLoader(job.train_loader, n)), args.rounds + 1))
+        extra["cuda_syncs"] = {**syncs, "steps": n, "per_step": syncs["total"] / n}
+    return extra
 
-        def cfg_for(loader: str, tag: str):
-            return config(p, wd, manifest_path, val_path, cache, loader, f"{tag}-{next(stamp)}", args.seed)
 
-        # Every row: (mode, loader label, job, optimizers, scaler, step cap). Built once, measured in rounds.
-        rows_spec = []
+def measure(args, p, wd: Path, on_gpu: bool) -> tuple[list[dict], dict]:
+    """The table's rows (medians over the rounds) and the profiles."""
+    manifest_path, manifest, val_path, cache = setup_data(args, p, wd)
+    rows_spec, distill_jobs = setup_rows(args, p, wd, manifest_path, val_path, cache)
+    loader_runs = measure_rounds(args, rows_spec, distill_jobs)
+    keys = ("img_per_s", "epoch_img_per_s", "main_cpu_ms_per_img", "process_cpu_ms_per_img", "load1")
+    rows = [{"mode": spec["mode"], "loader": spec["loader"], **{k: median_of(spec["runs"], k) for k in keys},
+             "img_per_s_rounds": [x["img_per_s"] for x in spec["runs"]], "steps": spec["runs"][0]["steps"],
+             "warmup_steps": args.warmup, "losses": spec["runs"][-1]["losses"]} for spec in rows_spec]
+    rows += [{"mode": "loader only (distill)", "loader": kind, **{k: median_of(runs, k) for k in keys},
+              "img_per_s_rounds": [x["img_per_s"] for x in runs]} for kind, runs in loader_runs.items()]
+    extra = {} if args.no_profile else measure_profiles(args, next(iter(distill_jobs.values())), manifest, cache,
+                                                        on_gpu)
+    del rows_spec, distill_jobs
+    gc.collect()
+    return rows, extra
 
-        def add_row(mode, label, job, max_steps=None):
-            rows_spec.append({"mode": mode, "loader": label, "job": job, "max_steps": max_steps, "runs": []})
 
-        first = loaders[0]
-        base = setup(cfg_for(first, "limit"), "distill")
-        add_row("compute limit", "-", dataclasses.replace(base, train_loader=SyntheticLoader(base.train_loader, steps_per_epoch)))
-        distill_jobs = {}
-        for loader in loaders:
-            job = setup(cfg_for(loader, "distill"), "distill")
-            distill_jobs[job.train_loader.kind] = job
-            add_row("distill", job.train_loader.kind, job)
-            if loader == first:
-                job = setup(cfg_for(loader, "train"), "train")
-                add_row("train (hard labels)", job.train_loader.kind, job)
-        online_job = setup(cfg_for(first, "online").replace(**{"distill.online": True, "distill.cache": ""}), "distill")
-        online_steps = args.online_steps or (min(steps_per_epoch, 40) if on_gpu else None)
-        render_kind = online_job.train_loader.kind
-        add_row("online MEAL V2", render_kind, online_job, online_steps)
-        add_row("online compute limit", "-", dataclasses.replace(online_job, train_loader=SyntheticLoader(
-            online_job.train_loader, online_steps or steps_per_epoch, teachers=online_job.targets.teachers)))
+def summarize(rows: list[dict], on_gpu: bool) -> dict:
+    """Each row against the compute limit and online MEAL V2 (added to the rows); the targets."""
+    def find(mode, loader=None):
+        return next(r for r in rows if r["mode"] == mode and (loader is None or r["loader"] == loader))
 
-        # warm every row once (allocator, autotuning, thread pools), then interleaved rounds
-        for spec in rows_spec:
-            timed_epoch(spec["job"], 0, warmup=0, max_steps=2)
-        loader_runs = {kind: [] for kind in distill_jobs}
-        for r in range(rounds):
-            for spec in rows_spec:
-                res = timed_epoch(spec["job"], r, warmup, spec["max_steps"])
-                spec["runs"].append(res)
-                print(f"  round {r + 1}: {spec['mode']:<22} {spec['loader']:<6} {res['img_per_s']:>8.1f} img/s, "
-                      f"CPU ms/img: main thread {res['main_cpu_ms_per_img']:.2f}, process "
-                      f"{res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
-            for kind, job in distill_jobs.items():
-                res = loader_only(job.train_loader, warmup, job.runtime.device)
-                loader_runs[kind].append(res)
-                print(f"  round {r + 1}: loader only (distill)  {kind:<6} {res['img_per_s']:>8.1f} img/s, "
-                      f"CPU ms/img: process {res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
-
-        def median(runs, key):
-            values = [x[key] for x in runs if x.get(key) is not None]
-            return float(np.median(values)) if values else None
-
-        keys = ("img_per_s", "epoch_img_per_s", "main_cpu_ms_per_img", "process_cpu_ms_per_img", "load1")
-        rows = []
-        for spec in rows_spec:
-            rows.append({"mode": spec["mode"], "loader": spec["loader"], **{k: median(spec["runs"], k) for k in keys},
-                         "img_per_s_rounds": [x["img_per_s"] for x in spec["runs"]],
-                         "steps": spec["runs"][0]["steps"], "warmup_steps": warmup,
-                         "losses": spec["runs"][-1]["losses"]})
-        for kind, runs in loader_runs.items():
-            rows.append({"mode": "loader only (distill)", "loader": kind, **{k: median(runs, k) for k in keys},
-                         "img_per_s_rounds": [x["img_per_s"] for x in runs]})
-
-        # where the time goes: cProfile of the distill loop (main thread), render cost per image
-        if not args.no_profile:
-            job = distill_jobs[next(iter(distill_jobs))]
-            if not args.quick:
-                _, top = profile_top(lambda: timed_epoch(job, rounds, warmup), n=10)
-                extra["profile_distill_main_thread"] = top
-                extra["profile_loader"] = job.train_loader.kind
-            pp = job.train_loader.preprocess
-            extra["render_anatomy"] = render_anatomy(manifest, cache, pp.input_size, pp.interpolation,
-                                                     16 if args.quick else 64)
-            if on_gpu:  # host<->device synchronisations per training step, and where they come from
-                n = min(10, steps_per_epoch)
-                syncs = count_cuda_syncs(lambda: train_one_epoch(
-                    dataclasses.replace(job, train_loader=LimitedLoader(job.train_loader, n)), rounds + 1))
-                extra["cuda_syncs"] = {**syncs, "steps": n, "per_step": syncs["total"] / n}
-        del rows_spec, distill_jobs, base, online_job
-        gc.collect()
-
-    def find(mode, loader):
-        return next(r for r in rows if r["mode"] == mode and r["loader"] == loader)
-
-    limit, online, online_limit = find("compute limit", "-"), find("online MEAL V2", render_kind), \
-        find("online compute limit", "-")
+    limit, online, online_limit = find("compute limit", "-"), find("online MEAL V2"), find("online compute limit", "-")
     for r in rows:
         r["x_compute_limit"] = r["img_per_s"] / limit["img_per_s"]
         r["x_online"] = r["img_per_s"] / online["img_per_s"]
@@ -285,22 +292,25 @@ def main(argv=None) -> int:
             r["x_compute_limit_cpu"] = limit["main_cpu_ms_per_img"] / r["main_cpu_ms_per_img"]
             r["x_online_cpu"] = online["main_cpu_ms_per_img"] / r["main_cpu_ms_per_img"]
     best = max((r for r in rows if r["mode"] == "distill"), key=lambda r: r["img_per_s"])
-    # teachers' forward per image over the student's step per image (training-thread CPU time)
-    teacher_cost = online_limit["main_cpu_ms_per_img"] / limit["main_cpu_ms_per_img"] - 1
-    targets = {
+    return {
         "distill_loader": best["loader"],
         "distill_over_compute_limit": best["x_compute_limit"],
         "distill_over_online": best["x_online"],
         "distill_over_online_compute_limit": best["img_per_s"] / online_limit["img_per_s"],
         "cpu_time_ratios": {"distill_over_compute_limit": best.get("x_compute_limit_cpu"),
                             "distill_over_online": best.get("x_online_cpu")},
-        "teacher_cost_over_student_step": teacher_cost,
+        # teachers' forward per image over the student's step per image (training-thread CPU time)
+        "teacher_cost_over_student_step": online_limit["main_cpu_ms_per_img"] / limit["main_cpu_ms_per_img"] - 1,
         "target_compute_limit": 0.95,
         "target_online": 4.0,
         "met_compute_limit": best["x_compute_limit"] >= 0.95,
         "met_online": best["x_online"] >= 4.0,
         "judged_on": "gpu" if on_gpu else "cpu (the targets are GPU targets; not judged here)",
     }
+
+
+def report(rows: list[dict], targets: dict, extra: dict) -> str:
+    """Prints the table, the targets and the profiles; returns the table."""
     table = markdown_table(rows, [("mode", "mode"), ("loader", "loader"), ("img_per_s", "img/s (median)"),
                                   ("x_compute_limit", "x compute limit"), ("x_online", "x online"),
                                   ("main_cpu_ms_per_img", "train-thread CPU ms/img"),
@@ -309,10 +319,12 @@ def main(argv=None) -> int:
                                   ("x_online_cpu", "x online (train-thread CPU)"), ("load1", "load avg (1 min)")])
     print()
     print(table)
-    print(f"\ndistill ({best['loader']}) / compute limit = {targets['distill_over_compute_limit']:.2f} wall, "
-          f"{best.get('x_compute_limit_cpu') or 0:.2f} by training-thread CPU (target >= 0.95); / online MEAL V2 = "
-          f"{targets['distill_over_online']:.2f} wall, {best.get('x_online_cpu') or 0:.2f} by CPU (target >= 4); "
-          f"teachers' forward costs {teacher_cost:.2f} x the student's step; judged on {targets['judged_on']}")
+    t, cpu = targets, targets["cpu_time_ratios"]
+    print(f"\ndistill ({t['distill_loader']}) / compute limit = {t['distill_over_compute_limit']:.2f} wall, "
+          f"{cpu['distill_over_compute_limit'] or 0:.2f} by training-thread CPU (target >= 0.95); / online MEAL V2 = "
+          f"{t['distill_over_online']:.2f} wall, {cpu['distill_over_online'] or 0:.2f} by CPU (target >= 4); "
+          f"teachers' forward costs {t['teacher_cost_over_student_step']:.2f} x the student's step; judged on "
+          f"{t['judged_on']}")
     if extra.get("profile_distill_main_thread"):
         print(f"\ncProfile, distill loop ({extra['profile_loader']} loader), main thread, top 10 by own time:\n")
         print(profile_table(extra["profile_distill_main_thread"]))
@@ -324,10 +336,24 @@ def main(argv=None) -> int:
     if extra.get("cuda_syncs"):
         c = extra["cuda_syncs"]
         print(f"\nCUDA synchronisations in {c['steps']} distill steps: {c['total']} ({c['per_step']:.1f} per step): {c['by_line']}")
-    path = write_results("stage2-quick" if args.quick else "stage2", {
-        "command": command_line(), "machine": info, "preset": p, "warmup_steps": warmup, "rounds": rounds,
+    return table
+
+
+def main(argv=None) -> int:
+    args, p, on_gpu = parse_args(argv)
+    info = announce(
+        f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, "
+        f"{p.stage2_images} images ({p.stage2_images // p.stage2_batch} steps/epoch, {args.warmup} warm-up, "
+        f"{args.rounds} round(s)), teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.num_classes} "
+        f"classes, C={p.num_crops}, k={p.topk}, {p.num_workers} loader workers, loaders {args.loaders}")
+    with Workdir(args.workdir, args.keep, "bench-stage2-") as wd:
+        rows, extra = measure(args, p, wd, on_gpu)
+    targets = summarize(rows, on_gpu)
+    table = report(rows, targets, extra)
+    path = write_results("stage2", {
+        "command": command_line(), "machine": info, "preset": p, "warmup_steps": args.warmup, "rounds": args.rounds,
         "loadavg_at_end": loadavg(), "rows": rows, "targets": targets, **extra, "table": table,
-    }, args.out)
+    }, args.out, args.quick)
     print(f"\nwrote {path}")
     return 0
 

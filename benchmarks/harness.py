@@ -82,13 +82,26 @@ def default_preset() -> str:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu: real teachers/student, bf16; cpu: tiny timm models (default: gpu if CUDA)")
-    parser.add_argument("--quick", action="store_true", help="smoke run (< 60 s)")
+    add_quick_arg(parser)
     parser.add_argument("--workdir", default=None, help="temp data here (default: a new temp dir, deleted)")
     parser.add_argument("--keep", action="store_true", help="keep the temp data")
-    parser.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<name>.json)")
+    add_out_arg(parser)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: the preset's; cpu: 1, gpu: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 s)",
+                  where: str = "JSON under benchmarks/results/quick/") -> None:
+    """The one smoke-run flag of every benchmark (``--smoke`` is the same flag); each benchmark maps it to its
+    own small sizes. Its JSON goes to benchmarks/results/quick/ (git-ignored), never over a recorded full run."""
+    parser.add_argument("--quick", "--smoke", dest="quick", action="store_true",
+                        help=f"{help}; {where}")
+
+
+def add_out_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<name>.json, "
+                        "--quick: benchmarks/results/quick/<name>.json)")
 
 
 def resolve_preset(args: argparse.Namespace, **overrides: Any) -> Preset:
@@ -172,6 +185,14 @@ def machine_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def announce(*lines: str) -> dict[str, Any]:
+    """The machine record, printed before what this run will measure (``lines``)."""
+    info = machine_info()
+    for line in (machine_line(info), *lines):
+        print(line, flush=True)
     return info
 
 
@@ -424,17 +445,24 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
                     ([fmt_num(row[k]) if k in row else "" for k, _ in columns] for row in rows))
 
 
-def write_results(name: str, payload: dict[str, Any], out: str | None = None) -> Path:
-    path = Path(out) if out else RESULTS_DIR / f"{name}.json"
+def results_path(name: str, out: str | None = None, quick: bool = False) -> Path:
+    """``out``, else the recorded result benchmarks/results/NAME.json; a quick run's default is
+    benchmarks/results/quick/NAME.json, so that a check never overwrites a recorded full run."""
+    return Path(out) if out else (RESULTS_DIR / "quick" if quick else RESULTS_DIR) / f"{name}.json"
+
+
+def write_results(name: str, payload: dict[str, Any], out: str | None = None, quick: bool = False) -> Path:
+    path = results_path(name, out, quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
     return path
 
 
 def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str,
-            doc_section: str) -> Path:
+            doc_section: str, quick: bool = False) -> Path:
     """The end of an accuracy benchmark: its JSON written, its report printed and put in the marked
     section ``doc_section`` of ``doc`` ('' = no document)."""
-    path = write_results(name, payload, out)
+    path = write_results(name, payload, out, quick)
     print("\n" + section + f"\nJSON: {path}", flush=True)
     if doc:
         update_marked_section(Path(doc), section, doc_section)
@@ -444,8 +472,7 @@ def publish(name: str, payload: dict[str, Any], out: str | None, section: str, d
 
 def begin(workdir: str | Path) -> tuple[float, dict[str, Any], Path]:
     """Start of an accuracy benchmark: its clock, the machine (printed) and its work directory (created)."""
-    started, info = time.time(), machine_info()
-    print(machine_line(info), flush=True)
+    started, info = time.time(), announce()
     path = Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     return started, info, path
@@ -494,6 +521,12 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "__dataclass_fields__"):
         return asdict(obj)
     return str(obj)
+
+
+def median_of(runs: Iterable[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over the rounds that measured it (None if none did)."""
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return float(np.median(values)) if values else None
 
 
 def profile_top(fn: Callable[[], Any], n: int = 10, sort: str = "tottime") -> tuple[Any, list[dict[str, Any]]]:
