@@ -396,7 +396,7 @@ class Grid:
     def config(self, train_manifest: str):
         """The demo's recipe (32 px, batch 128, SGD lr 0.05 cosine, crops at scale 0.64-1) on ``train_manifest``,
         validated on the test images after the last epoch only."""
-        from common.demo import demo_config
+        from stage2_student_distill.app.demo import demo_config
 
         a = self.args
         base = demo_config(a.config, {

@@ -20,7 +20,7 @@ import torch
 from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader
 from common.config import load_config
-from common.demo import demo_config
+from stage2_student_distill.app.demo import demo_config
 from common.manifest import load_manifest
 from stage1_teacher_cache.label_agreement import cache_label_agreement
 from stage2_student_distill import experiment as ex

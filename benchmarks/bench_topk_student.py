@@ -20,7 +20,7 @@ from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
 from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader
 from common.cache_storage import restore_targets
-from common.demo import demo_config
+from stage2_student_distill.app.demo import demo_config
 from stage2_student_distill import experiment as ex
 from stage1_teacher_cache.info import cache_info
 from stage1_teacher_cache.sharing import reduce_topk

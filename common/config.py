@@ -20,16 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import PipelineError
+from common.errors import ConfigError  # noqa: F401  (defined with the other errors; callers import it from here too)
 
 # The default config ships inside the package: in the checkout common/pipeline.toml is a
 # symlink to the top-level pipeline.toml (one file to edit), and the wheel stores a copy of it,
 # so an installed `pipeline` finds its defaults without the checkout (docs/design-notes.md).
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "pipeline.toml"
-
-
-class ConfigError(PipelineError):
-    """A configuration value is unknown, of the wrong type or out of range."""
 
 
 # Each choice list is written once, here: the checks in _validate_table, the CLI's click.Choice
@@ -157,7 +153,7 @@ class DemoConfig:
     teacher_epochs: int = 2  # on teacher_train_images
     student: str = "test_efficientnet"
     student_epochs: int = 60
-    # its training settings ([optim], [crops], [teacher_cache]) are common/demo.toml, laid over the file
+    # its training settings ([optim], [crops], [teacher_cache]) are stage2_student_distill/app/demo.toml, laid over the file
 
 
 @dataclass(frozen=True)
@@ -366,7 +362,7 @@ def load_config(
 ) -> Config:
     """Defaults <- TOML file (``path``, default: the packaged pipeline.toml) <- layers <- recipe <- overrides.
 
-    ``layers`` are a command's own partial config files (common/demo.toml); ``recipe`` is a name from
+    ``layers`` are a command's own partial config files (stage2_student_distill/app/demo.toml); ``recipe`` is a name from
     ``recipes/`` or a path to a partial config file (common/recipes.py); both are laid over the file,
     and overrides still win.
     """

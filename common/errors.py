@@ -38,6 +38,11 @@ class PipelineError(ValueError):
 _NAMES.add(PipelineError.__name__)
 
 
+class ConfigError(PipelineError):
+    """A configuration value is unknown, of the wrong type or out of range (here, not in common/config.py,
+    so that the modules config.py reads, such as common/recipes.py, can raise it without importing config)."""
+
+
 def wrapped_user_error(e: BaseException) -> bool:
     """Whether ``e`` is a DataLoader worker's re-raise of one of our errors under another type."""
     header = _WORKER_HEADER.match(str(e))

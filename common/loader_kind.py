@@ -1,4 +1,5 @@
-"""Which crop-rendering path a stage uses: the one rule behind ``loader = "auto" | "dali" | "torch"``.
+"""Which crop-rendering path a stage uses, the one rule behind ``loader = "auto" | "dali" | "torch"``,
+and the renderer it builds (:func:`build_renderer`: ``common.render``'s or its DALI twin's).
 
 Both stages (``teacher_cache.loader``, ``optim.loader``) resolve the setting
 here, so "auto" means the same everywhere:
@@ -15,9 +16,10 @@ here, so "auto" means the same everywhere:
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from common.config import LOADERS, ConfigError
+from common.render import TorchRenderer, View
 
 if TYPE_CHECKING:
     from common.runtime import Runtime
@@ -46,3 +48,15 @@ def choose_loader(requested: str, runtime: Runtime, key: str = "loader") -> str:
             '(pip install nvidia-dali-cuda120) or use loader "torch" (or "auto")'
         )
     return "dali"
+
+
+def build_renderer(kind: str, views: Sequence[View], runtime: Runtime, crops_per_image: int, images_per_call: int,
+                   workers: int = 1, pin_memory: bool = False):
+    """The renderer of ``kind`` (``"torch"`` | ``"dali"``, as ``common.loader_kind.choose_loader`` resolved it)
+    for ``views``; ``workers`` threads split a torch call's images (DALI has its own threads)."""
+    if kind == "torch":
+        return TorchRenderer(views, workers, pin_memory)
+    from common.dali_crops import DaliCropRenderer, device_id_for  # imports nvidia.dali: only when asked for
+
+    return DaliCropRenderer(views, batch_size=images_per_call, num_threads=max(1, runtime.num_workers),
+                            device_id=device_id_for(runtime), crops_per_image=crops_per_image)

@@ -21,6 +21,8 @@ from torch import nn
 from common.config import INTERPOLATIONS
 from common.errors import PipelineError, cause_text
 
+IMAGENET_CLASSES = 1000  # the class count of timm's pretrained weights and of the released MEAL V2 models
+
 
 @dataclass(frozen=True)
 class ModelName:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError
+from common.errors import ConfigError
 
 # recipes/ at the top level is where they are edited; common/recipe_files links to it, so they
 # ship in the wheel as package data of `common` (like pipeline.toml) without a top-level

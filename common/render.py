@@ -7,7 +7,7 @@ sees the teacher's view" true. A renderer is built for a list of :class:`View`
 (size + interpolation) and decodes each image once for all of them:
 :class:`TorchRenderer` here, or ``common.dali_crops.DaliCropRenderer`` (same
 contract: ROI decode, resize, mirror; tested against this one), picked by
-:func:`build_renderer`. Both check the decoded frame against the manifest's
+:func:`common.loader_kind.build_renderer`. Both check the decoded frame against the manifest's
 (:func:`check_frame`), the one "file changed since the manifest" check.
 
 Pixels stay uint8 until they are on the compute device: 4x less host memory and
@@ -18,16 +18,13 @@ from __future__ import annotations
 import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.images import ImageError, open_image
-
-if TYPE_CHECKING:
-    from common.runtime import Runtime
 
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest", "linear": "bilinear", "cubic": "bicubic"}
 
@@ -138,18 +135,6 @@ class TorchRenderer:
         if frame is not None:
             check_frame(path, (image.shape[2], image.shape[1]), frame)
         return [render_crops(image, b, flips, v.size, v.interpolation) for b, v in zip(boxes, self.views)]
-
-
-def build_renderer(kind: str, views: Sequence[View], runtime: Runtime, crops_per_image: int, images_per_call: int,
-                   workers: int = 1, pin_memory: bool = False):
-    """The renderer of ``kind`` (``"torch"`` | ``"dali"``, as ``common.loader_kind.choose_loader`` resolved it)
-    for ``views``; ``workers`` threads split a torch call's images (DALI has its own threads)."""
-    if kind == "torch":
-        return TorchRenderer(views, workers, pin_memory)
-    from common.dali_crops import DaliCropRenderer, device_id_for
-
-    return DaliCropRenderer(views, batch_size=images_per_call, num_threads=max(1, runtime.num_workers),
-                            device_id=device_id_for(runtime), crops_per_image=crops_per_image)
 
 
 def normalize(batch: torch.Tensor, mean, std, device=None, memory_format=torch.contiguous_format) -> torch.Tensor:

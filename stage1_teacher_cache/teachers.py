@@ -17,10 +17,8 @@ import torch
 from torch import nn
 
 from common.config import ConfigError, TeacherCacheConfig, parse_assignments
-from common.models import Preprocess, WeightsError, create_model, file_sha256, resolve_name
+from common.models import IMAGENET_CLASSES, Preprocess, WeightsError, create_model, file_sha256, resolve_name
 from common.runtime import Runtime
-
-IMAGENET_CLASSES = 1000
 
 
 @dataclass

@@ -7,7 +7,7 @@ rendered on a thread pool ahead of the forward passes (``common.prefetch``;
 Pillow, torch's resize and DALI release the GIL), in order, with a bounded
 look-ahead so memory stays flat.
 
-The renderer is ``common.render``'s (:func:`~common.render.build_renderer`):
+The renderer is ``common.render``'s (:func:`~common.loader_kind.build_renderer`):
 torch or DALI, each decoding an image once for every teacher's view and
 checking its frame against the manifest's.
 """
@@ -20,7 +20,8 @@ import torch
 
 from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
 from common.models import Preprocess
-from common.render import View, build_renderer
+from common.loader_kind import build_renderer
+from common.render import View
 from common.runtime import Runtime
 
 # (paths [n], per-teacher boxes [n, m, 4], flips [n, m], manifest (width, height) [n] or None)

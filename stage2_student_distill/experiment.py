@@ -1,6 +1,6 @@
 """The experiment driver: data -> teachers -> teacher cache -> students -> results table and plot.
 
-`pipeline demo` (common/demo.py) and the Fashion-MNIST benchmarks (benchmarks/bench_fashion_mnist.py,
+`pipeline demo` (stage2_student_distill/app/demo.py) and the Fashion-MNIST benchmarks (benchmarks/bench_fashion_mnist.py,
 bench_crop_budget.py, bench_topk_student.py) are this driver with different settings. It lives in stage 2,
 the library's top stage, because it calls stage 1 (the cache) as well as stage 2 (training).
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from common.errors import PipelineError
 from common.locations import scheme
-from common.models import MODEL_NAMES, Preprocess, WeightsError, create_model, load_failure, read_weights
+from common.models import IMAGENET_CLASSES, MODEL_NAMES, Preprocess, WeightsError, create_model, load_failure, read_weights
 
 RELEASE = "https://github.com/szq0214/MEAL-V2/releases/download/v1.0.0/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,7 +67,6 @@ class HubModel:
 # The released models of the one table of model names (common/models.py MODEL_NAMES).
 HUB_MODELS: dict[str, HubModel] = {name: HubModel(m.timm_name, m.release_file, m.input_size)
                                    for name, m in MODEL_NAMES.items() if m.release_file}
-IMAGENET_CLASSES = 1000
 
 
 class HubError(PipelineError):

@@ -48,7 +48,8 @@ from common.crops import centre_box, check_boxes_inside
 from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
 from common.manifest import ConfinedPaths
 from common.prefetch import in_background, prefetch
-from common.render import View, build_renderer, manifest_frames, normalize
+from common.loader_kind import build_renderer
+from common.render import View, manifest_frames, normalize
 from common.runtime import to_device
 from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
 

@@ -92,7 +92,7 @@ class Writer:
         cfg = workdir / f"config-{time.monotonic_ns()}.toml"
         cfg.write_text(config_toml(settings))
         if mode == "cli":
-            cmd = [sys.executable, "-c", "from common.cli import main; main()", "--config", str(cfg), "teacher-cache"]
+            cmd = [sys.executable, "-c", "from stage2_student_distill.app.cli import main; main()", "--config", str(cfg), "teacher-cache"]
             cmd += ["--more-crops", str(more_crops)] if more_crops else []
             self._proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), **env),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

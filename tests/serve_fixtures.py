@@ -16,7 +16,7 @@ from tests.stage1_fixtures import config, make_manifest
 
 pytest.importorskip("flask", reason="pipeline serve needs Flask: pip install '.[serve]'")
 
-from common.serve.app import Served, create_app, make_server  # noqa: E402
+from stage2_student_distill.app.serve.app import Served, create_app, make_server  # noqa: E402
 
 NAMES = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu"]  # 7 classes: the page shows the top 5
 PRE = {"input_size": 32, "interpolation": "bilinear", "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.cache_format import CacheReader, verify_cache
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.images import ImageError
 from common.manifest import load_manifest
 from common.render import decode

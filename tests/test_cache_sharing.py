@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from common.cache_format import CacheError, CacheReader, CacheWriter, verify_cache
 from common.cache_storage import restore_targets, round_down_fp16
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.config import RuntimeConfig
 from common.manifest import load_manifest
 from common.models import create_model

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from common.cache_format import CacheReader, put_attrs
 from common.cache_storage import cache_attrs, index_dtype, storage_attrs
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from stage1_fixtures import INPUT_SIZES, TEACHERS, dataset  # noqa: F401
 
 IDENTITY_FIRST = ["manifest", "num_classes", "teachers", "ensemble", "crops", "storage"]

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
 
 

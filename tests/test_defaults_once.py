@@ -17,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 
 from common.cache_format import CacheReader
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from stage1_fixtures import make_manifest
 from stage1_fixtures import config as stage1_config
 from stage1_teacher_cache.run import run as teacher_cache
@@ -105,7 +105,7 @@ def test_the_experiment_driver_and_distill_read_an_old_cache_in_percent(old_cach
 
 def test_the_serve_cache_page_shows_an_old_cache_in_percent(old_cache):
     pytest.importorskip("flask")
-    from common.serve.app import Served, create_app
+    from stage2_student_distill.app.serve.app import Served, create_app
 
     served = Served(cache=old_cache["cache"], manifest=old_cache["manifest"])
     assert served.cache.wait(60)
@@ -222,7 +222,7 @@ def _shown(*args: str) -> dict:
 
 def test_the_demo_runs_with_the_settings_it_had_and_declares_none_of_them_twice():
     from common.config import DemoConfig
-    from common.demo import demo_config
+    from stage2_student_distill.app.demo import demo_config
 
     assert {f.name for f in dataclasses.fields(DemoConfig)} == {
         "out", "data_dir", "source_dir", "train_images", "val_images", "teacher_train_images", "teachers",

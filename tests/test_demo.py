@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner
 
-from common.cli import main as cli_main
+from stage2_student_distill.app.cli import main as cli_main
 
 CLASSES = 10
 

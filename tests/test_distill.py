@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.cache_format import CacheError
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.config import load_config
 from common.models import create_model, read_weights
 from common.runtime import Runtime

@@ -212,14 +212,14 @@ def test_every_project_error_type_is_a_pipeline_error():
 
 
 def test_demo_without_its_module_says_why_when_run():
-    code = (  # as if common.demo needed a module that is not installed
+    code = (  # as if stage2_student_distill.app.demo needed a module that is not installed
         "import sys\n"
         "class Missing:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'common.demo':\n"
+        "        if name == 'stage2_student_distill.app.demo':\n"
         "            raise ModuleNotFoundError(\"No module named 'plotlib'\", name='plotlib')\n"
         "sys.meta_path.insert(0, Missing())\n"
-        "from common.cli import main; main(['demo'])")
+        "from stage2_student_distill.app.cli import main; main(['demo'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     assert result.returncode == 1, result.stderr

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from stage1_fixtures import SIZES, dataset, make_manifest  # noqa: F401
 from stage2_student_distill import experiment as ex
 from test_grow import arrays, assert_same_cache, caches, cli_args  # noqa: F401

@@ -18,7 +18,7 @@ import zarr
 from click.testing import CliRunner
 
 from common.cache_format import CacheError, CacheReader, CacheWriter, verify_cache
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from fault_kill_resume import Writer, run_trials
 from stage1_fixtures import config, dataset, overrides  # noqa: F401
 from stage1_teacher_cache.run import run

@@ -17,7 +17,7 @@ import zarr
 from click.testing import CliRunner
 
 from common.cache_format import CacheError, CacheReader, verify_cache
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, kill_when_flagged, overrides  # noqa: F401
 from stage1_teacher_cache import grow
 from stage1_teacher_cache.run import run

@@ -24,7 +24,7 @@ from numcodecs.zstd import Zstd
 
 from common.cache_format import (MAX_SHARDS, CacheError, CacheReader, CacheWriter, load_json_bounded,
                                  verify_cache, zstd_content_size)
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from stage1_teacher_cache.pack import INDEX_NAME, pack_cache
 from test_bad_images import _user_error, distill_inputs  # noqa: F401  (the distill fixture)
 

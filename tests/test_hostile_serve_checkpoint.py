@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image, ImageFile
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.models import WeightsError, create_model, read_weights
 from stage2_student_distill.hub import meal_v2_checkpoint
 from tests.serve_fixtures import create_app, inputs, png_bytes, served  # noqa: F401
@@ -225,7 +225,7 @@ def predict_only(tmp_path_factory):
 
 
 def _app(ckpt: Path, **kw):
-    from common.serve.app import Served
+    from stage2_student_distill.app.serve.app import Served
 
     return create_app(Served(checkpoint=ckpt, **kw))
 

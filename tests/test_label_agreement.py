@@ -14,7 +14,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from stage1_fixtures import config, dataset  # noqa: F401
 from stage1_teacher_cache.label_agreement import AgreementCounts, crop_top1
 from stage1_teacher_cache.run import run

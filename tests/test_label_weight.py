@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.manifest import ManifestRow, write_manifest
 from stage2_student_distill.discriminator import Discriminator
 from stage2_student_distill.losses import DistillObjective, cutmix, discriminator_loss

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.locations import LocationError, absolute, file_sizes, filesystem, is_url, local_path, read_bytes, scheme, write_bytes
 
 

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from common.cache_format import CacheWriter
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.manifest import ManifestError, ManifestRow, content_hash, load_manifest, write_manifest
 from data_manifests.build import build_manifest
 

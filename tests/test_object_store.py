@@ -23,7 +23,7 @@ pytest.importorskip("moto.server", reason="S3 tests need moto's server: pip inst
 pytest.importorskip("s3fs", reason="S3 tests need s3fs: pip install 'mealv2-pipeline[s3]'")
 
 from common.cache_format import CacheReader, verify_cache  # noqa: E402
-from common.cli import main  # noqa: E402
+from stage2_student_distill.app.cli import main  # noqa: E402
 from common.manifest import load_manifest  # noqa: E402
 from data_manifests.build import build_manifest  # noqa: E402
 from fault_kill_resume import Writer, wait_until  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common import render
+from common import loader_kind, render
 from common.images import ImageError
 from common.loader_kind import dali_available
 from common.manifest import load_manifest
@@ -110,7 +110,7 @@ def test_both_renderers_refuse_a_frame_other_than_the_manifests_by_file(tmp_path
     from common.runtime import build_runtime
 
     paths = _images(tmp_path)
-    renderer = render.build_renderer(kind, VIEWS, build_runtime(RuntimeConfig(device="cpu")), 2, 2)
+    renderer = loader_kind.build_renderer(kind, VIEWS, build_runtime(RuntimeConfig(device="cpu")), 2, 2)
     frames = np.array([[41, 33], [30, 52]])
     assert [tuple(v.shape) for v in renderer(paths, [BOXES, BOXES], FLIPS, frames)] == [(4, 3, 16, 16), (4, 3, 24, 24)]
     frames[1] = [52, 30]  # as if the second file had been replaced by a rotated copy

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.config import load_config
 from common.crops import boxes as crop_boxes
 from common.manifest import load_manifest

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.config import ConfigError, load_config
 from common.models import WeightsError, create_model, read_weights
 from common.recipes import list_recipes, read_recipe, recipe_names

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 
 import stage2_student_distill.losses as losses
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.config import load_config
 from stage2_student_distill.metrics import read_metrics
 from stage2_student_distill.targets import HardLabelTargets

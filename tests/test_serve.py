@@ -367,7 +367,7 @@ def test_nothing_outside_the_served_directories_is_readable(inputs, tmp_path):
 
 def test_pages_fetch_nothing_from_another_host(client):
     """What a browser would fetch: src/href attributes, CSS url()/@import, JS fetch/XHR; only same-server paths."""
-    package = ROOT / "common" / "serve"
+    package = ROOT / "stage2_student_distill" / "app" / "serve"
     shipped = [p.read_text() for p in sorted((package / "templates").iterdir()) + sorted((package / "static").iterdir())]
     pages = [client.get(url).text for url in ("/predict", "/cache", "/runs")]
     for text in shipped + pages:
@@ -381,7 +381,7 @@ def test_pages_fetch_nothing_from_another_host(client):
 # ----------------------------------------------------------------------------------------------- The command
 
 def test_serve_command_checks_its_arguments(inputs):
-    from common.serve.cli import _is_local, serve_command
+    from stage2_student_distill.app.serve.cli import _is_local, serve_command
 
     runner = CliRunner()
     nothing = runner.invoke(serve_command, [])
@@ -402,7 +402,7 @@ def test_serve_command_checks_its_arguments(inputs):
 def test_pipeline_serve_answers_on_localhost(inputs):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "serve", "--runs", str(inputs["runs"]), "--port", "0"],
+        [sys.executable, "-m", "stage2_student_distill.app.cli", "serve", "--runs", str(inputs["runs"]), "--port", "0"],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = ""

@@ -311,7 +311,7 @@ def test_cuda_run_gives_the_cpu_targets(built, dataset, tmp_path, loader, precis
 
 
 def test_cli_builds_then_reports_and_verifies(dataset, tmp_path):  # noqa: F811
-    from common.cli import main
+    from stage2_student_distill.app.cli import main
 
     cache = tmp_path / "cache"
     args = ["--set", "runtime.progress=false", "--set", "runtime.device=cpu", "teacher-cache",

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from common.cache_format import CacheReader
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from common.config import load_config
 from stage1_fixtures import SIZES, make_manifest
 from stage1_teacher_cache.evaluate import hits_of_probs

@@ -6,7 +6,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from common.cli import main
+from stage2_student_distill.app.cli import main
 from stage2_student_distill.metrics import read_metrics
 from stage2_student_distill.train import run_distill
 from test_distill import data, distill_config  # noqa: F401  (data: the manifests + cache fixture)

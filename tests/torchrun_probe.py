@@ -79,6 +79,6 @@ if __name__ == "__main__":
     train.fit = _recorded_fit
     atexit.register(_write_record)
     sys.addaudithook(_audit)
-    from common.cli import main
+    from stage2_student_distill.app.cli import main
 
     main(prog_name="pipeline")

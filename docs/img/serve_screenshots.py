@@ -16,7 +16,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from common.serve.app import Served, create_app, make_server
+from stage2_student_distill.app.serve.app import Served, create_app, make_server
 from stage1_teacher_cache.info import cache_info
 
 HERE = Path(__file__).resolve().parent

@@ -22,9 +22,9 @@ from flask import Flask, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.config import SEED_RANGE
-from common.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB, runs_view
-from common.serve.cache_view import MAX_GALLERY, CacheView
-from common.serve.predict_view import UploadError, describe_model, predict_upload
+from stage2_student_distill.app.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB, runs_view
+from stage2_student_distill.app.serve.cache_view import MAX_GALLERY, CacheView
+from stage2_student_distill.app.serve.predict_view import UploadError, describe_model, predict_upload
 from stage2_student_distill.predict import class_names, load_model
 
 GALLERY_DEFAULT = 12

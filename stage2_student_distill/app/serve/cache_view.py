@@ -21,7 +21,7 @@ from common.images import ImageError
 from common.manifest import ConfinedPaths, load_manifest
 from common.models import Preprocess
 from common.render import check_frame, decode, manifest_frames, render_crops
-from common.serve.pictures import chw_to_pil, png_data_uri
+from stage2_student_distill.app.serve.pictures import chw_to_pil, png_data_uri
 from stage1_teacher_cache.info import cache_info, human_bytes
 from stage1_teacher_cache.label_agreement import crop_top1, disagreeing_crops
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.images import ImageError, image_header
 from common.render import decode
-from common.serve.pictures import chw_to_pil, png_data_uri
+from stage2_student_distill.app.serve.pictures import chw_to_pil, png_data_uri
 from stage2_student_distill.hub import LoadedModel
 from stage2_student_distill.predict import preprocess_decoded, top_classes
 

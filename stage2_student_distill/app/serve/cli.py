@@ -1,4 +1,4 @@
-"""`pipeline serve`: a thin shell over ``common.serve.app`` (Flask is imported only when it runs)."""
+"""`pipeline serve`: a thin shell over ``stage2_student_distill.app.serve.app`` (Flask is imported only when it runs)."""
 from __future__ import annotations
 
 import ipaddress
@@ -6,7 +6,7 @@ import ipaddress
 import click
 
 from common.cli_support import config_options, resolve_config, user_errors
-from common.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB
+from stage2_student_distill.app.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB
 
 _LOCAL_HOSTS = {"localhost"}
 
@@ -49,7 +49,7 @@ def serve_command(ctx, checkpoint, hub_name, hub_weights, cache, manifest, runs,
     if not (checkpoint or hub_name or cache or runs):
         raise click.UsageError("nothing to serve: give --checkpoint/--hub, --cache with --manifest, and/or --runs")
     try:
-        from common.serve.app import Served, create_app, make_server
+        from stage2_student_distill.app.serve.app import Served, create_app, make_server
     except ImportError as e:
         raise click.ClickException(f"pipeline serve needs Flask ({e}); install the extra: pip install "
                                    "'mealv2-pipeline[serve]'") from None

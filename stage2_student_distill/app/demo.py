@@ -1,4 +1,4 @@
-"""`pipeline demo`: the whole pipeline on Fashion-MNIST, CPU-only, driven by [demo] and common/demo.toml.
+"""`pipeline demo`: the whole pipeline on Fashion-MNIST, CPU-only, driven by [demo] and stage2_student_distill/app/demo.toml.
 
 Steps (each skipped when its output is already complete, so a rerun resumes):
   1. Fashion-MNIST idx files -> PNG ImageFolder trees (class-balanced subsets):
@@ -34,7 +34,7 @@ DEMO_SETTINGS = Path(__file__).resolve().parent / "demo.toml"
 
 
 def demo_config(path: str | Path | None = None, overrides: dict | None = None) -> Config:
-    """The config `pipeline demo` starts from: ``path`` (default pipeline.toml) <- common/demo.toml <- ``overrides``."""
+    """The config `pipeline demo` starts from: ``path`` (default pipeline.toml) <- stage2_student_distill/app/demo.toml <- ``overrides``."""
     return load_config(path, overrides, layers=(DEMO_SETTINGS,))
 
 

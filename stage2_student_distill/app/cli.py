@@ -21,8 +21,8 @@ def main(ctx: click.Context, config_path: str | None, recipe: str | None, assign
 
 
 def _register() -> None:
-    from common.recipes_cli import config_group, recipes_command
-    from common.serve.cli import serve_command
+    from stage2_student_distill.app.recipes_cli import config_group, recipes_command
+    from stage2_student_distill.app.serve.cli import serve_command
     from data_manifests.cli import fashion_mnist_command, manifest_group
     from stage1_teacher_cache.cli import cache_group, teacher_cache_command
     from stage2_student_distill.cli import distill_command, evaluate_command, train_command
@@ -33,7 +33,7 @@ def _register() -> None:
                 recipes_command, config_group, serve_command):
         main.add_command(cmd)
     try:
-        from common.demo import demo_command
+        from stage2_student_distill.app.demo import demo_command
     except ImportError as e:  # an optional dependency is missing: say so when the command is run
         demo_command = _unavailable("demo", e)
     main.add_command(demo_command)
