@@ -51,6 +51,11 @@ class Preset:
     image_sizes: tuple[int, int] = (256, 500)  # shorter/longer side range of the generated JPEGs
     extra: dict = field(default_factory=dict)
 
+    def runtime_keys(self, seed: int) -> dict[str, Any]:
+        """The ``runtime.*`` config keys of a run under this preset, with no progress bar."""
+        return {"runtime.device": self.device, "runtime.precision": self.precision, "runtime.progress": False,
+                "runtime.num_workers": self.num_workers, "runtime.seed": seed}
+
 
 PRESETS = {
     "gpu": Preset(
