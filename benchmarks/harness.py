@@ -104,6 +104,13 @@ def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 
                         help=f"{help}; {where}")
 
 
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --loader and --num-workers of the benchmarks that train through the library."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    parser.add_argument("--loader", default="auto", help="stage 2 loader: auto | torch | dali")
+    parser.add_argument("--num-workers", type=int, default=2)
+
+
 def add_out_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="JSON result path (default: benchmarks/results/<name>.json, "
                         "--quick: benchmarks/results/quick/<name>.json)")
