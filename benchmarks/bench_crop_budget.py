@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.bench_fashion_mnist import base_config
 from benchmarks.harness import (
-    REPO, add_quick_arg, begin, machine_line, markdown_table, module_command, publish, run_header,
+    REPO, add_device_args, add_quick_arg, begin, machine_line, markdown_table, module_command, publish, run_header,
 )
 from common.config import ConfigError, parse_assignments
 from stage2_student_distill import experiment as ex
@@ -126,9 +126,7 @@ def parse_args(argv):
     p.add_argument("--min-margin", type=float, default=2.0,
                    help="points the ensemble must be above the hard-label student before distilling")
     p.add_argument("--ignore-margin", action="store_true", help="distil even when the ensemble misses --min-margin")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
-    p.add_argument("--loader", default="auto", help="stage 2 loader: auto | torch | dali")
-    p.add_argument("--num-workers", type=int, default=2)
+    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/crop_budget.json)")
     p.add_argument("--doc", default=None, help="markdown file whose marked section is replaced ('' = none)")
     p.add_argument("--doc-tag", default="", help="which marked section of --doc")

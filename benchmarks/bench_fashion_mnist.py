@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
+from benchmarks.harness import add_device_args, begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader
-from common.config import load_config
+from common.config import Config, load_config
 from stage2_student_distill.app.demo import demo_config
 from common.manifest import load_manifest
 from stage1_teacher_cache.label_agreement import cache_label_agreement
@@ -166,13 +166,19 @@ def fmt(v) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv):
-    cfg = demo_config()  # the demo's settings are this benchmark's defaults
-    demo = cfg.demo
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def demo_parser(doc: str) -> tuple[argparse.ArgumentParser, Config]:
+    """A parser for a benchmark on the demo's Fashion-MNIST data, with --config and --source, and the demo's
+    config, whose settings are the benchmark's defaults."""
+    cfg = demo_config()
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
-    p.add_argument("--source", default=demo.source_dir, help="Fashion-MNIST idx files")
+    p.add_argument("--source", default=cfg.demo.source_dir, help="Fashion-MNIST idx files")
+    return p, cfg
+
+
+def parse_args(argv):
+    p, cfg = demo_parser(__doc__)
+    demo = cfg.demo
     p.add_argument("--workdir", default="runs/bench-fashion-mnist", help="data, runs and cache (kept; reruns resume)")
     p.add_argument("--train-images", type=int, default=60000, help="students' training images (max 60000)")
     p.add_argument("--val-images", type=int, default=10000, help="test images scored (max 10000)")
@@ -198,9 +204,7 @@ def parse_args(argv):
     p.add_argument("--compare-batches", type=int, default=20,
                    help="batches over which cached and live targets are compared (with variant online; 0 = skip)")
     p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
-    p.add_argument("--loader", default="auto", help="stage 2 loader: auto | torch | dali")
-    p.add_argument("--num-workers", type=int, default=2)
+    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/fashion_mnist.json)")
     p.add_argument("--doc", default="docs/results.md", help="markdown file whose marked section is replaced ('' = none)")
     p.add_argument("--doc-tag", default="", help="which marked section of --doc (one per experiment; '' = the demo-scale one)")

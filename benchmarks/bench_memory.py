@@ -44,8 +44,7 @@ def child(args) -> None:
     phases["imports"] = rss_bytes()
     p = resolve_preset(args)
     cfg = load_config(None, {
-        "runtime.device": p.device, "runtime.precision": p.precision, "runtime.progress": False,
-        "runtime.num_workers": p.num_workers, "runtime.seed": args.seed,
+        **p.runtime_keys(args.seed),
         "data.manifest": args.manifest, "data.val_manifest": args.val_manifest,
         "optim.epochs": 1, "optim.batch_size": p.stage2_batch, "optim.eval_batch_size": p.stage2_batch,
         "optim.img_size": p.student_size, "optim.loader": args.loader,

@@ -34,11 +34,7 @@ from stage1_teacher_cache.views import make_renderer
 
 def config(p, manifest: Path, out: Path, seed: int, loader: str = "auto"):
     return load_config(None, {
-        "runtime.device": p.device,
-        "runtime.precision": p.precision,
-        "runtime.progress": False,
-        "runtime.num_workers": p.num_workers,
-        "runtime.seed": seed,
+        **p.runtime_keys(seed),
         "data.manifest": str(manifest),
         "crops.num_crops": p.num_crops,
         "teacher_cache.teachers": list(p.teachers),

@@ -33,11 +33,7 @@ from stage2_student_distill.train import setup, train_one_epoch
 
 def config(p, wd: Path, manifest: Path, val: Path, cache: Path, loader: str, tag: str, seed: int):
     return load_config(None, {
-        "runtime.device": p.device,
-        "runtime.precision": p.precision,
-        "runtime.progress": False,
-        "runtime.num_workers": p.num_workers,
-        "runtime.seed": seed,
+        **p.runtime_keys(seed),
         "data.manifest": str(manifest),
         "data.val_manifest": str(val),
         "crops.num_crops": p.num_crops,

@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_topk_student.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
-from benchmarks.harness import begin, machine_line, markdown_table, publish, run_header
+from benchmarks.bench_fashion_mnist import base_config, demo_parser, fmt, run_json
+from benchmarks.harness import add_device_args, begin, machine_line, markdown_table, publish, run_header
 from common.cache_format import CacheReader
 from common.cache_storage import restore_targets
-from stage2_student_distill.app.demo import demo_config
 from stage2_student_distill import experiment as ex
 from stage1_teacher_cache.info import cache_info
 from stage1_teacher_cache.sharing import reduce_topk
@@ -91,13 +89,9 @@ def _delta(per_seed, payload, other):
 
 
 def parse_args(argv):
-    cfg = demo_config()  # the demo's settings are this benchmark's defaults
+    p, cfg = demo_parser(__doc__)
     demo = cfg.demo
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="a Fashion-MNIST teacher cache (its k is the reference)")
-    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
-    p.add_argument("--source", default=demo.source_dir, help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default="runs/bench-topk-student", help="data, caches and runs (kept; reruns resume)")
     p.add_argument("--data-dir", default=None, help="where the PNG trees are (default WORKDIR/data)")
     p.add_argument("--val-images", type=int, default=demo.val_images, help="test images scored (max 10000)")
@@ -111,9 +105,7 @@ def parse_args(argv):
     p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every)
     p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
     p.add_argument("--variants", default="topk,hard", help="topk (the k sweep) and/or hard (the baseline)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--loader", default="auto")
-    p.add_argument("--num-workers", type=int, default=2)
+    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/topk_student.json)")
     p.add_argument("--doc", default="docs/performance.md", help="file whose marked section is replaced ('' = none)")
     args = p.parse_args(argv)

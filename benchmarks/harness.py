@@ -51,6 +51,11 @@ class Preset:
     image_sizes: tuple[int, int] = (256, 500)  # shorter/longer side range of the generated JPEGs
     extra: dict = field(default_factory=dict)
 
+    def runtime_keys(self, seed: int) -> dict[str, Any]:
+        """The ``runtime.*`` config keys of a run under this preset, with no progress bar."""
+        return {"runtime.device": self.device, "runtime.precision": self.precision, "runtime.progress": False,
+                "runtime.num_workers": self.num_workers, "runtime.seed": seed}
+
 
 PRESETS = {
     "gpu": Preset(
@@ -97,6 +102,13 @@ def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 
     own small sizes. Its JSON goes to benchmarks/results/quick/ (git-ignored), never over a recorded full run."""
     parser.add_argument("--quick", "--smoke", dest="quick", action="store_true",
                         help=f"{help}; {where}")
+
+
+def add_device_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --loader and --num-workers of the benchmarks that train through the library."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
+    parser.add_argument("--loader", default="auto", help="stage 2 loader: auto | torch | dali")
+    parser.add_argument("--num-workers", type=int, default=2)
 
 
 def add_out_arg(parser: argparse.ArgumentParser) -> None:

@@ -50,6 +50,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -730,21 +731,11 @@ class CacheReader:
                 "the student's class count must equal the teachers'"
             )
 
-    @property
-    def num_images(self) -> int:
-        return self.layout.num_images
-
-    @property
-    def num_crops(self) -> int:
-        return self.layout.num_crops
-
-    @property
-    def num_classes(self) -> int:
-        return self.layout.num_classes
-
-    @property
-    def topk(self) -> int:
-        return self.layout.topk
+    # the layout's sizes (ints), read as the reader's own
+    num_images = property(attrgetter("layout.num_images"))
+    num_crops = property(attrgetter("layout.num_crops"))
+    num_classes = property(attrgetter("layout.num_classes"))
+    topk = property(attrgetter("layout.topk"))
 
     def read_shard(self, shard: int) -> dict[str, np.ndarray]:
         with self._lock:

@@ -363,18 +363,9 @@ def load_manifest(
     if duplicate_class is not None:
         raise ManifestError(f"manifest {path}: class name {_shown(duplicate_class)} appears twice in meal.class_names; "
                             f"{_REBUILD_HINT} from folders with distinct names")
-    recorded_root = _read_metadata(table.schema, "root", source=path)
-    if not isinstance(recorded_root, str):
-        raise ManifestError(f"manifest {path}: metadata meal.root must be a JSON string (the image folder), not "
-                            f"{_shown(recorded_root)}; {_REBUILD_HINT}")
-    recorded_hash = _read_metadata(table.schema, "content_hash", source=path)
-    if not isinstance(recorded_hash, str):
-        raise ManifestError(f"manifest {path}: metadata meal.content_hash must be a JSON string, not "
-                            f"{_shown(recorded_hash)}; {_REBUILD_HINT}")
-    description = _read_metadata(table.schema, "description", source=path)
-    if not isinstance(description, str):
-        raise ManifestError(f"manifest {path}: metadata meal.description must be a JSON string, not "
-                            f"{_shown(description)}; {_REBUILD_HINT}")
+    recorded_root = _read_string_metadata(table.schema, "root", path, " (the image folder)")
+    recorded_hash = _read_string_metadata(table.schema, "content_hash", path)
+    description = _read_string_metadata(table.schema, "description", path)
 
     table = _conform_columns(table, path)
     if not table.num_rows:
@@ -553,6 +544,15 @@ def _hash_scheme(schema: pa.Schema, source: object) -> int:
         raise ManifestError(f"manifest {source} uses content hash scheme {_shown(scheme)}; this tool knows "
                             f"{_LEGACY_HASH_SCHEME}..{HASH_SCHEME}: upgrade the tool, or {_REBUILD_HINT}")
     return scheme
+
+
+def _read_string_metadata(schema: pa.Schema, key: str, path: object, meaning: str = "") -> str:
+    """``meal.{key}``, refused unless a JSON string; ``meaning`` (" (the image folder)") follows "string" in the error."""
+    value = _read_metadata(schema, key, source=path)
+    if not isinstance(value, str):
+        raise ManifestError(f"manifest {path}: metadata meal.{key} must be a JSON string{meaning}, not "
+                            f"{_shown(value)}; {_REBUILD_HINT}")
+    return value
 
 
 def _shown(value: object, limit: int = 60) -> str:

@@ -5,10 +5,12 @@ leaves the value from pipeline.toml / --set untouched.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import click
 
 from common.cli_support import config_options, resolve_config, user_errors
-from common.config import LOADERS, LOG_SINKS, PRECISIONS, SCHEDULES
+from common.config import LOADERS, LOG_SINKS, PRECISIONS, SCHEDULES, Config
 
 # Options shared by distill and train: flag -> (config key, click settings).
 _LOOP_OPTIONS = {
@@ -37,12 +39,24 @@ _LOOP_OPTIONS = {
     "--progress/--no-progress": ("runtime.progress", dict(default=None, help="Progress bar (off: one line per epoch).")),
 }
 
+
+def _run_options(section: str, weights_flag: str) -> dict:
+    """The options of a training command's own run, under its config section: the run directory, the starting
+    weights (``weights_flag`` names the flag and the key), hub weights and resuming."""
+    return {
+        "--out": (f"{section}.out", dict(type=click.Path(file_okay=False), help="Run directory.")),
+        weights_flag: (f"{section}.{weights_flag[2:].replace('-', '_')}",
+                       dict(type=click.Path(dir_okay=False), help="Start from this local file.")),
+        "--pretrained": (f"{section}.pretrained", dict(is_flag=True, flag_value=True, default=None,
+                                                         help="Start from timm hub weights.")),
+        "--resume": (f"{section}.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
+    }
+
+
 _DISTILL_OPTIONS = {
     "--student": ("distill.student", dict(help="Student timm model name.")),
     "--cache": ("distill.cache", dict(help="Teacher cache from `pipeline teacher-cache`.")),
-    "--out": ("distill.out", dict(type=click.Path(file_okay=False), help="Run directory.")),
-    "--student-weights": ("distill.student_weights", dict(type=click.Path(dir_okay=False), help="Start from this local file.")),
-    "--pretrained": ("distill.pretrained", dict(is_flag=True, flag_value=True, default=None, help="Start from timm hub weights.")),
+    **_run_options("distill", "--student-weights"),
     "--disc-lr": ("distill.disc_lr", dict(type=float, help="The discriminator's own learning rate.")),
     "--no-discriminator": ("distill.discriminator", dict(is_flag=True, flag_value=False, default=None, help="Ablate the discriminator (KL only).")),
     "--crops-per-image": ("distill.crops_per_image", dict(type=int, help="Cached crops per decoded image (FKD multi-crop).")),
@@ -50,7 +64,6 @@ _DISTILL_OPTIONS = {
     "--cutmix-alpha": ("distill.cutmix_alpha", dict(type=float, help="Beta(alpha, alpha) of the CutMix area.")),
     "--label-weight": ("distill.label_weight", dict(type=float, metavar="W",
                                                     help="Add W * cross entropy to the hard label (0: MEAL V2, no labels).")),
-    "--resume": ("distill.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
     "--check-images": ("distill.check_images", dict(is_flag=True, flag_value=True, default=None,
                                                     help="First compare every image file's sha256 with the manifests' "
                                                          "(finds replaced files; reads the whole dataset).")),
@@ -69,11 +82,8 @@ _DISTILL_OPTIONS = {
 
 _TRAIN_OPTIONS = {
     "--model": ("train.model", dict(help="timm model name.")),
-    "--out": ("train.out", dict(type=click.Path(file_okay=False), help="Run directory.")),
-    "--weights": ("train.weights", dict(type=click.Path(dir_okay=False), help="Start from this local file.")),
-    "--pretrained": ("train.pretrained", dict(is_flag=True, flag_value=True, default=None, help="Start from timm hub weights.")),
+    **_run_options("train", "--weights"),
     "--label-smoothing": ("train.label_smoothing", dict(type=float, help="Label smoothing of the cross entropy.")),
-    "--resume": ("train.resume", dict(is_flag=True, flag_value=True, default=None, help="Continue OUT/last.pt.")),
 }
 
 
@@ -84,11 +94,7 @@ def distill_command(ctx: click.Context, **flags) -> None:
     """Train a student from a teacher cache (or --online, from live teachers): KL to the ensemble + MEAL V2 discriminator."""
     from stage2_student_distill.train import run_distill
 
-    cfg = resolve_config(ctx, flags)
-    with user_errors():
-        result = run_distill(cfg)
-    if result["is_main"]:  # under torchrun every rank returns; one reports
-        click.echo(f"done: best val top-1 {result['best_top1']:.2f}%; checkpoints in {result['run_dir']}")
+    _train_and_report(ctx, flags, run_distill)
 
 
 @click.command("train")
@@ -98,10 +104,15 @@ def train_command(ctx: click.Context, **flags) -> None:
     """Train a model on hard labels (baselines; teachers for custom datasets)."""
     from stage2_student_distill.train import run_train
 
+    _train_and_report(ctx, flags, run_train)
+
+
+def _train_and_report(ctx: click.Context, flags: dict, run: Callable[[Config], dict]) -> None:
+    """Run a training command (run_distill / run_train) on the resolved config and print where its checkpoints are."""
     cfg = resolve_config(ctx, flags)
     with user_errors():
-        result = run_train(cfg)
-    if result["is_main"]:
+        result = run(cfg)
+    if result["is_main"]:  # under torchrun every rank returns; one reports
         click.echo(f"done: best val top-1 {result['best_top1']:.2f}%; checkpoints in {result['run_dir']}")
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -318,33 +318,7 @@ def _validate(manifest, mode, batch_size, cache, crops, crops_per_image) -> None
             )
 
 
-def build_loader(
-    kind: str,
-    *,
-    manifest: Manifest,
-    mode: str,
-    preprocess: Preprocess,
-    batch_size: int,
-    runtime: Runtime,
-    seed: int = 0,
-    cache: CacheReader | None = None,
-    crops: CropConfig | None = None,
-    crops_per_image: int = 1,
-    max_images: int | None = None,
-    views: Sequence[Preprocess] | None = None,
-) -> Loader:
-    """A :class:`Loader`; ``kind`` is ``optim.loader``: auto | dali | torch (the rule: ``common.loader_kind``)."""
-    return Loader(
-        choose_loader(kind, runtime, "optim.loader"),
-        manifest=manifest,
-        mode=mode,
-        preprocess=preprocess,
-        batch_size=batch_size,
-        runtime=runtime,
-        seed=seed,
-        cache=cache,
-        crops=crops,
-        crops_per_image=crops_per_image,
-        max_images=max_images,
-        views=views,
-    )
+def build_loader(kind: str, **options: Any) -> Loader:
+    """A :class:`Loader` (``options``: its keyword arguments); ``kind`` is ``optim.loader``: auto | dali | torch
+    (the rule: ``common.loader_kind``)."""
+    return Loader(choose_loader(kind, options["runtime"], "optim.loader"), **options)

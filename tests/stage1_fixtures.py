@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -82,14 +81,40 @@ def dataset(tmp_path_factory) -> dict[str, Path]:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kill_when_flagged(script: str, settings: dict, flag: Path, tmp: Path, waiting_for: str, timeout_s: float = 90) -> None:
-    """Run ``script`` (source: argv = settings JSON, flag path) in a child process and SIGKILL it
-    as soon as it creates ``flag`` (a point inside a shard's write), like a crash there."""
+# A stage 1 run (argv: settings JSON, flag path, the writer's path end, more_crops) whose writer at a path
+# ending so writes half of shard 1 with no completion record, creates the flag and hangs: what a kill
+# mid-write leaves once the parent SIGKILLs it.
+_KILLABLE_RUN = """
+import json, sys, time
+from common.cache_format import CacheWriter
+from common.config import load_config
+from stage1_teacher_cache.run import run
+
+settings, flag, writer_path_end, more_crops = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+write_shard = CacheWriter.write_shard
+
+def write_then_hang(self, shard, *arrays):
+    if self.path.endswith(writer_path_end) and shard == 1:
+        start, stop = self.shard_range(shard)
+        self.arrays["topk_prob"][start:stop] = 0.5
+        open(flag, "w").close()
+        time.sleep(600)
+    write_shard(self, shard, *arrays)
+
+CacheWriter.write_shard = write_then_hang
+run(load_config(None, settings), more_crops=more_crops)
+"""
+
+
+def kill_inside_shard_1(settings: dict, flag: Path, tmp: Path, waiting_for: str, *, writer_path_end: str = "",
+                        more_crops: int = 0, timeout_s: float = 90) -> None:
+    """Run stage 1 (``more_crops``: a grow) with ``settings`` in a child process and SIGKILL it half-way through
+    writing shard 1 of the cache whose path ends in ``writer_path_end`` ("": any), like a crash there."""
     path = tmp / "killable.py"
-    path.write_text(textwrap.dedent(script))
-    proc = subprocess.Popen([sys.executable, str(path), json.dumps(settings), str(flag)], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    path.write_text(_KILLABLE_RUN)
+    proc = subprocess.Popen([sys.executable, str(path), json.dumps(settings), str(flag), writer_path_end,
+                             str(more_crops)], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout_s
         while not flag.exists():

@@ -52,18 +52,22 @@ def invoke(*args: str) -> str:
     return result.output
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """Manifests and a teacher cache built through the CLI (the first half of the end-to-end path)."""
-    tmp = tmp_path_factory.mktemp("stage2")
+def build_data(tmp: Path, teacher_size: int, topk: int) -> dict[str, Path]:
+    """Train (12 images) and val (6) manifests and a test_resnet teacher cache of 3 crops per image at
+    ``teacher_size`` px keeping ``topk`` classes, built through the CLI (the first half of the end-to-end path)."""
     for split, count, seed in (("train", 12, 0), ("val", 6, 1)):
         invoke("manifest", "build", str(write_images(tmp / split, count, seed)),
                "--out", str(tmp / f"{split}.parquet"), "--no-progress")
     invoke("--set", "runtime.device=cpu", "--set", "runtime.progress=false", "--set", "runtime.seed=0",
-           "teacher-cache", "--teachers", "test_resnet", "--input-size", "test_resnet=32", "--no-pretrained",
-           "--manifest", str(tmp / "train.parquet"), "--out", str(tmp / "cache"),
-           "--num-crops", "3", "--topk", "2", "--images-per-shard", "8", "--loader", "torch")
+           "teacher-cache", "--teachers", "test_resnet", "--input-size", f"test_resnet={teacher_size}",
+           "--no-pretrained", "--manifest", str(tmp / "train.parquet"), "--out", str(tmp / "cache"),
+           "--num-crops", "3", "--topk", str(topk), "--images-per-shard", "8", "--loader", "torch")
     return {"tmp": tmp, "train": tmp / "train.parquet", "val": tmp / "val.parquet", "cache": tmp / "cache"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    return build_data(tmp_path_factory.mktemp("stage2"), teacher_size=32, topk=2)
 
 
 def distill_config(data, out: Path, **extra):

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from common.cache_format import CacheError, CacheReader, verify_cache
 from stage2_student_distill.app.cli import main
-from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, kill_when_flagged, overrides  # noqa: F401
+from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, kill_inside_shard_1, overrides  # noqa: F401
 from stage1_teacher_cache import grow
 from stage1_teacher_cache.run import run
 
@@ -151,32 +151,10 @@ def test_a_cache_whose_boxes_are_not_the_seeds_is_refused(dataset, caches, tmp_p
     assert "growing" not in CacheReader(cache).attrs
 
 
-_KILLABLE_GROW = """
-import json, sys, time
-from common.cache_format import CacheWriter
-from common.config import load_config
-from stage1_teacher_cache.run import run
-
-write_shard = CacheWriter.write_shard
-
-def write_then_hang(self, shard, *arrays):
-    if self.path.endswith("/grow") and shard == 1:
-        # Half of the grown shard 1 on disk and no completion record: what a kill mid-write leaves.
-        start, stop = self.shard_range(shard)
-        self.arrays["topk_prob"][start:stop] = 0.5
-        open(sys.argv[2], "w").close()
-        time.sleep(600)
-    write_shard(self, shard, *arrays)
-
-CacheWriter.write_shard = write_then_hang
-run(load_config(None, json.loads(sys.argv[1])), more_crops=2)
-"""
-
-
 def test_grow_killed_mid_shard_is_refused_then_resumes_to_the_same_cache(dataset, caches, tmp_path):  # noqa: F811
     cache, flag = shutil.copytree(caches["small"], tmp_path / "cache"), tmp_path / "in-shard-1"
     settings = overrides(dataset["train"], cache, **{"crops.num_crops": 2})
-    kill_when_flagged(_KILLABLE_GROW, settings, flag, tmp_path, "shard 1 of the grow")
+    kill_inside_shard_1(settings, flag, tmp_path, "shard 1 of the grow", writer_path_end="/grow", more_crops=2)
     # Mid-grow: not readable as the old cache nor as the grown one, and verify says why.
     with pytest.raises(CacheError, match="being grown from 2 to 4 crops.*--more-crops 2"):
         CacheReader(cache)

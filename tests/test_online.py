@@ -21,7 +21,7 @@ from common.manifest import load_manifest
 from common.render import decode, render_crops
 from stage2_student_distill.metrics import read_metrics
 from stage2_student_distill.train import setup
-from tests.test_distill import invoke, write_images
+from tests.test_distill import build_data, invoke
 
 TEACHER_SIZE = 24  # not the student's 32: each teacher sees the crop at its own size
 TIMES = ("img_per_s", "time_s", "teacher_s", "student_s")
@@ -29,16 +29,8 @@ TIMES = ("img_per_s", "time_s", "teacher_s", "student_s")
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("online")
-    for split, count, seed in (("train", 12, 0), ("val", 6, 1)):
-        invoke("manifest", "build", str(write_images(tmp / split, count, seed)),
-               "--out", str(tmp / f"{split}.parquet"), "--no-progress")
     # k = 3 = every class: the cache keeps the whole mean softmax, rounded to float16
-    invoke("--set", "runtime.device=cpu", "--set", "runtime.progress=false", "--set", "runtime.seed=0",
-           "teacher-cache", "--teachers", "test_resnet", "--input-size", f"test_resnet={TEACHER_SIZE}",
-           "--no-pretrained", "--manifest", str(tmp / "train.parquet"), "--out", str(tmp / "cache"),
-           "--num-crops", "3", "--topk", "3", "--images-per-shard", "8", "--loader", "torch")
-    return {"train": tmp / "train.parquet", "val": tmp / "val.parquet", "cache": tmp / "cache"}
+    return build_data(tmp_path_factory.mktemp("online"), teacher_size=TEACHER_SIZE, topk=3)
 
 
 def online_args(data, out: Path, *extra: str) -> list[str]:

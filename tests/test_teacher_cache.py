@@ -17,11 +17,10 @@ from common.crops import image_boxes
 from common.manifest import load_manifest
 from common.models import WeightsError, create_model
 from common.render import decode, render_crops
-from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, kill_when_flagged, make_manifest, overrides  # noqa: F401
+from stage1_fixtures import INPUT_SIZES, TEACHERS, config, dataset, kill_inside_shard_1, make_manifest, overrides  # noqa: F401
 from stage1_teacher_cache.evaluate import TeacherCheckError
 from stage1_teacher_cache.run import run
 from stage1_teacher_cache.views import dali_available
-
 
 
 @pytest.fixture(scope="module")
@@ -120,32 +119,9 @@ def test_rerun_skips_complete_shards(built, dataset):  # noqa: F811
     assert summary["shards_complete"] == 3
 
 
-_KILLABLE_RUN = """
-import os, sys, time
-from common.cache_format import CacheWriter
-from common.config import load_config
-from stage1_teacher_cache.run import run
-from stage1_teacher_cache.views import dali_available
-
-write_shard = CacheWriter.write_shard
-
-def write_then_hang(self, shard, *arrays):
-    if shard == 1:
-        # Half of shard 1 on disk and no completion record: what a kill mid-write leaves.
-        start, stop = self.shard_range(shard)
-        self.arrays["topk_prob"][start:stop] = 0.5
-        open(sys.argv[2], "w").close()
-        time.sleep(600)
-    write_shard(self, shard, *arrays)
-
-CacheWriter.write_shard = write_then_hang
-run(load_config(None, __import__("json").loads(sys.argv[1])))
-"""
-
-
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(built, dataset, tmp_path):  # noqa: F811
     cache, flag = tmp_path / "cache", tmp_path / "in-shard-1"
-    kill_when_flagged(_KILLABLE_RUN, overrides(dataset["train"], cache), flag, tmp_path, "shard 1", timeout_s=60)
+    kill_inside_shard_1(overrides(dataset["train"], cache), flag, tmp_path, "shard 1", timeout_s=60)
     killed = CacheReader(cache, require_complete=False)
     assert killed.complete.tolist() == [True, False, False]
     assert any("shard 1" in p and "incomplete" in p for p in verify_cache(cache))
