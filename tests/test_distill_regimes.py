@@ -87,6 +87,10 @@ def test_check_grid_refuses_overlapping_teachers_and_repeated_names():
     ok = Regime("a", 50, (t,), 4)
     with pytest.raises(ValueError, match="repeat"):
         grid.check_grid([ok, ok])
+    twice = Regime("b", 50, (t, TeacherSpec("test_resnet", 3, 100, skip=50)), 4)  # stage 1 refuses a name twice
+    with pytest.raises(ValueError, match="repeat an architecture"):
+        grid.check_grid([twice])
+    grid.check_grid(grid.full_grid())
 
 
 # --------------------------------------------------------------------------- resumption and the phases
