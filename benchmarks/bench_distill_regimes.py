@@ -437,7 +437,7 @@ class Grid:
             if not Path(t.weights).is_file():
                 raise SystemExit(f"error: teacher weights {t.weights} not found: pass --strong-teacher PATH "
                                  "(a `pipeline train` checkpoint of a teacher clearly above the student)")
-            return {"kind": "teacher", "weights": str(Path(t.weights).resolve()), "top1": None, "wall_s": 0.0}
+            return {"kind": "teacher", "weights": str(t.weights), "top1": None, "wall_s": 0.0}  # as given: no machine path
         base = self.config(self.manifest("train", t.images, t.skip))
         run = ex.train(base, ex.ModelRun("hard", t.arch, self.wd / "teachers" / t.name, t.epochs), say)
         return {"kind": "teacher", "weights": str(Path(run.run_dir) / "best.pt"), "top1": run.top1,
