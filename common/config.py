@@ -115,6 +115,7 @@ class DistillConfig:
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
     label_weight: float = 0.0  # w: loss = KL + w * CE to the hard label (+ d_loss); 0 = MEAL V2 (no hard labels)
+    hard_label_top1: float = 0.0  # a short hard-label run's top-1 (E/4 epochs), for the will-it-pay check; 0 = none
     resume: bool = False
     online: bool = False  # teachers in the loop ([teacher_cache] teachers) instead of a cache
     replay_cache: str = ""  # with online: replay this cache's boxes and flips instead of fresh crops
@@ -321,6 +322,7 @@ def _validate_table(table: str, t: Any) -> None:
         at_least(1, "crops_per_image")
         probability("cutmix_prob")
         need(t.label_weight >= 0, "label_weight", "must be >= 0 (0 = MEAL V2: no hard labels)")
+        need(0 <= t.hard_label_top1 <= 100, "hard_label_top1", "must be a top-1 in percent, 0-100 (0 = not measured)")
         one_of("disc_lr_mode", DISC_LR_MODES)
     elif table == "train":
         need(0 <= t.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")

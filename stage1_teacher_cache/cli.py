@@ -37,6 +37,9 @@ _CACHE_OPTIONS = {
         type=click.Path(dir_okay=False), metavar="VAL_MANIFEST",
         help="Measure each teacher, the ensemble and each leave-one-out ensemble on this manifest first; "
              "warn if a teacher lowers the ensemble (docs/teachers.md); stop if one is near chance.")),
+    "--hard-label-top1": ("distill.hard_label_top1", dict(type=float, metavar="PCT", help=(
+        "With --evaluate-teachers: top-1 of a short hard-label run of the student (E/4 epochs); warn before "
+        "caching if distilling is not expected to beat the labels (docs/teachers.md)."))),
     "--pretrained/--no-pretrained": ("teacher_cache.pretrained", dict(
         default=None, help="timm hub weights for teachers without --teacher-weights.")),
 }

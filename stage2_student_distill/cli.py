@@ -64,6 +64,9 @@ _DISTILL_OPTIONS = {
     "--cutmix-alpha": ("distill.cutmix_alpha", dict(type=float, help="Beta(alpha, alpha) of the CutMix area.")),
     "--label-weight": ("distill.label_weight", dict(type=float, metavar="W",
                                                     help="Add W * cross entropy to the hard label (0: MEAL V2, no labels).")),
+    "--hard-label-top1": ("distill.hard_label_top1", dict(type=float, metavar="PCT", help=(
+        "Top-1 of a short hard-label run of the student (E/4 epochs): warn at start if distilling is not "
+        "expected to beat the labels (docs/teachers.md)."))),
     "--check-images": ("distill.check_images", dict(is_flag=True, flag_value=True, default=None,
                                                     help="First compare every image file's sha256 with the manifests' "
                                                          "(finds replaced files; reads the whole dataset).")),

@@ -60,7 +60,9 @@ def test_demo_runs_every_step_and_resumes(tmp_path):
         "teacher test_resnet (300 training images)", "teacher test_byobnet (300 training images)",
         "teacher ensemble (mean softmax)",
         "student test_efficientnet, MEAL V2 (cached KD)", "student test_efficientnet, hard labels",
+        "student test_efficientnet, hard labels, short run (the advice's figure)",
     ]  # fmt: skip
+    assert [r["epochs"] for r in result["rows"]][-1] == 1  # a quarter of 4 epochs
     # Chance is 10%; a guessing model reaches 40% of the 60 test images with probability 1e-9
     # (binomial). So the margins fail when a step is broken, not by bad luck: with the cached
     # targets shifted by one sample in each batch, the MEAL V2 student stays near chance.
@@ -68,7 +70,7 @@ def test_demo_runs_every_step_and_resumes(tmp_path):
     assert all(a is not None and 0 <= a <= 100 for a in top1.values())
     # The same bound for the teachers: test_byobnet scores 58.3% on an Intel Xeon machine, below the 60% once
     # set from runs on AMD EPYC (the kernels' float order differs), so a bound from one machine's run is fragile.
-    assert all(a >= 40 for a in top1.values()), top1
+    assert all(a >= 40 for m, a in top1.items() if "short run" not in m), top1  # the short run has 1 epoch
     assert result["mealv2_minus_hard"] == (
         top1["student test_efficientnet, MEAL V2 (cached KD)"] - top1["student test_efficientnet, hard labels"]
     )

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from benchmarks import bench_distill_regimes as grid
-from benchmarks.bench_distill_regimes import Condition, Regime, Rule, Step, TeacherSpec
+from benchmarks.bench_distill_regimes import Regime, Step, TeacherSpec
+from stage1_teacher_cache.distill_advice import Condition, Rule
 from data_manifests.fashion_mnist import balanced_subset, subset_manifest
 from test_fashion_mnist import write_source
 
@@ -176,7 +177,7 @@ def test_search_finds_a_known_two_feature_rule_and_it_holds_out():
     points = [{"ensemble": float(rng.uniform(70, 90)), "short_hard": float(rng.uniform(70, 90)),
                "agreement": float(rng.choice([rng.uniform(60, 78), rng.uniform(82, 98)])),
                "margin": float(rng.choice([rng.uniform(-5, 1), rng.uniform(3, 8)]))} for _ in range(24)]
-    rule = grid.search_rule(rows_from(points, truth))
+    rule = grid.search_rule(rows_from(points, truth), features=("ensemble", "agreement", "short_hard", "margin"))
     assert rule.accuracy == 1.0
     assert rule.op == "and" and {c.feature for c in rule.conditions} == {"margin", "agreement"}
     thresholds = {c.feature: c.threshold for c in rule.conditions}

@@ -7,10 +7,13 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   3. two teachers of different architectures trained on hard labels
      (on ``teacher_train_images`` images: all 60,000 by default; the students
      learn from ``train_images``, 1,000 by default: docs/results.md says why)
-  4. `teacher-cache` over both teachers (and their evaluation on the test set)
-  5. `distill` of a small student from the cache (MEAL V2: KL + discriminator)
-  6. the same student on hard labels for the same epochs (the baseline)
-  7. a results table (results.md / results.json) and a plot of validation curves
+  4. a short hard-label run of the student (a quarter of its epochs): with the
+     ensemble's top-1, the figure that says whether distilling should pay
+  5. `teacher-cache` over both teachers (their evaluation on the test set and
+     the measured rule's advice first: docs/teachers.md)
+  6. `distill` of a small student from the cache (MEAL V2: KL + discriminator)
+  7. the same student on hard labels for the same epochs (the baseline)
+  8. a results table (results.md / results.json) and a plot of validation curves
 
 Expected with the shipped settings (seed 0; about 7 minutes on an idle
 2-core CPU): teachers test_resnet 87.4% and test_byobnet 84.3%, ensemble 87.0%;
@@ -44,6 +47,9 @@ def _say(msg: str) -> None:
 
 def run(cfg: Config) -> dict:
     # the driver is stage 2's (it calls both stages), which common/ imports only when the command runs
+    from common.cache_format import CacheReader
+    from stage1_teacher_cache import distill_advice
+    from stage1_teacher_cache.teacher_eval import ensemble_warnings
     from stage2_student_distill import experiment as ex
 
     d, crops = cfg.demo, cfg.crops
@@ -65,38 +71,54 @@ def run(cfg: Config) -> dict:
              "pays where the student has few labelled images and the teachers know more than those labels say "
              "(with teachers trained on the students' own images it loses to hard labels; docs/results.md)")
 
-    _say("1/7 preparing images")
+    _say("1/8 preparing images")
     manifests, steps["1-2 images and manifests"], _ = ex.timed(ex.prepare_data, ex.FashionMnistData(
         d.source_dir, d.data_dir, d.train_images, d.val_images, teacher_images, cfg.runtime.progress))
-    _say("2/7 manifests ready")
+    _say("2/8 manifests ready")
 
     base = cfg.replace(**{"data.manifest": manifests.train, "data.val_manifest": manifests.val})
 
     teacher_runs = {}
     for i, name in enumerate(d.teachers):
         run_dir = out / f"teacher_{name}"
-        _say(f"3/7 training teacher {i + 1}/{len(d.teachers)}: {name} ({d.teacher_epochs} epochs on "
+        _say(f"3/8 training teacher {i + 1}/{len(d.teachers)}: {name} ({d.teacher_epochs} epochs on "
              f"{teacher_images} images) -> {run_dir}")
         record = ex.train(base, ex.ModelRun("hard", name, run_dir, d.teacher_epochs,
                                             overrides={"data.manifest": manifests.teacher_train}))
         steps[f"3 teacher {name}"] = record.seconds or 0.0
         teacher_runs[name] = record
 
+    short_epochs = distill_advice.short_epochs(d.student_epochs)
+    _say(f"4/8 a short hard-label run of {d.student} ({short_epochs} epochs, a quarter of the students'): with "
+         "the ensemble's top-1 it tells whether distilling should pay, before the cache is built (docs/teachers.md)")
+    short = ex.train(base, ex.ModelRun("hard", d.student, out / "student_short", short_epochs))
+    steps["4 student, short hard-label run"] = short.seconds or 0.0
+    base = base.replace(**{"distill.hard_label_top1": short.top1 or 0.0})
+
     cache_dir = out / "cache"
-    _say(f"4/7 caching the ensemble's soft labels -> {cache_dir}")
+    _say(f"5/8 caching the ensemble's soft labels -> {cache_dir}")
     teachers = ex.Teachers.from_runs({name: r.run_dir for name, r in teacher_runs.items()})
     cache = ex.build_cache(base, ex.CacheSpec(cache_dir, teachers, manifests.val))
-    steps["4 teacher cache"] = cache.seconds
+    steps["5 teacher cache"] = cache.seconds
+    # The demo goes on whatever stage 1 advised: it trains both students, so its table shows which way it went.
+    if ensemble_warnings(cache.evaluation or {}):
+        _say("the teacher warning above is expected: the demo keeps both teachers to show an ensemble of two "
+             "architectures; for a real run, drop the weaker one or train it longer (docs/teachers.md)")
+    advice = distill_advice.advise_from_cache(CacheReader(cache.path).attrs, short.top1, d.student_epochs)
+    if advice.verdict == "loss":
+        _say(f"the distilling warning above is the measured rule's call (margin {advice.features['margin']:+.2f} "
+             "points); the demo goes on and trains both students, so its table shows whether this regime is one of "
+             "the rule's misses (docs/teachers.md lists them)")
 
-    _say(f"5/7 distilling {d.student} from the cache ({d.student_epochs} epochs)")
+    _say(f"6/8 distilling {d.student} from the cache ({d.student_epochs} epochs)")
     mealv2 = ex.train(base, ex.ModelRun("cached", d.student, out / "student_mealv2", d.student_epochs, str(cache_dir)))
-    steps["5 student, MEAL V2"] = mealv2.seconds or 0.0
-    _say(f"6/7 training {d.student} on hard labels ({d.student_epochs} epochs), the baseline")
+    steps["6 student, MEAL V2"] = mealv2.seconds or 0.0
+    _say(f"7/8 training {d.student} on hard labels ({d.student_epochs} epochs), the baseline")
     hard = ex.train(base, ex.ModelRun("hard", d.student, out / "student_hard", d.student_epochs))
-    steps["6 student, hard labels"] = hard.seconds or 0.0
+    steps["7 student, hard labels"] = hard.seconds or 0.0
     students = {"MEAL V2 (cached KD)": mealv2, "hard labels": hard}
 
-    _say("7/7 results")
+    _say("8/8 results")
     rows = [ex.ResultRow(f"teacher {name} ({teacher_images} training images)", r.top1, d.teacher_epochs)
             for name, r in teacher_runs.items()]
     ensemble = ex.teacher_top1(cache.evaluation).ensemble
@@ -105,6 +127,8 @@ def run(cfg: Config) -> dict:
     # the teachers train on other images for other epochs: their final accuracy is a level, not a curve
     levels = {r.model: r.top1 for r in rows if r.top1 is not None}
     rows += [ex.ResultRow(f"student {d.student}, {label}", r.top1, d.student_epochs) for label, r in students.items()]
+    rows.append(ex.ResultRow(f"student {d.student}, hard labels, short run (the advice's figure)", short.top1,
+                             short_epochs))
     text = ex.results_table(rows)
     gain = None if mealv2.top1 is None or hard.top1 is None else mealv2.top1 - hard.top1
     if gain is not None:
