@@ -554,7 +554,25 @@ class Timer:
 # --------------------------------------------------------------------------- stage 2 harness
 
 
-class TimedLoader:
+class LimitedLoader:
+    """The first ``steps`` batches of ``loader`` (no timing, no syncs of its own)."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, min(steps, len(loader))
+        self.num_samples_per_epoch = self.steps * (loader.num_samples_per_epoch // max(len(loader), 1))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int):
+        import contextlib
+        import itertools
+
+        with contextlib.closing(self.loader.epoch(epoch)) as batches:
+            yield from itertools.islice(batches, self.steps)
+
+
+class TimedLoader(LimitedLoader):
     """Wraps a loader for ``train_one_epoch``: optional step cap, steady-state timestamps.
 
     The clock starts (after a device sync) just before batch ``warmup`` is
@@ -565,18 +583,11 @@ class TimedLoader:
     """
 
     def __init__(self, loader, warmup: int, device, max_steps: int | None = None):
-        self.loader = loader
-        self.warmup = warmup
-        self.device = device
-        self.steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-        self.batch_size = loader.num_samples_per_epoch // max(len(loader), 1)
-        self.num_samples_per_epoch = self.steps * self.batch_size
+        super().__init__(loader, len(loader) if max_steps is None else max_steps)
+        self.warmup, self.device = warmup, device
         self.t_warm = self.t_end = None
         self.cpu_warm = self.cpu_end = None  # (main-thread CPU s, process CPU s)
         self.images = 0
-
-    def __len__(self) -> int:
-        return self.steps
 
     def epoch(self, epoch: int):
         import contextlib
@@ -649,21 +660,3 @@ def count_cuda_syncs(fn: Callable[[], Any]) -> dict[str, Any] | None:
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     where = collections.Counter(f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in syncs)
     return {"total": len(syncs), "by_line": dict(where.most_common(12))}
-
-
-class LimitedLoader:
-    """The first ``steps`` batches of ``loader`` (no timing, no syncs of its own)."""
-
-    def __init__(self, loader, steps: int):
-        self.loader, self.steps = loader, min(steps, len(loader))
-        self.num_samples_per_epoch = self.steps * (loader.num_samples_per_epoch // max(len(loader), 1))
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def epoch(self, epoch: int):
-        import contextlib
-        import itertools
-
-        with contextlib.closing(self.loader.epoch(epoch)) as batches:
-            yield from itertools.islice(batches, self.steps)
