@@ -130,13 +130,9 @@ def generate(args, model: SoftLabelModel) -> dict:
             kl32[k].append(kl_to(restore_targets(idx_k, val[:, :k].numpy(), K)))
             mass[k].append(cum[:, k - 1].numpy())
     cat = np.concatenate
-    cat = np.concatenate
     top1, top5, top10, entropy = cat(top1), cat(top5), cat(top10), cat(entropy)
     out["label_stats"] = {
-        "top1_mean": float(top1.mean()),
-        "top1_p10": float(np.percentile(top1, 10)),
-        "top1_p50": float(np.percentile(top1, 50)),
-        "top1_p90": float(np.percentile(top1, 90)),
+        "top1_mean": float(top1.mean()), **{f"top1_p{q}": float(np.percentile(top1, q)) for q in (10, 50, 90)},
         "top5_mass_mean": float(top5.mean()),
         "top10_mass_mean": float(top10.mean()),
         "entropy_nats_mean": float(entropy.mean()),
@@ -229,28 +225,39 @@ def restore_seconds_per_batch(data: dict, k: int, num_classes: int, batch: int, 
     return (time.perf_counter() - t0) / reps
 
 
-def rate(crops: int, seconds: float) -> float:
-    return crops / seconds if seconds > 0 else float("inf")
+def rates(crops: int, t_gather: float, t_restore: float) -> dict:
+    """Crops per second of gather + restore, and of the gather alone."""
+    return {"crops_per_s": crops / (t_gather + t_restore) if t_gather + t_restore > 0 else float("inf"),
+            "gather_only_crops_per_s": crops / t_gather if t_gather > 0 else float("inf")}
+
+
+def timed_reads(fetch, batches, num_classes: int) -> dict:
+    """``fetch(ids, crops)`` (the top-k rows) then restore_targets for each (ids, crops) of ``batches``,
+    each part timed on its own; drawing the batches is not timed."""
+    t_gather = t_restore = 0.0
+    crops = 0
+    for ids, crop_ids in batches:
+        t0 = time.perf_counter()
+        rows = fetch(ids, crop_ids)
+        t1 = time.perf_counter()
+        restore_targets(rows["topk_index"], rows["topk_prob"], num_classes)
+        t_gather, t_restore = t_gather + t1 - t0, t_restore + time.perf_counter() - t1
+        crops += len(ids)
+    return rates(crops, t_gather, t_restore)
+
+
+def random_batches(rng, num_images: int, num_crops: int, batch: int, n_batches: int):
+    return ((rng.integers(0, num_images, batch), rng.integers(0, num_crops, batch)) for _ in range(n_batches))
 
 
 def bench_random(reader: CountingReader, rng, batch: int, n_batches: int, prewarm: bool) -> dict:
     """Random (image, crop) batches: one gather + one restore per batch, as a naive loader would."""
-    N, C, K = reader.num_images, reader.num_crops, reader.num_classes
     if prewarm:  # decode every shard once, so the timed loop sees a resident cache
         for s in range(reader.layout.num_shards):
             reader.read_shard(s)
     reader.decodes = 0
-    t_gather = t_restore = 0.0
-    for _ in range(n_batches):
-        ids, crops = rng.integers(0, N, batch), rng.integers(0, C, batch)
-        t0 = time.perf_counter()
-        rows = reader.gather(ids, crops)
-        t1 = time.perf_counter()
-        targets = restore_targets(rows["topk_index"], rows["topk_prob"], K)
-        t_gather, t_restore = t_gather + t1 - t0, t_restore + time.perf_counter() - t1
-    assert targets.shape == (batch, K)
-    n = batch * n_batches
-    return {"crops_per_s": rate(n, t_gather + t_restore), "gather_only_crops_per_s": rate(n, t_gather),
+    batches = random_batches(rng, reader.num_images, reader.num_crops, batch, n_batches)
+    return {**timed_reads(reader.gather, batches, reader.num_classes),
             "shard_decodes_per_batch": reader.decodes / n_batches, "batches": n_batches,
             "lru_shards": reader.lru_shards, "num_shards": reader.layout.num_shards}
 
@@ -268,14 +275,8 @@ def bench_sequential(reader: CountingReader, rng, batch: int, max_crops: int) ->
     ids = np.concatenate(order)[:max_crops]
     crops = rng.integers(0, L.num_crops, len(ids))
     reader.decodes = 0
-    t_gather = t_restore = 0.0
-    for b in range(0, len(ids), batch):
-        t0 = time.perf_counter()
-        rows = reader.gather(ids[b : b + batch], crops[b : b + batch])
-        t1 = time.perf_counter()
-        restore_targets(rows["topk_index"], rows["topk_prob"], L.num_classes)
-        t_gather, t_restore = t_gather + t1 - t0, t_restore + time.perf_counter() - t1
-    return {"crops_per_s": rate(len(ids), t_gather + t_restore), "gather_only_crops_per_s": rate(len(ids), t_gather),
+    batches = ((ids[b : b + batch], crops[b : b + batch]) for b in range(0, len(ids), batch))
+    return {**timed_reads(reader.gather, batches, L.num_classes),
             "shard_decodes_per_batch": reader.decodes / -(-len(ids) // batch), "crops": int(len(ids)),
             "lru_shards": reader.lru_shards, "num_shards": L.num_shards}
 
@@ -297,9 +298,7 @@ def bench_epoch_gather(reader: CountingReader, rng, batch: int, world_size: int,
     t0 = time.perf_counter()
     reader.gather(ids, crops)
     t_gather = time.perf_counter() - t0
-    t_restore = restore_s * -(-len(ids) // batch)
-    return {"crops_per_s": rate(len(ids), t_gather + t_restore), "gather_only_crops_per_s": rate(len(ids), t_gather),
-            "epoch_gather_s": t_gather, "crops": int(len(ids)), "world_size": world_size,
+    return {**rates(len(ids), t_gather, restore_s * -(-len(ids) // batch)), "epoch_gather_s": t_gather, "crops": int(len(ids)), "world_size": world_size,
             "shares": "shard-local" if shard_local and world_size > 1 else "strided",
             "shard_decodes": reader.decodes, "num_shards": reader.layout.num_shards}
 
@@ -332,21 +331,13 @@ def write_fkd(root: Path, data: dict, k: int) -> float:
 
 def bench_fkd_random(root: Path, rng, num_images: int, num_crops: int, num_classes: int, batch: int, n_batches: int) -> dict:
     """Random (image, crop) batches: one torch.load(weights_only=True) per sample, as FKD's loader does."""
-    t_load = t_restore = 0.0
-    for _ in range(n_batches):
-        ids, crops = rng.integers(0, num_images, batch), rng.integers(0, num_crops, batch)
-        t0 = time.perf_counter()
-        rows_i, rows_p = [], []
-        for i, c in zip(ids.tolist(), crops.tolist()):
-            d = torch.load(fkd_path(root, i), weights_only=True)
-            rows_i.append(d["topk_index"][c])
-            rows_p.append(d["topk_prob"][c])
-        idx, prob = torch.stack(rows_i).numpy().astype(np.uint16), torch.stack(rows_p).numpy()
-        t1 = time.perf_counter()
-        restore_targets(idx, prob, num_classes)
-        t_load, t_restore = t_load + t1 - t0, t_restore + time.perf_counter() - t1
-    n = batch * n_batches
-    return {"crops_per_s": rate(n, t_load + t_restore), "gather_only_crops_per_s": rate(n, t_load), "batches": n_batches}
+    def fetch(ids, crops) -> dict:
+        files = [(torch.load(fkd_path(root, i), weights_only=True), c) for i, c in zip(ids.tolist(), crops.tolist())]
+        return {"topk_index": torch.stack([d["topk_index"][c] for d, c in files]).numpy().astype(np.uint16),
+                "topk_prob": torch.stack([d["topk_prob"][c] for d, c in files]).numpy()}
+
+    batches = random_batches(rng, num_images, num_crops, batch, n_batches)
+    return {**timed_reads(fetch, batches, num_classes), "batches": n_batches}
 
 
 # --------------------------------------------------------------------------- environment and report
@@ -445,55 +436,59 @@ def main(argv=None) -> dict:
     N, C, K = args.images, args.crops, args.classes
     clock = [time.perf_counter()]
 
-    def step(name: str, next_msg: str | None = None) -> None:
-        """Record how long the previous step took and announce the next one."""
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    def step(name: str) -> None:
+        """Record how long the previous step took."""
         now = time.perf_counter()
         res["timings_s"][name] = round(now - clock[0], 2)
         clock[0] = now
-        if next_msg:
-            print(f"[{now - t_start:5.0f} s] {next_msg}", file=sys.stderr, flush=True)
+
+    def sizes(path: Path, write_s: float) -> dict:
+        du = disk_usage(path)
+        return du | {"bytes_per_crop_apparent": du["apparent"] / (N * C),
+                     "bytes_per_crop_allocated": du["allocated"] / (N * C),
+                     "imagenet_gb": du["allocated"] / (N * C) * IMAGENET_TRAIN_IMAGES * C / 1e9, "write_s": write_s}
+
+    def epoch_gathers(prefix: str, path: Path, digits: int) -> None:
+        for w, local in ((1, True), (8, False), (8, True)):
+            r = bench_epoch_gather(CountingReader(path), rng, B, w, restore_s, shard_local=local)
+            read[f"{prefix}epoch gather, 1 of {w} ranks, {r['shares']} shares"] = r | {
+                "note": f"{r['crops']:,} crops, {r['shard_decodes']} shard decodes, "
+                        f"gather {r['epoch_gather_s']:.{digits}f} s"}
 
     with Workdir(args.workdir, args.keep, "bench_cache_") as work:
-        print(f"[    0 s] generating {N:,} x {C} soft labels ...", file=sys.stderr, flush=True)
+        say(f"generating {N:,} x {C} soft labels ...")
         data = generate(args, SoftLabelModel(K, args.seed))
         res["label_stats"], res["fidelity"] = data.pop("label_stats"), data.pop("fidelity")
-        step("generate_and_fidelity", f"writing caches for k = {args.ks} ...")
+        step("generate_and_fidelity")
+        say(f"writing caches for k = {args.ks} ...")
 
         # 1. size per k
         res["storage"] = {}
         for k in args.ks:
             path = work / f"zarr_k{k}"
-            write_s = write_cache(path, args, data, k)
-            du = disk_usage(path)
-            per_array = {name: disk_usage(path / name)["apparent"] / (N * C)
-                         for name in ("boxes", "flip", "topk_index", "topk_prob")}
-            res["storage"][str(k)] = du | {
-                "bytes_per_crop_apparent": du["apparent"] / (N * C),
-                "bytes_per_crop_allocated": du["allocated"] / (N * C),
-                "per_array_bytes_per_crop": per_array,
-                "imagenet_gb": du["allocated"] / (N * C) * IMAGENET_TRAIN_IMAGES * C / 1e9,
-                "write_s": write_s,
-            }
-        step("write_caches", "timing reads ...")
+            res["storage"][str(k)] = sizes(path, write_cache(path, args, data, k)) | {"per_array_bytes_per_crop": {
+                name: disk_usage(path / name)["apparent"] / (N * C) for name in ("boxes", "flip", "topk_index", "topk_prob")}}
+        step("write_caches")
+        say("timing reads ...")
 
         # 2. read rates (k = read_k)
         rng = np.random.default_rng(args.seed + 1)
         B, nb = args.batch, args.batches
         restore_s = restore_seconds_per_batch(data, args.read_k, K, B)
         res["restore_ms_per_batch"] = restore_s * 1e3
-        path = work / f"zarr_k{args.read_k}"
         read = res["read"] = {}
         S = -(-N // args.images_per_shard)
+        path = work / f"zarr_k{args.read_k}"
         r = bench_random(CountingReader(path, max_cached_shards=S), rng, B, nb, prewarm=True)
         read["random, all shards resident"] = r | {"note": f"{S} shards, all in the LRU"}
         r = bench_random(CountingReader(path, max_cached_shards=1), rng, B, max(5, nb // 10), prewarm=False)
         read["random, LRU of 1 shard"] = r | {"note": f"{r['shard_decodes_per_batch']:.1f} shard decodes/batch"}
         r = bench_sequential(CountingReader(path, max_cached_shards=2), rng, B, N)
         read["sequential by shard"] = r | {"note": "each shard decoded once"}
-        for w, local in ((1, True), (8, False), (8, True)):
-            r = bench_epoch_gather(CountingReader(path), rng, B, w, restore_s, shard_local=local)
-            read[f"epoch gather, 1 of {w} ranks, {r['shares']} shares"] = r | {
-                "note": f"{r['crops']:,} crops, {r['shard_decodes']} shard decodes, gather {r['epoch_gather_s']:.2f} s"}
+        epoch_gathers("", path, 2)
         step("read_small")
 
         if args.imagenet_scale:
@@ -501,11 +496,11 @@ def main(argv=None) -> dict:
             # ~1,250 shards per batch, and an epoch gather decodes all of them, which a
             # 20-shard cache cannot show.
             big = work / "zarr_imagenet"
-            print(f"[{time.perf_counter() - t_start:5.0f} s] writing an ImageNet-sized (tiled) cache ...",
-                  file=sys.stderr, flush=True)
+            say("writing an ImageNet-sized (tiled) cache ...")
             res["imagenet_cache_write_s"] = write_cache(big, args, data, args.read_k, IMAGENET_TRAIN_IMAGES)
             res["imagenet_cache_disk"] = disk_usage(big)
-            step("write_imagenet_cache", "timing reads on it ...")
+            step("write_imagenet_cache")
+            say("timing reads on it ...")
             r = bench_random(CountingReader(big), rng, B, max(5, nb // 20), prewarm=False)
             read["ImageNet: random, default LRU (64 shards)"] = r | {
                 "note": f"{r['num_shards']} shards, {r['shard_decodes_per_batch']:.0f} decodes/batch"}
@@ -513,32 +508,24 @@ def main(argv=None) -> dict:
             read["ImageNet: random, all shards resident"] = r | {"note": "whole cache decoded in RAM"}
             r = bench_sequential(CountingReader(big, max_cached_shards=2), rng, B, 200_000)
             read["ImageNet: sequential by shard"] = r | {"note": f"first {r['crops']:,} crops"}
-            for w, local in ((1, True), (8, False), (8, True)):
-                r = bench_epoch_gather(CountingReader(big), rng, B, w, restore_s, shard_local=local)
-                read[f"ImageNet: epoch gather, 1 of {w} ranks, {r['shares']} shares"] = r | {
-                    "note": f"{r['crops']:,} crops, {r['shard_decodes']} shard decodes, gather {r['epoch_gather_s']:.1f} s"}
+            epoch_gathers("ImageNet: ", big, 1)
             if not args.keep:
                 shutil.rmtree(big)
             step("read_imagenet")
 
         # 4. FKD-style per-image files, same data
-        print(f"[{time.perf_counter() - t_start:5.0f} s] writing FKD-style files ...", file=sys.stderr, flush=True)
+        say("writing FKD-style files ...")
         fkd_root = work / "fkd"
-        write_s = write_fkd(fkd_root, data, args.fkd_k)
-        du = disk_usage(fkd_root)
+        fkd = res["fkd"] = sizes(fkd_root, write_fkd(fkd_root, data, args.fkd_k))
         z = res["storage"][str(args.fkd_k)]
-        res["fkd"] = du | {
-            "bytes_per_crop_apparent": du["apparent"] / (N * C),
-            "bytes_per_crop_allocated": du["allocated"] / (N * C),
-            "bytes_per_file_apparent": du["apparent"] / N,
-            "bytes_per_file_allocated": du["allocated"] / N,
-            "imagenet_gb": du["allocated"] / (N * C) * IMAGENET_TRAIN_IMAGES * C / 1e9,
-            "write_s": write_s,
+        fkd.update({
+            "bytes_per_file_apparent": fkd["apparent"] / N,
+            "bytes_per_file_allocated": fkd["allocated"] / N,
             "filesystem_block_size": os.statvfs(fkd_root).f_bsize,
-            "size_ratio_apparent": du["apparent"] / z["apparent"],
-            "size_ratio_allocated": du["allocated"] / z["allocated"],
+            "size_ratio_apparent": fkd["apparent"] / z["apparent"],
+            "size_ratio_allocated": fkd["allocated"] / z["allocated"],
             "random": bench_fkd_random(fkd_root, rng, N, C, K, B, max(5, nb // 10)),
-        }
+        })
         step("fkd")
         res["total_s"] = time.perf_counter() - t_start
         res["machine"]["loadavg_at_end"] = os.getloadavg()  # other work on the machine skews the rates

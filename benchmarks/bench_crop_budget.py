@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.bench_fashion_mnist import base_config
 from benchmarks.harness import (
-    REPO, add_device_args, add_quick_arg, begin, machine_line, markdown_table, module_command, publish, run_header,
+    REPO, add_device_args, add_quick_arg, begin, markdown_table, module_command, publish, report_head, run_header,
 )
 from common.config import ConfigError, parse_assignments
 from stage2_student_distill import experiment as ex
@@ -444,12 +444,8 @@ def report(payload: dict) -> str:
     a, s, ev = payload["args"], payload["summary"], payload["teacher_eval"]
     teacher_top1 = ", ".join(f"{n} {top1:.2f}%" for n, top1 in ex.teacher_top1(ev).teachers.items())
     lines = [
-        f"### Crop budget study ({payload['finished_at']})",
-        "",
-        f"* **Command**: `{payload['command']}`",
-        f"* **{machine_line(payload['machine'])}**; load average at the end {payload['loadavg_end']}; "
-        f"device `{payload['device']}`; wall time {payload['minutes']:.1f} min in this invocation, "
-        f"{total_minutes(payload):.1f} min of training and caching recorded over all invocations.",
+        *report_head(payload, "### Crop budget study", f"; wall time {payload['minutes']:.1f} min in this invocation, "
+                     f"{total_minutes(payload):.1f} min of training and caching recorded over all invocations."),
         f"* **Data**: students and teachers on {a['train_images']:,} training images, scored on "
         f"{a['val_images']:,} test images at {a['img_size']} px; crop scale {a['crop_scale']}, top-{a['topk']} kept.",
         f"* **Teachers**: {', '.join(a['teachers'])}, {a['teacher_epochs']} epochs each (`pipeline train`"
@@ -483,16 +479,12 @@ def report(payload: dict) -> str:
           "note": "" if c["complete_in_one_go"] else "resumed: this invocation's share"} for c in payload["caches"]],
         [("C", "C"), ("crops", "crops"), ("s", "teacher s"), ("rate", "crops/s"), ("mb", "MiB on disk"),
          ("note", "")]))
-
-    def yes(v):
-        return "yes" if v else "NO"
-
     e_fresh = s["cached_E_minus_fresh"]
     lines += ["", "| target | measured | met |", "|---|---|---|",
               f"| best cached (C = {s['best_C']}, mean of {len(a['seeds'])} seeds) - hard labels >= +0.5 | "
-              f"{s['best_cached_minus_hard']:+.2f} | {yes(s['met_kd'])} |",
+              f"{s['best_cached_minus_hard']:+.2f} | {'yes' if s['met_kd'] else 'NO'} |",
               f"| abs(cached C = E - online fresh) <= 0.3 | "
-              f"{'n/a' if e_fresh is None else f'{e_fresh:+.2f}'} | {yes(s['met_online'])} |",
+              f"{'n/a' if e_fresh is None else f'{e_fresh:+.2f}'} | {'yes' if s['met_online'] else 'NO'} |",
               f"| smallest C within 0.3 of online fresh | {s['smallest_C_within_0.3_of_fresh'] or 'none'} | - |",
               "", f"Cached runs other than the best C have seed {a['seeds'][0]} only; hard labels, online fresh and "
               "the best C are means over the seeds.",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import add_device_args, begin, machine_line, markdown_table, publish, run_header
+from benchmarks.harness import add_device_args, begin, markdown_table, publish, report_head, run_header
 from common.cache_format import CacheReader
 from common.config import Config, load_config
 from stage2_student_distill.app.demo import demo_config
@@ -91,12 +91,9 @@ def cached_crop_accuracy(cache_dir: Path, manifest_path: str) -> dict:
 
 
 def report(payload: dict) -> str:
-    a, info = payload["args"], payload["machine"]
+    a = payload["args"]
     lines = [
-        f"### Fashion-MNIST benchmark ({payload['finished_at']})",
-        "",
-        f"* **Command**: `{payload['command']}`",
-        f"* **{machine_line(info)}**; load average at the end {payload['loadavg_end']}; device `{payload['device']}`.",
+        *report_head(payload, "### Fashion-MNIST benchmark", "."),
         f"* **Data**: students on {a['train_images']:,} training images, teachers on "
         f"{', '.join(fmt_int(t['train_images']) for t in payload['teachers'].values())}, "
         f"evaluated on {a['val_images']:,} test images (class-balanced subsets, centre crop).",
@@ -134,15 +131,13 @@ def report(payload: dict) -> str:
                  "(best = their best epoch on their own validation set). Students: the last epoch's top-1.")
     s = payload["summary"]
     lines += ["", "| target | measured (mean over seeds) | met |", "|---|---|---|"]
-    if s.get("cached_minus_hard") is not None:
-        lines.append(f"| MEAL V2 (cached) - hard labels >= +0.5 points | {s['cached_minus_hard']:+.2f} "
-                     f"(per seed {s['cached_minus_hard_per_seed']}) | {'yes' if s['met_kd'] else 'NO'} |")
-    if s.get("cached_minus_online") is not None:
-        lines.append(f"| abs(cached - online) <= 0.3 points | {s['cached_minus_online']:+.2f} "
-                     f"(per seed {s['cached_minus_online_per_seed']}) | {'yes' if s['met_online'] else 'NO'} |")
-    if s.get("cached_minus_fresh") is not None:
-        lines.append(f"| cached - online with fresh crops (no target; the cache's crop budget) | "
-                     f"{s['cached_minus_fresh']:+.2f} (per seed {s['cached_minus_fresh_per_seed']}) | - |")
+    for key, target, met in (("cached_minus_hard", "MEAL V2 (cached) - hard labels >= +0.5 points", "met_kd"),
+                             ("cached_minus_online", "abs(cached - online) <= 0.3 points", "met_online"),
+                             ("cached_minus_fresh", "cached - online with fresh crops (no target; the cache's crop "
+                                                    "budget)", None)):
+        if s.get(key) is not None:
+            lines.append(f"| {target} | {s[key]:+.2f} (per seed {s[key + '_per_seed']}) | "
+                         f"{('yes' if s[met] else 'NO') if met else '-'} |")
     if payload.get("online_targets"):
         t = payload["online_targets"]
         lines += ["", f"Cached vs. online targets on the same crops ({t['samples']:,} samples): mean L1 "

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -19,9 +20,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, announce, command_line, disk_usage, loadavg,
+    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, announce, disk_usage, finish, loadavg,
     make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
-    write_results,
 )
 
 WIDTH, HEIGHT = 400, 300
@@ -160,13 +160,12 @@ def main(argv=None) -> int:
 
     rows, raw = [], []
     with Workdir(args.workdir, args.keep, "bench-memory-") as wd:
-        sources = []
-        src_root = make_image_tree(wd / "sources", 8, 1, sizes=(HEIGHT, HEIGHT), seed=args.seed, workers=1)
         from PIL import Image
 
-        for i, f in enumerate(sorted(src_root.rglob("*.jpg"))):  # exactly WIDTH x HEIGHT
+        src_root = make_image_tree(wd / "sources", 8, 1, sizes=(HEIGHT, HEIGHT), seed=args.seed, workers=1)
+        sources = sorted(src_root.rglob("*.jpg"))
+        for f in sources:  # exactly WIDTH x HEIGHT
             Image.open(f).convert("RGB").resize((WIDTH, HEIGHT)).save(f, "JPEG", quality=90)
-            sources.append(f)
         val = synthetic_manifest(wd / "val.parquet", VAL_IMAGES, p.num_classes, wd / "val-images", WIDTH, HEIGHT).path
         for n in sizes:
             prep = prepare(wd, n, p, steps, args.seed, sources)
@@ -190,12 +189,9 @@ def main(argv=None) -> int:
             row = {
                 "images": n,
                 "peak_rss_mb": ph["end"]["VmHWM"] / MB,
-                "peak_by_job_assembled_mb": ph["job_assembled"]["VmHWM"] / MB,
-                "peak_by_first_batch_mb": ph["first_batch"]["VmHWM"] / MB,
+                **{f"peak_by_{phase}_mb": ph[phase]["VmHWM"] / MB for phase in ("job_assembled", "first_batch")},
                 "after_imports_mb": ph["imports"]["VmRSS"] / MB,
-                "job_assembled_mb": ph["job_assembled"]["VmRSS"] / MB,
-                "first_batch_mb": ph["first_batch"]["VmRSS"] / MB,
-                "end_mb": ph["end"]["VmRSS"] / MB,
+                **{f"{phase}_mb": ph[phase]["VmRSS"] / MB for phase in ("job_assembled", "first_batch", "end")},
                 "model_state_mb": r["model_state_bytes"] / MB,
                 "paths_list_mb": r["index_bytes"]["manifest_paths_list"] / MB,
                 "manifest_load_kept_mb": (ml["after"]["VmRSS"] - ml["before"]["VmRSS"]) / MB,
@@ -213,8 +209,6 @@ def main(argv=None) -> int:
                   f"after first batch {row['first_batch_mb']:.0f}, end {row['end_mb']:.0f}); epoch start-up "
                   f"{row['first_batch_s']:.1f} s; data written in {row['write_s']:.1f} s; child {t.seconds:.0f} s "
                   f"(load {load})", flush=True)
-            import shutil
-
             shutil.rmtree(wd / f"n{n}", ignore_errors=True)  # keep the disk small
 
     base = rows[0]
@@ -248,12 +242,8 @@ def main(argv=None) -> int:
     print(f"\npeak RSS grows {slope or 0:.0f} bytes per image; ImageNet-1k (C=4, k=5): {imagenet_peak:.0f} MB, with C=10, "
           f"k=10 about {verdict['imagenet_peak_mb_c10_k10']:.0f} MB; limit 4 GB + model state "
           f"({base['model_state_mb']:.0f} MB) = {verdict['limit_mb']:.0f} MB -> {'met' if verdict['met'] else 'NOT met'}")
-    path = write_results("memory", {
-        "command": command_line(), "machine": info, "preset": p, "steps": steps, "sizes": sizes,
-        "cache": {"num_crops": 4, "topk": 5, "images_per_shard": 1024}, "loadavg_at_end": loadavg(),
-        "rows": rows, "verdict": verdict, "raw": raw, "table": table,
-    }, args.out, args.quick)
-    print(f"\nwrote {path}")
+    finish("memory", args, info, {"preset": p, "steps": steps, "sizes": sizes, "cache": {
+        "num_crops": 4, "topk": 5, "images_per_shard": 1024}, "rows": rows, "verdict": verdict, "raw": raw, "table": table})
     return 0
 
 

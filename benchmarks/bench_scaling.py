@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    REPO, Timer, Workdir, add_common_args, announce, command_line, image_dataset, loadavg, markdown_table, median_of,
-    resolve_preset, subset_manifest, synthetic_cache, write_results,
+    REPO, Timer, Workdir, add_common_args, announce, finish, image_dataset, loadavg, markdown_table, median_of,
+    resolve_preset, subset_manifest, synthetic_cache,
 )
 
 
@@ -190,12 +190,10 @@ def main(argv=None) -> int:
                                   ("load1", "load avg (1 min)")])
     print()
     print(table)
-    path = write_results("scaling", {
-        "command": command_line(), "machine": info, "preset": p, "worlds": args.worlds, "threads_per_rank": 1,
-        "loader_workers_per_rank": 1, "stage1_images": args.s1_images, "stage2_images": args.s2_images,
-        "rounds": args.rounds, "loadavg_at_end": loadavg(), "rows": rows, "launches": launches, "table": table,
-    }, args.out, args.quick)
-    print(f"\nwrote {path}")
+    finish("scaling", args, info, {
+        "preset": p, "worlds": args.worlds, "threads_per_rank": 1, "loader_workers_per_rank": 1,
+        "stage1_images": args.s1_images, "stage2_images": args.s2_images, "rounds": args.rounds, "rows": rows,
+        "launches": launches, "table": table})
     return 0
 
 

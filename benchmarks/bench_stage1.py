@@ -15,14 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-
-import numpy as np
 import torch
 
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
-    Timer, Workdir, add_common_args, announce, command_line, count_cuda_syncs, image_dataset, loadavg, markdown_table,
-    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, write_results,
+    Timer, Workdir, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table,
+    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -66,11 +64,16 @@ def timed_run(cfg) -> dict:
             "shards": len(stamps), "wall_s": t.seconds, "load1": load}
 
 
+def random_views(teachers, batch: int) -> list[torch.Tensor]:
+    """A batch of random uint8 views per teacher, at its input size (seeded: every call draws the same)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (batch, 3, t.preprocess.input_size, t.preprocess.input_size), dtype=torch.uint8,
+                          generator=g) for t in teachers]
+
+
 def forward_limit(teachers, runtime, batch: int, batches: int, warmup: int = 2) -> dict:
     """teacher_probs + ensemble_topk on random uint8 views already on the device."""
-    g = torch.Generator().manual_seed(0)
-    views = [torch.randint(0, 256, (batch, 3, t.preprocess.input_size, t.preprocess.input_size), dtype=torch.uint8,
-                           generator=g).to(runtime.device) for t in teachers]
+    views = [v.to(runtime.device) for v in random_views(teachers, batch)]
     load = loadavg()[0]
     for i in range(warmup + batches):
         if i == warmup:
@@ -85,13 +88,9 @@ def forward_limit(teachers, runtime, batch: int, batches: int, warmup: int = 2) 
 
 def render_jobs(cfg, manifest, group: int, limit_images: int | None = None):
     """The (paths, per-teacher boxes, flips) groups run() renders, shard by shard."""
-    from common.crops import image_boxes
-
     n = manifest.num_images if limit_images is None else min(limit_images, manifest.num_images)
-    c, T = cfg.crops, len(cfg.teacher_cache.teachers)
-    ids = np.arange(n)
-    b = image_boxes(c.seed, ids, manifest.widths[ids], manifest.heights[ids], c.num_crops, scale=c.scale,
-                    ratio=c.ratio, flip_p=c.flip_p)
+    T = len(cfg.teacher_cache.teachers)
+    b = s1.shard_boxes(cfg.crops, manifest, 0, n)
     xywh = b.as_array()
     for lo in range(0, n, group):
         rows = slice(lo, lo + group)
@@ -178,9 +177,7 @@ def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, re
     jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
     _, extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs], n=10)
     if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
-        g = torch.Generator().manual_seed(0)
-        host = [torch.randint(0, 256, (p.stage1_batch, 3, t.preprocess.input_size, t.preprocess.input_size),
-                              dtype=torch.uint8, generator=g) for t in teachers]
+        host = random_views(teachers, p.stage1_batch)
         dev = [v.to(runtime.device) for v in host]
         extra["cuda_syncs_per_batch"] = {
             "host_views (torch renderer)": count_cuda_syncs(
@@ -275,12 +272,8 @@ def main(argv=None) -> int:
         runs, render_kind, limit_batches, extra = measure(args, p, rounds, wd, on_gpu)
     table_rows, targets = summarize(runs, render_kind, p.num_workers, on_gpu)
     table = report(table_rows, targets, render_kind, extra)
-    path = write_results("stage1", {
-        "command": command_line(), "machine": info, "preset": p, "rounds": rounds, "render": render_kind,
-        "limit_batches": limit_batches, "loadavg_at_end": loadavg(), "rows": table_rows, "runs": runs,
-        "targets": targets, **extra, "table": table,
-    }, args.out, args.quick)
-    print(f"\nwrote {path}")
+    finish("stage1", args, info, {"preset": p, "rounds": rounds, "render": render_kind, "limit_batches": limit_batches,
+                                  "rows": table_rows, "runs": runs, "targets": targets, **extra, "table": table})
     return 0
 
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    LimitedLoader, Timer, Workdir, add_common_args, announce, command_line, count_cuda_syncs, image_dataset, loadavg,
+    LimitedLoader, Timer, Workdir, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg,
     markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
-    timed_epoch, write_results,
+    timed_epoch,
 )
 from common.cache_storage import restore_targets
 from common.config import load_config
@@ -346,11 +346,8 @@ def main(argv=None) -> int:
         rows, extra = measure(args, p, wd, on_gpu)
     targets = summarize(rows, on_gpu)
     table = report(rows, targets, extra)
-    path = write_results("stage2", {
-        "command": command_line(), "machine": info, "preset": p, "warmup_steps": args.warmup, "rounds": args.rounds,
-        "loadavg_at_end": loadavg(), "rows": rows, "targets": targets, **extra, "table": table,
-    }, args.out, args.quick)
-    print(f"\nwrote {path}")
+    finish("stage2", args, info, {"preset": p, "warmup_steps": args.warmup, "rounds": args.rounds, "rows": rows,
+                                  "targets": targets, **extra, "table": table})
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_fashion_mnist import base_config, demo_parser, fmt, run_json
-from benchmarks.harness import add_device_args, begin, machine_line, markdown_table, publish, run_header
+from benchmarks.harness import add_device_args, begin, markdown_table, publish, report_head, run_header
 from common.cache_format import CacheReader
 from common.cache_storage import restore_targets
 from stage2_student_distill import experiment as ex
@@ -38,54 +38,41 @@ def fidelity(reference: CacheReader, reduced: CacheReader, block: int = 4096) ->
 
 
 def report(payload: dict) -> str:
-    a, info = payload["args"], payload["machine"]
-    ks = payload["ks"]
+    a, ref = payload["args"], payload["reference"]
     lines = [
-        f"#### Student accuracy vs. k ({payload['finished_at']})",
-        "",
-        f"* **Command**: `{payload['command']}`",
-        f"* **{machine_line(info)}**; load average at the end {payload['loadavg_end']}; device `{payload['device']}`.",
-        f"* **Cache**: `{a['cache']}` ({payload['reference']['num_classes']} classes, "
-        f"{payload['reference']['num_crops']} crops x {payload['reference']['num_images']:,} images, top-"
-        f"{payload['reference']['k']} kept = the reference"
-        f"{', i.e. the full softmax' if payload['reference']['k'] == payload['reference']['num_classes'] else ''}); "
-        f"teachers {', '.join(payload['reference']['teachers'])}; smaller k by `pipeline cache reduce`.",
+        *report_head(payload, "#### Student accuracy vs. k", "."),
+        f"* **Cache**: `{a['cache']}` ({ref['num_classes']} classes, {ref['num_crops']} crops x "
+        f"{ref['num_images']:,} images, top-{ref['k']} kept = the reference"
+        f"{', i.e. the full softmax' if ref['k'] == ref['num_classes'] else ''}); "
+        f"teachers {', '.join(ref['teachers'])}; smaller k by `pipeline cache reduce`.",
         f"* **Student**: {a['student']} at {a['img_size']} px, {a['student_epochs']} epochs, batch {a['batch_size']}, "
         f"SGD lr {a['lr']} cosine, weight decay {a['weight_decay']}, discriminator on; seeds {a['seeds']}; "
         f"scored on {a['val_images']:,} test images; stage 2 loader `{a['loader']}`. "
         f"Wall time {payload['minutes']:.1f} min.",
         "",
     ]
-    rows = []
-    for k in ks:
-        c = payload["caches"][str(k)]
-        per_seed = [payload["students"][str(s)].get(f"k{k}", {}).get("top1") for s in a["seeds"]]
+
+    def per_seed(name: str) -> list[float | None]:
+        return [payload["students"][str(s)].get(name, {}).get("top1") for s in a["seeds"]]
+
+    def mean(values) -> str:
+        values = [v for v in values if v is not None]
+        return fmt(float(np.mean(values)) if values else None)
+
+    rows, hard = [], per_seed("hard")
+    for k in payload["ks"]:
+        c, top1 = payload["caches"][str(k)], per_seed(f"k{k}")
+        gains = [x - h for x, h in zip(top1, hard) if x is not None and h is not None]
         rows.append({"k": k, "bytes": c["bytes_per_crop"], "mass": c["mean_topk_mass"], "kl": max(0.0, c["mean_kl"]),
-                     "seeds": " / ".join(fmt(v) for v in per_seed), "mean": fmt(_mean(per_seed)),
-                     "delta": _signed(_delta(per_seed, payload, "hard"))})
+                     "seeds": " / ".join(fmt(v) for v in top1), "mean": mean(top1),
+                     "delta": f"{round(float(np.mean(gains)), 2):+.2f}" if gains else "n/a"})
     if "hard" in a["variants"]:
-        per_seed = [payload["students"][str(s)].get("hard", {}).get("top1") for s in a["seeds"]]
-        rows.append({"k": "hard labels", "seeds": " / ".join(fmt(v) for v in per_seed), "mean": fmt(_mean(per_seed))})
+        rows.append({"k": "hard labels", "seeds": " / ".join(fmt(v) for v in hard), "mean": mean(hard)})
     lines.append(markdown_table(rows, [
         ("k", "k"), ("bytes", "bytes/crop on disk"), ("mass", "mean top-k mass"),
         ("kl", "mean KL(ref ‖ top-k), nats"), ("seeds", "student top-1 per seed (%)"), ("mean", "mean top-1 (%)"),
         ("delta", "mean - hard labels")]))
     return "\n".join(lines) + "\n"
-
-
-def _mean(values):
-    values = [v for v in values if v is not None]
-    return float(np.mean(values)) if values else None
-
-
-def _signed(value) -> str:
-    return "n/a" if value is None else f"{value:+.2f}"
-
-
-def _delta(per_seed, payload, other):
-    ref = [payload["students"][str(s)].get(other, {}).get("top1") for s in payload["args"]["seeds"]]
-    pairs = [(a, b) for a, b in zip(per_seed, ref) if a is not None and b is not None]
-    return round(float(np.mean([a - b for a, b in pairs])), 2) if pairs else None
 
 
 def parse_args(argv):

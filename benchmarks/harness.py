@@ -78,12 +78,6 @@ PRESETS = {
 }
 
 
-def default_preset() -> str:
-    import torch
-
-    return "gpu" if torch.cuda.is_available() else "cpu"
-
-
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu: real teachers/student, bf16; cpu: tiny timm models (default: gpu if CUDA)")
@@ -120,7 +114,7 @@ def resolve_preset(args: argparse.Namespace, **overrides: Any) -> Preset:
     """The preset named by ``--preset`` (or the default), with non-None ``overrides``; sets torch's threads."""
     import torch
 
-    preset = PRESETS[args.preset or default_preset()]
+    preset = PRESETS[args.preset or ("gpu" if torch.cuda.is_available() else "cpu")]
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     threads = args.threads if args.threads is not None else preset.torch_threads
     if threads:
@@ -147,24 +141,13 @@ def loadavg() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def _cpu_model() -> str:
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of the first ``key:`` line of a /proc file (None where there is no /proc)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
+                     if line.startswith(key)), None)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
+        return None
 
 
 def _version(module: str) -> str | None:
@@ -178,20 +161,15 @@ def _version(module: str) -> str | None:
 def machine_info() -> dict[str, Any]:
     import torch
 
+    ram_kib = _proc_field("/proc/meminfo", "MemTotal")
     info = {
         "nproc": os.cpu_count(),
-        "cpu": _cpu_model(),
-        "ram_gib": _ram_gib(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_at_start": loadavg(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": _version("timm"),
-        "dali": _version("nvidia.dali"),
-        "zarr": _version("zarr"),
-        "numcodecs": _version("numcodecs"),
-        "numpy": np.__version__,
-        "pillow": _version("PIL"),
+        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+        "ram_gib": round(int(ram_kib.split()[0]) / 2**20, 1) if ram_kib else None,
+        "torch_threads": torch.get_num_threads(), "loadavg_at_start": loadavg(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        **{key: _version(module) for key, module in (("timm", "timm"), ("dali", "nvidia.dali"), ("zarr", "zarr"),
+                                                     ("numcodecs", "numcodecs"), ("numpy", "numpy"), ("pillow", "PIL"))},
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
@@ -279,10 +257,10 @@ def _image_size(rng: np.random.Generator, sizes: tuple[int, int]) -> tuple[int, 
     return (long, short) if rng.random() < 0.75 else (short, long)  # mostly landscape, like ImageNet
 
 
-def _write_one(job: tuple[str, int, int, int, str, int]) -> None:
+def _write_one(job: tuple[str, int, int, int]) -> None:
     from PIL import Image
 
-    path, w, h, seed, fmt, quality = job
+    path, w, h, seed = job
     rng = np.random.default_rng(seed)
     # Smooth colour fields (upsampled low-res noise) + fine grain: compresses and decodes
     # like a photo (~0.3-0.6 bit/pixel at q=90), unlike pure noise (incompressible) or flat colour.
@@ -290,26 +268,21 @@ def _write_one(job: tuple[str, int, int, int, str, int]) -> None:
     base = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
     grain = rng.integers(-8, 9, size=(h, w, 1), dtype=np.int16)
     pixels = np.clip(base + grain, 0, 255).astype(np.uint8)
-    img = Image.fromarray(pixels)
-    if fmt == "JPEG":
-        img.save(path, "JPEG", quality=quality)
-    else:
-        img.save(path, fmt)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90)
 
 
 def make_image_tree(root: Path, num_images: int, num_classes: int, sizes: tuple[int, int] = (256, 500),
-                    seed: int = 0, fmt: str = "JPEG", quality: int = 90, workers: int | None = None) -> Path:
+                    seed: int = 0, workers: int | None = None) -> Path:
     """ImageFolder tree ``root/cNNNN/imgNNNNNN.jpg``: images dealt round-robin over the classes."""
     if num_images < num_classes:
         raise ValueError(f"{num_images} images cannot fill {num_classes} class folders")
     rng = np.random.default_rng(seed)
-    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
     jobs = []
     for i in range(num_images):
         folder = root / f"c{i % num_classes:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         w, h = _image_size(rng, sizes)
-        jobs.append((str(folder / f"img{i:06d}.{ext}"), w, h, seed * 1_000_003 + i, fmt, quality))
+        jobs.append((str(folder / f"img{i:06d}.jpg"), w, h, seed * 1_000_003 + i))
     workers = workers or max(1, min(16, os.cpu_count() or 1))
     if workers == 1:
         for job in jobs:
@@ -457,15 +430,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
                     ([fmt_num(row[k]) if k in row else "" for k, _ in columns] for row in rows))
 
 
-def results_path(name: str, out: str | None = None, quick: bool = False) -> Path:
-    """``out``, else the recorded result benchmarks/results/NAME.json; a quick run's default is
-    benchmarks/results/quick/NAME.json, so that a check never overwrites a recorded full run."""
-    return Path(out) if out else (RESULTS_DIR / "quick" if quick else RESULTS_DIR) / f"{name}.json"
-
-
 def write_results(name: str, payload: dict[str, Any], out: str | None = None, quick: bool = False) -> Path:
-    path = results_path(name, out, quick)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Writes ``out``, else the recorded result benchmarks/results/NAME.json; a quick run's default is
+    benchmarks/results/quick/NAME.json, so that a check never overwrites a recorded full run."""
+    path = Path(out) if out else (RESULTS_DIR / "quick" if quick else RESULTS_DIR) / f"{name}.json"
     atomic_write_bytes(path, (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
     return path
 
@@ -480,6 +448,23 @@ def publish(name: str, payload: dict[str, Any], out: str | None, section: str, d
         update_marked_section(Path(doc), section, doc_section)
         print(f"markdown section updated in {doc}")
     return path
+
+
+def finish(name: str, args: argparse.Namespace, info: dict[str, Any], payload: dict[str, Any]) -> Path:
+    """The end of a performance benchmark: its JSON (the command, the machine, ``payload``, the load at the end)
+    written where ``--out`` / ``--quick`` say, and where it went printed."""
+    path = write_results(name, {"command": command_line(), "machine": info, **payload, "loadavg_at_end": loadavg()},
+                         args.out, args.quick)
+    print(f"\nwrote {path}")
+    return path
+
+
+def report_head(payload: dict[str, Any], title: str, end: str) -> list[str]:
+    """An accuracy benchmark's report opens with its title and date, the command, the machine, the load at the
+    end and the device; ``end`` finishes that last line."""
+    return [f"{title} ({payload['finished_at']})", "", f"* **Command**: `{payload['command']}`",
+            f"* **{machine_line(payload['machine'])}**; load average at the end {payload['loadavg_end']}; "
+            f"device `{payload['device']}`{end}"]
 
 
 def begin(workdir: str | Path) -> tuple[float, dict[str, Any], Path]:
@@ -522,14 +507,8 @@ def update_marked_section(path: Path, section: str, name: str) -> None:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
+    if isinstance(obj, (np.integer, np.floating, np.ndarray)):
+        return obj.tolist()  # Python ints and floats
     if hasattr(obj, "__dataclass_fields__"):
         return asdict(obj)
     return str(obj)
@@ -575,7 +554,25 @@ class Timer:
 # --------------------------------------------------------------------------- stage 2 harness
 
 
-class TimedLoader:
+class LimitedLoader:
+    """The first ``steps`` batches of ``loader`` (no timing, no syncs of its own)."""
+
+    def __init__(self, loader, steps: int):
+        self.loader, self.steps = loader, min(steps, len(loader))
+        self.num_samples_per_epoch = self.steps * (loader.num_samples_per_epoch // max(len(loader), 1))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int):
+        import contextlib
+        import itertools
+
+        with contextlib.closing(self.loader.epoch(epoch)) as batches:
+            yield from itertools.islice(batches, self.steps)
+
+
+class TimedLoader(LimitedLoader):
     """Wraps a loader for ``train_one_epoch``: optional step cap, steady-state timestamps.
 
     The clock starts (after a device sync) just before batch ``warmup`` is
@@ -586,18 +583,11 @@ class TimedLoader:
     """
 
     def __init__(self, loader, warmup: int, device, max_steps: int | None = None):
-        self.loader = loader
-        self.warmup = warmup
-        self.device = device
-        self.steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-        self.batch_size = loader.num_samples_per_epoch // max(len(loader), 1)
-        self.num_samples_per_epoch = self.steps * self.batch_size
+        super().__init__(loader, len(loader) if max_steps is None else max_steps)
+        self.warmup, self.device = warmup, device
         self.t_warm = self.t_end = None
         self.cpu_warm = self.cpu_end = None  # (main-thread CPU s, process CPU s)
         self.images = 0
-
-    def __len__(self) -> int:
-        return self.steps
 
     def epoch(self, epoch: int):
         import contextlib
@@ -670,21 +660,3 @@ def count_cuda_syncs(fn: Callable[[], Any]) -> dict[str, Any] | None:
     syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
     where = collections.Counter(f"{os.path.relpath(w.filename, REPO)}:{w.lineno}" for w in syncs)
     return {"total": len(syncs), "by_line": dict(where.most_common(12))}
-
-
-class LimitedLoader:
-    """The first ``steps`` batches of ``loader`` (no timing, no syncs of its own)."""
-
-    def __init__(self, loader, steps: int):
-        self.loader, self.steps = loader, min(steps, len(loader))
-        self.num_samples_per_epoch = self.steps * (loader.num_samples_per_epoch // max(len(loader), 1))
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def epoch(self, epoch: int):
-        import contextlib
-        import itertools
-
-        with contextlib.closing(self.loader.epoch(epoch)) as batches:
-            yield from itertools.islice(batches, self.steps)
