@@ -51,12 +51,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -657,8 +656,12 @@ def analyse(rows: Sequence[Mapping[str, Any]]) -> dict:
                 "points_lost": {"training": points_lost(train_calls, train), "held_out": points_lost(held_calls, held)}}
 
     relative = derive(RELATIVE_FEATURES)
+    # what the cache costs against fresh crops, regime by regime (C = E/4; item 5 has the other C)
+    both = [r["cached"] - r["online"] for r in rows if r["cached"] is not None and r["online"] is not None]
     return {**relative, "any_figure": derive(ALL_FEATURES), "library_rule": str(MEASURED_RULE),
-            "library_rule_matches": str(MEASURED_RULE) == relative["rule"]}
+            "library_rule_matches": str(MEASURED_RULE) == relative["rule"],
+            "cached_minus_online": {"mean": float(np.mean(both)), "min": min(both), "max": max(both),
+                                    "regimes": len(both)} if both else None}
 
 
 # --------------------------------------------------------------------------- report
@@ -686,6 +689,10 @@ def rule_lines(analysis: Mapping[str, Any], n_train: int) -> list[str]:
                      f"training regimes): **{a['rule']}**; training accuracy {a['train_accuracy']:.0%}, margin "
                      f"{a['margin']:.3f}; held out: {a['held_out_hits']} hits of {a['held_out_total']}. Training "
                      f"regimes: {lost(a, 'training')}; held out: {lost(a, 'held_out')}.")
+    c = analysis.get("cached_minus_online")
+    if c:
+        lines.append(f"* **Cached (C = E/4) - online fresh crops**, over the {c['regimes']} regimes with both: mean "
+                     f"{c['mean']:+.2f} points, from {c['min']:+.2f} to {c['max']:+.2f}.")
     if "library_rule" in analysis:
         lines.append(f"* **The rule `teacher-cache` and `distill` apply** (stage1_teacher_cache/distill_advice.py "
                      f"MEASURED_RULE): {analysis['library_rule']}"
