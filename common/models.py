@@ -365,10 +365,3 @@ def _pretrained_failure(name: str, timm_name: str, e: Exception) -> str:
         return f"could not fetch pretrained weights for {timm_name!r} ({cause_text(e, 300)}). Without internet, {local}"
     return (f"timm could not load the pretrained weights of {timm_name!r} ({cause_text(e, 300)}); if its copy in the "
             f"hub cache (~/.cache/huggingface) is damaged, delete it to download it again, or {local}")
-
-
-def checkpoint_num_classes(path: str | Path) -> int | None:
-    """Number of classes recorded in one of this project's checkpoints, if any."""
-    _, meta = read_weights(path)
-    n = meta.get("num_classes")
-    return int(n) if n is not None else None
