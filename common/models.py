@@ -157,18 +157,23 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             raise WeightsError(f"{path}: cannot be read as a safetensors file ({cause_text(e)}); "
                                "is it truncated or damaged?") from e
     else:
-        obj = load_torch_file(path)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-            meta = obj.get("meta") or {}
-            obj = obj["model"]
-        elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise WeightsError(f"{path}: not a state dict of tensors")
-        state = obj
+        state, meta = state_and_meta(load_torch_file(path), path)
     state = {_strip_prefixes(k): v for k, v in state.items()}
     check_metadata(meta, path, state)
     return state, meta
+
+
+def state_and_meta(obj: Any, source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of what ``torch.load`` returned: this project's checkpoint
+    (``{"model": state_dict, "meta": {...}}``), a ``{"state_dict": ...}`` wrapper or a plain state dict."""
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        meta, obj = obj.get("meta") or {}, obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{source}: not a state dict of tensors")
+    return obj, meta
 
 
 # What a checkpoint's metadata may ask a reader to build. Outside these, the file is damaged or hostile:

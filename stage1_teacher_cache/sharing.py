@@ -85,11 +85,9 @@ def check_mergeable(readers: Sequence[CacheReader]) -> None:
     """Refuse sources that do not describe the same images, crops and label space, naming the difference."""
     first = readers[0]
     for other in readers[1:]:
-        diffs = []
-        for key in ("manifest", "num_classes", "class_names", "crops", "ensemble"):
-            if first.attrs.get(key) != other.attrs.get(key):
-                diffs.append(f"{key}: {first.path} has {_short(first.attrs.get(key))}, "
-                             f"{other.path} has {_short(other.attrs.get(key))}")
+        diffs = [f"{key}: {first.path} has {_short(first.attrs.get(key))}, {other.path} has {_short(other.attrs.get(key))}"
+                 for key in ("manifest", "num_classes", "class_names", "crops", "ensemble")
+                 if first.attrs.get(key) != other.attrs.get(key)]
         if diffs:
             raise CacheError("refusing to merge caches built on different inputs:\n  - " + "\n  - ".join(diffs))
     for r in readers:
