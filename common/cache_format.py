@@ -240,15 +240,28 @@ class CacheLayout:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], path: str | Path = "cache") -> "CacheLayout":
-        """The layout the attributes declare, each value checked by type and range (_int_attr)."""
+        """The layout the attributes declare, each value checked by type and range (_int_attr), refusing
+        one whose shards, shard count or total size are absurd."""
         num_classes = _int_attr(attrs, "num_classes", 1, MAX_CLASSES, path)
-        return cls(
+        L = cls(
             num_images=_int_attr(attrs, "manifest.num_images", 0, MAX_IMAGES, path),
             num_crops=_int_attr(attrs, "crops.num_crops", 1, MAX_CROPS, path),
             topk=_int_attr(attrs, "storage.k", 1, num_classes, path),
             num_classes=num_classes,
             images_per_shard=_int_attr(attrs, "storage.images_per_shard", 1, MAX_IMAGES, path),
         )
+        chunk_bytes = L.images_per_shard * L.num_crops * max(4, L.topk) * 4
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise CacheError(f"{path}: a shard would decode to {chunk_bytes:,} bytes, over the {MAX_CHUNK_BYTES:,} "
+                             "limit")
+        if L.num_shards > MAX_SHARDS:
+            raise CacheError(f"{path}: {L.num_images:,} images at {L.images_per_shard:,} per shard make "
+                             f"{L.num_shards:,} shards, over the {MAX_SHARDS:,}-shard limit; use at least "
+                             f"{-(-L.num_images // MAX_SHARDS):,} images per shard")
+        if L.declared_bytes > MAX_DECLARED_BYTES:
+            raise CacheError(f"{path}: the attributes declare {L.declared_bytes:,} bytes of soft labels, over the "
+                             f"{MAX_DECLARED_BYTES:,}-byte limit")
+        return L
 
     @property
     def declared_bytes(self) -> int:
@@ -295,22 +308,6 @@ def _int_attr(attrs: dict[str, Any], dotted: str, lo: int, hi: int, path: str | 
 
 
 
-def _layout(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
-    """The layout the attributes promise, refusing malformed or absurd values."""
-    L = CacheLayout.from_attrs(attrs, path)
-    chunk_bytes = L.images_per_shard * L.num_crops * max(4, L.topk) * 4
-    if chunk_bytes > MAX_CHUNK_BYTES:
-        raise CacheError(f"{path}: a shard would decode to {chunk_bytes:,} bytes, over the {MAX_CHUNK_BYTES:,} limit")
-    if L.num_shards > MAX_SHARDS:
-        raise CacheError(f"{path}: {L.num_images:,} images at {L.images_per_shard:,} per shard make {L.num_shards:,} "
-                         f"shards, over the {MAX_SHARDS:,}-shard limit; use at least "
-                         f"{-(-L.num_images // MAX_SHARDS):,} images per shard")
-    if L.declared_bytes > MAX_DECLARED_BYTES:
-        raise CacheError(f"{path}: the attributes declare {L.declared_bytes:,} bytes of soft labels, over the "
-                         f"{MAX_DECLARED_BYTES:,}-byte limit")
-    return L
-
-
 def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
     """The one validation of a cache's attributes by type and range; returns the layout they declare.
     Checks what readers index into (identity, teachers, growth marker); descriptive attributes are
@@ -329,7 +326,7 @@ def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
         _attr(attrs, "growing", dict, path)
         _int_attr(attrs, "growing.from_crops", 1, MAX_CROPS, path)
         _int_attr(attrs, "growing.to_crops", 1, MAX_CROPS, path)
-    return _layout(attrs, path)
+    return CacheLayout.from_attrs(attrs, path)
 
 
 def _check_array_metadata(arr, name: str, path: str | Path) -> None:
@@ -502,7 +499,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, attrs: dict[str, Any]):
         self.path = str(path)
         wanted = dict(attrs, format=FORMAT_NAME, version=FORMAT_VERSION, tool_version=TOOL_VERSION)
-        self.layout = _layout(wanted, self.path)
+        self.layout = CacheLayout.from_attrs(wanted, self.path)
         local = local_path(self.path)
         if local is None:
             self._create_remote(wanted)
