@@ -778,12 +778,8 @@ class CacheReader:
         crop_ids = np.asarray(crop_ids, dtype=np.int64)
         if crop_ids.size and (crop_ids.min() < 0 or crop_ids.max() >= self.num_crops):
             raise CacheError(f"{self.path}: crop index out of range 0..{self.num_crops - 1}")
-        out = {
-            "boxes": np.empty((len(image_ids), 4), np.int32),
-            "flip": np.empty(len(image_ids), np.uint8),
-            "topk_index": np.empty((len(image_ids), self.topk), index_dtype(self.num_classes)),
-            "topk_prob": np.empty((len(image_ids), self.topk), np.float16),
-        }
+        specs = self.layout.array_specs()  # one row per pair: an array's shape without its [N, C]
+        out = {name: np.empty((len(image_ids), *specs[name][0][2:]), specs[name][2]) for name in DATA_ARRAYS}
         for sel, data, rows in self._by_shard(image_ids):
             for name in DATA_ARRAYS:
                 out[name][sel] = data[name][rows, crop_ids[sel]]

@@ -96,16 +96,9 @@ def apply_preprocess_config(pre: Preprocess, cfg: Any) -> Preprocess:
     result is recorded in the checkpoint's ``meta["preprocess"]``, which
     evaluate, predict, export and the hub entry points read back.
     """
-    updates: dict[str, Any] = {}
-    if cfg.interpolation:
-        updates["interpolation"] = cfg.interpolation
-    if cfg.crop_pct:
-        updates["crop_pct"] = float(cfg.crop_pct)
-    if cfg.mean:
-        updates["mean"] = tuple(float(v) for v in cfg.mean)
-    if cfg.std:
-        updates["std"] = tuple(float(v) for v in cfg.std)
-    return replace(pre, **updates)
+    given = {"interpolation": cfg.interpolation, "crop_pct": float(cfg.crop_pct),
+             "mean": tuple(float(v) for v in cfg.mean), "std": tuple(float(v) for v in cfg.std)}
+    return replace(pre, **{key: value for key, value in given.items() if value})  # "", 0 and () are unset
 
 
 def resolve_name(name: str) -> str:

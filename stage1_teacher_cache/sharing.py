@@ -151,9 +151,7 @@ def merge_targets(parts: Sequence[dict[str, np.ndarray]], weights: np.ndarray, n
 
 def merged_attrs(readers: Sequence[CacheReader], weights: np.ndarray, k: int) -> dict[str, Any]:
     first = readers[0].attrs
-    files: dict[str, str] = {}
-    for r in readers:
-        files.update(r.attrs.get("teacher_files") or {})
+    files = {name: path for r in readers for name, path in (r.attrs.get("teacher_files") or {}).items()}
     return cache_attrs(
         manifest=first["manifest"],
         num_classes=int(first["num_classes"]),
