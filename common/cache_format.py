@@ -61,7 +61,7 @@ from zarr.core.buffer.cpu import as_numpy_array_wrapper
 from zarr.registry import get_pipeline_class
 
 from common.cache_storage import CacheError, index_dtype, round_down_fp16, target_problems
-from common.errors import cause_text
+from common.errors import cause_text, shown
 from common.locations import file_sizes, filesystem, local_path
 
 FORMAT_NAME = "meal-v2-teacher-cache"
@@ -178,14 +178,11 @@ def _read_metadata(location: str | Path, key: str) -> Any:
     return load_json_bounded(data, where)
 
 
-def _check_metadata(location: str | Path) -> dict[str, Any]:
-    """Every metadata file present, checked and parsed: {key: JSON}. Refuses oversized, special or
-    too deeply nested files before zarr parses them (a forged zarr.json could exhaust memory)."""
-    found = {}
+def _check_metadata(location: str | Path) -> None:
+    """Check and parse every metadata file present. Refuses oversized, special or too deeply nested
+    files before zarr parses them (a forged zarr.json could exhaust memory)."""
     for name in ("", *DATA_ARRAYS, RECORD_ARRAY):
-        key = f"{name}/zarr.json" if name else "zarr.json"
-        found[key] = _read_metadata(location, key)
-    return found
+        _read_metadata(location, f"{name}/zarr.json" if name else "zarr.json")
 
 
 def cache_files(location: str | Path) -> dict[str, int]:
@@ -225,11 +222,8 @@ def _walk(location: str | Path) -> tuple[dict[str, int], list[str]]:
 
 def describe_difference(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Human-readable list of identity attributes that differ."""
-    diffs = []
-    for key in IDENTITY_KEYS:
-        if found.get(key) != wanted.get(key):
-            diffs.append(f"{key}: cache has {found.get(key)!r}, this run has {wanted.get(key)!r}")
-    return diffs
+    return [f"{key}: cache has {found.get(key)!r}, this run has {wanted.get(key)!r}"
+            for key in IDENTITY_KEYS if found.get(key) != wanted.get(key)]
 
 
 @dataclass
@@ -246,15 +240,28 @@ class CacheLayout:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], path: str | Path = "cache") -> "CacheLayout":
-        """The layout the attributes declare, each value checked by type and range (_int_attr)."""
+        """The layout the attributes declare, each value checked by type and range (_int_attr), refusing
+        one whose shards, shard count or total size are absurd."""
         num_classes = _int_attr(attrs, "num_classes", 1, MAX_CLASSES, path)
-        return cls(
+        L = cls(
             num_images=_int_attr(attrs, "manifest.num_images", 0, MAX_IMAGES, path),
             num_crops=_int_attr(attrs, "crops.num_crops", 1, MAX_CROPS, path),
             topk=_int_attr(attrs, "storage.k", 1, num_classes, path),
             num_classes=num_classes,
             images_per_shard=_int_attr(attrs, "storage.images_per_shard", 1, MAX_IMAGES, path),
         )
+        chunk_bytes = L.images_per_shard * L.num_crops * max(4, L.topk) * 4
+        if chunk_bytes > MAX_CHUNK_BYTES:
+            raise CacheError(f"{path}: a shard would decode to {chunk_bytes:,} bytes, over the {MAX_CHUNK_BYTES:,} "
+                             "limit")
+        if L.num_shards > MAX_SHARDS:
+            raise CacheError(f"{path}: {L.num_images:,} images at {L.images_per_shard:,} per shard make "
+                             f"{L.num_shards:,} shards, over the {MAX_SHARDS:,}-shard limit; use at least "
+                             f"{-(-L.num_images // MAX_SHARDS):,} images per shard")
+        if L.declared_bytes > MAX_DECLARED_BYTES:
+            raise CacheError(f"{path}: the attributes declare {L.declared_bytes:,} bytes of soft labels, over the "
+                             f"{MAX_DECLARED_BYTES:,}-byte limit")
+        return L
 
     @property
     def declared_bytes(self) -> int:
@@ -287,7 +294,7 @@ def _attr(attrs: dict[str, Any], dotted: str, kind: type | tuple[type, ...], pat
     # bool is an int in Python: `true` must not read as 1
     if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} = {_shown(value)} must be {names}; "
+        raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} = {shown(value)} must be {names}; "
                          "this is not a cache written by this tool")
     return value
 
@@ -299,27 +306,6 @@ def _int_attr(attrs: dict[str, Any], dotted: str, lo: int, hi: int, path: str | 
                          "this is not a cache written by this tool")
     return value
 
-
-def _shown(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _layout(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
-    """The layout the attributes promise, refusing malformed or absurd values."""
-    layout = CacheLayout.from_attrs(attrs, path)
-    L = layout
-    chunk_bytes = L.images_per_shard * L.num_crops * max(4, L.topk) * 4
-    if chunk_bytes > MAX_CHUNK_BYTES:
-        raise CacheError(f"{path}: a shard would decode to {chunk_bytes:,} bytes, over the {MAX_CHUNK_BYTES:,} limit")
-    if L.num_shards > MAX_SHARDS:
-        raise CacheError(f"{path}: {L.num_images:,} images at {L.images_per_shard:,} per shard make {L.num_shards:,} "
-                         f"shards, over the {MAX_SHARDS:,}-shard limit; use at least "
-                         f"{-(-L.num_images // MAX_SHARDS):,} images per shard")
-    if L.declared_bytes > MAX_DECLARED_BYTES:
-        raise CacheError(f"{path}: the attributes declare {L.declared_bytes:,} bytes of soft labels, over the "
-                         f"{MAX_DECLARED_BYTES:,}-byte limit")
-    return layout
 
 
 def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
@@ -333,14 +319,14 @@ def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
     teachers = _attr(attrs, "teachers", list, path)
     for i, teacher in enumerate(teachers):
         if not isinstance(teacher, dict) or not isinstance(teacher.get("name"), str):
-            raise CacheError(f"{path}: zarr.json: cache attribute 'teachers[{i}]' = {_shown(teacher)} must be an "
+            raise CacheError(f"{path}: zarr.json: cache attribute 'teachers[{i}]' = {shown(teacher)} must be an "
                              "object with a string 'name'; this is not a cache written by this tool")
     growing = attrs.get("growing")
     if growing is not None and growing is not False:
         _attr(attrs, "growing", dict, path)
         _int_attr(attrs, "growing.from_crops", 1, MAX_CROPS, path)
         _int_attr(attrs, "growing.to_crops", 1, MAX_CROPS, path)
-    return _layout(attrs, path)
+    return CacheLayout.from_attrs(attrs, path)
 
 
 def _check_array_metadata(arr, name: str, path: str | Path) -> None:
@@ -355,7 +341,7 @@ def _check_array_metadata(arr, name: str, path: str | Path) -> None:
     if meta.storage_transformers:
         raise CacheError(f"{path}: {name}/zarr.json declares storage_transformers, which this tool never writes")
     if meta.fill_value != 0:
-        raise CacheError(f"{path}: {name}/zarr.json has fill_value {_shown(np.asarray(meta.fill_value).item())}; this "
+        raise CacheError(f"{path}: {name}/zarr.json has fill_value {shown(np.asarray(meta.fill_value).item())}; this "
                          "tool writes 0 (an absent chunk must read as zeros, an absent record as 'incomplete')")
     encoding = meta.chunk_key_encoding
     if encoding.name != "default" or getattr(encoding, "separator", "/") != "/":
@@ -434,14 +420,9 @@ def _check_chunk_files(files: dict[str, int], folders: list[str], layout: CacheL
 
 def _present_shards(files: dict[str, int], num_shards: int) -> np.ndarray:
     """Shards whose completion record file exists (sorted): the only records worth reading."""
-    found = []
-    for name in files:
-        parts = name.split("/")
-        if len(parts) == 4 and parts[:2] == [RECORD_ARRAY, "c"] and parts[3] == "0" and parts[2].isdigit():
-            shard = int(parts[2])
-            if shard < num_shards:
-                found.append(shard)
-    return np.array(sorted(found), dtype=np.int64)
+    records = [parts for parts in (name.split("/") for name in files)
+               if len(parts) == 4 and parts[:2] == [RECORD_ARRAY, "c"] and parts[3] == "0" and parts[2].isdigit()]
+    return np.array(sorted(s for s in (int(parts[2]) for parts in records) if s < num_shards), dtype=np.int64)
 
 
 def _check_arrays(group: zarr.Group, layout: CacheLayout, path: str | Path) -> dict[str, Any]:
@@ -471,7 +452,7 @@ def _check_format(attrs: dict[str, Any], path: str | Path) -> None:
     if fmt != FORMAT_NAME:
         raise CacheError(f"{path}: not a teacher cache (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
     if isinstance(ver, bool) or not isinstance(ver, int):
-        raise CacheError(f"{path}: zarr.json: cache attribute 'version' = {_shown(ver)} must be an integer; "
+        raise CacheError(f"{path}: zarr.json: cache attribute 'version' = {shown(ver)} must be an integer; "
                          "this is not a cache written by this tool")
     if ver > FORMAT_VERSION:
         raise CacheError(
@@ -518,7 +499,7 @@ class CacheWriter:
     def __init__(self, path: str | Path, attrs: dict[str, Any]):
         self.path = str(path)
         wanted = dict(attrs, format=FORMAT_NAME, version=FORMAT_VERSION, tool_version=TOOL_VERSION)
-        self.layout = _layout(wanted, self.path)
+        self.layout = CacheLayout.from_attrs(wanted, self.path)
         local = local_path(self.path)
         if local is None:
             self._create_remote(wanted)
@@ -797,12 +778,8 @@ class CacheReader:
         crop_ids = np.asarray(crop_ids, dtype=np.int64)
         if crop_ids.size and (crop_ids.min() < 0 or crop_ids.max() >= self.num_crops):
             raise CacheError(f"{self.path}: crop index out of range 0..{self.num_crops - 1}")
-        out = {
-            "boxes": np.empty((len(image_ids), 4), np.int32),
-            "flip": np.empty(len(image_ids), np.uint8),
-            "topk_index": np.empty((len(image_ids), self.topk), index_dtype(self.num_classes)),
-            "topk_prob": np.empty((len(image_ids), self.topk), np.float16),
-        }
+        specs = self.layout.array_specs()  # one row per pair: an array's shape without its [N, C]
+        out = {name: np.empty((len(image_ids), *specs[name][0][2:]), specs[name][2]) for name in DATA_ARRAYS}
         for sel, data, rows in self._by_shard(image_ids):
             for name in DATA_ARRAYS:
                 out[name][sel] = data[name][rows, crop_ids[sel]]

@@ -183,18 +183,12 @@ _TABLE_TYPES = typing.get_type_hints(Config)
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check ``value`` against ``annotation`` and normalise it (lists -> tuples)."""
     origin = typing.get_origin(annotation)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    if annotation in (bool, int, str):
+        if isinstance(value, annotation) and (annotation is bool or not isinstance(value, bool)):  # True is an int
             return value
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
     elif origin is tuple:
         args = typing.get_args(annotation)
         if isinstance(value, str):
@@ -396,8 +390,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     for table, values in data.items():
         if table not in _TABLE_TYPES or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown table [{table}]; known tables: {', '.join(_TABLE_TYPES)}")
-        for key, value in values.items():
-            flat[f"{table}.{key}"] = value
+        flat.update({f"{table}.{key}": value for key, value in values.items()})
     return flat
 
 

@@ -67,3 +67,9 @@ def cause_text(e: BaseException, limit: int = 200) -> str:
     lines = str(e).strip().splitlines()
     first = lines[0][:limit] if lines else ""
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a hostile value must not flood a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

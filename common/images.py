@@ -88,26 +88,14 @@ class ImageHeader:
 def image_header(path: str | os.PathLike) -> ImageHeader:
     """The header of ``path``, without decoding pixels or reading EXIF.
 
-    For a limit checked before any decode: Pillow's ``getexif`` (which
-    :func:`image_size` needs for the orientation) decodes a whole PNG to find
-    an eXIf chunk after the pixel data.
+    For a limit checked before any decode: Pillow's ``getexif`` (which the
+    orientation needs) decodes a whole PNG to find an eXIf chunk after the
+    pixel data.
     """
     path = Path(path)
     _check_not_empty(path)
     with _open(path, str(path)) as img:
         return ImageHeader(img.width, img.height, img.mode)
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, reading only the header.
-
-    Cheap (no pixel decode), so it does not prove the file decodes; use
-    :func:`decoded_size` or :func:`open_image` for that.
-    """
-    path = Path(path)
-    _check_not_empty(path)
-    with _open(path, str(path)) as img:
-        return _oriented_size(img, str(path))
 
 
 def _check_not_empty(path: Path) -> None:

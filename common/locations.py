@@ -103,10 +103,8 @@ def remove(location: str | os.PathLike) -> None:
 
 
 def file_sizes(location: str | os.PathLike) -> dict[str, int]:
-    """``{relative POSIX name: size}`` of every file under a folder, local or remote, sorted by name."""
-    path = local_path(location)
-    if path is not None:
-        return {f.relative_to(path).as_posix(): f.stat().st_size for f in sorted(path.rglob("*")) if f.is_file()}
+    """``{relative POSIX name: size}`` of every object under a remote folder, sorted by name (a local
+    folder is listed by common.cache_format.cache_files, which refuses links and special files)."""
     fs, inner = filesystem(location)
     root = inner.rstrip("/")
     fs.invalidate_cache(root)  # a listing cached earlier in this process may predate writes since

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from tqdm import tqdm
 
-from common.errors import PipelineError
+from common.errors import PipelineError, shown
 from common.images import ImageError
 from common.locations import is_url, read_bytes, write_bytes
 from common.prefetch import prefetch
@@ -285,15 +285,9 @@ def write_manifest(
     duplicates = _first_duplicate([r.path for r in rows])
     if duplicates:
         raise ManifestError(f"path {duplicates!r} appears twice: list each image once")
-    columns = {
-        "image_id": pa.array(np.arange(len(rows), dtype=np.int64)),
-        "path": pa.array([r.path for r in rows], pa.string()),
-        "label": pa.array([r.label for r in rows], pa.int32()),
-        "width": pa.array([r.width for r in rows], pa.int32()),
-        "height": pa.array([r.height for r in rows], pa.int32()),
-        "bytes": pa.array([r.bytes for r in rows], pa.int64()),
-        "sha256": pa.array([r.sha256 for r in rows], pa.string()),
-    }
+    # ManifestRow's fields are SCHEMA's columns after image_id
+    columns = {"image_id": pa.array(np.arange(len(rows), dtype=np.int64)),
+               **{f.name: pa.array([getattr(r, f.name) for r in rows], f.type) for f in SCHEMA if f.name != "image_id"}}
     table = pa.table(columns, schema=SCHEMA)
     digest = _hash_columns(
         class_names,
@@ -340,17 +334,17 @@ def load_manifest(
 
     fmt = _read_metadata(table.schema, "format", source=path)
     if fmt != MANIFEST_FORMAT:
-        raise ManifestError(f"{path} is a {_shown(fmt)} file, not a {MANIFEST_FORMAT!r}: {_BUILD_HINT}")
+        raise ManifestError(f"{path} is a {shown(fmt)} file, not a {MANIFEST_FORMAT!r}: {_BUILD_HINT}")
     version = _read_metadata(table.schema, "version", source=path)
     if type(version) is not int or version != MANIFEST_VERSION:
         raise ManifestError(
-            f"manifest {path} has format version {_shown(version)}; this tool reads version {MANIFEST_VERSION}: "
+            f"manifest {path} has format version {shown(version)}; this tool reads version {MANIFEST_VERSION}: "
             f"{_REBUILD_HINT}, or use the tool version that wrote it"
         )
     algorithm = _read_metadata(table.schema, "hash_algorithm", source=path)
     if algorithm != HASH_ALGORITHM:
         raise ManifestError(
-            f"manifest {path} uses hash algorithm {_shown(algorithm)}; only {HASH_ALGORITHM!r} is supported: "
+            f"manifest {path} uses hash algorithm {shown(algorithm)}; only {HASH_ALGORITHM!r} is supported: "
             f"{_REBUILD_HINT}"
         )
     scheme = _hash_scheme(table.schema, source=path)
@@ -361,7 +355,7 @@ def load_manifest(
         )
     duplicate_class = _first_duplicate(class_names)
     if duplicate_class is not None:
-        raise ManifestError(f"manifest {path}: class name {_shown(duplicate_class)} appears twice in meal.class_names; "
+        raise ManifestError(f"manifest {path}: class name {shown(duplicate_class)} appears twice in meal.class_names; "
                             f"{_REBUILD_HINT} from folders with distinct names")
     recorded_root = _read_string_metadata(table.schema, "root", path, " (the image folder)")
     recorded_hash = _read_string_metadata(table.schema, "content_hash", path)
@@ -408,7 +402,7 @@ def load_manifest(
     if actual_hash != recorded_hash:
         raise ManifestError(
             f"manifest {path} was edited after it was built: content hash {actual_hash} "
-            f"!= recorded {_shown(recorded_hash)}; {_REBUILD_HINT}"
+            f"!= recorded {shown(recorded_hash)}; {_REBUILD_HINT}"
         )
     root = Path(data_root or recorded_root).expanduser().absolute()
     return Manifest(
@@ -541,7 +535,7 @@ def _hash_scheme(schema: pa.Schema, source: object) -> int:
         return _LEGACY_HASH_SCHEME
     scheme = _read_metadata(schema, "hash_scheme", source=source)
     if type(scheme) is not int or not _LEGACY_HASH_SCHEME <= scheme <= HASH_SCHEME:
-        raise ManifestError(f"manifest {source} uses content hash scheme {_shown(scheme)}; this tool knows "
+        raise ManifestError(f"manifest {source} uses content hash scheme {shown(scheme)}; this tool knows "
                             f"{_LEGACY_HASH_SCHEME}..{HASH_SCHEME}: upgrade the tool, or {_REBUILD_HINT}")
     return scheme
 
@@ -551,14 +545,9 @@ def _read_string_metadata(schema: pa.Schema, key: str, path: object, meaning: st
     value = _read_metadata(schema, key, source=path)
     if not isinstance(value, str):
         raise ManifestError(f"manifest {path}: metadata meal.{key} must be a JSON string{meaning}, not "
-                            f"{_shown(value)}; {_REBUILD_HINT}")
+                            f"{shown(value)}; {_REBUILD_HINT}")
     return value
 
-
-def _shown(value: object, limit: int = 60) -> str:
-    """``repr(value)`` cut to ``limit`` characters: a hostile metadata value must not flood a one-line message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_duplicate(items: Iterable[str]) -> str | None:

@@ -96,16 +96,9 @@ def apply_preprocess_config(pre: Preprocess, cfg: Any) -> Preprocess:
     result is recorded in the checkpoint's ``meta["preprocess"]``, which
     evaluate, predict, export and the hub entry points read back.
     """
-    updates: dict[str, Any] = {}
-    if cfg.interpolation:
-        updates["interpolation"] = cfg.interpolation
-    if cfg.crop_pct:
-        updates["crop_pct"] = float(cfg.crop_pct)
-    if cfg.mean:
-        updates["mean"] = tuple(float(v) for v in cfg.mean)
-    if cfg.std:
-        updates["std"] = tuple(float(v) for v in cfg.std)
-    return replace(pre, **updates)
+    given = {"interpolation": cfg.interpolation, "crop_pct": float(cfg.crop_pct),
+             "mean": tuple(float(v) for v in cfg.mean), "std": tuple(float(v) for v in cfg.std)}
+    return replace(pre, **{key: value for key, value in given.items() if value})  # "", 0 and () are unset
 
 
 def resolve_name(name: str) -> str:
@@ -157,18 +150,23 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             raise WeightsError(f"{path}: cannot be read as a safetensors file ({cause_text(e)}); "
                                "is it truncated or damaged?") from e
     else:
-        obj = load_torch_file(path)
-        if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-            meta = obj.get("meta") or {}
-            obj = obj["model"]
-        elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise WeightsError(f"{path}: not a state dict of tensors")
-        state = obj
+        state, meta = state_and_meta(load_torch_file(path), path)
     state = {_strip_prefixes(k): v for k, v in state.items()}
     check_metadata(meta, path, state)
     return state, meta
+
+
+def state_and_meta(obj: Any, source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, metadata) of what ``torch.load`` returned: this project's checkpoint
+    (``{"model": state_dict, "meta": {...}}``), a ``{"state_dict": ...}`` wrapper or a plain state dict."""
+    meta: dict[str, Any] = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        meta, obj = obj.get("meta") or {}, obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{source}: not a state dict of tensors")
+    return obj, meta
 
 
 # What a checkpoint's metadata may ask a reader to build. Outside these, the file is damaged or hostile:
@@ -365,10 +363,3 @@ def _pretrained_failure(name: str, timm_name: str, e: Exception) -> str:
         return f"could not fetch pretrained weights for {timm_name!r} ({cause_text(e, 300)}). Without internet, {local}"
     return (f"timm could not load the pretrained weights of {timm_name!r} ({cause_text(e, 300)}); if its copy in the "
             f"hub cache (~/.cache/huggingface) is damaged, delete it to download it again, or {local}")
-
-
-def checkpoint_num_classes(path: str | Path) -> int | None:
-    """Number of classes recorded in one of this project's checkpoints, if any."""
-    _, meta = read_weights(path)
-    n = meta.get("num_classes")
-    return int(n) if n is not None else None

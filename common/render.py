@@ -148,6 +148,5 @@ def normalize(batch: torch.Tensor, mean, std, device=None, memory_format=torch.c
 def _mean_std(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Built once per (mean, std, device): a fresh torch.tensor(..., device=cuda) each
     batch is a blocking host-to-device copy that stalls the GPU queue."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1).mul(255.0).to(device)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1).mul(255.0).to(device)
+    m, s = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).mul(255.0).to(device) for v in (mean, std))
     return m, s

@@ -58,10 +58,6 @@ class Runtime:
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    def barrier(self) -> None:
-        if self.distributed and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """``t`` on ``device``; to CUDA through pinned memory and ``non_blocking``, because a copy

@@ -1,9 +1,4 @@
-"""Click commands for manifests and the Fashion-MNIST adapter (registered by stage2_student_distill/app/cli.py).
-
-Expected failures (bad data, bad manifest, bad config, an unwritable --out)
-become one message with exit 1 and no traceback (``common.cli_support.user_errors``);
-anything else is a bug and keeps its traceback.
-"""
+"""Click commands for manifests and the Fashion-MNIST adapter (registered by stage2_student_distill/app/cli.py)."""
 from __future__ import annotations
 
 import json

@@ -157,11 +157,8 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
 def shard_targets(views: Iterable[list[torch.Tensor]], teachers: list[Teacher], runtime: Runtime,
                   batch_size: int, temperature: float, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of the ensemble for every crop of a shard, image-major: (index, prob) [n * C, k]."""
-    index, prob = [], []
-    for batch in batches(views, batch_size):
-        i, p = ensemble_topk(teacher_probs(teachers, batch, runtime, temperature), k)
-        index.append(i)
-        prob.append(p)
+    index, prob = zip(*(ensemble_topk(teacher_probs(teachers, batch, runtime, temperature), k)
+                        for batch in batches(views, batch_size)))
     return np.concatenate(index), np.concatenate(prob)
 
 

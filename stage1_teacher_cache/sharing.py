@@ -85,11 +85,9 @@ def check_mergeable(readers: Sequence[CacheReader]) -> None:
     """Refuse sources that do not describe the same images, crops and label space, naming the difference."""
     first = readers[0]
     for other in readers[1:]:
-        diffs = []
-        for key in ("manifest", "num_classes", "class_names", "crops", "ensemble"):
-            if first.attrs.get(key) != other.attrs.get(key):
-                diffs.append(f"{key}: {first.path} has {_short(first.attrs.get(key))}, "
-                             f"{other.path} has {_short(other.attrs.get(key))}")
+        diffs = [f"{key}: {first.path} has {_short(first.attrs.get(key))}, {other.path} has {_short(other.attrs.get(key))}"
+                 for key in ("manifest", "num_classes", "class_names", "crops", "ensemble")
+                 if first.attrs.get(key) != other.attrs.get(key)]
         if diffs:
             raise CacheError("refusing to merge caches built on different inputs:\n  - " + "\n  - ".join(diffs))
     for r in readers:
@@ -153,9 +151,7 @@ def merge_targets(parts: Sequence[dict[str, np.ndarray]], weights: np.ndarray, n
 
 def merged_attrs(readers: Sequence[CacheReader], weights: np.ndarray, k: int) -> dict[str, Any]:
     first = readers[0].attrs
-    files: dict[str, str] = {}
-    for r in readers:
-        files.update(r.attrs.get("teacher_files") or {})
+    files = {name: path for r in readers for name, path in (r.attrs.get("teacher_files") or {}).items()}
     return cache_attrs(
         manifest=first["manifest"],
         num_classes=int(first["num_classes"]),

@@ -18,9 +18,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
+from common.loader_kind import build_renderer, choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
 from common.models import Preprocess
-from common.loader_kind import build_renderer
 from common.render import View
 from common.runtime import Runtime
 
@@ -30,17 +29,12 @@ Renderer = Callable[[Sequence[str], Sequence[np.ndarray], np.ndarray, Sequence[t
                     list[torch.Tensor]]
 
 
-def renderer_kind(loader: str, runtime: Runtime) -> str:
-    """``torch`` or ``dali`` for ``teacher_cache.loader`` (auto | dali | torch; the rule is ``common.loader_kind``'s)."""
-    return choose_loader(loader, runtime, "teacher_cache.loader")
-
-
 def make_renderer(loader: str, runtime: Runtime, preprocesses: Sequence[Preprocess], crops_per_image: int,
                   images_per_call: int) -> Renderer:
-    """The renderer ``renderer_kind(loader, runtime)`` names, for every teacher's view. One thread per
-    call: stage 1 renders several calls at once (``common.prefetch``)."""
-    return build_renderer(renderer_kind(loader, runtime), [View.of(p) for p in preprocesses], runtime,
-                          crops_per_image, images_per_call)
+    """The renderer ``teacher_cache.loader`` names (auto | dali | torch; the rule is ``common.loader_kind``'s),
+    for every teacher's view. One thread per call: stage 1 renders several calls at once (``common.prefetch``)."""
+    kind = choose_loader(loader, runtime, "teacher_cache.loader")
+    return build_renderer(kind, [View.of(p) for p in preprocesses], runtime, crops_per_image, images_per_call)
 
 
 def batches(views: Iterable[list[torch.Tensor]], batch_size: int) -> Iterator[list[torch.Tensor]]:

@@ -83,6 +83,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def flatten_config(cfg: dict[str, Any], tables: tuple[str, ...]) -> dict[str, Any]:
+    """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``, for the config tables ``tables`` (absent ones skipped)."""
     return {f"{t}.{k}": v for t in tables for k, v in cfg.get(t, {}).items()}
 
 

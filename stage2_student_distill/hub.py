@@ -38,7 +38,8 @@ from torch import nn
 
 from common.errors import PipelineError
 from common.locations import scheme
-from common.models import IMAGENET_CLASSES, MODEL_NAMES, Preprocess, WeightsError, create_model, load_failure, read_weights
+from common.models import (IMAGENET_CLASSES, MODEL_NAMES, Preprocess, WeightsError, create_model, load_failure, read_weights,
+                           state_and_meta)
 
 RELEASE = "https://github.com/szq0214/MEAL-V2/releases/download/v1.0.0/"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,16 +94,6 @@ def hub_model(name: str) -> HubModel:
 _DOWNLOAD_SCHEMES = ("http", "https", "file", "ftp")
 
 
-def _state_from_object(obj: Any, source: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise HubError(f"{source}: not a state dict of tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-
-
 def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, progress: bool = True) -> dict[str, torch.Tensor]:
     """The weights of hub model ``name``: from its release URL (True), another URL or a local file.
 
@@ -128,7 +119,11 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
         ) from e
     except Exception as e:  # weights_only refusal (an UnpicklingError), truncation, corruption
         raise HubError(f"{load_failure(cached, e)} Delete it to download it again.") from e
-    return _state_from_object(obj, str(cached))
+    try:
+        state, _ = state_and_meta(obj, cached)
+    except WeightsError as e:
+        raise HubError(str(e)) from e
+    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _describe(model: nn.Module, pre: Preprocess, class_names: tuple[str, ...] | None, **extra: Any) -> None:

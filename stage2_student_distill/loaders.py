@@ -278,7 +278,6 @@ class Loader:
             image_ids=torch.from_numpy(image_ids),
             crop_ids=torch.from_numpy(np.ascontiguousarray(samples.crop_ids[rows]).reshape(-1)),
             sample_ids=planned_ids,
-            # Pinned + non_blocking: a copy from pageable memory would make the host wait for the GPU every step.
             labels=to_device(torch.from_numpy(self.manifest.labels[image_ids].astype(np.int64)), device),
             targets=targets,
             boxes=samples.boxes[rows].reshape(-1, 4),

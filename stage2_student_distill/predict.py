@@ -122,8 +122,7 @@ def predict(
     for start in range(0, len(paths), batch_size):
         chunk = list(paths[start : start + batch_size])
         pixels = torch.stack([preprocess_image(p, loaded.preprocess) for p in chunk])
-        for p, top in zip(chunk, top_classes(loaded, pixels, names, topk)):
-            out.append(Prediction(str(p), tuple(top)))
+        out += [Prediction(str(p), tuple(top)) for p, top in zip(chunk, top_classes(loaded, pixels, names, topk))]
     return out
 
 

@@ -100,10 +100,6 @@ class Job:
     # what the run holds until fit ends: the run directory's lock (run_lock.py)
     held: contextlib.ExitStack | None = None
 
-    @property
-    def lr_pairs(self) -> list[tuple[torch.optim.Optimizer, float]]:
-        return [(self.optimizers[name], self.base_lrs[name]) for name in self.optimizers]
-
 
 def fit(job: Job) -> dict[str, Any]:
     """Train ``job.student`` for the configured epochs; checkpoint every epoch and validate
@@ -208,7 +204,8 @@ def check_same_teachers(run_dir: Path, saved: dict | None, current: dict | None)
 
 def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     """One pass over ``job.train_loader``; loss sums stay on the device except on log steps."""
-    cfg, rt, objective, lr_pairs, scaler = job.cfg, job.runtime, job.objective, job.lr_pairs, job.scaler
+    cfg, rt, objective, scaler = job.cfg, job.runtime, job.objective, job.scaler
+    lr_pairs = [(job.optimizers[name], job.base_lrs[name]) for name in job.optimizers]
     job.student.train()
     if job.discriminator is not None:
         job.discriminator.train()

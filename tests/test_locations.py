@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from stage2_student_distill.app.cli import main
-from common.locations import LocationError, absolute, file_sizes, filesystem, is_url, local_path, read_bytes, scheme, write_bytes
+from common.cache_format import cache_files
+from common.locations import LocationError, absolute, filesystem, is_url, local_path, read_bytes, scheme, write_bytes
 
 
 def test_paths_and_urls_are_told_apart_by_one_rule(tmp_path):
@@ -25,7 +26,7 @@ def test_whole_file_writes_and_listings_agree_locally_and_remotely(tmp_path):
     for root in (str(tmp_path / "cache"), "memory://locations-test/cache"):
         for name, data in files.items():
             write_bytes(f"{root}/{name}", data)
-        assert file_sizes(root) == {name: len(data) for name, data in sorted(files.items())}, root
+        assert cache_files(root) == {name: len(data) for name, data in sorted(files.items())}, root
         assert read_bytes(f"{root}/x/c/0") == b"12345"
     assert not list((tmp_path / "cache").rglob("*.tmp"))  # local writes go through temp + rename
 

@@ -49,20 +49,14 @@ def show_command(ctx: click.Context, recipe: str | None, command: tuple[str, ...
     """
     root = ctx.find_root()
     source: ConfigSource = root.obj or ConfigSource(None, ())
-    if recipe:
-        source = dataclasses.replace(source, recipe=recipe)
-    if not command:
-        root.obj = dataclasses.replace(source, show_only=True)
-        try:
-            resolve_config(ctx)
-        except ConfigShown:
-            return
-    name, *flags = command
-    target = root.command.get_command(root, name) if isinstance(root.command, click.Group) else None
-    if target is None or name not in CONFIG_COMMANDS:
-        raise click.UsageError(f"`config show` takes one of {', '.join(CONFIG_COMMANDS)}, not {name!r}")
-    root.obj = dataclasses.replace(source, show_only=True)
+    root.obj = dataclasses.replace(source, recipe=recipe or source.recipe, show_only=True)
     try:
+        if not command:
+            resolve_config(ctx)  # prints, then raises ConfigShown
+        name, *flags = command
+        target = root.command.get_command(root, name) if isinstance(root.command, click.Group) else None
+        if target is None or name not in CONFIG_COMMANDS:
+            raise click.UsageError(f"`config show` takes one of {', '.join(CONFIG_COMMANDS)}, not {name!r}")
         with target.make_context(name, list(flags), parent=ctx) as sub:
             target.invoke(sub)
     except ConfigShown:

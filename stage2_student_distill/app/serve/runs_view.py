@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 # The nearest library reader of RUN/metrics.jsonl (one implementation for train, resume and here).
+from stage2_student_distill.checkpoint import flatten_config
 from stage2_student_distill.metrics import read_metrics
 from stage2_student_distill.train import result_tables
 
@@ -47,17 +48,6 @@ def discover(roots: Sequence[Path]) -> dict[str, Path]:
     return found
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1} (lists stay values)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def load_run(name: str, path: Path) -> Run:
     try:
         metrics = read_metrics(path / METRICS)
@@ -77,7 +67,7 @@ def meaningful(config: dict[str, Any]) -> dict[str, Any]:
     tables = result_tables(config)
     if (config.get("distill") or {}).get("online") and "distill" in tables:
         tables += ("teacher_cache",)
-    return flatten({table: config[table] for table in tables if table in config})
+    return flatten_config(config, tables)
 
 
 def differing_keys(runs: Sequence[Run]) -> list[str]:
