@@ -16,10 +16,14 @@ Plain numbers, no torch: stage 1 and stage 2 print the same advice (``advise``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 SHORT_RUN_DIVISOR = 4  # the short run is E / 4 epochs of the distillation's own recipe (at least 1)
+# A cached crop came back up to this many times (E * m / C) at no measurable cost against fresh crops: the grid's
+# item 5 (C = E/8 at E = 40 and 60 on 500 and 1,000 images) and the crop budget study (C = 1 at E = 8 on 60,000).
+MEASURED_REPLAYS = 8
 
 # The figures a rule may use: the relative ones carry across datasets; the absolute ones only rank regimes
 # of one dataset (the grid's report shows the best rule on them too, for comparison).
@@ -140,3 +144,25 @@ def advise_from_cache(attrs: Mapping[str, Any], short_hard: float | None, epochs
     where = f"on {evaluation['manifest']['num_images']} evaluation images" if evaluation and evaluation.get(
         "manifest", {}).get("num_images") else ""
     return advise(ensemble, agreement, short_hard or None, epochs, where=where)
+
+
+def crop_replays(epochs: int, crops_per_image: int, num_crops: int) -> float:
+    """How many times a run of ``epochs`` epochs taking ``crops_per_image`` crops per image per step meets each
+    of a cache's ``num_crops`` crops."""
+    return epochs * crops_per_image / num_crops
+
+
+def distill_start_lines(attrs: Mapping[str, Any], short_hard: float | None, epochs: int, crops_per_image: int,
+                        num_crops: int) -> list[str]:
+    """What `distill` prints at start from its cache: the rule's warning where the figures are there and it
+    expects a loss (no note where one is missing: stage 1 says how to get it, and a note on every run would only
+    hide real messages), and a note where each crop comes back more often than was measured."""
+    advice = advise_from_cache(attrs, short_hard, epochs)
+    lines = list(advice.lines) if advice.verdict == "loss" else []
+    replays = crop_replays(epochs, crops_per_image, num_crops)
+    if replays > MEASURED_REPLAYS:
+        lines.append(f"note: each cached crop comes back {replays:.0f} times ({epochs} epochs x {crops_per_image} "
+                     f"crops per image / C = {num_crops}); no loss against fresh crops was measured up to "
+                     f"{MEASURED_REPLAYS} (docs/teachers.md, \"Crops against epochs\"). Beyond it is unmeasured: "
+                     f"`teacher-cache --more-crops N` grows the cache to C >= {math.ceil(epochs * crops_per_image / MEASURED_REPLAYS)}")
+    return lines

@@ -112,7 +112,8 @@ def student_caught_up(student_top1: float, result: dict[str, Any] | None) -> str
     return (f"the student ({student_top1:.2f}% top-1) has caught up with its teachers' ensemble ({ensemble:.2f}% "
             f"on the same {result['manifest']['num_images']} images, from --evaluate-teachers): the ensemble is as "
             "far as its soft labels can take this student. MEAL V2 pays only when the ensemble is well above a "
-            "hard-label run of the same student (2 points or more); if that run scores near or above "
+            "hard-label run of the same student (the measured rule: docs/teachers.md, \"When distilling pays\"); "
+            "if that run scores near or above "
             f"{ensemble:.2f}%, train stronger teachers or keep the hard labels (docs/teachers.md)")
 
 

@@ -37,7 +37,7 @@ from common.distributed import broadcast_buffers, fail_together
 from common.manifest import Manifest, check_image_files, load_manifest
 from common.models import Preprocess, apply_preprocess_config, create_model, resolve_name
 from common.runtime import Runtime, build_runtime, seed_everything
-from stage1_teacher_cache.distill_advice import advise_from_cache
+from stage1_teacher_cache.distill_advice import distill_start_lines
 from stage1_teacher_cache.teacher_eval import read_teacher_eval, student_caught_up
 from stage1_teacher_cache.teachers import load_teachers
 from stage2_student_distill.checkpoint import (
@@ -469,7 +469,8 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
                         num_classes=manifest.num_classes) if cache_path else None
     run_dir = _take_run_dir(held, d.out, cfg, d.resume, result_tables(cfg.to_dict()), runtime)
     if cache is not None and runtime.is_main:  # the cache's figures against the measured rule (docs/teachers.md)
-        for line in advise_from_cache(cache.attrs, d.hard_label_top1 or None, cfg.optim.epochs).lines:
+        for line in distill_start_lines(cache.attrs, d.hard_label_top1 or None, cfg.optim.epochs, d.crops_per_image,
+                                        cache.num_crops):
             print(line, file=sys.stderr, flush=True)
 
     m = d.crops_per_image
