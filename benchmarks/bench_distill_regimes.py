@@ -806,6 +806,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON (default benchmarks/results/distill_regimes.json)")
     p.add_argument("--report", default=None, help="markdown (default benchmarks/results/distill_regimes.md)")
     p.add_argument("--plot", default=None, help="PNG (default docs/img/distill_regimes.png)")
+    p.add_argument("--doc", default=None, help="markdown whose marked section gets the report too (default "
+                                               "docs/results.md; none with --smoke)")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child of --jobs > 1
     args = p.parse_args(argv)
     if args.smoke:
@@ -818,6 +820,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.out = args.out or str(wd / "distill_regimes.json" if args.smoke else REPO / "benchmarks/results/distill_regimes.json")
     args.report = args.report or str(wd / "distill_regimes.md" if args.smoke else REPO / "benchmarks/results/distill_regimes.md")
     args.plot = args.plot or str(wd / "distill_regimes.png" if args.smoke else REPO / "docs/img/distill_regimes.png")
+    args.doc = args.doc or (None if args.smoke else str(REPO / "docs/results.md"))
     return args
 
 
@@ -847,6 +850,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_gain(payload, Path(args.plot))
     text = report(payload)
     Path(args.report).write_text(text)
+    if args.doc:  # the same report, its plot linked from the document's folder
+        from benchmarks.harness import update_marked_section
+
+        doc = Path(args.doc)
+        update_marked_section(doc, report({**payload, "plot": os.path.relpath(args.plot, doc.resolve().parent)}),
+                              "bench_distill_regimes")
     print("\n" + text + f"\nJSON: {path}\nreport: {args.report}\nplot: {args.plot}", flush=True)
     return 0
 
