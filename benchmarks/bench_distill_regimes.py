@@ -749,6 +749,28 @@ def report(payload: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def margin_table(payload: Mapping[str, Any]) -> str:
+    """docs/teachers.md's table: every regime by its margin (the rule's figure), with the gains and the rule's call."""
+    analysis = payload["analysis"]
+    rows = sorted((r for r in payload["regimes"] if not r["pretrain"] and r["features"]["margin"] is not None),
+                  key=lambda r: -r["features"]["margin"])
+    lines = [f"Rule: **{analysis['rule']}** (points of the ensemble's top-1 above a hard-label run of E/4 epochs). "
+             f"Training regimes: {analysis['train_accuracy']:.0%} right; held out: {analysis['held_out_hits']} of "
+             f"{analysis['held_out_total']} right.", "",
+             "| regime | held out | ensemble | short run | margin | hard labels | cached - hard | online - hard | "
+             "rule says | right? |", "|" + "---|" * 10]
+    for r in rows:
+        call = analysis["calls"].get(r["regime"])
+        lines.append(f"| {r['regime']} | {'yes' if r['held_out'] else ''} | {fmt(r['features']['ensemble'])} | "
+                     f"{fmt(r['features']['short_hard'])} | {fmt(r['features']['margin'], True)} | {fmt(r['hard'])} | "
+                     f"{fmt(r['gain'], True)} | {fmt(r['online_gain'], True)} | "
+                     f"{('distil' if call['call'] == 'gain' else 'keep labels') if call else '-'} | "
+                     f"{('yes' if call['hit'] else '**no**') if call else '-'} |")
+    if payload.get("plot"):
+        lines += ["", f"![gain against margin]({payload['plot']})"]
+    return "\n".join(lines) + "\n"
+
+
 def plot_gain(payload: Mapping[str, Any], path: Path) -> Path:
     """Gain (cached - hard) against the rule's first feature: training and held-out regimes, its threshold."""
     import matplotlib
@@ -856,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = Path(args.doc)
         update_marked_section(doc, report({**payload, "plot": os.path.relpath(args.plot, doc.resolve().parent)}),
                               "bench_distill_regimes")
+        teachers = doc.parent / "teachers.md"  # the user's page: the rule's table
+        update_marked_section(teachers, margin_table({**payload, "plot": os.path.relpath(args.plot, teachers.resolve().parent)}),
+                              "bench_distill_regimes[margins]")
     print("\n" + text + f"\nJSON: {path}\nreport: {args.report}\nplot: {args.plot}", flush=True)
     return 0
 
