@@ -60,6 +60,7 @@ RESUME_MAY_CHANGE = frozenset(
         "optim.log",
         "distill.resume",
         "distill.check_images",  # a check before training, not part of it
+        "distill.hard_label_top1",  # advice printed at start, not part of training
         "train.resume",
         # locations: a run directory or a dataset may move; what is inside is
         # checked by content (the manifest hash recorded in last.pt)

@@ -217,7 +217,8 @@ def test_resume_refuses_a_new_cosine_span_and_a_shorter_run(data, tmp_path):
     # keys that do not change the math may change: validation cadence, logging, memory layout
     result = run_distill(distill_config(data, cosine, **quick, **{
         "optim.epochs": 1, "optim.schedule": "cosine", "distill.resume": True,
-        "optim.eval_every": 3, "optim.log_every": 1, "runtime.channels_last": False}))
+        "optim.eval_every": 3, "optim.log_every": 1, "runtime.channels_last": False,
+        "distill.hard_label_top1": 70.0}))  # advice before training, not training
     assert result["last"] is None and len(read_metrics(cosine / "metrics.jsonl")) == 1  # nothing left to run
 
     step = tmp_path / "step"
