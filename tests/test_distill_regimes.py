@@ -239,6 +239,14 @@ def test_report_on_synthetic_results(tmp_path: Path):
     assert "| h2 | yes | 80.00 | 85.00 | 80.00 | +0.00 | 0,1 | 78.50 | 79.00 | 79.00 | +0.50 | +0.50 | loss | MISS |" \
         in text
     assert f"held out: 1 hits of 2" in text
+    # docs/teachers.md's table: by margin, largest first, the rule's call in the user's words
+    table = grid.margin_table(payload).splitlines()
+    body = [line for line in table if line.startswith("| ") and not line.startswith("| regime")]
+    assert [line.split(" | ")[0][2:] for line in body] == ["h1", "a", "b", "c", "h2", "d"]  # margins 8 6 5 1 0 -1
+    assert body[4] == "| h2 | yes | 80.00 | 80.00 | +0.00 | 78.50 | +0.50 | +0.50 | keep labels | **no** |"
+    assert "held out: 1 of 2 right" in table[0] and table[-1] == "![gain against margin](p.png)"
+    lines = grid.rule_lines(analysis, 4)
+    assert any("points given away per regime" in line for line in lines)
     png = grid.plot_gain(payload, tmp_path / "gain.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
