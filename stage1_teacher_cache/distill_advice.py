@@ -69,8 +69,10 @@ class Rule:
 
 # The rule the grid derived on its training regimes (benchmarks/results/distill_regimes.md has the search,
 # every regime's call and the held-out check). Update it with MEASURED_ON when the grid is rerun.
-MEASURED_RULE = Rule((Condition("margin", 11.34, above=True),), accuracy=11 / 13)
-MEASURED_ON = "13 Fashion-MNIST regimes; held out: 5 (benchmarks/results/distill_regimes.md)"
+# Right on all 8 training regimes with a clear outcome (|cached - hard| >= 1 point; 5 were ties) and on 6 of the 7
+# held out: the miss is a pair whose weak teacher lowers the ensemble, which --evaluate-teachers names anyway.
+MEASURED_RULE = Rule((Condition("margin", 9.26, above=True),), accuracy=1.0)
+MEASURED_ON = "20 Fashion-MNIST regimes, 6 of 7 held out called right"
 
 
 def features_of(ensemble: float | None, agreement: float | None, short_hard: float | None) -> dict[str, float | None]:

@@ -209,9 +209,10 @@ def test_evaluate_rule_reports_hits_and_misses():
 
 
 def synthetic_done(regimes) -> dict:
-    """Records of every step, gains chosen so that margin > 3 separates them except on held-out 'h2'."""
+    """Records of every step, gains chosen so that a margin threshold separates the clear outcomes except on
+    held-out 'h2'; 'b' and 'c' are ties (under a point either way)."""
     margin = {"a": 6.0, "b": 5.0, "c": 1.0, "d": -1.0, "h1": 8.0, "h2": 0.0}
-    gain = {"a": 1.5, "b": 0.8, "c": -0.7, "d": -2.0, "h1": 2.0, "h2": 0.5}
+    gain = {"a": 1.5, "b": 0.8, "c": -0.7, "d": -2.0, "h1": 2.0, "h2": 1.5}
     done = {}
     for r in regimes:
         done[Step("cache", r.name, C=r.C).key] = {"ensemble_top1": 80.0 + margin[r.name], "agreement_pct": 85.0}
@@ -231,20 +232,30 @@ def test_report_on_synthetic_results(tmp_path: Path):
     assert rows[0]["gain"] == pytest.approx(1.5) and rows[0]["online_gain"] == pytest.approx(0.5)
     assert rows[0]["features"]["margin"] == pytest.approx(6.0) and rows[0]["seeds"] == [0, 1]
     analysis = grid.analyse(rows)
-    assert analysis["train_accuracy"] == 1.0
+    # the clear outcomes are a (+1.5, margin 6) and d (-2.0, margin -1): the threshold sits mid-gap
+    assert analysis["rule"] == "distil when margin > 2.50" and analysis["train_accuracy"] == 1.0
+    assert analysis["train_judged"] == 2 and analysis["calls"]["b"]["hit"] is None  # b, c: ties
     assert (analysis["held_out_hits"], analysis["held_out_total"]) == (1, 2)
     assert analysis["calls"]["h2"] == {"regime": "h2", "call": "loss", "actual": "gain", "hit": False}
+    # counted by sign, b's +0.8 is a gain and c's -0.7 a loss: the threshold moves between them
+    assert analysis["sign_target"]["rule"] == "distil when margin > 3.00"
+    # points given away per training regime following the rule: b's 0.8 (called a gain? no: 5 > 2.5, a gain,
+    # right) and c's 0.7 (margin 1 <= 2.5: kept labels, right) -> nothing; always distilling gives c and d away
+    assert analysis["points_lost"]["training"] == {"rule": 0.0, "always": pytest.approx((0.7 + 2.0) / 4),
+                                                   "never": pytest.approx((1.5 + 0.8) / 4)}
     payload = json.loads(json.dumps({"regimes": rows, "analysis": analysis, "plot": "p.png"}))  # as from the JSON
     text = grid.report(payload)
-    assert "| h2 | yes | 80.00 | 85.00 | 80.00 | +0.00 | 0,1 | 78.50 | 79.00 | 79.00 | +0.50 | +0.50 | loss | MISS |" \
+    assert "| h2 | yes | 80.00 | 85.00 | 80.00 | +0.00 | 0,1 | 78.50 | 80.00 | 79.00 | +1.50 | +0.50 | loss | MISS |" \
         in text
-    assert f"held out: 1 hits of 2" in text
+    assert "| b |  | 85.00 | 85.00 | 80.00 | +5.00 | 0,1 | 78.50 | 79.30 | 79.00 | +0.80 | +0.50 | gain | tie |" in text
+    assert "held out: 1 of 2 right" in text
     # docs/teachers.md's table: by margin, largest first, the rule's call in the user's words
     table = grid.margin_table(payload).splitlines()
     body = [line for line in table if line.startswith("| ") and not line.startswith("| regime")]
     assert [line.split(" | ")[0][2:] for line in body] == ["h1", "a", "b", "c", "h2", "d"]  # margins 8 6 5 1 0 -1
-    assert body[4] == "| h2 | yes | 80.00 | 80.00 | +0.00 | 78.50 | +0.50 | +0.50 | keep labels | **no** |"
-    assert "held out: 1 of 2 right" in table[0] and table[-1] == "![gain against margin](p.png)"
+    assert body[4] == "| h2 | yes | 80.00 | 80.00 | +0.00 | 78.50 | +1.50 | +0.50 | keep labels | **no** |"
+    assert body[2] == "| b |  | 85.00 | 80.00 | +5.00 | 78.50 | +0.80 | +0.50 | distil | tie: either |"
+    assert "on 1 of 2 held out" in table[0] and table[-1] == "![gain against margin](p.png)"
     lines = grid.rule_lines(analysis, 4)
     assert any("points given away per regime" in line for line in lines)
     png = grid.plot_gain(payload, tmp_path / "gain.png")
