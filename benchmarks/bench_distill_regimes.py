@@ -826,6 +826,9 @@ def plot_gain(payload: Mapping[str, Any], path: Path) -> Path:
             for x, y, name in points:
                 ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhline(0.0, color="gray", linewidth=1)
+    tie = payload["analysis"].get("tie_points", 0.0)
+    if tie:
+        ax.axhspan(-tie, tie, color="gray", alpha=0.15, label=f"tie: under {tie:g} point either way")
     ax.axvline(first["threshold"], color="C3", linestyle="--", linewidth=1,
                label=f"rule: {payload['analysis']['rule']}")
     ax.set_xlabel(f"{first['feature']} (before stage 2)")
