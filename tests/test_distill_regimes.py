@@ -281,3 +281,17 @@ def test_one_real_step_through_the_command_line_and_no_retraining_on_rerun(tmp_p
     assert grid.main([*argv, "--step", key]) == 0  # the run is complete: ex.train does not start it again
     again = json.loads((tmp_path / "wd" / "steps" / "short_n200-own-e1_seed0.json").read_text())
     assert again["seconds"] is None and again["top1"] == record["top1"]
+
+
+def test_a_grid_of_ties_is_judged_by_sign_and_says_so():
+    t = TeacherSpec("test_resnet", 1, 100)
+    regimes = [Regime(n, 100, (t,), 4) for n in "abcd"] + [Regime("h1", 100, (t,), 4, held_out=True),
+                                                           Regime("h2", 100, (t,), 4, held_out=True)]
+    done = synthetic_done(regimes)
+    for r in regimes:  # every cached run within half a point of its hard-label run
+        for s in (0, 1):
+            done[Step("cached", r.name, s).key]["top1"] = done[Step("hard", r.name, s).key]["top1"] + (
+                0.4 if r.name in ("a", "b", "h1") else -0.4)
+    analysis = grid.analyse(grid.regime_rows(regimes, done))
+    assert analysis["tie_points"] == 0.0 and analysis["train_accuracy"] == 1.0
+    assert "(every gain > 0 a gain)" in grid.rule_lines(analysis, 4)[0]
