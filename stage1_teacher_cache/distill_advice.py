@@ -136,13 +136,20 @@ def advise(ensemble: float | None, agreement: float | None, short_hard: float | 
     ))
 
 
-def advise_from_cache(attrs: Mapping[str, Any], short_hard: float | None, epochs: int) -> Advice:
-    """``advise`` on a cache's own figures: its ``teacher_eval`` (ensemble top-1) and ``label_agreement``."""
-    from stage1_teacher_cache.teacher_eval import read_teacher_eval
+def advise_from_cache(attrs: Mapping[str, Any], short_hard: float | None, epochs: int,
+                      where: str = "the cache") -> Advice:
+    """``advise`` on a cache's own figures: its ``teacher_eval`` (ensemble top-1) and ``label_agreement``.
+    A figure that is not a percentage (a stranger's cache) raises CacheError naming ``where``."""
+    from stage1_teacher_cache.teacher_eval import _unreadable, read_teacher_eval
 
-    evaluation = read_teacher_eval(attrs.get("teacher_eval"))
+    evaluation = read_teacher_eval(attrs.get("teacher_eval"), f"{where}: zarr.json: teacher_eval")
     ensemble = (evaluation or {}).get("ensemble", {}).get("top1")
-    agreement = (attrs.get("label_agreement") or {}).get("crops_pct")
+    record = attrs.get("label_agreement") or {}
+    agreement = record.get("crops_pct") if isinstance(record, dict) else record
+    if agreement is not None and not (isinstance(agreement, (int, float)) and not isinstance(agreement, bool)
+                                      and 0.0 <= agreement <= 100.0):
+        raise _unreadable(f"{where}: zarr.json: label_agreement", "crops_pct", agreement,
+                          "rerun teacher-cache on the cache with its manifest (it recomputes the figure)")
     where = f"on {evaluation['manifest']['num_images']} evaluation images" if evaluation and evaluation.get(
         "manifest", {}).get("num_images") else ""
     return advise(ensemble, agreement, short_hard or None, epochs, where=where)
@@ -155,11 +162,11 @@ def crop_replays(epochs: int, crops_per_image: int, num_crops: int) -> float:
 
 
 def distill_start_lines(attrs: Mapping[str, Any], short_hard: float | None, epochs: int, crops_per_image: int,
-                        num_crops: int) -> list[str]:
+                        num_crops: int, where: str = "the cache") -> list[str]:
     """What `distill` prints at start from its cache: the rule's warning where the figures are there and it
     expects a loss (no note where one is missing: stage 1 says how to get it, and a note on every run would only
     hide real messages), and a note where each crop comes back more often than was measured."""
-    advice = advise_from_cache(attrs, short_hard, epochs)
+    advice = advise_from_cache(attrs, short_hard, epochs, where)
     lines = list(advice.lines) if advice.verdict == "loss" else []
     replays = crop_replays(epochs, crops_per_image, num_crops)
     if replays > MEASURED_REPLAYS:

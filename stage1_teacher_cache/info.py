@@ -45,7 +45,7 @@ def cache_info(path: str) -> dict[str, Any]:
 def _describe(reader: CacheReader) -> dict[str, Any]:
     path = reader.path
     a = reader.attrs
-    evaluation = read_teacher_eval(a.get("teacher_eval")) or {}
+    evaluation = read_teacher_eval(a.get("teacher_eval"), f"{path}: zarr.json: teacher_eval") or {}
     files = a.get("teacher_files") or {}
     without = evaluation.get("leave_one_out") or {}
     teachers = [

@@ -7,9 +7,12 @@ fractions and are converted by ``read_teacher_eval``, the one door every reader 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from common.errors import shown
 
 
 def summarize_hits(names: Sequence[str], hits: np.ndarray, num_images: int, num_classes: int,
@@ -35,10 +38,17 @@ def summarize_hits(names: Sequence[str], hits: np.ndarray, num_images: int, num_
 UNIT = "percent"
 
 
-def read_teacher_eval(record: dict[str, Any] | None) -> dict[str, Any] | None:
+def read_teacher_eval(record: dict[str, Any] | None, where: str = "teacher_eval") -> dict[str, Any] | None:
     """``record`` (a cache's ``teacher_eval`` attribute, or a copy kept in a results JSON) with its
-    accuracies in percent: a record without ``"unit": "percent"`` was written when stage 1 stored fractions."""
-    if not record or record.get("unit") == UNIT:
+    accuracies in percent: a record without ``"unit": "percent"`` was written when stage 1 stored fractions.
+
+    A cache may be a stranger's: a record whose scores are not numbers in range raises CacheError naming
+    ``where`` (the file and attribute), so every reader fails in one line instead of deep in a format call."""
+    if not record:
+        return None
+    _check_scores(record, where)
+    if record.get("unit") == UNIT:
+        _check_range(record, where, 100.0)
         return record
 
     def pct(scores: dict[str, Any]) -> dict[str, Any]:
@@ -53,7 +63,56 @@ def read_teacher_eval(record: dict[str, Any] | None) -> dict[str, Any] | None:
             converted[key] = {name: pct(scores) for name, scores in record[key].items()}
     if record.get("chance_top1") is not None:
         converted["chance_top1"] = 100 * record["chance_top1"]
+    _check_range(converted, where, 100.0)
     return converted
+
+
+def _score_tables(record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(key path, table) of every score table a record holds: ensemble, best_teacher, each teacher's, each
+    leave-one-out's."""
+    for key in ("ensemble", "best_teacher"):
+        if record.get(key) is not None:
+            yield key, record[key]
+    for key in ("teachers", "leave_one_out"):
+        tables = record.get(key)
+        if tables is None:
+            continue
+        if not isinstance(tables, dict):
+            yield key, tables
+            continue
+        yield from ((f"{key}.{name}", table) for name, table in tables.items())
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _unreadable(where: str, key: str, value: Any,
+                remedy: str = "score the teachers again (teacher-cache --evaluate-teachers)") -> Exception:
+    from common.cache_storage import CacheError  # here: it brings torch, which reading a record does not need
+
+    return CacheError(f"{where}.{key}: {shown(value)} is not a figure as stage 1 writes it; this record was not "
+                      f"written by this tool: {remedy}")
+
+
+def _check_scores(record: Any, where: str) -> None:
+    if not isinstance(record, dict):
+        raise _unreadable(where, "(record)", record)
+    for key, table in _score_tables(record):
+        if not isinstance(table, dict) or not _number(table.get("top1")) or (
+                "top5" in table and not _number(table["top5"])):
+            raise _unreadable(where, key, table)
+    if record.get("chance_top1") is not None and not _number(record["chance_top1"]):
+        raise _unreadable(where, "chance_top1", record["chance_top1"])
+    if record.get("manifest") is not None and not isinstance(record["manifest"], dict):
+        raise _unreadable(where, "manifest", record["manifest"])
+
+
+def _check_range(record: dict[str, Any], where: str, top: float) -> None:
+    for key, table in _score_tables(record):
+        for name in ("top1", "top5"):
+            if name in table and not 0.0 <= table[name] <= top:
+                raise _unreadable(where, f"{key}.{name}", table[name])
 
 
 def format_eval_table(result: dict[str, Any]) -> str:

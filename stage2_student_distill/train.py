@@ -470,7 +470,7 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
     run_dir = _take_run_dir(held, d.out, cfg, d.resume, result_tables(cfg.to_dict()), runtime)
     if cache is not None and runtime.is_main:  # the cache's figures against the measured rule (docs/teachers.md)
         for line in distill_start_lines(cache.attrs, d.hard_label_top1 or None, cfg.optim.epochs, d.crops_per_image,
-                                        cache.num_crops):
+                                        cache.num_crops, cache.path):
             print(line, file=sys.stderr, flush=True)
 
     m = d.crops_per_image
@@ -518,7 +518,8 @@ def _require_labels(manifest: Manifest, why: str) -> None:
 
 def _teacher_eval_on(cache: CacheReader | None, val_manifest: Manifest) -> dict[str, Any] | None:
     """The cache's scores of its teachers, when they were measured on ``val_manifest`` (same content hash)."""
-    evaluation = read_teacher_eval(cache.attrs.get("teacher_eval")) if cache is not None else None
+    evaluation = read_teacher_eval(cache.attrs.get("teacher_eval"), f"{cache.path}: zarr.json: teacher_eval") \
+        if cache is not None else None
     if evaluation and evaluation.get("manifest", {}).get("hash") == val_manifest.content_hash:
         return evaluation
     return None

@@ -140,3 +140,29 @@ def test_without_a_short_run_stage1_says_how_to_get_one_and_distill_stays_quiet(
                      "epochs\"). Beyond it is unmeasured: `teacher-cache --more-crops N` grows the cache to C >= 5"]
     assert distill_start_lines({}, None, 16, 1, 2) == []  # 8 replays: measured
     assert crop_replays(23, 8, 200) == pytest.approx(0.92)  # the FKD recipe: every crop about once
+
+
+@pytest.mark.parametrize("bad, named", [
+    ({"teacher_eval": [1, 2]}, "teacher_eval.(record): [1, 2]"),
+    ({"teacher_eval": {"unit": "percent", "ensemble": 5}}, "teacher_eval.ensemble: 5"),
+    ({"teacher_eval": {"unit": "percent", "ensemble": {"top1": "abc"}}}, "teacher_eval.ensemble: {'top1': 'abc'}"),
+    ({"teacher_eval": {"unit": "percent", "ensemble": {"top1": 150.0}}}, "teacher_eval.ensemble.top1: 150.0"),
+    ({"teacher_eval": {"ensemble": {"top1": 0.5}, "teachers": {"a": {"top1": True}}}}, "teacher_eval.teachers.a:"),
+    ({"label_agreement": {"crops_pct": "x"}}, "label_agreement.crops_pct: 'x'"),
+    ({"label_agreement": [1]}, "label_agreement.crops_pct: [1]"),
+])
+def test_a_strangers_advisory_figures_fail_distill_and_info_in_one_line(tmp_path, bad, named):
+    from common.cache_format import open_attrs, put_attrs
+
+    train, val, cache, _ = build(tmp_path, "ant", [2, 0, 0], 40.0)
+    put_attrs(cache, {**open_attrs(cache), **bad})
+    ran = cli("distill", "--manifest", str(train), "--val-manifest", str(val), "--cache", str(cache),
+              "--student", "test_resnet", "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "4",
+              "--img-size", "32", "--loader", "torch", "--num-workers", "0", "--hard-label-top1", "40")
+    assert ran.exit_code == 1 and (ran.exception is None or isinstance(ran.exception, SystemExit))  # no traceback
+    assert ran.stderr.strip().splitlines() == [ran.stderr.strip()]  # one line
+    assert ran.stderr.startswith(f"Error: {cache}: zarr.json: {named}") and "not written by this tool" in ran.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+    if "teacher_eval" in bad:  # cache info reads the same record through the same door
+        shown = cli("cache", "info", str(cache))
+        assert shown.exit_code == 1 and shown.stderr.startswith(f"Error: {cache}: zarr.json: {named}")
