@@ -17,14 +17,19 @@ Before stage 2 a user has three figures, and the grid records them per regime:
   own images (the cache's ``label_agreement`` attribute, ``crops_pct``);
 * ``short_hard``: the top-1 of a *short* hard-label run: E/4 epochs (at least 1) of the same recipe, its own
   cosine schedule (what a user spends a quarter of a run on before deciding);
-* ``margin`` = ensemble - short_hard, the docs' teacher margin, computed from the two above.
+* ``margin`` = ensemble - short_hard, the docs' teacher margin, computed from the two above
+  (``agreement_margin`` likewise from the agreement).
 
-``search_rule`` then finds the threshold rule on one or two of them that best separates gains
-(cached - hard > 0) from losses on the training regimes; ``evaluate_rule`` checks it on the held-out
-regimes, and the report lists every hit and miss. Also measured:
+``search_rule`` then finds the threshold rule on one or two of the relative figures (margins: a threshold on
+one dataset's top-1 does not carry to another) that best separates gains from losses on the training
+regimes, where a difference under TIE_POINTS either way is a tie that either call gets right; ``evaluate_rule``
+checks it on the held-out regimes, and the report lists every hit, miss and tie, the points a user gives away,
+and two comparisons (every figure; every gain > 0 counted). The rule must match the library's
+(stage1_teacher_cache/distill_advice.py MEASURED_RULE), which the report checks. Also measured:
 
 * item 3: ``distill.label_weight`` w in {0.25, 1} (w = 0 is the cached run itself) on the training regime
-  that lost most and the one that gained most, chosen after their runs;
+  that lost most, the one that gained most and the one that lost most with a positive margin, chosen after
+  their runs;
 * item 4 (MEAL V2's own structure): a student trained on hard labels on all 60,000 images (``pre``), then
   continued for the same epochs and lr schedule on hard labels, from the cache and online, from its
   best.pt (``train.weights`` / ``distill.student_weights``), teachers clearly above it, 2 seeds;
