@@ -166,3 +166,20 @@ def test_a_strangers_advisory_figures_fail_distill_and_info_in_one_line(tmp_path
     if "teacher_eval" in bad:  # cache info reads the same record through the same door
         shown = cli("cache", "info", str(cache))
         assert shown.exit_code == 1 and shown.stderr.startswith(f"Error: {cache}: zarr.json: {named}")
+
+
+def test_the_tools_rule_is_the_one_the_committed_grid_derives():
+    """MEASURED_RULE is re-derived from the grid's committed step records (benchmarks/results/
+    distill_regimes_steps), not copied from its report: a rerun that moves the threshold fails here until the
+    library's rule is updated with it."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import bench_distill_regimes as grid
+
+    steps = Path(__file__).resolve().parents[1] / "benchmarks/results/distill_regimes_steps"
+    records = {r["key"]: r for r in (json.loads(p.read_text()) for p in steps.glob("*.json"))}
+    analysis = grid.analyse(grid.regime_rows(grid.full_grid(), records))
+    assert analysis["rule"] == str(MEASURED_RULE)
+    assert (analysis["held_out_hits"], analysis["held_out_total"]) == (6, 7)
+    assert analysis["train_accuracy"] == MEASURED_RULE.accuracy
