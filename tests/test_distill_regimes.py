@@ -265,7 +265,9 @@ def test_report_on_synthetic_results(tmp_path: Path):
 def test_plan_covers_every_step_with_a_cost():
     text, minutes = grid.plan_table(grid.full_grid(), 10000, jobs=2)
     assert "pre:n60000-plateau-e6:seed0" in text and "cache:n1000-mid-e40:C40" in text
-    assert 120 < minutes / 2 < 240  # sized for about 3 hours of 2 cores
+    # an upper bound (every regime's second seed, rates measured on loaded cores): the whole grid, item 4's
+    # 12 + 12 epochs included, recorded 256 core-minutes of steps, about 2.1 hours of 2 cores (docs/results.md)
+    assert 120 < minutes / 2 < 300
 
 
 # --------------------------------------------------------------------------- one real step
