@@ -593,7 +593,8 @@ TIE_POINTS = 1.0
 
 
 def outcome(gain: float, tie: float = TIE_POINTS) -> str:
-    """"gain", "loss", or "tie" (|gain| < ``tie``; with tie = 0 only an exact 0 is a loss... and no tie)."""
+    """"gain", "loss", or "tie" (|gain| < ``tie``). With tie = 0 there are no ties and a gain of exactly 0
+    is a loss: the sign target the report compares with."""
     return "tie" if abs(gain) < tie else ("gain" if gain > 0 else "loss")
 
 

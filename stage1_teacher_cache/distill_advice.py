@@ -12,7 +12,8 @@ student trained for the same epochs. Its inputs are figures known before stage 2
 
 The grid searched rules on the relative figures only (points above the short run): a threshold on the
 ensemble's absolute top-1 separates Fashion-MNIST's regimes but means nothing on another dataset.
-Plain numbers, no torch: stage 1 and stage 2 print the same advice (``advise``).
+The rule and ``advise`` are plain numbers, so stage 1 and stage 2 print the same advice; a cache's figures
+are read through stage 1's checked doors (``read_teacher_eval``, ``read_label_agreement``).
 """
 from __future__ import annotations
 
@@ -136,23 +137,23 @@ def advise(ensemble: float | None, agreement: float | None, short_hard: float | 
     ))
 
 
+def scored_on(evaluation: Mapping[str, Any] | None) -> str:
+    """Where a ``teacher_eval`` record's ensemble was scored, for the message ("on 10000 evaluation images")."""
+    images = ((evaluation or {}).get("manifest") or {}).get("num_images")
+    return f"on {images} evaluation images" if images else ""
+
+
 def advise_from_cache(attrs: Mapping[str, Any], short_hard: float | None, epochs: int,
                       where: str = "the cache") -> Advice:
-    """``advise`` on a cache's own figures: its ``teacher_eval`` (ensemble top-1) and ``label_agreement``.
-    A figure that is not a percentage (a stranger's cache) raises CacheError naming ``where``."""
-    from stage1_teacher_cache.teacher_eval import _unreadable, read_teacher_eval
+    """``advise`` on a cache's own figures: its ``teacher_eval`` (ensemble top-1) and ``label_agreement``, both
+    read through their checked doors, so a stranger's forged figure raises CacheError naming ``where``."""
+    from stage1_teacher_cache.label_agreement import read_label_agreement
+    from stage1_teacher_cache.teacher_eval import read_teacher_eval
 
     evaluation = read_teacher_eval(attrs.get("teacher_eval"), f"{where}: zarr.json: teacher_eval")
-    ensemble = (evaluation or {}).get("ensemble", {}).get("top1")
-    record = attrs.get("label_agreement") or {}
-    agreement = record.get("crops_pct") if isinstance(record, dict) else record
-    if agreement is not None and not (isinstance(agreement, (int, float)) and not isinstance(agreement, bool)
-                                      and 0.0 <= agreement <= 100.0):
-        raise _unreadable(f"{where}: zarr.json: label_agreement", "crops_pct", agreement,
-                          "rerun teacher-cache on the cache with its manifest (it recomputes the figure)")
-    where = f"on {evaluation['manifest']['num_images']} evaluation images" if evaluation and evaluation.get(
-        "manifest", {}).get("num_images") else ""
-    return advise(ensemble, agreement, short_hard or None, epochs, where=where)
+    agreement = read_label_agreement(attrs.get("label_agreement"), f"{where}: zarr.json: label_agreement")
+    return advise((evaluation or {}).get("ensemble", {}).get("top1"), (agreement or {}).get("crops_pct"),
+                  short_hard or None, epochs, where=scored_on(evaluation))
 
 
 def crop_replays(epochs: int, crops_per_image: int, num_crops: int) -> float:

@@ -6,7 +6,7 @@ from typing import Any
 from common.cache_format import CacheError, CacheReader, cache_files
 from common.errors import cause_text
 from stage1_teacher_cache.grow import growth_progress
-from stage1_teacher_cache.label_agreement import format_label_agreement
+from stage1_teacher_cache.label_agreement import format_label_agreement, read_label_agreement
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, percent, points, read_teacher_eval
 
 
@@ -73,7 +73,7 @@ def _describe(reader: CacheReader) -> dict[str, Any]:
         "best_teacher_eval": evaluation.get("best_teacher"),
         "ensemble_warnings": ensemble_warnings(evaluation) if evaluation else [],
         "eval_manifest": evaluation.get("manifest"),
-        "label_agreement": a.get("label_agreement"),
+        "label_agreement": read_label_agreement(a.get("label_agreement"), f"{path}: zarr.json: label_agreement"),
         "crops": a["crops"],
         "storage": a["storage"],
         "shards": {

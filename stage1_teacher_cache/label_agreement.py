@@ -105,6 +105,36 @@ def record_label_agreement(path: str, manifest: Manifest) -> dict[str, Any]:
     return agreement
 
 
+REMEDY = "rerun teacher-cache on the cache with its manifest (it recomputes the figure)"
+
+
+def read_label_agreement(record: Any, where: str = "label_agreement") -> dict[str, Any] | None:
+    """A cache's ``label_agreement`` attribute, checked as ``read_teacher_eval`` checks ``teacher_eval``: a
+    stranger's record whose figures are not as ``AgreementCounts.summary`` writes them raises CacheError naming
+    ``where`` (file and attribute). None where nothing is recorded."""
+    from stage1_teacher_cache.teacher_eval import finite_number, unreadable_record
+
+    if not record:
+        return None
+
+    def percent(x: Any) -> bool:
+        return finite_number(x) and 0.0 <= x <= 100.0
+
+    def count(x: Any) -> bool:
+        return type(x) is int and x >= 0
+
+    if not isinstance(record, dict):
+        raise unreadable_record(where, "(record)", record, REMEDY)
+    # each figure may be absent or None (no labelled image), never of another kind
+    checks = {"crops_pct": percent, "images_mostly_disagreeing_pct": percent, "labelled_images": count,
+              "unlabeled_images": count,
+              "per_class_pct": lambda x: isinstance(x, list) and all(p is None or percent(p) for p in x)}
+    for key, ok in checks.items():
+        if record.get(key) is not None and not ok(record[key]):
+            raise unreadable_record(where, key, record[key], REMEDY)
+    return record
+
+
 def format_label_agreement(record: dict[str, Any] | None, class_names: list[str] | None = None) -> list[str]:
     """`cache info` lines: overall, the share of mostly-disagreeing images, the three least agreeing classes."""
     if not record or record.get("crops_pct") is None:

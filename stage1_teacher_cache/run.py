@@ -40,7 +40,7 @@ from common.render import manifest_frames
 from common.runtime import Runtime, build_runtime
 from stage1_teacher_cache.ensemble import RULE, ensemble_topk, teacher_probs
 from stage1_teacher_cache.evaluate import check_teachers, evaluate_teachers
-from stage1_teacher_cache.distill_advice import advise
+from stage1_teacher_cache.distill_advice import advise, scored_on
 from stage1_teacher_cache.label_agreement import format_label_agreement, record_label_agreement
 from stage1_teacher_cache.teacher_eval import ensemble_warnings, format_eval_table
 from stage1_teacher_cache.grow import CropSource, open_growth
@@ -242,7 +242,7 @@ def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], 
             print(f"warning: {warning}", file=sys.stderr)
         # before the cache is paid for: the measured rule needs only the ensemble and a short hard-label run
         advice = advise(result["ensemble"]["top1"], None, cfg.distill.hard_label_top1 or None, cfg.optim.epochs,
-                        where=f"on {result['manifest']['num_images']} evaluation images")
+                        where=scored_on(result))
         for line in advice.lines:
             print(line, file=sys.stderr)
     check_teachers(result, tc.min_top1_over_chance)  # same numbers on every rank, so every rank stops

@@ -83,12 +83,14 @@ def _score_tables(record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
         yield from ((f"{key}.{name}", table) for name, table in tables.items())
 
 
-def _number(x: Any) -> bool:
+def finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _unreadable(where: str, key: str, value: Any,
-                remedy: str = "score the teachers again (teacher-cache --evaluate-teachers)") -> Exception:
+def unreadable_record(where: str, key: str, value: Any,
+                      remedy: str = "score the teachers again (teacher-cache --evaluate-teachers)") -> Exception:
+    """The one-line CacheError for a figure of a stored record (``where``: file and attribute) that is not as
+    stage 1 writes it; ``remedy`` says how to get a true one."""
     from common.cache_storage import CacheError  # here: it brings torch, which reading a record does not need
 
     return CacheError(f"{where}.{key}: {shown(value)} is not a figure as stage 1 writes it; this record was not "
@@ -97,22 +99,22 @@ def _unreadable(where: str, key: str, value: Any,
 
 def _check_scores(record: Any, where: str) -> None:
     if not isinstance(record, dict):
-        raise _unreadable(where, "(record)", record)
+        raise unreadable_record(where, "(record)", record)
     for key, table in _score_tables(record):
-        if not isinstance(table, dict) or not _number(table.get("top1")) or (
-                "top5" in table and not _number(table["top5"])):
-            raise _unreadable(where, key, table)
-    if record.get("chance_top1") is not None and not _number(record["chance_top1"]):
-        raise _unreadable(where, "chance_top1", record["chance_top1"])
+        if not isinstance(table, dict) or not finite_number(table.get("top1")) or (
+                "top5" in table and not finite_number(table["top5"])):
+            raise unreadable_record(where, key, table)
+    if record.get("chance_top1") is not None and not finite_number(record["chance_top1"]):
+        raise unreadable_record(where, "chance_top1", record["chance_top1"])
     if record.get("manifest") is not None and not isinstance(record["manifest"], dict):
-        raise _unreadable(where, "manifest", record["manifest"])
+        raise unreadable_record(where, "manifest", record["manifest"])
 
 
 def _check_range(record: dict[str, Any], where: str, top: float) -> None:
     for key, table in _score_tables(record):
         for name in ("top1", "top5"):
             if name in table and not 0.0 <= table[name] <= top:
-                raise _unreadable(where, f"{key}.{name}", table[name])
+                raise unreadable_record(where, f"{key}.{name}", table[name])
 
 
 def format_eval_table(result: dict[str, Any]) -> str:

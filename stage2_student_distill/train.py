@@ -468,9 +468,12 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
     cache = CacheReader(cache_path, manifest_hash=manifest.content_hash, manifest_images=manifest.num_images,
                         num_classes=manifest.num_classes) if cache_path else None
     run_dir = _take_run_dir(held, d.out, cfg, d.resume, result_tables(cfg.to_dict()), runtime)
-    if cache is not None and runtime.is_main:  # the cache's figures against the measured rule (docs/teachers.md)
-        for line in distill_start_lines(cache.attrs, d.hard_label_top1 or None, cfg.optim.epochs, d.crops_per_image,
-                                        cache.num_crops, cache.path):
+    # The cache's figures against the measured rule (docs/teachers.md), read on every rank: a forged figure then
+    # stops every rank with the same one-line error instead of rank 0 alone. Printed once.
+    advice = distill_start_lines(cache.attrs, d.hard_label_top1 or None, cfg.optim.epochs, d.crops_per_image,
+                                 cache.num_crops, cache.path) if cache is not None else []
+    if runtime.is_main:
+        for line in advice:
             print(line, file=sys.stderr, flush=True)
 
     m = d.crops_per_image
