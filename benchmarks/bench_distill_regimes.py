@@ -57,27 +57,22 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from benchmarks.harness import (
+    REPO, begin, demo_parser, machine_line, run_header, run_main, run_steps, say, update_marked_section, write_results,
+)
 from common.atomic import atomic_write_json
 from stage1_teacher_cache.distill_advice import ALL_FEATURES, MEASURED_RULE, RELATIVE_FEATURES, Condition, Rule, features_of
 from stage2_student_distill import experiment as ex
 
-REPO = Path(__file__).resolve().parents[1]
-CHANCE = 10.0  # top-1 of a guess on Fashion-MNIST's 10 classes
 STUDENT = "test_efficientnet"
 LABEL_WEIGHTS = (0.25, 1.0)  # item 3's w besides 0 (the cached run itself)
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------- the grid as data
@@ -492,29 +487,10 @@ class Grid:
     # ---- running them
 
     def run(self, steps: Sequence[Step]) -> dict[str, dict]:
-        """Finish ``steps`` (independent of one another): here with --jobs 1, else --jobs at a time in child
-        processes (a child that fails leaves no record; the others finish; the next invocation retries it)."""
-        todo = [s.key for s in steps if self.done(s.key) is None]
-        if self.args.jobs <= 1:
-            for key in todo:
-                self.step(key)
-        elif todo:
-            with ThreadPoolExecutor(self.args.jobs) as pool:
-                failed = [key for key, rc in zip(todo, pool.map(self.child, todo)) if rc]
-            if failed:
-                raise SystemExit(f"error: {', '.join(failed)} failed (logs in {self.wd / 'logs'}); "
-                                 "rerun the same command to resume")
+        """Finish ``steps`` (independent of one another, ``run_steps``) and return their records."""
+        run_steps([s.key for s in steps if self.done(s.key) is None], self.step, "benchmarks.bench_distill_regimes",
+                  self.argv, self.args.jobs, self.wd)
         return {s.key: self.done(s.key) for s in steps}
-
-    def child(self, key: str) -> int:
-        logs = self.wd / "logs"
-        logs.mkdir(exist_ok=True)
-        say(f"{key}: started (log: {logs / key.replace(':', '_')}.log)")
-        with (logs / f"{key.replace(':', '_')}.log").open("a") as log:
-            rc = subprocess.call([sys.executable, "-m", "benchmarks.bench_distill_regimes", *self.argv, "--step", key],
-                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        say(f"{key}: {'finished' if rc == 0 else f'FAILED (exit {rc})'}")
-        return rc
 
     def prepare_data(self) -> None:
         """Every data tree and manifest, here: children running at once would write the same tree together."""
@@ -858,16 +834,10 @@ def plot_gain(payload: Mapping[str, Any], path: Path) -> Path:
 # --------------------------------------------------------------------------- command line
 
 
-SMOKE = {"val_images": 200, "jobs": 1}
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p, _ = demo_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="every step kind on a few hundred images, 1-2 epochs")
     p.add_argument("--plan", action="store_true", help="print the steps and their estimated minutes, run nothing")
-    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
-    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default=None, help="data, runs, caches, steps/ (reruns resume; "
                                                    "default runs/distill-regimes[-smoke])")
     p.add_argument("--steps-dir", default=None, help="the finished steps' records (default "
@@ -886,9 +856,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child of --jobs > 1
     args = p.parse_args(argv)
     if args.smoke:
-        for key, value in SMOKE.items():
-            if key != "jobs" or args.jobs == 1:
-                setattr(args, key, value)
+        args.val_images = 200
     wd = Path(args.workdir or f"runs/distill-regimes{'-smoke' if args.smoke else ''}")
     args.workdir = str(wd)
     args.steps_dir = args.steps_dir or str(wd / "steps" if args.smoke else REPO / "benchmarks/results/distill_regimes_steps")
@@ -912,9 +880,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:  # one step, as a child of an invocation with --jobs > 1
         grid.step(args.step)
         return 0
-    # the benchmark harness's machine record and JSON writer
-    from benchmarks.harness import begin, machine_line, run_header, write_results
-
     started, info, _ = begin(args.workdir)
     done = grid.all()
     rows = regime_rows(regimes, done)
@@ -926,8 +891,6 @@ def main(argv: list[str] | None = None) -> int:
     text = report(payload)
     Path(args.report).write_text(text)
     if args.doc:  # the same report, its plot linked from the document's folder
-        from benchmarks.harness import update_marked_section
-
         doc = Path(args.doc)
         update_marked_section(doc, report({**payload, "plot": os.path.relpath(args.plot, doc.resolve().parent)}),
                               "bench_distill_regimes")
@@ -939,13 +902,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import click
-
-    from common.cli_support import user_errors
-
-    try:  # bad input (a missing dataset, a refused teacher): the library's one-line message
-        with user_errors():
-            sys.exit(main())
-    except click.ClickException as e:
-        e.show()
-        sys.exit(1)
+    run_main(main)

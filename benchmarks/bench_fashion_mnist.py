@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_fashion_mnist.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -17,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import add_device_args, begin, markdown_table, publish, report_head, run_header
+from benchmarks.harness import (
+    add_device_args, begin, demo_parser, ints, markdown_table, names, publish, report_head, run_header, say,
+)
 from common.cache_format import CacheReader
-from common.config import Config, load_config
-from stage2_student_distill.app.demo import demo_config
+from common.config import load_config
 from common.manifest import load_manifest
 from stage1_teacher_cache.label_agreement import cache_label_agreement
 from stage2_student_distill import experiment as ex
@@ -161,16 +161,6 @@ def fmt(v) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def demo_parser(doc: str) -> tuple[argparse.ArgumentParser, Config]:
-    """A parser for a benchmark on the demo's Fashion-MNIST data, with --config and --source, and the demo's
-    config, whose settings are the benchmark's defaults."""
-    cfg = demo_config()
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
-    p.add_argument("--source", default=cfg.demo.source_dir, help="Fashion-MNIST idx files")
-    return p, cfg
-
-
 def parse_args(argv):
     p, cfg = demo_parser(__doc__)
     demo = cfg.demo
@@ -179,7 +169,7 @@ def parse_args(argv):
     p.add_argument("--val-images", type=int, default=10000, help="test images scored (max 10000)")
     p.add_argument("--teacher-train-images", type=int, default=None,
                    help="teachers' training images (default: --train-images)")
-    p.add_argument("--teachers", default=",".join(demo.teachers), help="comma list of timm names")
+    p.add_argument("--teachers", type=names, default=",".join(demo.teachers), help="comma list of timm names")
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--teacher-img-size", type=int, default=0, help="teachers' input size (0: --img-size)")
     p.add_argument("--teacher-run", action="append", default=[], metavar="NAME=DIR",
@@ -194,8 +184,9 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=cfg.optim.lr)
     p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
     p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every, help="epochs between validations (and the last)")
-    p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
-    p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, fresh, hard")
+    p.add_argument("--seeds", type=ints, default="0", help="comma list of student seeds (runtime.seed)")
+    p.add_argument("--variants", type=names, default="cached,online,hard",
+                   help="comma list of cached, online, fresh, hard")
     p.add_argument("--compare-batches", type=int, default=20,
                    help="batches over which cached and live targets are compared (with variant online; 0 = skip)")
     p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")
@@ -206,9 +197,6 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.teacher_train_images = args.teacher_train_images or args.train_images
     args.num_crops = args.num_crops or args.student_epochs
-    args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANT_NAMES)
     if unknown:
         p.error(f"--variants: unknown {sorted(unknown)}; use cached, online, fresh, hard")
@@ -222,7 +210,6 @@ VARIANT_KINDS = {"cached": "cached", "online": "replay", "fresh": "online", "har
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start, info, wd = begin(args.workdir)
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
 
     # 1. data
     data = ex.FashionMnistData(args.source, str(wd / "data"), args.train_images, args.val_images)

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_fashion_mnist import base_config, demo_parser, fmt, run_json
-from benchmarks.harness import add_device_args, begin, markdown_table, publish, report_head, run_header
+from benchmarks.bench_fashion_mnist import base_config, fmt, run_json
+from benchmarks.harness import (
+    add_device_args, begin, demo_parser, ints, markdown_table, names, publish, report_head, run_header,
+)
 from common.cache_format import CacheReader
 from common.cache_storage import restore_targets
 from stage2_student_distill import experiment as ex
@@ -90,15 +92,13 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=cfg.optim.lr)
     p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
     p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every)
-    p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
-    p.add_argument("--variants", default="topk,hard", help="topk (the k sweep) and/or hard (the baseline)")
+    p.add_argument("--seeds", type=ints, default="0", help="comma list of student seeds (runtime.seed)")
+    p.add_argument("--variants", type=names, default="topk,hard", help="topk (the k sweep) and/or hard (the baseline)")
     add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/topk_student.json)")
     p.add_argument("--doc", default="docs/performance.md", help="file whose marked section is replaced ('' = none)")
     args = p.parse_args(argv)
     args.ks = sorted({int(k) for k in args.topk.split(",") if k.strip()})
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(args.variants) - {"topk", "hard"}:
         p.error("--variants: use topk and/or hard")
     return args

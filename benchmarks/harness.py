@@ -78,6 +78,28 @@ PRESETS = {
 }
 
 
+def names(text: str) -> list[str]:
+    """An argparse ``type``: the items of a comma list ("a,b")."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def ints(text: str) -> list[int]:
+    """An argparse ``type``: the integers of a comma list ("0,1")."""
+    return [int(item) for item in names(text)]
+
+
+def demo_parser(doc: str):
+    """(a parser with --config and --source, the demo's config) for a benchmark on the demo's Fashion-MNIST data;
+    the config's settings are the benchmark's defaults."""
+    from stage2_student_distill.app.demo import demo_config
+
+    cfg = demo_config()
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
+    p.add_argument("--source", default=cfg.demo.source_dir, help="Fashion-MNIST idx files")
+    return p, cfg
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu: real teachers/student, bf16; cpu: tiny timm models (default: gpu if CUDA)")
@@ -132,6 +154,70 @@ def module_command(module: str, *args: str) -> list[str]:
     """The argv that runs benchmark ``module`` (e.g. "benchmarks.bench_memory") in a child process;
     run it with ``cwd=REPO`` so that ``-m`` finds the package."""
     return [sys.executable, "-m", module, *args]
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_steps(keys: Sequence[str], step: Callable[[str], Any], module: str, argv: Sequence[str], jobs: int,
+              workdir: Path) -> None:
+    """Do the steps ``keys`` of a resumable study (unfinished, independent of one another; each records itself
+    once finished): ``step(key)`` one after the other in this process with ``jobs`` <= 1, else ``jobs`` at a time,
+    each in a child process ``python -m MODULE ARGV --step KEY`` logging to WORKDIR/logs/KEY.log. On a 2-core
+    machine a training run uses one core and two runs use both. A child that fails leaves no record and the others
+    finish; an interrupt (Ctrl-C, ``kill``) ends the children too, and the next invocation redoes them."""
+    if jobs <= 1:
+        for key in keys:
+            step(key)
+        return
+    import signal
+    import subprocess
+
+    logs = Path(workdir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    todo, running, failed = list(keys), {}, []
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below runs on `kill` too
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                key = todo.pop(0)
+                log = (logs / f"{key.replace(':', '_')}.log").open("a")
+                cmd = module_command(module, *argv, "--step", key)
+                running[key] = (subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log)
+                say(f"{key}: started (log: {log.name})")
+            time.sleep(2)
+            for key, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[key]
+                    say(f"{key}: finished" if proc.returncode == 0 else
+                        f"{key}: FAILED (exit {proc.returncode}); its log: {log.name}")
+                    if proc.returncode:
+                        failed.append(key)
+    finally:
+        for proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+        signal.signal(signal.SIGTERM, previous)
+    if failed:
+        raise SystemExit(f"error: {', '.join(failed)} failed (logs in {logs}); rerun the same command to resume")
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exits with ``main()``'s code; bad input (a missing dataset, a refused teacher) ends in the library's one-line
+    message, as the CLI prints it."""
+    import click
+
+    from common.cli_support import user_errors
+
+    try:
+        with user_errors():
+            sys.exit(main())
+    except click.ClickException as e:
+        e.show()
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------- machine
