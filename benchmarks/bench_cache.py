@@ -19,7 +19,7 @@ import torch
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, Workdir, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, write_results,
+    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, workdir, write_results,
 )
 from common.cache_format import CacheReader, CacheWriter
 from common.cache_storage import restore_targets
@@ -458,7 +458,7 @@ def main(argv=None) -> dict:
                 "note": f"{r['crops']:,} crops, {r['shard_decodes']} shard decodes, "
                         f"gather {r['epoch_gather_s']:.{digits}f} s"}
 
-    with Workdir(args.workdir, args.keep, "bench_cache_") as work:
+    with workdir(args, "bench_cache_") as work:
         say(f"generating {N:,} x {C} soft labels ...")
         data = generate(args, SoftLabelModel(K, args.seed))
         res["label_stats"], res["fidelity"] = data.pop("label_stats"), data.pop("fidelity")

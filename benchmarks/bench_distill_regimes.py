@@ -1,31 +1,13 @@
 """The accuracy grid (issue 25): in which regimes does distilling beat the labels, and with how many crops?
 
-A grid of Fashion-MNIST regimes (students' images from 500 to 60,000; teachers trained on the students'
-images or on others; weak to strong teachers; student epochs), each with three students of
-``test_efficientnet`` at 32 px (the demo's recipe, pipeline.toml [demo]) trained for the same E epochs:
-
-* ``hard``: hard labels (`pipeline train`);
-* ``cached``: MEAL V2 from a cache of C = E/4 crops per image (`pipeline distill --cache`);
-* ``online``: online MEAL V2 on fresh crops (`pipeline distill --online`).
-
-Seed 0 first; seed 1 of all three where |cached - hard| < 1 point (the gain's sign is then in doubt).
-
-Before stage 2 a user has three figures, and the grid records them per regime:
-
-* ``ensemble``: the teachers' ensemble top-1 on the 10,000 test images (`teacher-cache --evaluate-teachers`);
-* ``agreement``: how often the ensemble's top-1 on a cached crop is the image's label, on the students'
-  own images (the cache's ``label_agreement`` attribute, ``crops_pct``);
-* ``short_hard``: the top-1 of a *short* hard-label run: E/4 epochs (at least 1) of the same recipe, its own
-  cosine schedule (what a user spends a quarter of a run on before deciding);
-* ``margin`` = ensemble - short_hard, the docs' teacher margin, computed from the two above
-  (``agreement_margin`` likewise from the agreement).
-
-``search_rule`` then finds the threshold rule on one or two of the relative figures (margins: a threshold on
-one dataset's top-1 does not carry to another) that best separates gains from losses on the training
-regimes, where a difference under TIE_POINTS either way is a tie that either call gets right; ``evaluate_rule``
-checks it on the held-out regimes, and the report lists every hit, miss and tie, the points a user gives away,
-and two comparisons (every figure; every gain > 0 counted). The rule must match the library's
-(stage1_teacher_cache/distill_advice.py MEASURED_RULE), which the report checks. Also measured:
+The grid (Fashion-MNIST regimes, each with a ``hard``-label, a ``cached`` MEAL V2 (C = E/4) and an ``online``
+MEAL V2 student of ``test_efficientnet`` at the demo's recipe, trained for the same E epochs; seed 1 of all
+three where |cached - hard| < 1 point) and the rule it gives: docs/teachers.md, "The rule, measured". The
+figures a user has before stage 2 (``ensemble``, ``agreement``, ``short_hard`` and the margins of the two
+first above the last) are stage1_teacher_cache/distill_advice.py's, recorded per regime. ``search_rule``
+derives the rule on the training regimes, ``evaluate_rule`` checks it on the held-out ones, and the report
+lists every call, the points a user gives away, two comparisons (every figure; every gain > 0 counted) and
+whether the library's MEASURED_RULE matches. Also measured:
 
 * item 3: ``distill.label_weight`` w in {0.25, 1} (w = 0 is the cached run itself) on the training regime
   that lost most, the one that gained most and the one that lost most with a positive margin, chosen after
@@ -40,8 +22,7 @@ Every step goes through the library's experiment driver (stage2_student_distill/
 recorded once finished as WORKDIR/steps/KEY.json (KEY as ``Step.key``: ``hard:n1000-mid-e40:seed0``,
 ``cache:n1000-mid-e40:C10``, ``teacher:test_resnet-e3-n30000-s30000``, ...). A rerun of the same command
 skips finished steps and resumes an interrupted training run from its last.pt; ``--jobs 2`` runs
-independent steps two at a time, each in a child process (``--step KEY``, its log in WORKDIR/logs/): on 2
-cores one training run uses about one core. ``--plan`` prints every step with its estimated minutes.
+independent steps two at a time (``run_steps``). ``--plan`` prints every step with its estimated minutes.
 
     python -m benchmarks.bench_distill_regimes --plan                   # the steps and their cost
     nohup python -m benchmarks.bench_distill_regimes --jobs 2 > runs/distill-regimes.log 2>&1 &
@@ -68,7 +49,9 @@ from benchmarks.harness import (
     REPO, begin, demo_parser, machine_line, run_header, run_main, run_steps, say, update_marked_section, write_results,
 )
 from common.atomic import atomic_write_json
-from stage1_teacher_cache.distill_advice import ALL_FEATURES, MEASURED_RULE, RELATIVE_FEATURES, Condition, Rule, features_of
+from stage1_teacher_cache.distill_advice import (
+    ALL_FEATURES, MEASURED_RULE, RELATIVE_FEATURES, Condition, Rule, features_of, short_epochs,
+)
 from stage2_student_distill import experiment as ex
 
 STUDENT = "test_efficientnet"
@@ -116,11 +99,6 @@ class Regime:
     @property
     def C(self) -> int:
         return self.num_crops or max(1, self.epochs // 4)
-
-    @property
-    def short_epochs(self) -> int:
-        """The short hard-label run behind the ``short_hard`` figure: E/4 epochs, at least 1."""
-        return max(1, self.epochs // 4)
 
     @property
     def always_two_seeds(self) -> bool:
@@ -297,7 +275,7 @@ def estimate_s(step: Step, regime: Regime | None, teacher: TeacherSpec | None, v
     if step.kind == "cache":  # every crop through every teacher, plus their evaluation on the test images
         crops = regime.images * (step.C or regime.C)
         return RUN_OVERHEAD_S + (crops + val_images) * per_image_s(archs, INFER_RATE)
-    epochs = regime.short_epochs if step.kind == "short" else regime.epochs
+    epochs = short_epochs(regime.epochs) if step.kind == "short" else regime.epochs
     seconds = epochs * regime.images / TRAIN_RATE[STUDENT]
     if step.kind == "online":
         seconds += epochs * regime.images * per_image_s(archs, INFER_RATE)
@@ -477,7 +455,7 @@ class Grid:
             keys["distill.label_weight"] = s.w
         kind = {"short": "hard", "pre": "hard"}.get(s.kind, s.kind)
         cache = self.done(Step("cache", regime.name, C=s.C or regime.C).key)["path"] if kind == "cached" else ""
-        epochs = regime.short_epochs if s.kind == "short" else regime.epochs
+        epochs = short_epochs(regime.epochs) if s.kind == "short" else regime.epochs
         run = ex.train(base, ex.ModelRun(kind, STUDENT, self.wd / "runs" / s.key.replace(":", "_"), epochs, cache,
                                          self.teachers(regime) if kind == "online" else None, keys), say)
         return {"kind": s.kind, "regime": regime.name, "seed": s.seed, "C": s.C or (regime.C if kind == "cached"

@@ -20,8 +20,9 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, announce, disk_usage, finish, loadavg,
+    IMAGENET_TRAIN_IMAGES, REPO, Timer, add_common_args, announce, disk_usage, finish, loadavg,
     make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
+    workdir,
 )
 
 WIDTH, HEIGHT = 400, 300
@@ -159,7 +160,7 @@ def main(argv=None) -> int:
         f"per size, cache C=4 k=5, sizes {sizes}, loader {args.loader}")
 
     rows, raw = [], []
-    with Workdir(args.workdir, args.keep, "bench-memory-") as wd:
+    with workdir(args, "bench-memory-") as wd:
         from PIL import Image
 
         src_root = make_image_tree(wd / "sources", 8, 1, sizes=(HEIGHT, HEIGHT), seed=args.seed, workers=1)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    REPO, Timer, Workdir, add_common_args, announce, finish, image_dataset, loadavg, markdown_table, median_of,
-    resolve_preset, subset_manifest, synthetic_cache,
+    REPO, Timer, add_common_args, announce, finish, image_dataset, loadavg, markdown_table, median_of,
+    resolve_preset, subset_manifest, synthetic_cache, workdir,
 )
 
 
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         f"preset {p.name}: worlds {args.worlds}, 1 torch thread + 1 loader thread per rank; stage 1: "
         f"{args.s1_images} images x C={p.num_crops}, shards of {args.shard}; stage 2: {args.s2_images} images, "
         f"per-rank batch {p.stage2_batch}, {args.rounds} round(s)")
-    with Workdir(args.workdir, args.keep, "bench-scaling-") as wd:
+    with workdir(args, "bench-scaling-") as wd:
         setup_data(args, p, wd)
         launches = [launch(args, p, wd, world) for world in args.worlds]
     rows = summarize(launches)

@@ -19,8 +19,8 @@ import torch
 
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
-    Timer, Workdir, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table,
-    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync,
+    Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table,
+    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, workdir,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -121,9 +121,8 @@ def parse_args(argv):
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args(argv)
     p = resolve_preset(args)
-    if args.quick:
-        p = resolve_preset(args, stage1_images=min(p.stage1_images, 3 * p.images_per_shard))
-    p = resolve_preset(args, stage1_images=args.images or p.stage1_images, stage1_batch=args.batch_size or p.stage1_batch)
+    quick_images = min(p.stage1_images, 3 * p.images_per_shard) if args.quick else None
+    p = resolve_preset(args, stage1_images=args.images or quick_images, stage1_batch=args.batch_size or None)
     return args, p, args.rounds or (1 if args.quick else 3)
 
 
@@ -268,7 +267,7 @@ def main(argv=None) -> int:
         f"preset {p.name}: teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.stage1_images} images x "
         f"C={p.num_crops} = {p.stage1_images * p.num_crops} crops, batch {p.stage1_batch}, k={p.topk}, shards of "
         f"{p.images_per_shard}, {p.num_workers} render workers, loader {args.loader}, {rounds} round(s)")
-    with Workdir(args.workdir, args.keep, "bench-stage1-") as wd:
+    with workdir(args, "bench-stage1-") as wd:
         runs, render_kind, limit_batches, extra = measure(args, p, rounds, wd, on_gpu)
     table_rows, targets = summarize(runs, render_kind, p.num_workers, on_gpu)
     table = report(table_rows, targets, render_kind, extra)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    LimitedLoader, Timer, Workdir, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg,
+    LimitedLoader, Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg,
     markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
-    timed_epoch,
+    timed_epoch, workdir,
 )
 from common.cache_storage import restore_targets
 from common.config import load_config
@@ -60,7 +60,7 @@ class SyntheticLoader:
     """Batches already on the device, shaped like the distill loader's (the compute limit); with
     ``teachers``, also a uint8 view per teacher (for an online Job's target source to score)."""
 
-    def __init__(self, real, steps: int, teachers=None, runtime=None):
+    def __init__(self, real, steps: int, teachers=None):
         rt, pp = real.runtime, real.preprocess
         B, S, K = real.batch_size, pp.input_size, real.manifest.num_classes
         g = torch.Generator().manual_seed(0)
@@ -156,9 +156,8 @@ def parse_args(argv):
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run and the render anatomy")
     args = parser.parse_args(argv)
     p = resolve_preset(args)
-    if args.quick:
-        p = resolve_preset(args, stage2_images=min(p.stage2_images, 6 * p.stage2_batch))
-    p = resolve_preset(args, stage2_images=args.images or p.stage2_images, stage2_batch=args.batch_size or p.stage2_batch)
+    quick_images = min(p.stage2_images, 6 * p.stage2_batch) if args.quick else None
+    p = resolve_preset(args, stage2_images=args.images or quick_images, stage2_batch=args.batch_size or None)
     if p.device == "cpu" and torch.cuda.is_available():
         print("note: --preset cpu on a CUDA machine runs on the CPU", file=sys.stderr)
     on_gpu = torch.cuda.is_available() and p.device != "cpu"
@@ -342,7 +341,7 @@ def main(argv=None) -> int:
         f"{p.stage2_images} images ({p.stage2_images // p.stage2_batch} steps/epoch, {args.warmup} warm-up, "
         f"{args.rounds} round(s)), teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.num_classes} "
         f"classes, C={p.num_crops}, k={p.topk}, {p.num_workers} loader workers, loaders {args.loaders}")
-    with Workdir(args.workdir, args.keep, "bench-stage2-") as wd:
+    with workdir(args, "bench-stage2-") as wd:
         rows, extra = measure(args, p, wd, on_gpu)
     targets = summarize(rows, on_gpu)
     table = report(rows, targets, extra)

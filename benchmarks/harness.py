@@ -4,6 +4,7 @@ results and marked sections of the docs. What each preset holds: docs/benchmarks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -301,21 +302,16 @@ def rss_bytes() -> dict[str, int]:
 # --------------------------------------------------------------------------- workdir
 
 
-class Workdir:
-    """A temp directory that is deleted on exit unless ``keep`` (or the user gave it)."""
-
-    def __init__(self, path: str | None, keep: bool, prefix: str):
-        self.given = path is not None
-        self.path = Path(path) if path else Path(tempfile.mkdtemp(prefix=prefix))
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.keep = keep or self.given
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        if not self.keep:
-            shutil.rmtree(self.path, ignore_errors=True)
+@contextlib.contextmanager
+def workdir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """``--workdir`` (kept), else a new temp directory, deleted at the end unless ``--keep``."""
+    path = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        if not (args.keep or args.workdir):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def disk_usage(path: Path) -> dict[str, int]:
@@ -651,7 +647,6 @@ class LimitedLoader:
         return self.steps
 
     def epoch(self, epoch: int):
-        import contextlib
         import itertools
 
         with contextlib.closing(self.loader.epoch(epoch)) as batches:
@@ -676,8 +671,6 @@ class TimedLoader(LimitedLoader):
         self.images = 0
 
     def epoch(self, epoch: int):
-        import contextlib
-
         self.images = 0
         with contextlib.closing(self.loader.epoch(epoch)) as batches:
             it = iter(batches)
