@@ -398,11 +398,10 @@ def report(payload: dict) -> str:
            f"another." if a.get("jobs", 1) > 1 else "."),
         "",
     ]
-    rows = []  # top-1 to 2 decimals: the targets are 0.3 and 0.5 points
-    for r in payload["runs"]:
-        rows.append({"run": KINDS[r["kind"]], "C": r["C"] if r["C"] else "", "m": r["m"], "seed": r["seed"],
-                     "epochs": r["epochs"], "top1": f"{r['top1']:.2f}", "img_s": r["img_per_s"], "wall": r["wall_s"],
-                     "teacher": r["teacher_s"] if r["teacher_s"] is not None else ""})
+    # top-1 to 2 decimals: the targets are 0.3 and 0.5 points
+    rows = [{"run": KINDS[r["kind"]], "C": r["C"] if r["C"] else "", "m": r["m"], "seed": r["seed"],
+             "epochs": r["epochs"], "top1": f"{r['top1']:.2f}", "img_s": r["img_per_s"], "wall": r["wall_s"],
+             "teacher": r["teacher_s"] if r["teacher_s"] is not None else ""} for r in payload["runs"]]
     lines.append(markdown_table(rows, [("run", "student"), ("C", "C"), ("m", "m"), ("seed", "seed"),
                                        ("epochs", "epochs"), ("top1", "top-1 (%)"), ("img_s", "student img/s"),
                                        ("wall", "wall s"), ("teacher", "of which teachers s")]))

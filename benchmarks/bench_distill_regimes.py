@@ -868,13 +868,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_gain(payload, Path(args.plot))
     text = report(payload)
     Path(args.report).write_text(text)
-    if args.doc:  # the same report, its plot linked from the document's folder
+    if args.doc:  # the same report, and the user's page (teachers.md) the rule's table; plots linked from there
         doc = Path(args.doc)
-        update_marked_section(doc, report({**payload, "plot": os.path.relpath(args.plot, doc.resolve().parent)}),
-                              "bench_distill_regimes")
-        teachers = doc.parent / "teachers.md"  # the user's page: the rule's table
-        update_marked_section(teachers, margin_table({**payload, "plot": os.path.relpath(args.plot, teachers.resolve().parent)}),
-                              "bench_distill_regimes[margins]")
+        for path, text, section in ((doc, report, "bench_distill_regimes"),
+                                    (doc.parent / "teachers.md", margin_table, "bench_distill_regimes[margins]")):
+            update_marked_section(path, text({**payload, "plot": os.path.relpath(args.plot, path.resolve().parent)}),
+                                  section)
     print("\n" + text + f"\nJSON: {path}\nreport: {args.report}\nplot: {args.plot}", flush=True)
     return 0
 

@@ -161,36 +161,40 @@ def fmt(v) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv):
-    p, cfg = demo_parser(__doc__)
-    demo = cfg.demo
-    p.add_argument("--workdir", default="runs/bench-fashion-mnist", help="data, runs and cache (kept; reruns resume)")
-    p.add_argument("--train-images", type=int, default=60000, help="students' training images (max 60000)")
-    p.add_argument("--val-images", type=int, default=10000, help="test images scored (max 10000)")
-    p.add_argument("--teacher-train-images", type=int, default=None,
-                   help="teachers' training images (default: --train-images)")
-    p.add_argument("--teachers", type=names, default=",".join(demo.teachers), help="comma list of timm names")
-    p.add_argument("--teacher-epochs", type=int, default=30)
-    p.add_argument("--teacher-img-size", type=int, default=0, help="teachers' input size (0: --img-size)")
-    p.add_argument("--teacher-run", action="append", default=[], metavar="NAME=DIR",
-                   help="reuse a trained teacher (DIR/best.pt) instead of training it")
-    p.add_argument("--cache", default=None, help="reuse this teacher cache (default: WORKDIR/cache)")
-    p.add_argument("--student", default=demo.student)
-    p.add_argument("--student-epochs", type=int, default=30)
+def add_student_args(p, cfg, epochs: int) -> None:
+    """The student's recipe, seeds and device, the demo's settings as defaults."""
+    p.add_argument("--student", default=cfg.demo.student)
+    p.add_argument("--student-epochs", type=int, default=epochs)
     p.add_argument("--img-size", type=int, default=cfg.optim.img_size, help="student input size")
-    p.add_argument("--num-crops", type=int, default=None, help="cached crops per image (default: --student-epochs)")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=list(cfg.crops.scale))
     p.add_argument("--batch-size", type=int, default=cfg.optim.batch_size)
     p.add_argument("--lr", type=float, default=cfg.optim.lr)
     p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
     p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every, help="epochs between validations (and the last)")
     p.add_argument("--seeds", type=ints, default="0", help="comma list of student seeds (runtime.seed)")
+    add_device_args(p)
+
+
+def parse_args(argv):
+    p, cfg = demo_parser(__doc__)
+    p.add_argument("--workdir", default="runs/bench-fashion-mnist", help="data, runs and cache (kept; reruns resume)")
+    p.add_argument("--train-images", type=int, default=60000, help="students' training images (max 60000)")
+    p.add_argument("--val-images", type=int, default=10000, help="test images scored (max 10000)")
+    p.add_argument("--teacher-train-images", type=int, default=None,
+                   help="teachers' training images (default: --train-images)")
+    p.add_argument("--teachers", type=names, default=",".join(cfg.demo.teachers), help="comma list of timm names")
+    p.add_argument("--teacher-epochs", type=int, default=30)
+    p.add_argument("--teacher-img-size", type=int, default=0, help="teachers' input size (0: --img-size)")
+    p.add_argument("--teacher-run", action="append", default=[], metavar="NAME=DIR",
+                   help="reuse a trained teacher (DIR/best.pt) instead of training it")
+    p.add_argument("--cache", default=None, help="reuse this teacher cache (default: WORKDIR/cache)")
+    add_student_args(p, cfg, epochs=30)
+    p.add_argument("--num-crops", type=int, default=None, help="cached crops per image (default: --student-epochs)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=list(cfg.crops.scale))
     p.add_argument("--variants", type=names, default="cached,online,hard",
                    help="comma list of cached, online, fresh, hard")
     p.add_argument("--compare-batches", type=int, default=20,
                    help="batches over which cached and live targets are compared (with variant online; 0 = skip)")
     p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")
-    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/fashion_mnist.json)")
     p.add_argument("--doc", default="docs/results.md", help="markdown file whose marked section is replaced ('' = none)")
     p.add_argument("--doc-tag", default="", help="which marked section of --doc (one per experiment; '' = the demo-scale one)")

@@ -238,8 +238,7 @@ def main(argv=None) -> int:
                                   ("manifest_load_transient_mb", "load_manifest alone: transient MB"),
                                   ("first_batch_s", "epoch start-up s"), ("cache_mb_on_disk", "cache on disk MB"),
                                   ("load1", "load avg")])
-    print()
-    print(table)
+    print("\n" + table)
     print(f"\npeak RSS grows {slope or 0:.0f} bytes per image; ImageNet-1k (C=4, k=5): {imagenet_peak:.0f} MB, with C=10, "
           f"k=10 about {verdict['imagenet_peak_mb_c10_k10']:.0f} MB; limit 4 GB + model state "
           f"({base['model_state_mb']:.0f} MB) = {verdict['limit_mb']:.0f} MB -> {'met' if verdict['met'] else 'NOT met'}")

@@ -188,8 +188,7 @@ def main(argv=None) -> int:
                                   ("speedup", "speed-up vs 1 rank"), ("efficiency", "scaling efficiency"),
                                   ("cpu_ms", "process CPU ms per crop/img (mean of ranks)"),
                                   ("load1", "load avg (1 min)")])
-    print()
-    print(table)
+    print("\n" + table)
     finish("scaling", args, info, {
         "preset": p, "worlds": args.worlds, "threads_per_rank": 1, "loader_workers_per_rank": 1,
         "stage1_images": args.s1_images, "stage2_images": args.s2_images, "rounds": args.rounds, "rows": rows,

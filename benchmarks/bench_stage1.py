@@ -242,8 +242,7 @@ def report(table_rows: list[dict], targets: dict, render_kind: str, extra: dict)
                                         ("x_limit", "x forward limit"), ("main_cpu_ms_per_crop", "main-thread CPU ms/crop"),
                                         ("process_cpu_ms_per_crop", "process CPU ms/crop"),
                                         ("load1", "load avg (1 min)")])
-    print()
-    print(table)
+    print("\n" + table)
     t = targets
     print(f"\nrun / forward limit = {t['run_over_limit']:.2f} (target >= 0.9); bounds from the parts: overlapped "
           f"min(render, forward) = {t['overlapped_bound']:.1f}, serial 1/(1/render + 1/forward) = "

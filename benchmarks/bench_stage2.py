@@ -312,8 +312,7 @@ def report(rows: list[dict], targets: dict, extra: dict) -> str:
                                   ("process_cpu_ms_per_img", "process CPU ms/img"),
                                   ("x_compute_limit_cpu", "x compute limit (train-thread CPU)"),
                                   ("x_online_cpu", "x online (train-thread CPU)"), ("load1", "load avg (1 min)")])
-    print()
-    print(table)
+    print("\n" + table)
     t, cpu = targets, targets["cpu_time_ratios"]
     print(f"\ndistill ({t['distill_loader']}) / compute limit = {t['distill_over_compute_limit']:.2f} wall, "
           f"{cpu['distill_over_compute_limit'] or 0:.2f} by training-thread CPU (target >= 0.95); / online MEAL V2 = "

@@ -291,12 +291,8 @@ def sync(device) -> None:
 
 def rss_bytes() -> dict[str, int]:
     """Current (VmRSS) and peak (VmHWM) resident set of this process, from /proc."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
 
 
 # --------------------------------------------------------------------------- workdir
