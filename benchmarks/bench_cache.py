@@ -1,9 +1,6 @@
 """Teacher-cache benchmark: size on disk, read rate, top-k fidelity, and FKD-style files.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_cache.
-
-    python -m benchmarks.bench_cache            # full run, a few minutes on 2 cores
-    python -m benchmarks.bench_cache --quick    # smoke run, < 30 s
+Method, targets and sizing: docs/benchmarks.md, section bench_cache; commands: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -19,7 +16,8 @@ import torch
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, workdir, write_results,
+    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table,
+    synthetic_cache_attrs, workdir, write_results,
 )
 from common.cache_format import CacheReader, CacheWriter
 from common.cache_storage import restore_targets

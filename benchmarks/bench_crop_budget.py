@@ -103,7 +103,8 @@ def parse_args(argv):
     p.add_argument("--student-epochs", type=int, default=8, help="E: every student run's epochs")
     p.add_argument("--budgets", default="1,2,4,8,E", help="cached crops per image C (E = --student-epochs)")
     p.add_argument("--multi-crop", type=int, default=2, help="m of the multi-crop run (0 = none)")
-    p.add_argument("--seeds", type=ints, default="0,1", help="seeds of hard, fresh and the best cached (the first: all runs)")
+    p.add_argument("--seeds", type=ints, default="0,1",
+                   help="seeds of hard, fresh and the best cached (the first: all runs)")
     p.add_argument("--img-size", type=int, default=28, help="every model's input size")
     p.add_argument("--crop-scale", type=float, nargs=2, default=[0.64, 1.0], help="RandomResizedCrop area range")
     p.add_argument("--topk", type=int, default=10, help="classes kept per cached crop (10 = all)")

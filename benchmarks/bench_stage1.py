@@ -1,10 +1,6 @@
 """Stage 1 throughput: `pipeline teacher-cache` (crops/s) against the ensemble's pure forward pass.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_stage1.
-
-    python -m benchmarks.bench_stage1               # full (~2 min on 2 busy CPU cores)
-    python -m benchmarks.bench_stage1 --quick       # smoke run (< 60 s)
-    python -m benchmarks.bench_stage1 --preset gpu                # on a CUDA machine (the default there)
+Method, targets and sizing: docs/benchmarks.md, section bench_stage1; commands: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -169,12 +165,12 @@ def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, re
     extra = {}
     if not args.quick:
         out = wd / "cache-profile"
-        _, extra["profile_run_main_thread"] = profile_top(
-            lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)), n=10)
+        extra["profile_run_main_thread"] = profile_top(
+            lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)))
         shutil.rmtree(out, ignore_errors=True)
     group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
     jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
-    _, extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs], n=10)
+    extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs])
     if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
         host = random_views(teachers, p.stage1_batch)
         dev = [v.to(runtime.device) for v in host]

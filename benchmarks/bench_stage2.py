@@ -1,10 +1,6 @@
 """Stage 2 throughput: `pipeline distill` against its compute limit, hard-label training and online MEAL V2.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_stage2.
-
-    python -m benchmarks.bench_stage2               # full (~2.5 min on 2 busy CPU cores)
-    python -m benchmarks.bench_stage2 --quick       # smoke run (< 60 s)
-    python -m benchmarks.bench_stage2 --preset gpu                # on a CUDA machine (the default there)
+Method, targets and sizing: docs/benchmarks.md, section bench_stage2; commands: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -244,7 +240,7 @@ def measure_profiles(args, job, manifest, cache: Path, on_gpu: bool) -> dict:
     """Where the time goes: cProfile of the distill loop (main thread), render cost per image, CUDA syncs."""
     extra = {}
     if not args.quick:
-        _, extra["profile_distill_main_thread"] = profile_top(lambda: timed_epoch(job, args.rounds, args.warmup), n=10)
+        extra["profile_distill_main_thread"] = profile_top(lambda: timed_epoch(job, args.rounds, args.warmup))
         extra["profile_loader"] = job.train_loader.kind
     pp = job.train_loader.preprocess
     extra["render_anatomy"] = render_anatomy(manifest, cache, pp.input_size, pp.interpolation, 16 if args.quick else 64)

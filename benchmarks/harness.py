@@ -516,11 +516,10 @@ def write_results(name: str, payload: dict[str, Any], out: str | None = None, qu
     return path
 
 
-def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str,
-            doc_section: str, quick: bool = False) -> Path:
+def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str, doc_section: str) -> Path:
     """The end of an accuracy benchmark: its JSON written, its report printed and put in the marked
     section ``doc_section`` of ``doc`` ('' = no document)."""
-    path = write_results(name, payload, out, quick)
+    path = write_results(name, payload, out)
     print("\n" + section + f"\nJSON: {path}", flush=True)
     if doc:
         update_marked_section(Path(doc), section, doc_section)
@@ -598,21 +597,20 @@ def median_of(runs: Iterable[dict[str, Any]], key: str) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def profile_top(fn: Callable[[], Any], n: int = 10, sort: str = "tottime") -> tuple[Any, list[dict[str, Any]]]:
-    """Run ``fn`` under cProfile (main thread only); the top ``n`` functions by ``sort``."""
+def profile_top(fn: Callable[[], Any]) -> list[dict[str, Any]]:
+    """Run ``fn`` under cProfile (main thread only); the top 10 functions by own time."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
-    result = prof.runcall(fn)
+    prof.runcall(fn)
     stats = pstats.Stats(prof)
     total = sum(v[2] for v in stats.stats.values()) or 1e-9
     rows = []
     for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
         where = f"{os.path.relpath(file, REPO) if file.startswith(str(REPO)) else Path(file).name}:{line}({func})"
         rows.append({"function": where, "calls": nc, "tottime_s": tt, "cumtime_s": ct, "tottime_pct": 100 * tt / total})
-    rows.sort(key=lambda r: r["tottime_s" if sort == "tottime" else "cumtime_s"], reverse=True)
-    return result, rows[:n]
+    return sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:10]
 
 
 def profile_table(rows: Iterable[dict[str, Any]]) -> str:
