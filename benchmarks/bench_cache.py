@@ -1,9 +1,6 @@
 """Teacher-cache benchmark: size on disk, read rate, top-k fidelity, and FKD-style files.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_cache.
-
-    python -m benchmarks.bench_cache            # full run, a few minutes on 2 cores
-    python -m benchmarks.bench_cache --quick    # smoke run, < 30 s
+Method, targets and sizing: docs/benchmarks.md, section bench_cache; commands: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -19,7 +16,8 @@ import torch
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, Workdir, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table, synthetic_cache_attrs, write_results,
+    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table,
+    synthetic_cache_attrs, workdir, write_results,
 )
 from common.cache_format import CacheReader, CacheWriter
 from common.cache_storage import restore_targets
@@ -364,19 +362,15 @@ def report(res: dict) -> str:
     out.append(md_table(["k", "B/crop apparent", "B/crop allocated", "index / prob / box+flip B/crop", "files",
                          f"ImageNet-1k x {a['crops']} crops (GB, allocated)", "write s"], rows))
     c1, c8 = ASSUMED_CONSUMPTION["resnet50_1xH100"], ASSUMED_CONSUMPTION["resnet50_8xH100"]
-    rows = []
-    for name, v in res["read"].items():
-        rows.append([name, fmt_rate(v["crops_per_s"]), fmt_rate(v["gather_only_crops_per_s"]),
-                     v.get("note", ""), f"{v['crops_per_s'] / c1:.1f}x", f"{v['crops_per_s'] / c8:.2f}x"])
+    rows = [[name, fmt_rate(v["crops_per_s"]), fmt_rate(v["gather_only_crops_per_s"]), v.get("note", ""),
+             f"{v['crops_per_s'] / c1:.1f}x", f"{v['crops_per_s'] / c8:.2f}x"] for name, v in res["read"].items()]
     out.append(f"\n**2. Read rate, single process, k = {a['read_k']}, batch {a['batch']}** "
                f"(restore_targets on CPU: {res['restore_ms_per_batch']:.2f} ms/batch)\n")
     out.append(md_table(["pattern", "crops/s (gather+restore)", "crops/s (gather only)", "detail",
                          f"vs 1 GPU ({c1:,}/s)", f"vs 8 GPUs ({c8:,}/s)"], rows))
-    rows = []
-    for k, v in res["fidelity"].items():
-        rows.append([k, f"{v['mass_kept_mean']:.3f} ({v['mass_kept_p10']:.3f})", f"{v['kl_mean_float32_topk']:.4f}",
-                     f"{v['kl_mean']:.4f}", f"{v['kl_p50']:.4f} / {v['kl_p99']:.4f}",
-                     f"{100 * v['rows_with_zero_residual_frac']:.2f}%"])
+    rows = [[k, f"{v['mass_kept_mean']:.3f} ({v['mass_kept_p10']:.3f})", f"{v['kl_mean_float32_topk']:.4f}",
+             f"{v['kl_mean']:.4f}", f"{v['kl_p50']:.4f} / {v['kl_p99']:.4f}",
+             f"{100 * v['rows_with_zero_residual_frac']:.2f}%"] for k, v in res["fidelity"].items()]
     out.append("\n**3. Fidelity of the restored top-k target** (KL in nats; 'as stored' excludes the rows "
                "whose float16 top-k sums to >= 1, where it is infinite)\n")
     out.append(md_table(["k", "mass kept mean (p10)", "KL(full‖restored), top-k in float32",
@@ -458,7 +452,7 @@ def main(argv=None) -> dict:
                 "note": f"{r['crops']:,} crops, {r['shard_decodes']} shard decodes, "
                         f"gather {r['epoch_gather_s']:.{digits}f} s"}
 
-    with Workdir(args.workdir, args.keep, "bench_cache_") as work:
+    with workdir(args, "bench_cache_") as work:
         say(f"generating {N:,} x {C} soft labels ...")
         data = generate(args, SoftLabelModel(K, args.seed))
         res["label_stats"], res["fidelity"] = data.pop("label_stats"), data.pop("fidelity")

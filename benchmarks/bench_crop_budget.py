@@ -11,23 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from pathlib import Path
-
 
 import numpy as np
 
 from benchmarks.bench_fashion_mnist import base_config
 from benchmarks.harness import (
-    REPO, add_device_args, add_quick_arg, begin, markdown_table, module_command, publish, report_head, run_header,
+    REPO, add_device_args, add_quick_arg, begin, demo_parser, ints, markdown_table, names, publish, report_head,
+    run_header, run_main, run_steps, say,
 )
 from common.config import ConfigError, parse_assignments
 from stage2_student_distill import experiment as ex
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
-
 
 # this study's kinds of student run -> the driver's
 DRIVER_KINDS = {"hard": "hard", "fresh": "online", "replay": "replay", "cached": "cached", "multicrop": "cached"}
@@ -45,12 +40,8 @@ class Ledger:
 
     def __init__(self, path: Path):
         self.path = path
-        self.rows: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
+        lines = path.read_text().splitlines() if path.exists() else []
+        self.rows: dict[str, dict] = {row["key"]: row for row in map(json.loads, filter(str.strip, lines))}
 
     def get(self, key: str) -> dict | None:
         return self.rows.get(key)
@@ -97,16 +88,13 @@ def teacher_inits(args: argparse.Namespace | dict) -> dict[str, str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p, _ = demo_parser(__doc__)
     add_quick_arg(p, f"every run kind on tiny subsets, 1 epoch (~1 min; {SMOKE})", "all output under WORKDIR")
-    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
-    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default=None,
                    help="data, runs, caches, runs.jsonl (kept; reruns resume; default runs/bench-crop-budget[-smoke])")
     p.add_argument("--train-images", type=int, default=60000, help="students' and teachers' training images")
     p.add_argument("--val-images", type=int, default=10000, help="test images scored")
-    p.add_argument("--teachers", default="resnet10t,regnetx_002", help="comma list of timm names")
+    p.add_argument("--teachers", type=names, default="resnet10t,regnetx_002", help="comma list of timm names")
     p.add_argument("--teacher-epochs", type=int, default=4)
     p.add_argument("--teacher-init", action="append", default=None, metavar="NAME=PATH",
                    help="start teacher NAME from these weights (a `pipeline train` checkpoint), not random init: "
@@ -115,7 +103,8 @@ def parse_args(argv):
     p.add_argument("--student-epochs", type=int, default=8, help="E: every student run's epochs")
     p.add_argument("--budgets", default="1,2,4,8,E", help="cached crops per image C (E = --student-epochs)")
     p.add_argument("--multi-crop", type=int, default=2, help="m of the multi-crop run (0 = none)")
-    p.add_argument("--seeds", default="0,1", help="seeds of hard, fresh and the best cached (the first: all runs)")
+    p.add_argument("--seeds", type=ints, default="0,1",
+                   help="seeds of hard, fresh and the best cached (the first: all runs)")
     p.add_argument("--img-size", type=int, default=28, help="every model's input size")
     p.add_argument("--crop-scale", type=float, nargs=2, default=[0.64, 1.0], help="RandomResizedCrop area range")
     p.add_argument("--topk", type=int, default=10, help="classes kept per cached crop (10 = all)")
@@ -149,8 +138,6 @@ def parse_args(argv):
     E = args.student_epochs
     args.eval_every = args.eval_every or E
     args.budgets = sorted({E if b.strip() == "E" else int(b) for b in args.budgets.split(",") if b.strip()})
-    args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.num_crops = args.budgets[0]  # base_config's crops.num_crops; each cache sets its own
     try:
         inits = teacher_inits(args)
@@ -186,13 +173,7 @@ def parse_key(key: str) -> dict:
 
 
 class Study:
-    """The study's steps (teachers, caches, student runs), each recorded in the ledger once finished.
-
-    ``run(keys)`` does the unfinished ones of a list of steps that do not depend on one another: in this
-    process with ``--jobs 1``; otherwise ``--jobs`` at a time, each in a child process running this script
-    with ``--step KEY`` (its log in WORKDIR/logs/), since a training run on a 2-core machine uses one core
-    (stage 2 gives the model the cores its decode workers leave) and two runs use both.
-    """
+    """The study's steps (teachers, caches, student runs), each recorded in the ledger once finished."""
 
     def __init__(self, args, argv: list[str]):
         self.args, self.argv = args, argv
@@ -222,7 +203,7 @@ class Study:
         """One cache per budget C; the first also scores the teachers and their ensemble on the test images."""
         a, path = self.args, self.wd / f"cache_C{C}"
         first = C == a.budgets[0]
-        print(f"cache C = {C}: {C * a.train_images:,} crops through {', '.join(a.teachers)}", flush=True)
+        say(f"cache C = {C}: {C * a.train_images:,} crops through {', '.join(a.teachers)}")
         made = ex.build_cache(self.base, ex.CacheSpec(path, self.teachers(), self.val if first else "", {
             "crops.num_crops": C, "teacher_cache.topk": a.topk, "teacher_cache.batch_size": 256,
             # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
@@ -257,53 +238,15 @@ class Study:
     # ---- running them
 
     def run(self, keys: list[str]) -> list[dict]:
-        """Finish the steps ``keys`` (independent of one another) and return their ledger rows."""
-        todo = [k for k in keys if self.ledger.get(k) is None]
-        if self.args.jobs <= 1 or len(todo) <= 1:
-            for key in todo:
-                self.step(key)
-        else:
-            self._in_children(todo)
+        """Finish the steps ``keys`` (independent of one another, ``run_steps``) and return their ledger rows."""
+        run_steps([k for k in keys if self.ledger.get(k) is None], self.step, "benchmarks.bench_crop_budget",
+                  self.argv, self.args.jobs, self.wd)
+        self.ledger = Ledger(self.ledger.path)  # the children's rows
         rows = [self.ledger.get(k) for k in keys]
         for row in rows:
             if row.get("top1") is not None and row["kind"] != "teacher":
-                print(f"{row['key']}: top-1 {row['top1']}", flush=True)
+                say(f"{row['key']}: top-1 {row['top1']}")
         return rows
-
-    def _in_children(self, todo: list[str]) -> None:
-        import subprocess
-        import time
-
-        logs = self.wd / "logs"
-        logs.mkdir(exist_ok=True)
-        running, failed = {}, []
-        try:
-            while (todo and not failed) or running:
-                while todo and not failed and len(running) < self.args.jobs:
-                    key = todo.pop(0)
-                    log = (logs / f"{key.replace(':', '_')}.log").open("a")
-                    # the child inherits this process's working directory, where -m found the package
-                    cmd = module_command("benchmarks.bench_crop_budget", *self.argv, "--step", key)
-                    running[key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-                    print(f"{key}: started (log: {log.name})", flush=True)
-                time.sleep(2)
-                for key, (proc, log) in list(running.items()):
-                    if proc.poll() is not None:
-                        log.close()
-                        del running[key]
-                        if proc.returncode:
-                            failed.append(key)
-                            print(f"error: step {key} exited with {proc.returncode}; its log: {log.name}",
-                                  file=sys.stderr, flush=True)
-        finally:  # interrupted (Ctrl-C, an error): the children go too, and resume with the next invocation
-            for proc, log in running.values():
-                proc.terminate()
-                proc.wait()
-                log.close()
-        self.ledger = Ledger(self.ledger.path)  # the children's rows
-        if failed:
-            raise SystemExit(f"error: {', '.join(failed)} failed (logs in {logs}); "
-                             "rerun the same command to resume")
 
 
 def check_margin(args, study: Study, hard: list[dict]) -> tuple[dict, float, float, bool]:
@@ -350,8 +293,6 @@ def main(argv=None) -> int:
     if args.step:  # one step, as a child of an invocation with --jobs > 1
         study.step(args.step)
         return 0
-    if args.jobs > 1:  # `kill` of this process: its children are ended too (the finally of the child runner in Study)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # 1. teachers and the hard-label students: independent of one another
     rows = study.run([f"teacher:{n}" for n in args.teachers] + [step_key("hard", s) for s in args.seeds])
     teachers, hard = dict(zip(args.teachers, rows)), rows[len(args.teachers):]
@@ -370,7 +311,7 @@ def main(argv=None) -> int:
     payload = {**run_header(args, t_start, info), "teachers": teachers, "teacher_eval": evaluation,
                "caches": st["caches"], "runs": runs, "summary": summary}
     plot(payload, Path(args.plot))
-    print(f"plot: {args.plot}", flush=True)
+    say(f"plot: {args.plot}")
     publish("crop_budget", payload, args.out, report(payload), args.doc,
             f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
     return 0
@@ -458,11 +399,10 @@ def report(payload: dict) -> str:
            f"another." if a.get("jobs", 1) > 1 else "."),
         "",
     ]
-    rows = []  # top-1 to 2 decimals: the targets are 0.3 and 0.5 points
-    for r in payload["runs"]:
-        rows.append({"run": KINDS[r["kind"]], "C": r["C"] if r["C"] else "", "m": r["m"], "seed": r["seed"],
-                     "epochs": r["epochs"], "top1": f"{r['top1']:.2f}", "img_s": r["img_per_s"], "wall": r["wall_s"],
-                     "teacher": r["teacher_s"] if r["teacher_s"] is not None else ""})
+    # top-1 to 2 decimals: the targets are 0.3 and 0.5 points
+    rows = [{"run": KINDS[r["kind"]], "C": r["C"] if r["C"] else "", "m": r["m"], "seed": r["seed"],
+             "epochs": r["epochs"], "top1": f"{r['top1']:.2f}", "img_s": r["img_per_s"], "wall": r["wall_s"],
+             "teacher": r["teacher_s"] if r["teacher_s"] is not None else ""} for r in payload["runs"]]
     lines.append(markdown_table(rows, [("run", "student"), ("C", "C"), ("m", "m"), ("seed", "seed"),
                                        ("epochs", "epochs"), ("top1", "top-1 (%)"), ("img_s", "student img/s"),
                                        ("wall", "wall s"), ("teacher", "of which teachers s")]))
@@ -493,13 +433,4 @@ def report(payload: dict) -> str:
 
 
 if __name__ == "__main__":
-    import click
-
-    from common.cli_support import user_errors
-
-    try:  # bad input (a missing dataset, a refused teacher): the library's one-line message, as the CLI prints it
-        with user_errors():
-            sys.exit(main())
-    except click.ClickException as e:
-        e.show()
-        sys.exit(1)
+    run_main(main)

@@ -1,31 +1,13 @@
 """The accuracy grid (issue 25): in which regimes does distilling beat the labels, and with how many crops?
 
-A grid of Fashion-MNIST regimes (students' images from 500 to 60,000; teachers trained on the students'
-images or on others; weak to strong teachers; student epochs), each with three students of
-``test_efficientnet`` at 32 px (the demo's recipe, pipeline.toml [demo]) trained for the same E epochs:
-
-* ``hard``: hard labels (`pipeline train`);
-* ``cached``: MEAL V2 from a cache of C = E/4 crops per image (`pipeline distill --cache`);
-* ``online``: online MEAL V2 on fresh crops (`pipeline distill --online`).
-
-Seed 0 first; seed 1 of all three where |cached - hard| < 1 point (the gain's sign is then in doubt).
-
-Before stage 2 a user has three figures, and the grid records them per regime:
-
-* ``ensemble``: the teachers' ensemble top-1 on the 10,000 test images (`teacher-cache --evaluate-teachers`);
-* ``agreement``: how often the ensemble's top-1 on a cached crop is the image's label, on the students'
-  own images (the cache's ``label_agreement`` attribute, ``crops_pct``);
-* ``short_hard``: the top-1 of a *short* hard-label run: E/4 epochs (at least 1) of the same recipe, its own
-  cosine schedule (what a user spends a quarter of a run on before deciding);
-* ``margin`` = ensemble - short_hard, the docs' teacher margin, computed from the two above
-  (``agreement_margin`` likewise from the agreement).
-
-``search_rule`` then finds the threshold rule on one or two of the relative figures (margins: a threshold on
-one dataset's top-1 does not carry to another) that best separates gains from losses on the training
-regimes, where a difference under TIE_POINTS either way is a tie that either call gets right; ``evaluate_rule``
-checks it on the held-out regimes, and the report lists every hit, miss and tie, the points a user gives away,
-and two comparisons (every figure; every gain > 0 counted). The rule must match the library's
-(stage1_teacher_cache/distill_advice.py MEASURED_RULE), which the report checks. Also measured:
+The grid (Fashion-MNIST regimes, each with a ``hard``-label, a ``cached`` MEAL V2 (C = E/4) and an ``online``
+MEAL V2 student of ``test_efficientnet`` at the demo's recipe, trained for the same E epochs; seed 1 of all
+three where |cached - hard| < 1 point) and the rule it gives: docs/teachers.md, "The rule, measured". The
+figures a user has before stage 2 (``ensemble``, ``agreement``, ``short_hard`` and the margins of the two
+first above the last) are stage1_teacher_cache/distill_advice.py's, recorded per regime. ``search_rule``
+derives the rule on the training regimes, ``evaluate_rule`` checks it on the held-out ones, and the report
+lists every call, the points a user gives away, two comparisons (every figure; every gain > 0 counted) and
+whether the library's MEASURED_RULE matches. Also measured:
 
 * item 3: ``distill.label_weight`` w in {0.25, 1} (w = 0 is the cached run itself) on the training regime
   that lost most, the one that gained most and the one that lost most with a positive margin, chosen after
@@ -40,8 +22,7 @@ Every step goes through the library's experiment driver (stage2_student_distill/
 recorded once finished as WORKDIR/steps/KEY.json (KEY as ``Step.key``: ``hard:n1000-mid-e40:seed0``,
 ``cache:n1000-mid-e40:C10``, ``teacher:test_resnet-e3-n30000-s30000``, ...). A rerun of the same command
 skips finished steps and resumes an interrupted training run from its last.pt; ``--jobs 2`` runs
-independent steps two at a time, each in a child process (``--step KEY``, its log in WORKDIR/logs/): on 2
-cores one training run uses about one core. ``--plan`` prints every step with its estimated minutes.
+independent steps two at a time (``run_steps``). ``--plan`` prints every step with its estimated minutes.
 
     python -m benchmarks.bench_distill_regimes --plan                   # the steps and their cost
     nohup python -m benchmarks.bench_distill_regimes --jobs 2 > runs/distill-regimes.log 2>&1 &
@@ -57,27 +38,24 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from benchmarks.harness import (
+    REPO, begin, demo_parser, machine_line, run_header, run_main, run_steps, say, update_marked_section, write_results,
+)
 from common.atomic import atomic_write_json
-from stage1_teacher_cache.distill_advice import ALL_FEATURES, MEASURED_RULE, RELATIVE_FEATURES, Condition, Rule, features_of
+from stage1_teacher_cache.distill_advice import (
+    ALL_FEATURES, MEASURED_RULE, RELATIVE_FEATURES, Condition, Rule, features_of, short_epochs,
+)
 from stage2_student_distill import experiment as ex
 
-REPO = Path(__file__).resolve().parents[1]
-CHANCE = 10.0  # top-1 of a guess on Fashion-MNIST's 10 classes
 STUDENT = "test_efficientnet"
 LABEL_WEIGHTS = (0.25, 1.0)  # item 3's w besides 0 (the cached run itself)
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------- the grid as data
@@ -121,11 +99,6 @@ class Regime:
     @property
     def C(self) -> int:
         return self.num_crops or max(1, self.epochs // 4)
-
-    @property
-    def short_epochs(self) -> int:
-        """The short hard-label run behind the ``short_hard`` figure: E/4 epochs, at least 1."""
-        return max(1, self.epochs // 4)
 
     @property
     def always_two_seeds(self) -> bool:
@@ -302,7 +275,7 @@ def estimate_s(step: Step, regime: Regime | None, teacher: TeacherSpec | None, v
     if step.kind == "cache":  # every crop through every teacher, plus their evaluation on the test images
         crops = regime.images * (step.C or regime.C)
         return RUN_OVERHEAD_S + (crops + val_images) * per_image_s(archs, INFER_RATE)
-    epochs = regime.short_epochs if step.kind == "short" else regime.epochs
+    epochs = short_epochs(regime.epochs) if step.kind == "short" else regime.epochs
     seconds = epochs * regime.images / TRAIN_RATE[STUDENT]
     if step.kind == "online":
         seconds += epochs * regime.images * per_image_s(archs, INFER_RATE)
@@ -482,7 +455,7 @@ class Grid:
             keys["distill.label_weight"] = s.w
         kind = {"short": "hard", "pre": "hard"}.get(s.kind, s.kind)
         cache = self.done(Step("cache", regime.name, C=s.C or regime.C).key)["path"] if kind == "cached" else ""
-        epochs = regime.short_epochs if s.kind == "short" else regime.epochs
+        epochs = short_epochs(regime.epochs) if s.kind == "short" else regime.epochs
         run = ex.train(base, ex.ModelRun(kind, STUDENT, self.wd / "runs" / s.key.replace(":", "_"), epochs, cache,
                                          self.teachers(regime) if kind == "online" else None, keys), say)
         return {"kind": s.kind, "regime": regime.name, "seed": s.seed, "C": s.C or (regime.C if kind == "cached"
@@ -492,29 +465,10 @@ class Grid:
     # ---- running them
 
     def run(self, steps: Sequence[Step]) -> dict[str, dict]:
-        """Finish ``steps`` (independent of one another): here with --jobs 1, else --jobs at a time in child
-        processes (a child that fails leaves no record; the others finish; the next invocation retries it)."""
-        todo = [s.key for s in steps if self.done(s.key) is None]
-        if self.args.jobs <= 1:
-            for key in todo:
-                self.step(key)
-        elif todo:
-            with ThreadPoolExecutor(self.args.jobs) as pool:
-                failed = [key for key, rc in zip(todo, pool.map(self.child, todo)) if rc]
-            if failed:
-                raise SystemExit(f"error: {', '.join(failed)} failed (logs in {self.wd / 'logs'}); "
-                                 "rerun the same command to resume")
+        """Finish ``steps`` (independent of one another, ``run_steps``) and return their records."""
+        run_steps([s.key for s in steps if self.done(s.key) is None], self.step, "benchmarks.bench_distill_regimes",
+                  self.argv, self.args.jobs, self.wd)
         return {s.key: self.done(s.key) for s in steps}
-
-    def child(self, key: str) -> int:
-        logs = self.wd / "logs"
-        logs.mkdir(exist_ok=True)
-        say(f"{key}: started (log: {logs / key.replace(':', '_')}.log)")
-        with (logs / f"{key.replace(':', '_')}.log").open("a") as log:
-            rc = subprocess.call([sys.executable, "-m", "benchmarks.bench_distill_regimes", *self.argv, "--step", key],
-                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        say(f"{key}: {'finished' if rc == 0 else f'FAILED (exit {rc})'}")
-        return rc
 
     def prepare_data(self) -> None:
         """Every data tree and manifest, here: children running at once would write the same tree together."""
@@ -858,16 +812,10 @@ def plot_gain(payload: Mapping[str, Any], path: Path) -> Path:
 # --------------------------------------------------------------------------- command line
 
 
-SMOKE = {"val_images": 200, "jobs": 1}
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p, _ = demo_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="every step kind on a few hundred images, 1-2 epochs")
     p.add_argument("--plan", action="store_true", help="print the steps and their estimated minutes, run nothing")
-    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
-    p.add_argument("--source", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     p.add_argument("--workdir", default=None, help="data, runs, caches, steps/ (reruns resume; "
                                                    "default runs/distill-regimes[-smoke])")
     p.add_argument("--steps-dir", default=None, help="the finished steps' records (default "
@@ -886,9 +834,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # one step, in a child of --jobs > 1
     args = p.parse_args(argv)
     if args.smoke:
-        for key, value in SMOKE.items():
-            if key != "jobs" or args.jobs == 1:
-                setattr(args, key, value)
+        args.val_images = 200
     wd = Path(args.workdir or f"runs/distill-regimes{'-smoke' if args.smoke else ''}")
     args.workdir = str(wd)
     args.steps_dir = args.steps_dir or str(wd / "steps" if args.smoke else REPO / "benchmarks/results/distill_regimes_steps")
@@ -912,9 +858,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.step:  # one step, as a child of an invocation with --jobs > 1
         grid.step(args.step)
         return 0
-    # the benchmark harness's machine record and JSON writer
-    from benchmarks.harness import begin, machine_line, run_header, write_results
-
     started, info, _ = begin(args.workdir)
     done = grid.all()
     rows = regime_rows(regimes, done)
@@ -925,27 +868,15 @@ def main(argv: list[str] | None = None) -> int:
     plot_gain(payload, Path(args.plot))
     text = report(payload)
     Path(args.report).write_text(text)
-    if args.doc:  # the same report, its plot linked from the document's folder
-        from benchmarks.harness import update_marked_section
-
+    if args.doc:  # the same report, and the user's page (teachers.md) the rule's table; plots linked from there
         doc = Path(args.doc)
-        update_marked_section(doc, report({**payload, "plot": os.path.relpath(args.plot, doc.resolve().parent)}),
-                              "bench_distill_regimes")
-        teachers = doc.parent / "teachers.md"  # the user's page: the rule's table
-        update_marked_section(teachers, margin_table({**payload, "plot": os.path.relpath(args.plot, teachers.resolve().parent)}),
-                              "bench_distill_regimes[margins]")
+        for path, text, section in ((doc, report, "bench_distill_regimes"),
+                                    (doc.parent / "teachers.md", margin_table, "bench_distill_regimes[margins]")):
+            update_marked_section(path, text({**payload, "plot": os.path.relpath(args.plot, path.resolve().parent)}),
+                                  section)
     print("\n" + text + f"\nJSON: {path}\nreport: {args.report}\nplot: {args.plot}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    import click
-
-    from common.cli_support import user_errors
-
-    try:  # bad input (a missing dataset, a refused teacher): the library's one-line message
-        with user_errors():
-            sys.exit(main())
-    except click.ClickException as e:
-        e.show()
-        sys.exit(1)
+    run_main(main)

@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_fashion_mnist.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -17,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.harness import add_device_args, begin, markdown_table, publish, report_head, run_header
+from benchmarks.harness import (
+    add_device_args, begin, demo_parser, ints, markdown_table, names, publish, report_head, run_header, say,
+)
 from common.cache_format import CacheReader
-from common.config import Config, load_config
-from stage2_student_distill.app.demo import demo_config
+from common.config import load_config
 from common.manifest import load_manifest
 from stage1_teacher_cache.label_agreement import cache_label_agreement
 from stage2_student_distill import experiment as ex
@@ -161,54 +161,46 @@ def fmt(v) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def demo_parser(doc: str) -> tuple[argparse.ArgumentParser, Config]:
-    """A parser for a benchmark on the demo's Fashion-MNIST data, with --config and --source, and the demo's
-    config, whose settings are the benchmark's defaults."""
-    cfg = demo_config()
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
-    p.add_argument("--source", default=cfg.demo.source_dir, help="Fashion-MNIST idx files")
-    return p, cfg
+def add_student_args(p, cfg, epochs: int) -> None:
+    """The student's recipe, seeds and device, the demo's settings as defaults."""
+    p.add_argument("--student", default=cfg.demo.student)
+    p.add_argument("--student-epochs", type=int, default=epochs)
+    p.add_argument("--img-size", type=int, default=cfg.optim.img_size, help="student input size")
+    p.add_argument("--batch-size", type=int, default=cfg.optim.batch_size)
+    p.add_argument("--lr", type=float, default=cfg.optim.lr)
+    p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
+    p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every, help="epochs between validations (and the last)")
+    p.add_argument("--seeds", type=ints, default="0", help="comma list of student seeds (runtime.seed)")
+    add_device_args(p)
 
 
 def parse_args(argv):
     p, cfg = demo_parser(__doc__)
-    demo = cfg.demo
     p.add_argument("--workdir", default="runs/bench-fashion-mnist", help="data, runs and cache (kept; reruns resume)")
     p.add_argument("--train-images", type=int, default=60000, help="students' training images (max 60000)")
     p.add_argument("--val-images", type=int, default=10000, help="test images scored (max 10000)")
     p.add_argument("--teacher-train-images", type=int, default=None,
                    help="teachers' training images (default: --train-images)")
-    p.add_argument("--teachers", default=",".join(demo.teachers), help="comma list of timm names")
+    p.add_argument("--teachers", type=names, default=",".join(cfg.demo.teachers), help="comma list of timm names")
     p.add_argument("--teacher-epochs", type=int, default=30)
     p.add_argument("--teacher-img-size", type=int, default=0, help="teachers' input size (0: --img-size)")
     p.add_argument("--teacher-run", action="append", default=[], metavar="NAME=DIR",
                    help="reuse a trained teacher (DIR/best.pt) instead of training it")
     p.add_argument("--cache", default=None, help="reuse this teacher cache (default: WORKDIR/cache)")
-    p.add_argument("--student", default=demo.student)
-    p.add_argument("--student-epochs", type=int, default=30)
-    p.add_argument("--img-size", type=int, default=cfg.optim.img_size, help="student input size")
+    add_student_args(p, cfg, epochs=30)
     p.add_argument("--num-crops", type=int, default=None, help="cached crops per image (default: --student-epochs)")
     p.add_argument("--crop-scale", type=float, nargs=2, default=list(cfg.crops.scale))
-    p.add_argument("--batch-size", type=int, default=cfg.optim.batch_size)
-    p.add_argument("--lr", type=float, default=cfg.optim.lr)
-    p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
-    p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every, help="epochs between validations (and the last)")
-    p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
-    p.add_argument("--variants", default="cached,online,hard", help="comma list of cached, online, fresh, hard")
+    p.add_argument("--variants", type=names, default="cached,online,hard",
+                   help="comma list of cached, online, fresh, hard")
     p.add_argument("--compare-batches", type=int, default=20,
                    help="batches over which cached and live targets are compared (with variant online; 0 = skip)")
     p.add_argument("--no-discriminator", action="store_true", help="KL only (ablation), for cached and online")
-    add_device_args(p)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/fashion_mnist.json)")
     p.add_argument("--doc", default="docs/results.md", help="markdown file whose marked section is replaced ('' = none)")
     p.add_argument("--doc-tag", default="", help="which marked section of --doc (one per experiment; '' = the demo-scale one)")
     args = p.parse_args(argv)
     args.teacher_train_images = args.teacher_train_images or args.train_images
     args.num_crops = args.num_crops or args.student_epochs
-    args.teachers = [t.strip() for t in args.teachers.split(",") if t.strip()]
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANT_NAMES)
     if unknown:
         p.error(f"--variants: unknown {sorted(unknown)}; use cached, online, fresh, hard")
@@ -222,7 +214,6 @@ VARIANT_KINDS = {"cached": "cached", "online": "replay", "fresh": "online", "har
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start, info, wd = begin(args.workdir)
-    say = lambda msg: print(msg, flush=True)  # noqa: E731
 
     # 1. data
     data = ex.FashionMnistData(args.source, str(wd / "data"), args.train_images, args.val_images)

@@ -1,9 +1,7 @@
 """Host memory of `pipeline distill` against dataset size: 10k, 100k and 1.28M (ImageNet-1k) images.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_memory.
+Method, targets and sizing: docs/benchmarks.md, section bench_memory; commands: benchmarks/README.md.
 
-    python -m benchmarks.bench_memory              # 10k, 100k, 1.28M (3-4 min on 2 busy CPU cores, < 100 MB disk)
-    python -m benchmarks.bench_memory --quick      # 10k, 50k, few steps (< 60 s)
     python -m benchmarks.bench_memory --sizes 10000,1281167 --steps 200
 """
 from __future__ import annotations
@@ -20,8 +18,9 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, REPO, Timer, Workdir, add_common_args, announce, disk_usage, finish, loadavg,
+    IMAGENET_TRAIN_IMAGES, REPO, Timer, add_common_args, announce, disk_usage, finish, loadavg,
     make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
+    workdir,
 )
 
 WIDTH, HEIGHT = 400, 300
@@ -159,7 +158,7 @@ def main(argv=None) -> int:
         f"per size, cache C=4 k=5, sizes {sizes}, loader {args.loader}")
 
     rows, raw = [], []
-    with Workdir(args.workdir, args.keep, "bench-memory-") as wd:
+    with workdir(args, "bench-memory-") as wd:
         from PIL import Image
 
         src_root = make_image_tree(wd / "sources", 8, 1, sizes=(HEIGHT, HEIGHT), seed=args.seed, workers=1)
@@ -237,8 +236,7 @@ def main(argv=None) -> int:
                                   ("manifest_load_transient_mb", "load_manifest alone: transient MB"),
                                   ("first_batch_s", "epoch start-up s"), ("cache_mb_on_disk", "cache on disk MB"),
                                   ("load1", "load avg")])
-    print()
-    print(table)
+    print("\n" + table)
     print(f"\npeak RSS grows {slope or 0:.0f} bytes per image; ImageNet-1k (C=4, k=5): {imagenet_peak:.0f} MB, with C=10, "
           f"k=10 about {verdict['imagenet_peak_mb_c10_k10']:.0f} MB; limit 4 GB + model state "
           f"({base['model_state_mb']:.0f} MB) = {verdict['limit_mb']:.0f} MB -> {'met' if verdict['met'] else 'NOT met'}")

@@ -1,9 +1,7 @@
 """Scaling: stage 1 and stage 2 throughput with 1 and 2 ranks under torchrun.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_scaling.
+Method, targets and sizing: docs/benchmarks.md, section bench_scaling; commands: benchmarks/README.md.
 
-    python -m benchmarks.bench_scaling            # full (~2.5 min on 2 busy CPU cores)
-    python -m benchmarks.bench_scaling --quick    # smoke run: 2 ranks only (~1 min)
     python -m benchmarks.bench_scaling --preset gpu --worlds 1,2,4,8   # on a GPU node
 """
 from __future__ import annotations
@@ -19,8 +17,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    REPO, Timer, Workdir, add_common_args, announce, finish, image_dataset, loadavg, markdown_table, median_of,
-    resolve_preset, subset_manifest, synthetic_cache,
+    REPO, Timer, add_common_args, announce, finish, image_dataset, loadavg, markdown_table, median_of,
+    resolve_preset, subset_manifest, synthetic_cache, workdir,
 )
 
 
@@ -180,7 +178,7 @@ def main(argv=None) -> int:
         f"preset {p.name}: worlds {args.worlds}, 1 torch thread + 1 loader thread per rank; stage 1: "
         f"{args.s1_images} images x C={p.num_crops}, shards of {args.shard}; stage 2: {args.s2_images} images, "
         f"per-rank batch {p.stage2_batch}, {args.rounds} round(s)")
-    with Workdir(args.workdir, args.keep, "bench-scaling-") as wd:
+    with workdir(args, "bench-scaling-") as wd:
         setup_data(args, p, wd)
         launches = [launch(args, p, wd, world) for world in args.worlds]
     rows = summarize(launches)
@@ -188,8 +186,7 @@ def main(argv=None) -> int:
                                   ("speedup", "speed-up vs 1 rank"), ("efficiency", "scaling efficiency"),
                                   ("cpu_ms", "process CPU ms per crop/img (mean of ranks)"),
                                   ("load1", "load avg (1 min)")])
-    print()
-    print(table)
+    print("\n" + table)
     finish("scaling", args, info, {
         "preset": p, "worlds": args.worlds, "threads_per_rank": 1, "loader_workers_per_rank": 1,
         "stage1_images": args.s1_images, "stage2_images": args.s2_images, "rounds": args.rounds, "rows": rows,

@@ -1,10 +1,6 @@
 """Stage 1 throughput: `pipeline teacher-cache` (crops/s) against the ensemble's pure forward pass.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_stage1.
-
-    python -m benchmarks.bench_stage1               # full (~2 min on 2 busy CPU cores)
-    python -m benchmarks.bench_stage1 --quick       # smoke run (< 60 s)
-    python -m benchmarks.bench_stage1 --preset gpu                # on a CUDA machine (the default there)
+Method, targets and sizing: docs/benchmarks.md, section bench_stage1; commands: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -19,8 +15,8 @@ import torch
 
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
-    Timer, Workdir, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table,
-    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync,
+    Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table,
+    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, workdir,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -121,9 +117,8 @@ def parse_args(argv):
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args(argv)
     p = resolve_preset(args)
-    if args.quick:
-        p = resolve_preset(args, stage1_images=min(p.stage1_images, 3 * p.images_per_shard))
-    p = resolve_preset(args, stage1_images=args.images or p.stage1_images, stage1_batch=args.batch_size or p.stage1_batch)
+    quick_images = min(p.stage1_images, 3 * p.images_per_shard) if args.quick else None
+    p = resolve_preset(args, stage1_images=args.images or quick_images, stage1_batch=args.batch_size or None)
     return args, p, args.rounds or (1 if args.quick else 3)
 
 
@@ -170,12 +165,12 @@ def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, re
     extra = {}
     if not args.quick:
         out = wd / "cache-profile"
-        _, extra["profile_run_main_thread"] = profile_top(
-            lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)), n=10)
+        extra["profile_run_main_thread"] = profile_top(
+            lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)))
         shutil.rmtree(out, ignore_errors=True)
     group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
     jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
-    _, extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs], n=10)
+    extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs])
     if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
         host = random_views(teachers, p.stage1_batch)
         dev = [v.to(runtime.device) for v in host]
@@ -243,8 +238,7 @@ def report(table_rows: list[dict], targets: dict, render_kind: str, extra: dict)
                                         ("x_limit", "x forward limit"), ("main_cpu_ms_per_crop", "main-thread CPU ms/crop"),
                                         ("process_cpu_ms_per_crop", "process CPU ms/crop"),
                                         ("load1", "load avg (1 min)")])
-    print()
-    print(table)
+    print("\n" + table)
     t = targets
     print(f"\nrun / forward limit = {t['run_over_limit']:.2f} (target >= 0.9); bounds from the parts: overlapped "
           f"min(render, forward) = {t['overlapped_bound']:.1f}, serial 1/(1/render + 1/forward) = "
@@ -268,7 +262,7 @@ def main(argv=None) -> int:
         f"preset {p.name}: teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.stage1_images} images x "
         f"C={p.num_crops} = {p.stage1_images * p.num_crops} crops, batch {p.stage1_batch}, k={p.topk}, shards of "
         f"{p.images_per_shard}, {p.num_workers} render workers, loader {args.loader}, {rounds} round(s)")
-    with Workdir(args.workdir, args.keep, "bench-stage1-") as wd:
+    with workdir(args, "bench-stage1-") as wd:
         runs, render_kind, limit_batches, extra = measure(args, p, rounds, wd, on_gpu)
     table_rows, targets = summarize(runs, render_kind, p.num_workers, on_gpu)
     table = report(table_rows, targets, render_kind, extra)

@@ -1,10 +1,6 @@
 """Stage 2 throughput: `pipeline distill` against its compute limit, hard-label training and online MEAL V2.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_stage2.
-
-    python -m benchmarks.bench_stage2               # full (~2.5 min on 2 busy CPU cores)
-    python -m benchmarks.bench_stage2 --quick       # smoke run (< 60 s)
-    python -m benchmarks.bench_stage2 --preset gpu                # on a CUDA machine (the default there)
+Method, targets and sizing: docs/benchmarks.md, section bench_stage2; commands: benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -20,9 +16,9 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    LimitedLoader, Timer, Workdir, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg,
+    LimitedLoader, Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg,
     markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
-    timed_epoch,
+    timed_epoch, workdir,
 )
 from common.cache_storage import restore_targets
 from common.config import load_config
@@ -60,7 +56,7 @@ class SyntheticLoader:
     """Batches already on the device, shaped like the distill loader's (the compute limit); with
     ``teachers``, also a uint8 view per teacher (for an online Job's target source to score)."""
 
-    def __init__(self, real, steps: int, teachers=None, runtime=None):
+    def __init__(self, real, steps: int, teachers=None):
         rt, pp = real.runtime, real.preprocess
         B, S, K = real.batch_size, pp.input_size, real.manifest.num_classes
         g = torch.Generator().manual_seed(0)
@@ -156,9 +152,8 @@ def parse_args(argv):
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run and the render anatomy")
     args = parser.parse_args(argv)
     p = resolve_preset(args)
-    if args.quick:
-        p = resolve_preset(args, stage2_images=min(p.stage2_images, 6 * p.stage2_batch))
-    p = resolve_preset(args, stage2_images=args.images or p.stage2_images, stage2_batch=args.batch_size or p.stage2_batch)
+    quick_images = min(p.stage2_images, 6 * p.stage2_batch) if args.quick else None
+    p = resolve_preset(args, stage2_images=args.images or quick_images, stage2_batch=args.batch_size or None)
     if p.device == "cpu" and torch.cuda.is_available():
         print("note: --preset cpu on a CUDA machine runs on the CPU", file=sys.stderr)
     on_gpu = torch.cuda.is_available() and p.device != "cpu"
@@ -245,7 +240,7 @@ def measure_profiles(args, job, manifest, cache: Path, on_gpu: bool) -> dict:
     """Where the time goes: cProfile of the distill loop (main thread), render cost per image, CUDA syncs."""
     extra = {}
     if not args.quick:
-        _, extra["profile_distill_main_thread"] = profile_top(lambda: timed_epoch(job, args.rounds, args.warmup), n=10)
+        extra["profile_distill_main_thread"] = profile_top(lambda: timed_epoch(job, args.rounds, args.warmup))
         extra["profile_loader"] = job.train_loader.kind
     pp = job.train_loader.preprocess
     extra["render_anatomy"] = render_anatomy(manifest, cache, pp.input_size, pp.interpolation, 16 if args.quick else 64)
@@ -313,8 +308,7 @@ def report(rows: list[dict], targets: dict, extra: dict) -> str:
                                   ("process_cpu_ms_per_img", "process CPU ms/img"),
                                   ("x_compute_limit_cpu", "x compute limit (train-thread CPU)"),
                                   ("x_online_cpu", "x online (train-thread CPU)"), ("load1", "load avg (1 min)")])
-    print()
-    print(table)
+    print("\n" + table)
     t, cpu = targets, targets["cpu_time_ratios"]
     print(f"\ndistill ({t['distill_loader']}) / compute limit = {t['distill_over_compute_limit']:.2f} wall, "
           f"{cpu['distill_over_compute_limit'] or 0:.2f} by training-thread CPU (target >= 0.95); / online MEAL V2 = "
@@ -342,7 +336,7 @@ def main(argv=None) -> int:
         f"{p.stage2_images} images ({p.stage2_images // p.stage2_batch} steps/epoch, {args.warmup} warm-up, "
         f"{args.rounds} round(s)), teachers {list(p.teachers)} {list(p.teacher_sizes)}, {p.num_classes} "
         f"classes, C={p.num_crops}, k={p.topk}, {p.num_workers} loader workers, loaders {args.loaders}")
-    with Workdir(args.workdir, args.keep, "bench-stage2-") as wd:
+    with workdir(args, "bench-stage2-") as wd:
         rows, extra = measure(args, p, wd, on_gpu)
     targets = summarize(rows, on_gpu)
     table = report(rows, targets, extra)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_fashion_mnist import base_config, demo_parser, fmt, run_json
-from benchmarks.harness import add_device_args, begin, markdown_table, publish, report_head, run_header
+from benchmarks.bench_fashion_mnist import add_student_args, base_config, fmt, run_json
+from benchmarks.harness import begin, demo_parser, markdown_table, names, publish, report_head, run_header
 from common.cache_format import CacheReader
 from common.cache_storage import restore_targets
 from stage2_student_distill import experiment as ex
@@ -83,22 +83,12 @@ def parse_args(argv):
     p.add_argument("--data-dir", default=None, help="where the PNG trees are (default WORKDIR/data)")
     p.add_argument("--val-images", type=int, default=demo.val_images, help="test images scored (max 10000)")
     p.add_argument("--topk", default="1,2,3,5,10", help="comma list of k (each <= the cache's)")
-    p.add_argument("--student", default=demo.student)
-    p.add_argument("--student-epochs", type=int, default=demo.student_epochs)
-    p.add_argument("--img-size", type=int, default=cfg.optim.img_size)
-    p.add_argument("--batch-size", type=int, default=cfg.optim.batch_size)
-    p.add_argument("--lr", type=float, default=cfg.optim.lr)
-    p.add_argument("--weight-decay", type=float, default=5e-5, help="as `pipeline demo`")
-    p.add_argument("--eval-every", type=int, default=cfg.optim.eval_every)
-    p.add_argument("--seeds", default="0", help="comma list of student seeds (runtime.seed)")
-    p.add_argument("--variants", default="topk,hard", help="topk (the k sweep) and/or hard (the baseline)")
-    add_device_args(p)
+    add_student_args(p, cfg, epochs=demo.student_epochs)
+    p.add_argument("--variants", type=names, default="topk,hard", help="topk (the k sweep) and/or hard (the baseline)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/topk_student.json)")
     p.add_argument("--doc", default="docs/performance.md", help="file whose marked section is replaced ('' = none)")
     args = p.parse_args(argv)
     args.ks = sorted({int(k) for k in args.topk.split(",") if k.strip()})
-    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(args.variants) - {"topk", "hard"}:
         p.error("--variants: use topk and/or hard")
     return args

@@ -4,6 +4,7 @@ results and marked sections of the docs. What each preset holds: docs/benchmarks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -78,6 +79,28 @@ PRESETS = {
 }
 
 
+def names(text: str) -> list[str]:
+    """An argparse ``type``: the items of a comma list ("a,b")."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def ints(text: str) -> list[int]:
+    """An argparse ``type``: the integers of a comma list ("0,1")."""
+    return [int(item) for item in names(text)]
+
+
+def demo_parser(doc: str):
+    """(a parser with --config and --source, the demo's config) for a benchmark on the demo's Fashion-MNIST data;
+    the config's settings are the benchmark's defaults."""
+    from stage2_student_distill.app.demo import demo_config
+
+    cfg = demo_config()
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="pipeline.toml to start from (default: the repository's)")
+    p.add_argument("--source", default=cfg.demo.source_dir, help="Fashion-MNIST idx files")
+    return p, cfg
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu: real teachers/student, bf16; cpu: tiny timm models (default: gpu if CUDA)")
@@ -132,6 +155,70 @@ def module_command(module: str, *args: str) -> list[str]:
     """The argv that runs benchmark ``module`` (e.g. "benchmarks.bench_memory") in a child process;
     run it with ``cwd=REPO`` so that ``-m`` finds the package."""
     return [sys.executable, "-m", module, *args]
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_steps(keys: Sequence[str], step: Callable[[str], Any], module: str, argv: Sequence[str], jobs: int,
+              workdir: Path) -> None:
+    """Do the steps ``keys`` of a resumable study (unfinished, independent of one another; each records itself
+    once finished): ``step(key)`` one after the other in this process with ``jobs`` <= 1, else ``jobs`` at a time,
+    each in a child process ``python -m MODULE ARGV --step KEY`` logging to WORKDIR/logs/KEY.log. On a 2-core
+    machine a training run uses one core and two runs use both. A child that fails leaves no record and the others
+    finish; an interrupt (Ctrl-C, ``kill``) ends the children too, and the next invocation redoes them."""
+    if jobs <= 1:
+        for key in keys:
+            step(key)
+        return
+    import signal
+    import subprocess
+
+    logs = Path(workdir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    todo, running, failed = list(keys), {}, []
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below runs on `kill` too
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                key = todo.pop(0)
+                log = (logs / f"{key.replace(':', '_')}.log").open("a")
+                cmd = module_command(module, *argv, "--step", key)
+                running[key] = (subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log)
+                say(f"{key}: started (log: {log.name})")
+            time.sleep(2)
+            for key, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[key]
+                    say(f"{key}: finished" if proc.returncode == 0 else
+                        f"{key}: FAILED (exit {proc.returncode}); its log: {log.name}")
+                    if proc.returncode:
+                        failed.append(key)
+    finally:
+        for proc, log in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+        signal.signal(signal.SIGTERM, previous)
+    if failed:
+        raise SystemExit(f"error: {', '.join(failed)} failed (logs in {logs}); rerun the same command to resume")
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Exits with ``main()``'s code; bad input (a missing dataset, a refused teacher) ends in the library's one-line
+    message, as the CLI prints it."""
+    import click
+
+    from common.cli_support import user_errors
+
+    try:
+        with user_errors():
+            sys.exit(main())
+    except click.ClickException as e:
+        e.show()
+        sys.exit(1)
 
 
 # --------------------------------------------------------------------------- machine
@@ -204,32 +291,23 @@ def sync(device) -> None:
 
 def rss_bytes() -> dict[str, int]:
     """Current (VmRSS) and peak (VmHWM) resident set of this process, from /proc."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
 
 
 # --------------------------------------------------------------------------- workdir
 
 
-class Workdir:
-    """A temp directory that is deleted on exit unless ``keep`` (or the user gave it)."""
-
-    def __init__(self, path: str | None, keep: bool, prefix: str):
-        self.given = path is not None
-        self.path = Path(path) if path else Path(tempfile.mkdtemp(prefix=prefix))
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.keep = keep or self.given
-
-    def __enter__(self) -> Path:
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        if not self.keep:
-            shutil.rmtree(self.path, ignore_errors=True)
+@contextlib.contextmanager
+def workdir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """``--workdir`` (kept), else a new temp directory, deleted at the end unless ``--keep``."""
+    path = Path(args.workdir or tempfile.mkdtemp(prefix=prefix))
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        if not (args.keep or args.workdir):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def disk_usage(path: Path) -> dict[str, int]:
@@ -438,11 +516,10 @@ def write_results(name: str, payload: dict[str, Any], out: str | None = None, qu
     return path
 
 
-def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str,
-            doc_section: str, quick: bool = False) -> Path:
+def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str, doc_section: str) -> Path:
     """The end of an accuracy benchmark: its JSON written, its report printed and put in the marked
     section ``doc_section`` of ``doc`` ('' = no document)."""
-    path = write_results(name, payload, out, quick)
+    path = write_results(name, payload, out)
     print("\n" + section + f"\nJSON: {path}", flush=True)
     if doc:
         update_marked_section(Path(doc), section, doc_section)
@@ -520,21 +597,20 @@ def median_of(runs: Iterable[dict[str, Any]], key: str) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def profile_top(fn: Callable[[], Any], n: int = 10, sort: str = "tottime") -> tuple[Any, list[dict[str, Any]]]:
-    """Run ``fn`` under cProfile (main thread only); the top ``n`` functions by ``sort``."""
+def profile_top(fn: Callable[[], Any]) -> list[dict[str, Any]]:
+    """Run ``fn`` under cProfile (main thread only); the top 10 functions by own time."""
     import cProfile
     import pstats
 
     prof = cProfile.Profile()
-    result = prof.runcall(fn)
+    prof.runcall(fn)
     stats = pstats.Stats(prof)
     total = sum(v[2] for v in stats.stats.values()) or 1e-9
     rows = []
     for (file, line, func), (cc, nc, tt, ct, _) in stats.stats.items():
         where = f"{os.path.relpath(file, REPO) if file.startswith(str(REPO)) else Path(file).name}:{line}({func})"
         rows.append({"function": where, "calls": nc, "tottime_s": tt, "cumtime_s": ct, "tottime_pct": 100 * tt / total})
-    rows.sort(key=lambda r: r["tottime_s" if sort == "tottime" else "cumtime_s"], reverse=True)
-    return result, rows[:n]
+    return sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:10]
 
 
 def profile_table(rows: Iterable[dict[str, Any]]) -> str:
@@ -565,7 +641,6 @@ class LimitedLoader:
         return self.steps
 
     def epoch(self, epoch: int):
-        import contextlib
         import itertools
 
         with contextlib.closing(self.loader.epoch(epoch)) as batches:
@@ -590,8 +665,6 @@ class TimedLoader(LimitedLoader):
         self.images = 0
 
     def epoch(self, epoch: int):
-        import contextlib
-
         self.images = 0
         with contextlib.closing(self.loader.epoch(epoch)) as batches:
             it = iter(batches)
