@@ -1,6 +1,9 @@
 """Teacher-cache benchmark: size on disk, read rate, top-k fidelity, and FKD-style files.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_cache; commands: benchmarks/README.md.
+Method, targets and sizing: docs/benchmarks.md, section bench_cache.
+
+    python -m benchmarks.bench_cache            # full run, a few minutes on 2 cores
+    python -m benchmarks.bench_cache --quick    # smoke run, < 30 s
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Host memory of `pipeline distill` against dataset size: 10k, 100k and 1.28M (ImageNet-1k) images.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_memory; commands: benchmarks/README.md.
+Method, targets and sizing: docs/benchmarks.md, section bench_memory.
 
+    python -m benchmarks.bench_memory              # 10k, 100k, 1.28M (3-4 min on 2 busy CPU cores, < 100 MB disk)
+    python -m benchmarks.bench_memory --quick      # 10k, 50k, few steps (< 60 s)
     python -m benchmarks.bench_memory --sizes 10000,1281167 --steps 200
 """
 from __future__ import annotations

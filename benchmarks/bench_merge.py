@@ -1,6 +1,8 @@
 """Precision lost by `pipeline cache merge`: merging top-k caches vs merging full softmaxes.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_merge; commands: benchmarks/README.md.
+Method, targets and sizing: docs/benchmarks.md, section bench_merge.
+
+    python -m benchmarks.bench_merge [--crops 4000 --classes 1000]
 """
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Every recipe runs: each recipe's real teachers and student, random weights, on a CPU.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_recipes; commands: benchmarks/README.md.
+Method, targets and sizing: docs/benchmarks.md, section bench_recipes.
+
+    python -m benchmarks.bench_recipes                       # all recipes (a few minutes on 2 cores)
+    python -m benchmarks.bench_recipes --recipes mealv2_resnet50_224 --size 32
 """
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Scaling: stage 1 and stage 2 throughput with 1 and 2 ranks under torchrun.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_scaling; commands: benchmarks/README.md.
+Method, targets and sizing: docs/benchmarks.md, section bench_scaling.
 
+    python -m benchmarks.bench_scaling            # full (~2.5 min on 2 busy CPU cores)
+    python -m benchmarks.bench_scaling --quick    # smoke run: 2 ranks only (~1 min)
     python -m benchmarks.bench_scaling --preset gpu --worlds 1,2,4,8   # on a GPU node
 """
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Stage 1 throughput: `pipeline teacher-cache` (crops/s) against the ensemble's pure forward pass.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_stage1; commands: benchmarks/README.md.
+Method, targets and sizing: docs/benchmarks.md, section bench_stage1.
+
+    python -m benchmarks.bench_stage1               # full (~2 min on 2 busy CPU cores)
+    python -m benchmarks.bench_stage1 --quick       # smoke run (< 60 s)
+    python -m benchmarks.bench_stage1 --preset gpu                # on a CUDA machine (the default there)
 """
 from __future__ import annotations
 

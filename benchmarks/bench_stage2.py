@@ -1,6 +1,10 @@
 """Stage 2 throughput: `pipeline distill` against its compute limit, hard-label training and online MEAL V2.
 
-Method, targets and sizing: docs/benchmarks.md, section bench_stage2; commands: benchmarks/README.md.
+Method, targets and sizing: docs/benchmarks.md, section bench_stage2.
+
+    python -m benchmarks.bench_stage2               # full (~2.5 min on 2 busy CPU cores)
+    python -m benchmarks.bench_stage2 --quick       # smoke run (< 60 s)
+    python -m benchmarks.bench_stage2 --preset gpu                # on a CUDA machine (the default there)
 """
 from __future__ import annotations
 
