@@ -7,6 +7,7 @@ fractions and are converted by ``read_teacher_eval``, the one door every reader 
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Iterator, Sequence
 
@@ -51,16 +52,9 @@ def read_teacher_eval(record: dict[str, Any] | None, where: str = "teacher_eval"
         _check_range(record, where, 100.0)
         return record
 
-    def pct(scores: dict[str, Any]) -> dict[str, Any]:
-        return {key: 100 * value if key in ("top1", "top5") else value for key, value in scores.items()}
-
-    converted = dict(record, unit=UNIT)
-    for key in ("ensemble", "best_teacher"):
-        if record.get(key):
-            converted[key] = pct(record[key])
-    for key in ("teachers", "leave_one_out"):
-        if record.get(key):
-            converted[key] = {name: pct(scores) for name, scores in record[key].items()}
+    converted = copy.deepcopy(dict(record, unit=UNIT))  # the caller's record stays as it was
+    for _, table in _score_tables(converted):  # each a dict with a figure: _check_scores said so
+        table.update({key: 100 * table[key] for key in ("top1", "top5") if key in table})
     if record.get("chance_top1") is not None:
         converted["chance_top1"] = 100 * record["chance_top1"]
     _check_range(converted, where, 100.0)
