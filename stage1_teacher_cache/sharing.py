@@ -201,8 +201,9 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
     if not len(ids):
         raise CacheError(f"the selection {selection} matches no image of {manifest_path}")
 
+    prefix = f"{manifest.description} " if manifest.description else ""
     new_hash = write_manifest(subset_rows(manifest, ids), manifest.class_names, manifest.root, subset_manifest_out,
-                              description=_subset_description(manifest, selection))
+                              description=f"{prefix}(subset of {manifest.content_hash[:16]}...: {json.dumps(selection)})")
     writer = CacheWriter(out, cache_attrs(
         reader.attrs,
         manifest={"hash": new_hash, "num_images": len(ids)},
@@ -277,11 +278,6 @@ def _id_spec_record(spec: str) -> dict[str, Any]:
     if path.is_file():
         return {"image_ids_file": str(path.absolute()), "file_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return {"image_ids": spec}
-
-
-def _subset_description(manifest: Manifest, selection: dict[str, Any]) -> str:
-    base = f"{manifest.description} " if manifest.description else ""
-    return f"{base}(subset of {manifest.content_hash[:16]}...: {json.dumps(selection)})"
 
 
 # --------------------------------------------------------------------------------------------- reduce
