@@ -61,12 +61,11 @@ def count_hits(teachers: Sequence[Teacher], manifest: Manifest, ids: np.ndarray,
     """int64 [rows, 2]: the top-1 and top-5 hits of ``hits_of_probs``, summed over images ``ids``."""
     labels = torch.as_tensor(manifest.labels[ids].astype(np.int64), device=runtime.device)
     k5 = min(5, manifest.num_classes)
-    pres = [t.preprocess for t in teachers]
     path_of = ConfinedPaths(manifest)
 
     def centre_crops(group: np.ndarray) -> list[torch.Tensor]:
         sizes = [(int(manifest.widths[i]), int(manifest.heights[i])) for i in group]
-        boxes = [np.array([[centre_box(w, h, p.crop_pct)] for w, h in sizes]) for p in pres]  # [n, 1, 4] each
+        boxes = [np.array([[centre_box(w, h, t.preprocess.crop_pct)] for w, h in sizes]) for t in teachers]  # [n, 1, 4]
         return render([path_of(i) for i in group], boxes, np.zeros((len(group), 1), np.uint8), sizes)
 
     groups = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]

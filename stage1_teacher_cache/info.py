@@ -52,9 +52,8 @@ def _describe(reader: CacheReader) -> dict[str, Any]:
         for t in a["teachers"]
     ]
     complete = reader.complete
-    L = reader.layout
     size = sum(reader.files.values())
-    total_crops = L.num_images * L.num_crops
+    total_crops = reader.layout.num_images * reader.layout.num_crops
     return {
         "path": str(path),
         "format": a["format"],
