@@ -94,8 +94,7 @@ def hits_of_probs(probs: torch.Tensor, target: torch.Tensor, k5: int) -> torch.T
 
 def check_teachers(result: dict[str, Any], min_top1_over_chance: float) -> None:
     """Stop when any teacher is below ``min_top1_over_chance`` x chance, naming it and the likely causes."""
-    chance = result["chance_top1"]
-    floor = min_top1_over_chance * chance
+    floor = min_top1_over_chance * result["chance_top1"]
     weak = {name: r["top1"] for name, r in result["teachers"].items() if r["top1"] < floor}
     if weak:
         listed = ", ".join(f"{name} (top-1 {percent(top1)})" for name, top1 in weak.items())
