@@ -66,12 +66,10 @@ def _score_tables(record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             yield key, record[key]
     for key in ("teachers", "leave_one_out"):
         tables = record.get(key)
-        if tables is None:
-            continue
-        if not isinstance(tables, dict):
-            yield key, tables
-            continue
-        yield from ((f"{key}.{name}", table) for name, table in tables.items())
+        if isinstance(tables, dict):
+            yield from ((f"{key}.{name}", table) for name, table in tables.items())
+        elif tables is not None:
+            yield key, tables  # not a table of tables: _check_scores names it
 
 
 def finite_number(x: Any) -> bool:
