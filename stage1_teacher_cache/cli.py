@@ -106,10 +106,7 @@ def verify_command(cache: str, manifest: str | None, repair: bool, check_images:
         # a cache that cannot be opened at all is one error line, not a "problem" list
         scope = dict(manifest_hash=loaded and loaded.content_hash, manifest_images=loaded and loaded.num_images,
                      report_unopenable=False)
-        if repair:
-            problems, reset = repair_cache(cache, **scope)
-        else:
-            problems, reset = verify_cache(cache, **scope), []
+        problems, reset = repair_cache(cache, **scope) if repair else (verify_cache(cache, **scope), [])
     for problem in problems:
         click.echo(f"PROBLEM: {problem}", err=True)
     if reset:

@@ -61,12 +61,11 @@ def count_hits(teachers: Sequence[Teacher], manifest: Manifest, ids: np.ndarray,
     """int64 [rows, 2]: the top-1 and top-5 hits of ``hits_of_probs``, summed over images ``ids``."""
     labels = torch.as_tensor(manifest.labels[ids].astype(np.int64), device=runtime.device)
     k5 = min(5, manifest.num_classes)
-    pres = [t.preprocess for t in teachers]
     path_of = ConfinedPaths(manifest)
 
     def centre_crops(group: np.ndarray) -> list[torch.Tensor]:
         sizes = [(int(manifest.widths[i]), int(manifest.heights[i])) for i in group]
-        boxes = [np.array([[centre_box(w, h, p.crop_pct)] for w, h in sizes]) for p in pres]  # [n, 1, 4] each
+        boxes = [np.array([[centre_box(w, h, t.preprocess.crop_pct)] for w, h in sizes]) for t in teachers]  # [n, 1, 4]
         return render([path_of(i) for i in group], boxes, np.zeros((len(group), 1), np.uint8), sizes)
 
     groups = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
@@ -95,8 +94,7 @@ def hits_of_probs(probs: torch.Tensor, target: torch.Tensor, k5: int) -> torch.T
 
 def check_teachers(result: dict[str, Any], min_top1_over_chance: float) -> None:
     """Stop when any teacher is below ``min_top1_over_chance`` x chance, naming it and the likely causes."""
-    chance = result["chance_top1"]
-    floor = min_top1_over_chance * chance
+    floor = min_top1_over_chance * result["chance_top1"]
     weak = {name: r["top1"] for name, r in result["teachers"].items() if r["top1"] < floor}
     if weak:
         listed = ", ".join(f"{name} (top-1 {percent(top1)})" for name, top1 in weak.items())

@@ -117,19 +117,14 @@ def open_growth(path: str, attrs: dict[str, Any], more: int, runtime: Runtime, s
     C = int(attrs["crops"]["num_crops"])
     target = with_crops(attrs, C + more)
     if not open_attrs(path).get("growing"):  # already grown (now or by an earlier run)
-        writer = CacheWriter(path, target)
-        return Growth(path, writer, seeded(0, C + more), C + more, None, C, C + more)
+        return Growth(path, CacheWriter(path, target), seeded(0, C + more), C + more, None, C, C + more)
     old = CacheReader(path, manifest_hash=attrs["manifest"]["hash"], verify_checksums=True, _while_growing=True)
-    writer = CacheWriter(staging_path(path), target)
-    return Growth(path, writer, seeded(C, more), more, old, C, C + more)
+    return Growth(path, CacheWriter(staging_path(path), target), seeded(C, more), more, old, C, C + more)
 
 
 def recorded_crops(attrs: dict[str, Any]) -> int | None:
-    """The crop count a cache's attributes record; None where they hold no whole number there.
-
-    Without --num-crops this is the C a `--more-crops` run grows from, which is also the count an unfinished
-    growth started from (the marker leaves the attributes as they were until the swap), so the same command
-    resumes it."""
+    """The crop count a cache's attributes record (without --num-crops, the C a `--more-crops` run grows from:
+    the module docstring); None where they hold no whole number there."""
     crops = attrs.get("crops")
     count = crops.get("num_crops") if isinstance(crops, dict) else None
     return count if type(count) is int else None

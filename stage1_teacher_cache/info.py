@@ -15,9 +15,7 @@ def bytes_on_disk(path: str) -> int:
     return sum(cache_files(path).values())
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
+def human_bytes(n: float) -> str:
     if n < 1000:
         return f"{int(n)} B"
     for unit in ("KB", "MB", "GB", "TB"):
@@ -54,9 +52,8 @@ def _describe(reader: CacheReader) -> dict[str, Any]:
         for t in a["teachers"]
     ]
     complete = reader.complete
-    L = reader.layout
     size = sum(reader.files.values())
-    total_crops = L.num_images * L.num_crops
+    total_crops = reader.layout.num_images * reader.layout.num_crops
     return {
         "path": str(path),
         "format": a["format"],
@@ -82,14 +79,10 @@ def _describe(reader: CacheReader) -> dict[str, Any]:
             "incomplete": [int(s) for s in (~complete).nonzero()[0]],
         },
         "bytes_on_disk": size,
-        "bytes_per_crop": float(size / total_crops) if size is not None and complete.all() and total_crops else None,
-        # provenance of caches made from other caches (pipeline cache merge|subset|reduce, --reuse-crops)
-        "merge": a.get("merge"),
-        "subset": a.get("subset"),
-        "reduced": a.get("reduced"),
-        "crops_from": a.get("crops_from"),
-        # pipeline teacher-cache --more-crops: past growths, and one in progress with its staging shards done
-        "grown": a.get("grown"),
+        "bytes_per_crop": float(size / total_crops) if complete.all() and total_crops else None,
+        # provenance of caches made from other caches (pipeline cache merge|subset|reduce, --reuse-crops) and
+        # past growths (teacher-cache --more-crops); then one in progress, with its staging shards done
+        **{key: a.get(key) for key in ("merge", "subset", "reduced", "crops_from", "grown")},
         "growing": a.get("growing") and dict(a["growing"], shards=growth_progress(path)),
     }
 
@@ -116,7 +109,7 @@ def format_cache_info(info: dict[str, Any]) -> str:
             score += f"; ensemble without it top-1 {percent(t['ensemble_without']['top1'])}"
         lines += [
             f"  {t['name']} ({t['timm_name']}, {t['params'] / 1e6:.1f}M params): {p['input_size']} px {p['interpolation']}, "
-            f"mean {_fmt3(p['mean'])} std {_fmt3(p['std'])}, crop_pct {p['crop_pct']:g}",
+            f"mean {_fmt(p['mean'], '.3f', '()')} std {_fmt(p['std'], '.3f', '()')}, crop_pct {p['crop_pct']:g}",
             f"    weights {weights}; {score}",
         ]
     e = info["ensemble"]
@@ -155,8 +148,7 @@ def _provenance(info: dict[str, Any]) -> list[str]:
         lines.append(f"merged        to top-{info['merge']['k']} from:")
         lines += [f"  {s['path']} (top-{s['k']}, weight {s['weight']:.3f}: {', '.join(s['teachers'])})"
                   for s in info["merge"]["sources"]]
-    if info.get("subset"):
-        sub = info["subset"]
+    if sub := info.get("subset"):
         lines.append(f"subset        {sub['num_images']:,} images of {sub['source']} "
                      f"(manifest {sub['source_manifest']['hash'][:16]}...), selected by {sub['selection']}")
     for g in info.get("grown") or []:
@@ -166,15 +158,10 @@ def _provenance(info: dict[str, Any]) -> list[str]:
         lines.append(f"GROWING       from {g['from_crops']} to {g['to_crops']} crops per image ({g['phase']}"
                      + (f", {done[0]}/{done[1]} shards" if done else "") + "): not readable until the "
                      "`teacher-cache --more-crops` run finishes")
-    if info.get("reduced"):
-        r = info["reduced"]
+    if r := info.get("reduced"):
         lines.append(f"reduced       to top-{r['k']} from top-{r['source_k']} of {r['source']}")
     return lines
 
 
-def _fmt(values) -> str:
-    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
-
-
-def _fmt3(values) -> str:
-    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+def _fmt(values, spec: str = ".4g", brackets: str = "[]") -> str:
+    return brackets[0] + ", ".join(f"{v:{spec}}" for v in values) + brackets[1]

@@ -18,6 +18,7 @@ import numpy as np
 
 from common.cache_format import CacheReader, put_attrs, shard_bounds
 from common.manifest import Manifest
+from stage1_teacher_cache.teacher_eval import finite_number, unreadable_record
 
 
 def crop_top1(topk_index: np.ndarray, topk_prob: np.ndarray) -> np.ndarray:
@@ -112,8 +113,6 @@ def read_label_agreement(record: Any, where: str = "label_agreement") -> dict[st
     """A cache's ``label_agreement`` attribute, checked as ``read_teacher_eval`` checks ``teacher_eval``: a
     stranger's record whose figures are not as ``AgreementCounts.summary`` writes them raises CacheError naming
     ``where`` (file and attribute). None where nothing is recorded."""
-    from stage1_teacher_cache.teacher_eval import finite_number, unreadable_record
-
     if not record:
         return None
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from common.cache_format import MAX_TREE_DEPTH, CacheReader, load_json_bounded
-from common.errors import PipelineError
+from common.errors import PipelineError, shown
 from common.locations import open_read, require_local
 from common.manifest import check_relative_path
 
@@ -117,13 +117,9 @@ def _member_name(member: tarfile.TarInfo, pack: str) -> str:
     if problem:
         raise PackError(f"{pack}: member {member.name!r}: {problem}; refusing to unpack")
     if name.count("/") + 1 > MAX_TREE_DEPTH:  # a cache's deepest file has 6 parts; mkdir of 2,000 would recurse
-        raise PackError(f"{pack}: member {_shown_name(member.name)} is nested {name.count('/') + 1} levels deep, "
+        raise PackError(f"{pack}: member {shown(member.name, 80)} is nested {name.count('/') + 1} levels deep, "
                         f"deeper than any cache file ({MAX_TREE_DEPTH}); refusing to unpack")
     return name
-
-
-def _shown_name(name: str, limit: int = 80) -> str:
-    return repr(name) if len(name) <= limit else repr(name[: limit - 3] + "...")
 
 
 def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> str:

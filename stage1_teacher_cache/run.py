@@ -73,9 +73,8 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
         teachers = load_teachers(tc, manifest.num_classes, runtime, seed=cfg.runtime.seed)
         crop_attrs, crop_boxes = crop_source(cfg.crops, manifest, reuse_crops)
 
-    evaluation = None
-    if tc.evaluate_manifest:  # on every rank: each scores a share, all reach the same verdict
-        evaluation = check_before_caching(cfg, manifest, teachers, runtime)
+    # on every rank: each scores a share, all reach the same verdict
+    evaluation = check_before_caching(cfg, manifest, teachers, runtime) if tc.evaluate_manifest else None
 
     attrs = cache_attrs(cfg, manifest, teachers, k, evaluation, runtime, crop_attrs, reuse_crops)
     growth = None
@@ -143,10 +142,8 @@ def run(cfg: Config, reuse_crops: str | None = None, more_crops: int = 0) -> dic
     if growth is not None or "label_agreement" in summary:  # the size again: attributes (and arrays) changed
         size = bytes_on_disk(tc.out)  # without the staging cache after a growth
         cached_crops = summary["shards_complete"] and writer.layout.num_images * (growth.to_crops if growth else C)
-        summary.update(bytes_on_disk=size, bytes_per_crop=size / cached_crops if size is not None and cached_crops
-                       else None)
-    summary["teacher_eval"] = evaluation
-    summary["shard_stamps"] = shard_stamps
+        summary.update(bytes_on_disk=size, bytes_per_crop=size / cached_crops if cached_crops else None)
+    summary.update(teacher_eval=evaluation, shard_stamps=shard_stamps)
     if runtime.is_main:
         print(format_summary(summary))
         if "label_agreement" in summary:
@@ -185,22 +182,17 @@ def seeded_crops(crops: CropConfig, manifest: Manifest, first_crop: int = 0) -> 
     return seeded
 
 
-def crop_policy(crops: CropConfig) -> dict[str, Any]:
-    """The ``crops`` attribute of a cache whose boxes are drawn from the seed."""
-    return {
-        "algorithm": CROP_ALGORITHM,
-        "num_crops": crops.num_crops,
-        "scale": list(crops.scale),
-        "ratio": list(crops.ratio),
-        "flip_p": crops.flip_p,
-        "seed": crops.seed,
-    }
-
-
 def crop_source(crops: CropConfig, manifest: Manifest, reuse: str | None) -> tuple[dict[str, Any], CropSource]:
     """(crops attribute, boxes of a range of images): from the seed, or read from the cache ``reuse``."""
     if reuse is None:
-        return crop_policy(crops), seeded_crops(crops, manifest)
+        return {
+            "algorithm": CROP_ALGORITHM,
+            "num_crops": crops.num_crops,
+            "scale": list(crops.scale),
+            "ratio": list(crops.ratio),
+            "flip_p": crops.flip_p,
+            "seed": crops.seed,
+        }, seeded_crops(crops, manifest)
 
     source = CacheReader(reuse, manifest_hash=manifest.content_hash, verify_checksums=True)
     policy = source.attrs["crops"]
@@ -320,7 +312,7 @@ def summarize(writer: CacheWriter, runtime: Runtime, path: str, *, shards_writte
         "seconds": seconds,
         "crops_per_s": crops / seconds if seconds > 0 else 0.0,
         "bytes_on_disk": size,
-        "bytes_per_crop": float(size / cached_crops) if size is not None and cached_crops else None,
+        "bytes_per_crop": float(size / cached_crops) if cached_crops else None,
     }
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -63,22 +63,27 @@ def merge_caches(sources: Sequence[str], out: str, topk: int | None = None,
     weights = np.array([len(r.attrs["teachers"]) for r in readers], dtype=np.float64)
     weights /= weights.sum()
     writer = CacheWriter(out, merged_attrs(readers, weights, k))
+
+    def merged(start: int, stop: int) -> dict[str, np.ndarray]:
+        parts = [r.images(np.arange(start, stop)) for r in readers]
+        index, prob = merge_targets(parts, weights, num_classes, k)
+        return dict(parts[0], topk_index=index, topk_prob=prob)  # the crops are every source's (check_same_crops)
+
+    return {"cache": out, "sources": list(sources), "k": k, "weights": weights.tolist(),
+            "teachers": [t["name"] for t in writer.attrs["teachers"]], **_fill(writer, merged, manifest_path)}
+
+
+def _fill(writer: CacheWriter, rows_of: Callable[[int, int], dict[str, np.ndarray]],
+          manifest_path: str | None) -> dict[str, Any]:
+    """Write ``writer``'s incomplete shards from ``rows_of(start, stop)`` (arrays as ``CacheReader.images`` returns);
+    with a manifest, record the label agreement from the new arrays (never a source's: its top-1s may differ)."""
     complete = writer.complete_shards()
     todo = [s for s in range(len(complete)) if not complete[s]]
     for shard in todo:
-        ids = np.arange(*writer.shard_range(shard))
-        parts = [r.images(ids) for r in readers]
-        index, prob = merge_targets(parts, weights, num_classes, k)
-        writer.write_shard(shard, parts[0]["boxes"], parts[0]["flip"], index, prob)
-    return {"cache": out, "sources": list(sources), "k": k, "weights": weights.tolist(),
-            "teachers": [t["name"] for t in writer.attrs["teachers"]],
-            "shards_written": len(todo), "shards_total": len(complete),
-            "label_agreement": _label_agreement(out, manifest_path)}
-
-
-def _label_agreement(out: str, manifest_path: str | None) -> dict[str, Any] | None:
-    """Recomputed from ``out``'s own arrays (never copied from a source: its top-1s may differ)."""
-    return record_label_agreement(out, load_manifest(manifest_path)) if manifest_path else None
+        rows = rows_of(*writer.shard_range(shard))
+        writer.write_shard(shard, rows["boxes"], rows["flip"], rows["topk_index"], rows["topk_prob"])
+    agreement = record_label_agreement(writer.path, load_manifest(manifest_path)) if manifest_path else None
+    return {"shards_written": len(todo), "shards_total": len(complete), "label_agreement": agreement}
 
 
 def check_mergeable(readers: Sequence[CacheReader]) -> None:
@@ -201,8 +206,10 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
     if not len(ids):
         raise CacheError(f"the selection {selection} matches no image of {manifest_path}")
 
+    description = f"{manifest.description} " if manifest.description else ""
+    description += f"(subset of {manifest.content_hash[:16]}...: {json.dumps(selection)})"
     new_hash = write_manifest(subset_rows(manifest, ids), manifest.class_names, manifest.root, subset_manifest_out,
-                              description=_subset_description(manifest, selection))
+                              description=description)
     writer = CacheWriter(out, cache_attrs(
         reader.attrs,
         manifest={"hash": new_hash, "num_images": len(ids)},
@@ -216,15 +223,8 @@ def subset_cache(cache: str, out: str, manifest_path: str, subset_manifest_out: 
             "image_ids_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(),
         },
     ))
-    complete = writer.complete_shards()
-    todo = [s for s in range(len(complete)) if not complete[s]]
-    for shard in todo:
-        start, stop = writer.shard_range(shard)
-        rows = reader.images(ids[start:stop])
-        writer.write_shard(shard, rows["boxes"], rows["flip"], rows["topk_index"], rows["topk_prob"])
     return {"cache": out, "manifest": subset_manifest_out, "manifest_hash": new_hash, "images": len(ids),
-            "shards_written": len(todo), "shards_total": len(complete),
-            "label_agreement": _label_agreement(out, subset_manifest_out)}
+            **_fill(writer, lambda start, stop: reader.images(ids[start:stop]), subset_manifest_out)}
 
 
 def select_classes(manifest: Manifest, names: Sequence[str]) -> np.ndarray:
@@ -279,11 +279,6 @@ def _id_spec_record(spec: str) -> dict[str, Any]:
     return {"image_ids": spec}
 
 
-def _subset_description(manifest: Manifest, selection: dict[str, Any]) -> str:
-    base = f"{manifest.description} " if manifest.description else ""
-    return f"{base}(subset of {manifest.content_hash[:16]}...: {json.dumps(selection)})"
-
-
 # --------------------------------------------------------------------------------------------- reduce
 
 
@@ -297,14 +292,13 @@ def reduce_topk(cache: str, out: str, topk: int, manifest_path: str | None = Non
     check_residual(reader.attrs, cache, "reduce")
     writer = CacheWriter(out, cache_attrs(reader.attrs, k=topk,
                                           reduced={"source": reader.path, "source_k": reader.topk, "k": topk}))
-    complete = writer.complete_shards()
-    todo = [s for s in range(len(complete)) if not complete[s]]
-    for shard in todo:
-        rows = reader.images(np.arange(*writer.shard_range(shard)))
+
+    def reduced(start: int, stop: int) -> dict[str, np.ndarray]:
+        rows = reader.images(np.arange(start, stop))
         # most probable first whatever order the source kept (stable: ties keep their stored order)
         order = np.argsort(-rows["topk_prob"].astype(np.float32), axis=-1, kind="stable")[..., :topk]
-        writer.write_shard(shard, rows["boxes"], rows["flip"], np.take_along_axis(rows["topk_index"], order, -1),
-                           np.take_along_axis(rows["topk_prob"], order, -1))
+        return dict(rows, topk_index=np.take_along_axis(rows["topk_index"], order, -1),
+                    topk_prob=np.take_along_axis(rows["topk_prob"], order, -1))
+
     return {"cache": out, "source": reader.path, "source_k": reader.topk, "k": topk,
-            "shards_written": len(todo), "shards_total": len(complete),
-            "label_agreement": _label_agreement(out, manifest_path)}
+            **_fill(writer, reduced, manifest_path)}

@@ -7,6 +7,7 @@ fractions and are converted by ``read_teacher_eval``, the one door every reader 
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Iterator, Sequence
 
@@ -47,24 +48,14 @@ def read_teacher_eval(record: dict[str, Any] | None, where: str = "teacher_eval"
     if not record:
         return None
     _check_scores(record, where)
-    if record.get("unit") == UNIT:
-        _check_range(record, where, 100.0)
-        return record
-
-    def pct(scores: dict[str, Any]) -> dict[str, Any]:
-        return {key: 100 * value if key in ("top1", "top5") else value for key, value in scores.items()}
-
-    converted = dict(record, unit=UNIT)
-    for key in ("ensemble", "best_teacher"):
-        if record.get(key):
-            converted[key] = pct(record[key])
-    for key in ("teachers", "leave_one_out"):
-        if record.get(key):
-            converted[key] = {name: pct(scores) for name, scores in record[key].items()}
-    if record.get("chance_top1") is not None:
-        converted["chance_top1"] = 100 * record["chance_top1"]
-    _check_range(converted, where, 100.0)
-    return converted
+    if record.get("unit") != UNIT:
+        record = copy.deepcopy(dict(record, unit=UNIT))  # a converted copy: the caller's record stays as it was
+        for _, table in _score_tables(record):  # each a dict with a figure: _check_scores said so
+            table.update({key: 100 * table[key] for key in ("top1", "top5") if key in table})
+        if record.get("chance_top1") is not None:
+            record["chance_top1"] *= 100
+    _check_range(record, where)
+    return record
 
 
 def _score_tables(record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
@@ -75,12 +66,10 @@ def _score_tables(record: dict[str, Any]) -> Iterator[tuple[str, Any]]:
             yield key, record[key]
     for key in ("teachers", "leave_one_out"):
         tables = record.get(key)
-        if tables is None:
-            continue
-        if not isinstance(tables, dict):
-            yield key, tables
-            continue
-        yield from ((f"{key}.{name}", table) for name, table in tables.items())
+        if isinstance(tables, dict):
+            yield from ((f"{key}.{name}", table) for name, table in tables.items())
+        elif tables is not None:
+            yield key, tables  # not a table of tables: _check_scores names it
 
 
 def finite_number(x: Any) -> bool:
@@ -110,10 +99,10 @@ def _check_scores(record: Any, where: str) -> None:
         raise unreadable_record(where, "manifest", record["manifest"])
 
 
-def _check_range(record: dict[str, Any], where: str, top: float) -> None:
+def _check_range(record: dict[str, Any], where: str) -> None:
     for key, table in _score_tables(record):
         for name in ("top1", "top5"):
-            if name in table and not 0.0 <= table[name] <= top:
+            if name in table and not 0.0 <= table[name] <= 100.0:
                 raise unreadable_record(where, f"{key}.{name}", table[name])
 
 

@@ -1,10 +1,5 @@
-"""`pipeline serve`: local web pages to look at a model's predictions, a teacher cache and runs.
-
-* ``app.py``        the Flask application: routes, upload limits, error pages
-* ``predict_view``  an uploaded image through ``stage2_student_distill.predict``
-* ``cache_view``    ``cache info`` metadata, ``cache verify``, a gallery of cached crops
-* ``runs_view``     validation curves of run directories and the config keys that differ
-* ``cli.py``        the ``pipeline serve`` command
+"""`pipeline serve`: local web pages to look at a model's predictions, a teacher cache and runs
+(one module a page: ``predict_view``, ``cache_view``, ``runs_view``; ``app.py`` routes them).
 
 Flask is an optional dependency (the ``serve`` extra); only ``cli.py`` is imported
 without it, to say so.

@@ -60,8 +60,6 @@ class Served:
             self.loaded = load_model(checkpoint, hub, hub_weights, device)
             self.names = class_names(self.loaded)
             self.model = describe_model(self.loaded, self.names)
-        if (cache is None) != (manifest is None):
-            raise ValueError("give --cache CACHE and --manifest M together (the manifest the cache was built from)")
         self.cache = None
         if cache is not None:
             student = self.loaded.preprocess if self.loaded is not None else None
@@ -77,16 +75,15 @@ def create_app(served: Served, max_upload_bytes: int = MAX_UPLOAD_MB << 20) -> F
     app.config.update(MAX_CONTENT_LENGTH=max_upload_bytes, TEMPLATES_AUTO_RELOAD=False)
     app.extensions["pipeline_serve"] = served
 
+    nav = {"predict": served.loaded is not None, "cache": served.cache is not None, "runs": bool(served.runs)}
+
     def page(template: str, status: int = 200, **context: Any):
-        nav = {"predict": served.loaded is not None, "cache": served.cache is not None, "runs": bool(served.runs)}
         return render_template(template, nav=nav, active=template.split(".")[0], **context), status
 
     @app.get("/")
     def index():
-        for name, on in (("predict", served.loaded), ("cache", served.cache), ("runs", served.runs)):
-            if on:
-                return redirect(url_for(name))
-        return page("predict.html", model=None)
+        first = next((name for name, on in nav.items() if on), None)  # the first page this server has
+        return redirect(url_for(first)) if first else page("predict.html", model=None)
 
     @app.get("/predict")
     def predict():

@@ -114,7 +114,6 @@ class CacheView:
             ids = ids[m.labels == m.class_names.index(class_name)]
         if disagree:
             ids = ids[self.disagreeing[ids] > 0]
-        n = max(1, min(int(n), MAX_GALLERY))
         chosen = np.random.default_rng(seed).choice(ids, size=min(n, len(ids)), replace=False) if len(ids) else ids
         return sorted(int(i) for i in chosen), None
 

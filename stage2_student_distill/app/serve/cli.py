@@ -8,12 +8,9 @@ import click
 from common.cli_support import config_options, resolve_config, user_errors
 from stage2_student_distill.app.serve import MAX_PIXELS, MAX_PREDICTIONS, MAX_UPLOAD_MB
 
-_LOCAL_HOSTS = {"localhost"}
-
-
 def _is_local(host: str) -> bool:
     try:
-        return host in _LOCAL_HOSTS or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
