@@ -15,8 +15,12 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   7. the same student on hard labels for the same epochs (the baseline)
   8. a results table (results.md / results.json) and a plot of validation curves
 
-About 7 minutes on an idle 2-core CPU; docs/results.md has the results to expect with the shipped
-settings, the seeds, the online-KD comparison and why the students learn from a 1,000-image subset.
+Expected with the shipped settings (seed 0; about 7 minutes on an idle
+2-core CPU): teachers test_resnet 87.4% and test_byobnet 84.3%, ensemble 87.0%;
+student test_efficientnet 81.0% with MEAL V2 vs. 78.9% on hard labels, on the
+10,000 test images; the short run 76.0%, 11.0 points under the ensemble, so
+the measured rule expects distilling to pay. docs/results.md has the seeds, the online-KD comparison
+and why the students learn from a 1,000-image subset.
 """
 from __future__ import annotations
 
