@@ -3,11 +3,8 @@
 ``setup(cfg)`` builds a ``Job`` (runtime, data, models, optimizers, target
 source); ``fit(job)`` is the one loop every run goes through, top to bottom.
 ``run_distill`` / ``run_train`` are ``fit(setup(cfg, ...))``. What differs
-between runs is the objective (losses.py: KL to the ensemble's targets plus
-the MEAL V2 discriminator, or cross entropy to hard labels) and where the
-targets come from (targets.py): the teacher cache, the teachers themselves in
-the loop (online MEAL V2, ``distill.online``) or the labels. Setup chooses the
-target source; the loop asks every source the same things.
+between runs is the objective (losses.py) and the target source setup
+chooses (targets.py: the teacher cache, online teachers or the labels).
 Benchmarks drive ``setup`` / ``train_one_epoch`` / ``fit`` directly.
 
 Reproducibility contract: the loader's epoch order and crops, the CutMix
@@ -243,8 +240,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
         if (step + 1) % cfg.optim.log_every == 0:
             with fail_together(rt):
                 watch.check(job, epoch, steps)
-            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock.start,
-                     clock.split())
+            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock)
         clock.stepped()
     bar.close()
     with fail_together(rt):
@@ -380,18 +376,17 @@ def check_weights_finite(job: Job, epoch: int) -> None:
     )
 
 
-def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, start: float,
-             times: dict[str, float]) -> None:
+def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, clock: Clock) -> None:
     """Running means of this rank's losses: on the bar, or as a line when progress is off."""
     values = sums.tolist()
     means = {name: v / max(values[-1], 1.0) for name, v in zip(job.objective.parts, values[:-1])}
     text = " ".join(f"{name} {value:.4f}" for name, value in means.items()) + f" lr {lr:.3g}"
     # where the step time goes, for a target source with time of its own (online: "teacher 1.2s student 3.4s")
-    text += "".join(f" {key.removesuffix('_s')} {seconds:.1f}s" for key, seconds in times.items())
+    text += "".join(f" {key.removesuffix('_s')} {seconds:.1f}s" for key, seconds in clock.split().items())
     if job.runtime.progress:
         bar.set_postfix_str(text, refresh=False)
     elif job.runtime.is_main:
-        rate = values[-1] / max(time.perf_counter() - start, 1e-9)
+        rate = values[-1] / max(time.perf_counter() - clock.start, 1e-9)
         print(f"epoch {epoch + 1} step {step + 1}/{steps} {text} {rate:.0f} img/s", flush=True)
 
 
@@ -476,33 +471,28 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
         for line in advice:
             print(line, file=sys.stderr, flush=True)
 
-    m = d.crops_per_image
-    meta_extra: dict[str, Any] = {}
     if d.online:
         # Before the student is seeded, so the student starts as in a cached run.
         teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=cfg.runtime.seed)
         targets: TargetSource = OnlineTargets(teachers, runtime, cfg.teacher_cache.temperature)
-        meta_extra["online"] = {**targets.identity(), "crops": "replayed" if cache else "fresh",
-                                "replay_cache": d.replay_cache or None}
+        views = targets.views
+        meta_extra = {"online": {**targets.identity(), "crops": "replayed" if cache else "fresh",
+                                 "replay_cache": d.replay_cache or None}}
     else:
-        targets = CachedTargets(d.cache)
-        meta_extra["cache"] = {"path": d.cache, "teachers": cache.attrs.get("teachers")}
-    views = targets.views if d.online else None
+        targets, views = CachedTargets(d.cache), None
+        meta_extra = {"cache": {"path": d.cache, "teachers": cache.attrs.get("teachers")}}
     if d.label_weight > 0:
         targets = WithHardLabels(targets, manifest.num_classes)
 
     seed_everything(cfg.runtime.seed)  # same initial student (and discriminator) on every run and rank
     student, preprocess = create_student(cfg, manifest.num_classes)
-    discriminator = Discriminator(manifest.num_classes) if d.discriminator else None
     student = _place(student, runtime, compile=runtime.compile)
-    if discriminator is not None:
-        discriminator = _place(discriminator, runtime, compile=False)
+    discriminator = _place(Discriminator(manifest.num_classes), runtime, compile=False) if d.discriminator else None
     # Cached and replayed runs take the cache's boxes (mode "distill"); fresh online runs draw
     # crop index epoch * m + j from [crops] (mode "train"), as hard-label training does.
-    crops = {"cache": cache} if cache is not None else {"crops": cfg.crops}
     train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess,
-                                        mode="distill" if cache is not None else "train", crops_per_image=m,
-                                        views=views, **crops)
+                                        mode="distill" if cache is not None else "train",
+                                        crops_per_image=d.crops_per_image, views=views, cache=cache)
     meta = {**_meta("distill", d.student, preprocess, manifest), **meta_extra}
     optimizers, base_lrs = _optimizers(cfg, student, discriminator)
     return Job(
@@ -543,8 +533,7 @@ def _setup_train(cfg: Config, held: contextlib.ExitStack) -> Job:
     )
     preprocess = apply_preprocess_config(preprocess, cfg.preprocess)
     model = _place(model, runtime, compile=runtime.compile)
-    train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train",
-                                        crops=cfg.crops)
+    train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train")
     optimizers, base_lrs = _optimizers(cfg, model, None)
     return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=t.resume, student=model, discriminator=None,
@@ -607,7 +596,7 @@ def _loaders(cfg: Config, runtime: Runtime, manifest: Manifest, val_manifest: Ma
              preprocess: Preprocess, mode: str, **train_kwargs) -> tuple[Any, Any]:
     common = {"preprocess": preprocess, "runtime": runtime}
     train = build_loader(cfg.optim.loader, manifest=manifest, mode=mode, batch_size=cfg.optim.batch_size,
-                         seed=cfg.runtime.seed, **common, **train_kwargs)
+                         seed=cfg.runtime.seed, crops=cfg.crops, **common, **train_kwargs)
     val = build_loader(cfg.optim.loader, manifest=val_manifest, mode="eval",
                        batch_size=cfg.optim.eval_batch_size, **common)
     return train, val
