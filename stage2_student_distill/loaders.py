@@ -45,10 +45,9 @@ from common.cache_storage import restore_targets
 from common.config import ConfigError
 from common.crops import boxes as crop_boxes
 from common.crops import centre_box, check_boxes_inside
-from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
+from common.loader_kind import build_renderer, choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
 from common.manifest import ConfinedPaths
 from common.prefetch import in_background, prefetch
-from common.loader_kind import build_renderer
 from common.render import View, manifest_frames, normalize
 from common.runtime import to_device
 from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
@@ -121,15 +120,8 @@ class Loader:
         self.crops_per_image = crops_per_image
         self.images_per_batch = batch_size // crops_per_image
         self.num_images = manifest.num_images if max_images is None else min(manifest.num_images, max_images)
-        # Online MEAL V2: the teachers' views of each crop, rendered beside the student's from one decode.
         self.views = views
         self._path_of = ConfinedPaths(manifest)
-        self._centre_boxes = None
-        if mode == "eval":
-            self._centre_boxes = np.array(
-                [centre_box(int(w), int(h), preprocess.crop_pct) for w, h in zip(manifest.widths, manifest.heights)],
-                dtype=np.int32,
-            ).reshape(-1, 4)
 
         rendered_views = [View.of(p) for p in [preprocess, *(views or [])]]  # the student's first
         self._renderer = build_renderer(backend_kind, rendered_views, runtime, crops_per_image, self.images_per_batch,
@@ -234,12 +226,14 @@ class Loader:
                 scale=c.scale, ratio=c.ratio, flip_p=c.flip_p,
             )  # fmt: skip
             samples = _EpochSamples(plan, crop_ids, ids[:, None] * m + column, b.as_array(), b.flip)
-        else:
+        else:  # evaluation plans once per loader (``_planned`` keeps the plan of the epoch asked again)
+            widths, heights = self.manifest.widths[ids], self.manifest.heights[ids]
             samples = _EpochSamples(
                 plan,
                 np.full((len(ids), 1), -1, dtype=np.int64),
                 ids[:, None].copy(),
-                self._centre_boxes[ids][:, None, :],
+                np.array([centre_box(int(w), int(h), self.preprocess.crop_pct) for w, h in zip(widths, heights)],
+                         dtype=np.int32).reshape(-1, 1, 4),
                 np.zeros((len(ids), 1), dtype=np.uint8),
             )
         return samples
