@@ -136,8 +136,6 @@ def run_predict(
     batch_size: int = 32,
     device: str | torch.device = "cpu",
 ) -> list[Prediction]:
-    if not images:
-        raise PredictError("no images given")
     check_images(images)
     loaded = load_model(checkpoint, hub, hub_weights, device)
     return predict(loaded, images, class_names(loaded, manifest), topk, batch_size)
