@@ -87,8 +87,9 @@ class Job:
     train_loader: Any
     val_loader: Any
     meta: dict[str, Any]  # checkpoint metadata (model, classes, preprocess, teachers, ...)
-    optimizers: dict[str, torch.optim.Optimizer]  # "student" (+ "discriminator"), as saved in last.pt
-    base_lrs: dict[str, float]  # each optimizer's own base lr; the schedule scales it
+    # "student" (+ "discriminator"), as saved in last.pt; each one's base lr, which the schedule scales, is the lr
+    # it was built with (torch keeps it in ``optimizer.defaults``)
+    optimizers: dict[str, torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
@@ -202,7 +203,7 @@ def check_same_teachers(run_dir: Path, saved: dict | None, current: dict | None)
 def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     """One pass over ``job.train_loader``; loss sums stay on the device except on log steps."""
     cfg, rt, objective, scaler = job.cfg, job.runtime, job.objective, job.scaler
-    lr_pairs = [(job.optimizers[name], job.base_lrs[name]) for name in job.optimizers]
+    optimizers = list(job.optimizers.values())
     job.student.train()
     if job.discriminator is not None:
         job.discriminator.train()
@@ -218,7 +219,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     watch = NonFiniteWatch(rt.device, loss_scaling=scaler.is_enabled())
     for step, batch in enumerate(job.train_loader.epoch(epoch)):
         clock.fetched()
-        set_learning_rates(lr_pairs, lr_factor(cfg.optim, epoch, step, steps))
+        set_learning_rates([(o, o.defaults["lr"]) for o in optimizers], lr_factor(cfg.optim, epoch, step, steps))
         rng = np.random.default_rng([cfg.runtime.seed, epoch, step, rt.rank])
         images, targets = cutmix(batch.images, job.targets(batch), job.cutmix_prob, job.cutmix_alpha, rng)
 
@@ -226,10 +227,10 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
             logits = job.student(images)
         loss, parts = objective(logits, targets)  # float32, outside autocast
         scaler.scale(loss).backward()
-        for optimizer, _ in lr_pairs:
+        for optimizer in optimizers:
             scaler.step(optimizer)
         scaler.update()
-        for optimizer, _ in lr_pairs:
+        for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
 
         n = images.shape[0]
@@ -240,7 +241,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
         if (step + 1) % cfg.optim.log_every == 0:
             with fail_together(rt):
                 watch.check(job, epoch, steps)
-            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock)
+            log_step(job, bar, sums, epoch, step, steps, optimizers[0].param_groups[0]["lr"], clock)
         clock.stepped()
     bar.close()
     with fail_together(rt):
@@ -414,13 +415,10 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
 
 def setup(cfg: Config, command: str = "distill") -> Job:
-    """Everything ``fit`` needs for `pipeline distill` (``command="distill"``) or `pipeline train`:
-    runtime, manifests, run directory, student (+ discriminator), loaders, optimizers, target source."""
-    builders = {"distill": _setup_distill, "train": _setup_train}
-    if command not in builders:
-        raise ValueError(f"setup: command {command!r} is not 'distill' or 'train'")
+    """The ``Job`` of `pipeline distill` (``command="distill"``) or `pipeline train` (``"train"``)."""
+    build = {"distill": _setup_distill, "train": _setup_train}[command]
     with contextlib.ExitStack() as held:  # a failing setup releases what it took here; else fit does
-        job = builders[command](cfg, held)
+        job = build(cfg, held)
         job.held = held.pop_all()
     return job
 
@@ -494,11 +492,10 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
                                         mode="distill" if cache is not None else "train",
                                         crops_per_image=d.crops_per_image, views=views, cache=cache)
     meta = {**_meta("distill", d.student, preprocess, manifest), **meta_extra}
-    optimizers, base_lrs = _optimizers(cfg, student, discriminator)
     return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=d.resume, student=student, discriminator=discriminator,
         objective=DistillObjective(discriminator, d.label_weight), targets=targets, train_loader=train_loader, val_loader=val_loader,
-        meta=meta, optimizers=optimizers, base_lrs=base_lrs, scaler=runtime.grad_scaler(),
+        meta=meta, optimizers=_optimizers(cfg, student, discriminator), scaler=runtime.grad_scaler(),
         cutmix_prob=d.cutmix_prob, cutmix_alpha=d.cutmix_alpha, teacher_eval=_teacher_eval_on(cache, val_manifest),
     )
 
@@ -534,32 +531,29 @@ def _setup_train(cfg: Config, held: contextlib.ExitStack) -> Job:
     preprocess = apply_preprocess_config(preprocess, cfg.preprocess)
     model = _place(model, runtime, compile=runtime.compile)
     train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train")
-    optimizers, base_lrs = _optimizers(cfg, model, None)
     return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=t.resume, student=model, discriminator=None,
         objective=HardLabelObjective(), targets=HardLabelTargets(manifest.num_classes, t.label_smoothing),
         train_loader=train_loader, val_loader=val_loader,
-        meta=_meta("train", t.model, preprocess, manifest), optimizers=optimizers, base_lrs=base_lrs,
+        meta=_meta("train", t.model, preprocess, manifest), optimizers=_optimizers(cfg, model, None),
         scaler=runtime.grad_scaler(),
     )
 
 
-def _optimizers(cfg: Config, student: nn.Module, discriminator: nn.Module | None):
-    """SGD for the student and (MEAL V2) for the discriminator: {name: optimizer}, {name: base lr}."""
+def _optimizers(cfg: Config, student: nn.Module, discriminator: nn.Module | None) -> dict[str, torch.optim.Optimizer]:
+    """SGD for the student and (MEAL V2) for the discriminator, by name."""
     optimizers = {
         "student": torch.optim.SGD(
             unwrap(student).parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
         )
     }
-    base_lrs = {"student": cfg.optim.lr}
     if discriminator is not None:
         # Its own optimizer; its base lr is distill.disc_lr, or the student's "as released" (schedule.py).
-        base_lrs["discriminator"] = discriminator_base_lr(cfg)
         optimizers["discriminator"] = torch.optim.SGD(
-            unwrap(discriminator).parameters(), lr=base_lrs["discriminator"], momentum=cfg.optim.momentum
+            unwrap(discriminator).parameters(), lr=discriminator_base_lr(cfg), momentum=cfg.optim.momentum
         )
-    return optimizers, base_lrs
+    return optimizers
 
 
 def _require(cfg: Config, keys: dict[str, str]) -> None:
