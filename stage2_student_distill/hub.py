@@ -127,9 +127,8 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
 
 def _describe(model: nn.Module, pre: Preprocess, class_names: tuple[str, ...] | None, **extra: Any) -> None:
     """Record the preprocessing (and labels) in timm's ``pretrained_cfg``, where timm's data helpers look."""
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    for key in ("test_input_size", "test_crop_pct", "url", "hf_hub_id", "hf_hub_filename", "file", "state_dict"):
-        cfg.pop(key, None)
+    dropped = ("test_input_size", "test_crop_pct", "url", "hf_hub_id", "hf_hub_filename", "file", "state_dict")
+    cfg = {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items() if k not in dropped}
     cfg.update(
         input_size=(3, pre.input_size, pre.input_size),
         interpolation=pre.interpolation,

@@ -40,9 +40,8 @@ class TargetSource(ABC):
         """Dense float32 targets of ``batch``, one row per image: [B, K] ([B, 2K] for WithHardLabels)."""
 
     def times(self) -> dict[str, float]:
-        """Seconds spent producing targets so far, by metrics.jsonl key; the loop reports an epoch's
-        share with the rest of the step time as ``student_s``. Empty (the default) where that time is
-        the loader's (cached targets come with the batch) or negligible (one-hot labels)."""
+        """Seconds spent producing targets so far, by metrics.jsonl key (train.Clock splits them from the
+        student's); empty where that time is the loader's (cached targets) or negligible (one-hot labels)."""
         return {}
 
 
