@@ -34,9 +34,8 @@ import torch
 from common.cache_format import CacheError
 from common.cache_storage import restore_targets
 from common.config import ConfigError
-from common.crops import boxes as crop_boxes
-from common.crops import centre_box, check_boxes_inside
-from common.loader_kind import build_renderer, choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
+from common.crops import centre_box, check_boxes_inside, image_boxes
+from common.loader_kind import build_renderer, choose_loader, dali_available  # noqa: F401 (dali_available: for callers)
 from common.manifest import ConfinedPaths
 from common.prefetch import in_background, prefetch
 from common.render import View, manifest_frames, normalize
@@ -218,10 +217,8 @@ class Loader:
         elif self.mode == "train":
             crop_ids = np.repeat(epoch * m + column, len(ids), axis=0)
             c = self.crops
-            b = crop_boxes(
-                c.seed, ids[:, None], crop_ids, self.manifest.widths[ids][:, None], self.manifest.heights[ids][:, None],
-                scale=c.scale, ratio=c.ratio, flip_p=c.flip_p,
-            )  # fmt: skip
+            b = image_boxes(c.seed, ids, self.manifest.widths[ids], self.manifest.heights[ids], m, first_crop=epoch * m,
+                            scale=c.scale, ratio=c.ratio, flip_p=c.flip_p)
             samples = _EpochSamples(plan, crop_ids, ids[:, None] * m + column, b.as_array(), b.flip)
         else:  # evaluation plans once per loader (``_planned`` keeps the plan of the epoch asked again)
             widths, heights = self.manifest.widths[ids], self.manifest.heights[ids]
