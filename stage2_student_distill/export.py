@@ -52,18 +52,14 @@ def infer_format(out: str | os.PathLike, fmt: str | None) -> str:
     return fmt
 
 
-def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(meta, default=str))
-
-
 def export_safetensors(loaded: LoadedModel, out: str | os.PathLike) -> dict[str, Any]:
     """Weights + JSON metadata, written atomically."""
     from safetensors.torch import save
 
     # Own, contiguous CPU copies: safetensors refuses tensors that share storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in loaded.model.state_dict().items()}
-    meta = _json_safe({**loaded.meta, "export_format": "safetensors"})
-    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "meta": json.dumps(meta)}))
+    meta = {**loaded.meta, "export_format": "safetensors"}
+    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "meta": json.dumps(meta, default=str)}))
     return {"out": str(out), "format": "safetensors", "tensors": len(tensors)}
 
 
@@ -154,9 +150,9 @@ def export_onnx(
         raise ExportError(
             f"torch.onnx.export failed for {loaded.meta.get('model')}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         ) from e
-    meta = _json_safe({**loaded.meta, "export_format": "onnx", "input": ONNX_INPUT, "output": ONNX_OUTPUT,
-                       "input_layout": "float32 NCHW, normalised with preprocess.mean/std (0..1 pixel units)"})
-    program.model.metadata_props["meal.meta"] = json.dumps(meta)
+    meta = {**loaded.meta, "export_format": "onnx", "input": ONNX_INPUT, "output": ONNX_OUTPUT,
+            "input_layout": "float32 NCHW, normalised with preprocess.mean/std (0..1 pixel units)"}
+    program.model.metadata_props["meal.meta"] = json.dumps(meta, default=str)
     program.model.producer_name = "mealv2-pipeline"
 
     out.parent.mkdir(parents=True, exist_ok=True)
