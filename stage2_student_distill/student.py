@@ -41,7 +41,5 @@ def hub_file(name: str) -> str:
         pcfg = timm.models.get_pretrained_cfg(resolve_name(name))
     except Exception:  # this only words a message: no tag known to timm, say so plainly
         pcfg = None
-    if pcfg is None:
-        return f"the timm weights of {name}"
-    where = [w for w in (pcfg.url, f"https://huggingface.co/{pcfg.hf_hub_id}" if pcfg.hf_hub_id else "") if w]
-    return " or ".join(where) or f"the timm weights of {name}"
+    where = [pcfg.url, f"https://huggingface.co/{pcfg.hf_hub_id}" if pcfg.hf_hub_id else ""] if pcfg else []
+    return " or ".join(w for w in where if w) or f"the timm weights of {name}"

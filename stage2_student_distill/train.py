@@ -87,8 +87,7 @@ class Job:
     train_loader: Any
     val_loader: Any
     meta: dict[str, Any]  # checkpoint metadata (model, classes, preprocess, teachers, ...)
-    # "student" (+ "discriminator"), as saved in last.pt; each one's base lr, which the schedule scales, is the lr
-    # it was built with (torch keeps it in ``optimizer.defaults``)
+    # "student" (+ "discriminator"), as saved in last.pt; the schedule scales each one's lr as built (defaults["lr"])
     optimizers: dict[str, torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     cutmix_prob: float = 0.0
