@@ -14,8 +14,7 @@ Both checkpoints have the ``{"model": state_dict, "meta": {...}}`` shape that
 ``common.models.read_weights`` understands, so last.pt works as weights too.
 They are written atomically (a crash mid-write leaves the previous file) and
 hold only tensors and plain Python values, so they load with
-``weights_only=True``. No RNG state is saved: everything random (loader order,
-crops, CutMix, dropout) is seeded from (seed, epoch, step).
+``weights_only=True``. No RNG state is saved (train.py's reproducibility contract).
 """
 from __future__ import annotations
 

@@ -111,7 +111,6 @@ def train_command(ctx: click.Context, **flags) -> None:
 
 
 def _train_and_report(ctx: click.Context, flags: dict, run: Callable[[Config], dict]) -> None:
-    """Run a training command (run_distill / run_train) on the resolved config and print where its checkpoints are."""
     cfg = resolve_config(ctx, flags)
     with user_errors():
         result = run(cfg)

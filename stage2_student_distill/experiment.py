@@ -81,15 +81,9 @@ class Recipe:
 
 def base_config(cfg: Config, recipe: Recipe, manifests: Manifests) -> Config:
     """``cfg`` with ``recipe`` and the students' manifests: the config every step starts from."""
+    optim = ("img_size", "batch_size", "eval_batch_size", "eval_every", "lr", "schedule", "weight_decay", "loader")
     return cfg.replace(**{
-        "optim.img_size": recipe.img_size,
-        "optim.batch_size": recipe.batch_size,
-        "optim.eval_batch_size": recipe.eval_batch_size,
-        "optim.eval_every": recipe.eval_every,
-        "optim.lr": recipe.lr,
-        "optim.schedule": recipe.schedule,
-        "optim.weight_decay": recipe.weight_decay,
-        "optim.loader": recipe.loader,
+        **{f"optim.{key}": getattr(recipe, key) for key in optim},
         "crops.num_crops": recipe.num_crops,
         "crops.scale": list(recipe.crop_scale),
         "data.manifest": manifests.train,
@@ -256,10 +250,8 @@ class TeacherTop1:
 
 
 def teacher_top1(evaluation: Mapping[str, Any] | None) -> TeacherTop1:
-    """Per-teacher and ensemble top-1 from a ``teacher_eval`` record, in the schema stage 1 writes
-    (stage1_teacher_cache/teacher_eval.py ``summarize_hits``: ``teachers[name]["top1"]`` and
-    ``ensemble["top1"]``; a record of an older cache or results JSON holds fractions); empty for a cache
-    built without --evaluate-teachers."""
+    """Per-teacher and ensemble top-1 of a ``teacher_eval`` record (read as ``read_teacher_eval`` reads it:
+    older records hold fractions); empty for a cache built without --evaluate-teachers."""
     from stage1_teacher_cache.teacher_eval import read_teacher_eval
 
     evaluation = read_teacher_eval(evaluation)

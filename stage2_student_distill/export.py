@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from common.atomic import atomic_write_bytes
 from common.errors import PipelineError
 from stage2_student_distill.hub import LoadedModel
 
-FORMATS = ("safetensors", "onnx")
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 _ONNX_SINGLE_FILE_LIMIT = 1.8 * 2**30  # protobuf's 2 GiB cap, with headroom for the graph
 
@@ -39,22 +37,19 @@ class ExportError(PipelineError):
 
 
 def infer_format(out: str | os.PathLike, fmt: str | None) -> str:
-    """``fmt`` if given, else from the file suffix (.safetensors / .onnx)."""
+    """``fmt`` (--format, one of click's choices) if given, else from the file suffix (.safetensors / .onnx);
+    refuses an ``out`` that cannot hold that export."""
     suffix = Path(out).suffix.lower()
     if fmt is None:
         fmt = {".safetensors": "safetensors", ".onnx": "onnx"}.get(suffix)
         if fmt is None:
             raise ExportError(f"cannot tell the format from {out!s}; give --format safetensors|onnx")
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if fmt == "safetensors" and suffix != ".safetensors":
         # read_weights recognises safetensors by the suffix; anything else would be torch.load-ed.
         raise ExportError(f"--out {out!s}: a safetensors export must end in .safetensors")
+    if Path(out).is_dir():
+        raise ExportError(f"--out {out!s} is a directory; give a file name")
     return fmt
-
-
-def _json_safe(meta: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(meta, default=str))
 
 
 def export_safetensors(loaded: LoadedModel, out: str | os.PathLike) -> dict[str, Any]:
@@ -63,8 +58,8 @@ def export_safetensors(loaded: LoadedModel, out: str | os.PathLike) -> dict[str,
 
     # Own, contiguous CPU copies: safetensors refuses tensors that share storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in loaded.model.state_dict().items()}
-    meta = _json_safe({**loaded.meta, "export_format": "safetensors"})
-    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "meta": json.dumps(meta)}))
+    meta = {**loaded.meta, "export_format": "safetensors"}
+    atomic_write_bytes(out, save(tensors, metadata={"format": "pt", "meta": json.dumps(meta, default=str)}))
     return {"out": str(out), "format": "safetensors", "tensors": len(tensors)}
 
 
@@ -155,36 +150,18 @@ def export_onnx(
         raise ExportError(
             f"torch.onnx.export failed for {loaded.meta.get('model')}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         ) from e
-    meta = _json_safe({**loaded.meta, "export_format": "onnx", "input": ONNX_INPUT, "output": ONNX_OUTPUT,
-                       "input_layout": "float32 NCHW, normalised with preprocess.mean/std (0..1 pixel units)"})
-    program.model.metadata_props["meal.meta"] = json.dumps(meta)
+    meta = {**loaded.meta, "export_format": "onnx", "input": ONNX_INPUT, "output": ONNX_OUTPUT,
+            "input_layout": "float32 NCHW, normalised with preprocess.mean/std (0..1 pixel units)"}
+    program.model.metadata_props["meal.meta"] = json.dumps(meta, default=str)
     program.model.producer_name = "mealv2-pipeline"
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        staged = staging / out.name
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp",
+                                     ignore_cleanup_errors=True) as staging:
+        staged = Path(staging) / out.name
         program.save(str(staged), external_data=external)
         max_diff = check_onnx(staged, model, size, rtol=rtol, atol=atol)
-        for f in sorted(staging.iterdir()):  # the .onnx, plus its .data file when external
+        for f in sorted(Path(staging).iterdir()):  # the .onnx, plus its .data file when external
             os.replace(f, out.parent / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"out": str(out), "format": "onnx", "max_abs_diff": max_diff, "external_data": external,
             "opset": program.model.graph.opset_imports.get("")}
-
-
-def run_export(
-    loaded: LoadedModel,
-    out: str | os.PathLike,
-    fmt: str | None = None,
-    opset: int | None = None,
-    rtol: float = 1e-3,
-    atol: float = 1e-4,
-) -> dict[str, Any]:
-    fmt = infer_format(out, fmt)
-    if Path(out).is_dir():
-        raise ExportError(f"--out {out!s} is a directory; give a file name")
-    if fmt == "onnx":
-        return export_onnx(loaded, out, opset=opset, rtol=rtol, atol=atol)
-    return export_safetensors(loaded, out)

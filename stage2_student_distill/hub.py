@@ -34,6 +34,7 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from common.errors import PipelineError
@@ -42,8 +43,6 @@ from common.models import (IMAGENET_CLASSES, MODEL_NAMES, Preprocess, WeightsErr
                            state_and_meta)
 
 RELEASE = "https://github.com/szq0214/MEAL-V2/releases/download/v1.0.0/"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ class HubModel:
     def preprocess(self) -> Preprocess:
         # MEAL-V2 inference.py / imagenet.py: Resize(int(256 / 224 * res)), CenterCrop(res),
         # torchvision's default bilinear resize, ImageNet mean/std -- for every architecture.
-        return Preprocess(self.input_size, "bilinear", IMAGENET_MEAN, IMAGENET_STD, crop_pct=224 / 256)
+        return Preprocess(self.input_size, "bilinear", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, crop_pct=224 / 256)
 
 
 # The released models of the one table of model names (common/models.py MODEL_NAMES).
@@ -128,9 +127,8 @@ def fetch_state_dict(name: str, pretrained: bool | str | os.PathLike = True, pro
 
 def _describe(model: nn.Module, pre: Preprocess, class_names: tuple[str, ...] | None, **extra: Any) -> None:
     """Record the preprocessing (and labels) in timm's ``pretrained_cfg``, where timm's data helpers look."""
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    for key in ("test_input_size", "test_crop_pct", "url", "hf_hub_id", "hf_hub_filename", "file", "state_dict"):
-        cfg.pop(key, None)
+    dropped = ("test_input_size", "test_crop_pct", "url", "hf_hub_id", "hf_hub_filename", "file", "state_dict")
+    cfg = {k: v for k, v in (getattr(model, "pretrained_cfg", None) or {}).items() if k not in dropped}
     cfg.update(
         input_size=(3, pre.input_size, pre.input_size),
         interpolation=pre.interpolation,

@@ -10,25 +10,16 @@ One :class:`Loader` serves three modes:
   ``common.crops`` with crop index ``epoch * m + j``.
 * ``eval``: the centre crop of every image exactly once, in id order.
 
-Rendering (decode + crop + resize + mirror, uint8) is ``common.render``'s
-renderer: pure PyTorch in a thread pool (PIL decoding releases the GIL) or DALI
-(``common.dali_crops``; on the CPU without CUDA, with the "mixed" GPU decoder
-and crops arriving on the device with it). Both produce the same boxes, since
-the boxes are planned here, not by the renderer, and both check each decoded
-frame against the manifest's.
-A background thread (``common.prefetch``) keeps a few rendered batches ahead of
-the training loop; pixels stay uint8 until they reach the device, where they
-are normalised, and labels travel through pinned memory
-(``common.runtime.to_device``). Another thread plans the next epoch (its ids,
-boxes and cached targets: one read of the rank's cache shards) while the
-current one trains, so epochs start without a stall.
-Each rendered batch carries the sample ids it was made from, and they are
-compared with the plan: a mismatch raises instead of training on misaligned
-targets.
+Rendering is ``common.render``'s renderer (PyTorch or DALI); the boxes are
+planned here, not by the renderer, so both render the same crops. A background
+thread (``common.prefetch``) keeps a few rendered batches ahead of the training
+loop, and another plans the next epoch while the current one trains. Each
+rendered batch carries the sample ids it was made from, and they are compared
+with the plan: a mismatch raises instead of training on misaligned targets.
 
-For online MEAL V2 (``views=``, stage2_student_distill/targets.py) the same
-renderer call also renders every crop of the batch at each teacher's size and
-interpolation, from the same decode; the views travel with the batch.
+For online MEAL V2 (``views=``, targets.py) the same renderer call also renders
+every crop at each teacher's size and interpolation, from the same decode; the
+views travel with the batch.
 """
 from __future__ import annotations
 
@@ -43,12 +34,10 @@ import torch
 from common.cache_format import CacheError
 from common.cache_storage import restore_targets
 from common.config import ConfigError
-from common.crops import boxes as crop_boxes
-from common.crops import centre_box, check_boxes_inside
-from common.loader_kind import choose_loader, dali_available  # noqa: F401  (dali_available: for callers)
+from common.crops import centre_box, check_boxes_inside, image_boxes
+from common.loader_kind import build_renderer, choose_loader, dali_available  # noqa: F401 (dali_available: for callers)
 from common.manifest import ConfinedPaths
 from common.prefetch import in_background, prefetch
-from common.loader_kind import build_renderer
 from common.render import View, manifest_frames, normalize
 from common.runtime import to_device
 from stage2_student_distill.plan import EpochPlan, epoch_crops, plan_epoch
@@ -121,15 +110,8 @@ class Loader:
         self.crops_per_image = crops_per_image
         self.images_per_batch = batch_size // crops_per_image
         self.num_images = manifest.num_images if max_images is None else min(manifest.num_images, max_images)
-        # Online MEAL V2: the teachers' views of each crop, rendered beside the student's from one decode.
         self.views = views
         self._path_of = ConfinedPaths(manifest)
-        self._centre_boxes = None
-        if mode == "eval":
-            self._centre_boxes = np.array(
-                [centre_box(int(w), int(h), preprocess.crop_pct) for w, h in zip(manifest.widths, manifest.heights)],
-                dtype=np.int32,
-            ).reshape(-1, 4)
 
         rendered_views = [View.of(p) for p in [preprocess, *(views or [])]]  # the student's first
         self._renderer = build_renderer(backend_kind, rendered_views, runtime, crops_per_image, self.images_per_batch,
@@ -225,33 +207,30 @@ class Loader:
                 rows["topk_index"].reshape(len(ids), m, -1),
                 rows["topk_prob"].reshape(len(ids), m, -1),
             )
-            self._check_cached_boxes(ids, samples.boxes, samples.flips)
+            # Cached boxes must lie inside their images: a cache built from other files/orientation fails here.
+            # (Train and eval boxes are drawn from the manifest's sizes, inside by construction.)
+            check_boxes_inside(
+                samples.boxes, self.manifest.widths[ids], self.manifest.heights[ids], flips=samples.flips,
+                error=CacheError, where=lambda i, j: f"image {int(ids[i])} ({self.manifest.paths[int(ids[i])]})",
+                remedy="the teacher cache was built from different image files -- rebuild it for this manifest",
+            )
         elif self.mode == "train":
             crop_ids = np.repeat(epoch * m + column, len(ids), axis=0)
             c = self.crops
-            b = crop_boxes(
-                c.seed, ids[:, None], crop_ids, self.manifest.widths[ids][:, None], self.manifest.heights[ids][:, None],
-                scale=c.scale, ratio=c.ratio, flip_p=c.flip_p,
-            )  # fmt: skip
+            b = image_boxes(c.seed, ids, self.manifest.widths[ids], self.manifest.heights[ids], m, first_crop=epoch * m,
+                            scale=c.scale, ratio=c.ratio, flip_p=c.flip_p)
             samples = _EpochSamples(plan, crop_ids, ids[:, None] * m + column, b.as_array(), b.flip)
-        else:
+        else:  # evaluation plans once per loader (``_planned`` keeps the plan of the epoch asked again)
+            widths, heights = self.manifest.widths[ids], self.manifest.heights[ids]
             samples = _EpochSamples(
                 plan,
                 np.full((len(ids), 1), -1, dtype=np.int64),
                 ids[:, None].copy(),
-                self._centre_boxes[ids][:, None, :],
+                np.array([centre_box(int(w), int(h), self.preprocess.crop_pct) for w, h in zip(widths, heights)],
+                         dtype=np.int32).reshape(-1, 1, 4),
                 np.zeros((len(ids), 1), dtype=np.uint8),
             )
         return samples
-
-    def _check_cached_boxes(self, ids: np.ndarray, boxes: np.ndarray, flips: np.ndarray) -> None:
-        """Cached boxes must lie inside their images: a cache built from other files/orientation fails here.
-        (Train and eval boxes are drawn from the manifest's sizes, inside by construction.)"""
-        check_boxes_inside(
-            boxes, self.manifest.widths[ids], self.manifest.heights[ids], flips=flips, error=CacheError,
-            where=lambda i, j: f"image {int(ids[i])} ({self.manifest.paths[int(ids[i])]})",
-            remedy="the teacher cache was built from different image files -- rebuild it for this manifest",
-        )
 
     def _batch(self, samples: _EpochSamples, index: int, pixels: torch.Tensor, rendered_ids: torch.Tensor,
                views: list[torch.Tensor] | None = None) -> Batch:

@@ -4,11 +4,9 @@ Every loss here runs in float32 whatever the autocast dtype of the forward
 pass: softmax/log-softmax over 1000 classes in bf16 loses the small
 probabilities that carry the "dark knowledge" of the teachers.
 
-An *objective* turns (logits, dense targets) into a loss: KL to the
-ensemble's targets + discriminator for ``pipeline distill``, cross entropy to
-the one-hot labels for ``pipeline train``. Where the targets come from is the
-target source's business (targets.py), so both commands share one training
-loop (``train.py``).
+An *objective* turns (logits, dense targets from targets.py) into a loss: KL to
+the ensemble's targets + discriminator for ``pipeline distill``, cross entropy
+to the one-hot labels for ``pipeline train``.
 """
 from __future__ import annotations
 
@@ -72,9 +70,7 @@ class DistillObjective:
     ``label_weight`` w > 0 is not MEAL V2 (which uses no hard labels) but an
     option measured against it: ``loss = kl + w * ce + d_loss``, where ``ce`` is
     the cross entropy to the one-hot label. The targets then arrive as
-    ``[soft | one_hot]`` ([B, 2K], :class:`~stage2_student_distill.targets.WithHardLabels`),
-    so CutMix mixes both halves by the same pasted area; the discriminator
-    sees only the soft half.
+    ``[soft | one_hot]`` (targets.WithHardLabels); the discriminator sees only the soft half.
     """
 
     def __init__(self, discriminator: nn.Module | None, label_weight: float = 0.0):
@@ -119,8 +115,7 @@ def cutmix(
     With probability ``prob`` a box of area ~(1 - lam), lam ~ Beta(alpha, alpha),
     is pasted from a permutation of the batch; the targets are mixed with the
     *actual* area ratio after the box is clipped to the image. ``rng`` is
-    seeded per (seed, epoch, step, rank) by the caller, so a resumed run
-    draws the same boxes as an uninterrupted one.
+    the caller's, seeded per step (train.py's reproducibility contract).
     """
     if prob <= 0 or rng.random() >= prob:
         return images, targets

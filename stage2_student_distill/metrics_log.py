@@ -32,7 +32,7 @@ def tensorboard_tag(key: str) -> str | None:
     for prefix in ("train_", "val_"):
         if key.startswith(prefix):
             return f"{prefix[:-1]}/{key[len(prefix):]}"
-    return _TAGS.get(key) if key != "epoch" else None
+    return _TAGS.get(key)
 
 
 def _summary_writer():

@@ -26,6 +26,7 @@ prints a warning and continues unguarded.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -40,7 +41,7 @@ from stage2_student_distill.checkpoint import RunError, writing
 LOCK_NAME = "run.lock"
 
 
-class RunDirLock:
+class RunDirLock(contextlib.AbstractContextManager):
     """Held from construction until :meth:`release` (or the process's end); a context manager."""
 
     def __init__(self, run_dir: str | Path):
@@ -78,9 +79,6 @@ class RunDirLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
-
-    def __enter__(self) -> RunDirLock:
-        return self
 
     def __exit__(self, *exc) -> None:
         self.release()

@@ -49,7 +49,6 @@ def discriminator_base_lr(cfg: Config) -> float:
 
 
 def set_learning_rates(optimizers: list[tuple[Optimizer, float]], factor: float) -> None:
-    """Set every (optimizer, base_lr) pair to ``base_lr * factor``."""
     for optimizer, base_lr in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = base_lr * factor

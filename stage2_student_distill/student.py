@@ -13,6 +13,7 @@ import timm
 from torch import nn
 
 from common.config import Config
+from common.errors import cause_text
 from common.models import Preprocess, WeightsError, apply_preprocess_config, create_model, resolve_name
 
 
@@ -25,19 +26,13 @@ def create_student(cfg: Config, num_classes: int) -> tuple[nn.Module, Preprocess
     except WeightsError as e:
         if weights or not d.pretrained or not timm.is_model(resolve_name(d.student)):
             raise  # a bad file or an unknown name: create_model's message says so
+        timm_failure = cause_text(e.__cause__ or e.__context__ or e)  # create_model's cause or context
         raise WeightsError(
-            f"student {d.student}: timm hub weights could not be fetched ({hub_reason(e)}) and no "
+            f"student {d.student}: timm hub weights could not be fetched ({timm_failure}) and no "
             f"--student-weights was given; on an offline machine download {hub_file(d.student)} elsewhere "
             "and pass --student-weights PATH (distill.student_weights)"
         ) from e
     return model, apply_preprocess_config(pre, cfg.preprocess)
-
-
-def hub_reason(e: Exception) -> str:
-    """timm's own failure (create_model's cause or context), first line, shortened."""
-    cause = e.__cause__ or e.__context__ or e
-    lines = str(cause).strip().splitlines() or [""]
-    return f"{type(cause).__name__}: {lines[0][:200]}"
 
 
 def hub_file(name: str) -> str:
@@ -46,7 +41,5 @@ def hub_file(name: str) -> str:
         pcfg = timm.models.get_pretrained_cfg(resolve_name(name))
     except Exception:  # this only words a message: no tag known to timm, say so plainly
         pcfg = None
-    if pcfg is None:
-        return f"the timm weights of {name}"
-    where = [w for w in (pcfg.url, f"https://huggingface.co/{pcfg.hf_hub_id}" if pcfg.hf_hub_id else "") if w]
-    return " or ".join(where) or f"the timm weights of {name}"
+    where = [pcfg.url, f"https://huggingface.co/{pcfg.hf_hub_id}" if pcfg.hf_hub_id else ""] if pcfg else []
+    return " or ".join(w for w in where if w) or f"the timm weights of {name}"

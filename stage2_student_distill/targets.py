@@ -7,14 +7,10 @@ key. It never asks which source it has.
 
 * :class:`CachedTargets` (``pipeline distill --cache``): the cache's top-k,
   restored by the loader (the product's main path; no teacher is loaded);
-* :class:`OnlineTargets` (``--online``): online MEAL V2. The loader renders every crop of the
-  batch at each teacher's size and interpolation too (``views``), from the same
-  decode as the student's, in its background thread; here the ensemble runs on those views under
-  inference_mode (bf16 + channels_last on CUDA, as stage 1) and the *full*
+* :class:`OnlineTargets` (``--online``): online MEAL V2. The ensemble runs on the teachers' views of
+  the batch's crops (rendered by the loader from the student's decode; fresh crops, or a cache's with
+  ``--replay-cache``) under inference_mode (bf16 + channels_last on CUDA, as stage 1), and the *full*
   mean softmax (``stage1_teacher_cache.ensemble.teacher_probs``) is the target.
-  Which crops: fresh seeded ones (the loader's mode "train": crop index
-  epoch * m + j of ``[crops]``) or a cache's boxes (mode "distill",
-  ``--replay-cache``): one code path for every variant.
 * :class:`HardLabelTargets` (``pipeline train``): the (smoothed) one-hot label.
 
 :class:`WithHardLabels` appends the one-hot label to a distill source for ``distill.label_weight``.
@@ -44,9 +40,8 @@ class TargetSource(ABC):
         """Dense float32 targets of ``batch``, one row per image: [B, K] ([B, 2K] for WithHardLabels)."""
 
     def times(self) -> dict[str, float]:
-        """Seconds spent producing targets so far, by metrics.jsonl key; the loop reports an epoch's
-        share with the rest of the step time as ``student_s``. Empty (the default) where that time is
-        the loader's (cached targets come with the batch) or negligible (one-hot labels)."""
+        """Seconds spent producing targets so far, by metrics.jsonl key (train.Clock splits them from the
+        student's); empty where that time is the loader's (cached targets) or negligible (one-hot labels)."""
         return {}
 
 
@@ -95,12 +90,8 @@ class WithHardLabels(TargetSource):
 
 
 class OnlineTargets(TargetSource):
-    """The teachers' mean softmax on the batch's crops, computed in the loop.
-
-    ``views`` is the loader's hook: each teacher's :class:`~common.models.Preprocess`,
-    rendered by the loader beside the student's view; ``__call__`` runs the
-    ensemble on the views the loader attached to the batch.
-    """
+    """The teachers' mean softmax on the batch's crops, computed in the loop; ``views`` (each teacher's
+    :class:`~common.models.Preprocess`) tells the loader what to render beside the student's view."""
 
     non_finite_hint = " (the online teachers output non-finite probabilities: check their weights, --teacher-weights)"
 

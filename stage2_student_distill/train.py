@@ -3,11 +3,8 @@
 ``setup(cfg)`` builds a ``Job`` (runtime, data, models, optimizers, target
 source); ``fit(job)`` is the one loop every run goes through, top to bottom.
 ``run_distill`` / ``run_train`` are ``fit(setup(cfg, ...))``. What differs
-between runs is the objective (losses.py: KL to the ensemble's targets plus
-the MEAL V2 discriminator, or cross entropy to hard labels) and where the
-targets come from (targets.py): the teacher cache, the teachers themselves in
-the loop (online MEAL V2, ``distill.online``) or the labels. Setup chooses the
-target source; the loop asks every source the same things.
+between runs is the objective (losses.py) and the target source setup
+chooses (targets.py: the teacher cache, online teachers or the labels).
 Benchmarks drive ``setup`` / ``train_one_epoch`` / ``fit`` directly.
 
 Reproducibility contract: the loader's epoch order and crops, the CutMix
@@ -90,8 +87,8 @@ class Job:
     train_loader: Any
     val_loader: Any
     meta: dict[str, Any]  # checkpoint metadata (model, classes, preprocess, teachers, ...)
-    optimizers: dict[str, torch.optim.Optimizer]  # "student" (+ "discriminator"), as saved in last.pt
-    base_lrs: dict[str, float]  # each optimizer's own base lr; the schedule scales it
+    # "student" (+ "discriminator"), as saved in last.pt; the schedule scales each one's lr as built (defaults["lr"])
+    optimizers: dict[str, torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     cutmix_prob: float = 0.0
     cutmix_alpha: float = 1.0
@@ -205,7 +202,7 @@ def check_same_teachers(run_dir: Path, saved: dict | None, current: dict | None)
 def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     """One pass over ``job.train_loader``; loss sums stay on the device except on log steps."""
     cfg, rt, objective, scaler = job.cfg, job.runtime, job.objective, job.scaler
-    lr_pairs = [(job.optimizers[name], job.base_lrs[name]) for name in job.optimizers]
+    optimizers = list(job.optimizers.values())
     job.student.train()
     if job.discriminator is not None:
         job.discriminator.train()
@@ -221,7 +218,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     watch = NonFiniteWatch(rt.device, loss_scaling=scaler.is_enabled())
     for step, batch in enumerate(job.train_loader.epoch(epoch)):
         clock.fetched()
-        set_learning_rates(lr_pairs, lr_factor(cfg.optim, epoch, step, steps))
+        set_learning_rates([(o, o.defaults["lr"]) for o in optimizers], lr_factor(cfg.optim, epoch, step, steps))
         rng = np.random.default_rng([cfg.runtime.seed, epoch, step, rt.rank])
         images, targets = cutmix(batch.images, job.targets(batch), job.cutmix_prob, job.cutmix_alpha, rng)
 
@@ -229,10 +226,10 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
             logits = job.student(images)
         loss, parts = objective(logits, targets)  # float32, outside autocast
         scaler.scale(loss).backward()
-        for optimizer, _ in lr_pairs:
+        for optimizer in optimizers:
             scaler.step(optimizer)
         scaler.update()
-        for optimizer, _ in lr_pairs:
+        for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
 
         n = images.shape[0]
@@ -243,8 +240,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
         if (step + 1) % cfg.optim.log_every == 0:
             with fail_together(rt):
                 watch.check(job, epoch, steps)
-            log_step(job, bar, sums, epoch, step, steps, lr_pairs[0][0].param_groups[0]["lr"], clock.start,
-                     clock.split())
+            log_step(job, bar, sums, epoch, step, steps, optimizers[0].param_groups[0]["lr"], clock)
         clock.stepped()
     bar.close()
     with fail_together(rt):
@@ -380,18 +376,17 @@ def check_weights_finite(job: Job, epoch: int) -> None:
     )
 
 
-def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, start: float,
-             times: dict[str, float]) -> None:
+def log_step(job: Job, bar, sums: torch.Tensor, epoch: int, step: int, steps: int, lr: float, clock: Clock) -> None:
     """Running means of this rank's losses: on the bar, or as a line when progress is off."""
     values = sums.tolist()
     means = {name: v / max(values[-1], 1.0) for name, v in zip(job.objective.parts, values[:-1])}
     text = " ".join(f"{name} {value:.4f}" for name, value in means.items()) + f" lr {lr:.3g}"
     # where the step time goes, for a target source with time of its own (online: "teacher 1.2s student 3.4s")
-    text += "".join(f" {key.removesuffix('_s')} {seconds:.1f}s" for key, seconds in times.items())
+    text += "".join(f" {key.removesuffix('_s')} {seconds:.1f}s" for key, seconds in clock.split().items())
     if job.runtime.progress:
         bar.set_postfix_str(text, refresh=False)
     elif job.runtime.is_main:
-        rate = values[-1] / max(time.perf_counter() - start, 1e-9)
+        rate = values[-1] / max(time.perf_counter() - clock.start, 1e-9)
         print(f"epoch {epoch + 1} step {step + 1}/{steps} {text} {rate:.0f} img/s", flush=True)
 
 
@@ -419,13 +414,10 @@ def run_train(cfg: Config) -> dict[str, Any]:
 
 
 def setup(cfg: Config, command: str = "distill") -> Job:
-    """Everything ``fit`` needs for `pipeline distill` (``command="distill"``) or `pipeline train`:
-    runtime, manifests, run directory, student (+ discriminator), loaders, optimizers, target source."""
-    builders = {"distill": _setup_distill, "train": _setup_train}
-    if command not in builders:
-        raise ValueError(f"setup: command {command!r} is not 'distill' or 'train'")
+    """The ``Job`` of `pipeline distill` (``command="distill"``) or `pipeline train` (``"train"``)."""
+    build = {"distill": _setup_distill, "train": _setup_train}[command]
     with contextlib.ExitStack() as held:  # a failing setup releases what it took here; else fit does
-        job = builders[command](cfg, held)
+        job = build(cfg, held)
         job.held = held.pop_all()
     return job
 
@@ -476,39 +468,33 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
         for line in advice:
             print(line, file=sys.stderr, flush=True)
 
-    m = d.crops_per_image
-    meta_extra: dict[str, Any] = {}
     if d.online:
         # Before the student is seeded, so the student starts as in a cached run.
         teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=cfg.runtime.seed)
         targets: TargetSource = OnlineTargets(teachers, runtime, cfg.teacher_cache.temperature)
-        meta_extra["online"] = {**targets.identity(), "crops": "replayed" if cache else "fresh",
-                                "replay_cache": d.replay_cache or None}
+        views = targets.views
+        meta_extra = {"online": {**targets.identity(), "crops": "replayed" if cache else "fresh",
+                                 "replay_cache": d.replay_cache or None}}
     else:
-        targets = CachedTargets(d.cache)
-        meta_extra["cache"] = {"path": d.cache, "teachers": cache.attrs.get("teachers")}
-    views = targets.views if d.online else None
+        targets, views = CachedTargets(d.cache), None
+        meta_extra = {"cache": {"path": d.cache, "teachers": cache.attrs.get("teachers")}}
     if d.label_weight > 0:
         targets = WithHardLabels(targets, manifest.num_classes)
 
     seed_everything(cfg.runtime.seed)  # same initial student (and discriminator) on every run and rank
     student, preprocess = create_student(cfg, manifest.num_classes)
-    discriminator = Discriminator(manifest.num_classes) if d.discriminator else None
     student = _place(student, runtime, compile=runtime.compile)
-    if discriminator is not None:
-        discriminator = _place(discriminator, runtime, compile=False)
+    discriminator = _place(Discriminator(manifest.num_classes), runtime, compile=False) if d.discriminator else None
     # Cached and replayed runs take the cache's boxes (mode "distill"); fresh online runs draw
     # crop index epoch * m + j from [crops] (mode "train"), as hard-label training does.
-    crops = {"cache": cache} if cache is not None else {"crops": cfg.crops}
     train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess,
-                                        mode="distill" if cache is not None else "train", crops_per_image=m,
-                                        views=views, **crops)
+                                        mode="distill" if cache is not None else "train",
+                                        crops_per_image=d.crops_per_image, views=views, cache=cache)
     meta = {**_meta("distill", d.student, preprocess, manifest), **meta_extra}
-    optimizers, base_lrs = _optimizers(cfg, student, discriminator)
     return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=d.resume, student=student, discriminator=discriminator,
         objective=DistillObjective(discriminator, d.label_weight), targets=targets, train_loader=train_loader, val_loader=val_loader,
-        meta=meta, optimizers=optimizers, base_lrs=base_lrs, scaler=runtime.grad_scaler(),
+        meta=meta, optimizers=_optimizers(cfg, student, discriminator), scaler=runtime.grad_scaler(),
         cutmix_prob=d.cutmix_prob, cutmix_alpha=d.cutmix_alpha, teacher_eval=_teacher_eval_on(cache, val_manifest),
     )
 
@@ -543,34 +529,30 @@ def _setup_train(cfg: Config, held: contextlib.ExitStack) -> Job:
     )
     preprocess = apply_preprocess_config(preprocess, cfg.preprocess)
     model = _place(model, runtime, compile=runtime.compile)
-    train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train",
-                                        crops=cfg.crops)
-    optimizers, base_lrs = _optimizers(cfg, model, None)
+    train_loader, val_loader = _loaders(cfg, runtime, manifest, val_manifest, preprocess, mode="train")
     return Job(
         cfg=cfg, runtime=runtime, run_dir=run_dir, resume=t.resume, student=model, discriminator=None,
         objective=HardLabelObjective(), targets=HardLabelTargets(manifest.num_classes, t.label_smoothing),
         train_loader=train_loader, val_loader=val_loader,
-        meta=_meta("train", t.model, preprocess, manifest), optimizers=optimizers, base_lrs=base_lrs,
+        meta=_meta("train", t.model, preprocess, manifest), optimizers=_optimizers(cfg, model, None),
         scaler=runtime.grad_scaler(),
     )
 
 
-def _optimizers(cfg: Config, student: nn.Module, discriminator: nn.Module | None):
-    """SGD for the student and (MEAL V2) for the discriminator: {name: optimizer}, {name: base lr}."""
+def _optimizers(cfg: Config, student: nn.Module, discriminator: nn.Module | None) -> dict[str, torch.optim.Optimizer]:
+    """SGD for the student and (MEAL V2) for the discriminator, by name."""
     optimizers = {
         "student": torch.optim.SGD(
             unwrap(student).parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
             weight_decay=cfg.optim.weight_decay,
         )
     }
-    base_lrs = {"student": cfg.optim.lr}
     if discriminator is not None:
         # Its own optimizer; its base lr is distill.disc_lr, or the student's "as released" (schedule.py).
-        base_lrs["discriminator"] = discriminator_base_lr(cfg)
         optimizers["discriminator"] = torch.optim.SGD(
-            unwrap(discriminator).parameters(), lr=base_lrs["discriminator"], momentum=cfg.optim.momentum
+            unwrap(discriminator).parameters(), lr=discriminator_base_lr(cfg), momentum=cfg.optim.momentum
         )
-    return optimizers, base_lrs
+    return optimizers
 
 
 def _require(cfg: Config, keys: dict[str, str]) -> None:
@@ -607,7 +589,7 @@ def _loaders(cfg: Config, runtime: Runtime, manifest: Manifest, val_manifest: Ma
              preprocess: Preprocess, mode: str, **train_kwargs) -> tuple[Any, Any]:
     common = {"preprocess": preprocess, "runtime": runtime}
     train = build_loader(cfg.optim.loader, manifest=manifest, mode=mode, batch_size=cfg.optim.batch_size,
-                         seed=cfg.runtime.seed, **common, **train_kwargs)
+                         seed=cfg.runtime.seed, crops=cfg.crops, **common, **train_kwargs)
     val = build_loader(cfg.optim.loader, manifest=val_manifest, mode="eval",
                        batch_size=cfg.optim.eval_batch_size, **common)
     return train, val
