@@ -45,6 +45,8 @@ def rank_share(order: np.ndarray, rank: int, world_size: int, drop_remainder: bo
     (training: equal step counts keep DDP's collectives in step). Otherwise the
     shares cover ``order`` exactly once and may differ in length by one (eval).
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
     if drop_remainder:
         order = order[: len(order) // world_size * world_size]
     return order[rank::world_size]
@@ -63,6 +65,10 @@ def shard_local_share(seed: int, epoch: int, num_images: int, rank: int, world_s
     still a permutation of the images (minus ``num_images % R``, which rotates
     with the epoch), and a shard's images go to a different rank each epoch.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     ids = np.arange(num_images, dtype=np.int64)
     keys = _uniform(seed, ids, np.full_like(ids, epoch), _SHUFFLE_DRAW)
     num_blocks = -(-num_images // block)
@@ -130,6 +136,8 @@ def plan_epoch(
     batches only; with ``shard_block`` (the cache's images per shard) and several
     ranks, shard-local shares instead (``shard_local_share``). Evaluation: images in
     id order, every image exactly once across ranks, the last batch kept however small."""
+    if images_per_batch < 1:
+        raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}")
     if shuffle and shard_block and world_size > 1:
         ids = shard_local_share(seed, epoch, num_images, rank, world_size, shard_block)
         return EpochPlan(image_ids=ids, images_per_batch=images_per_batch, drop_last=True)
