@@ -174,7 +174,8 @@ class Config:
         return apply_overrides(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        """JSON-ready dict of the resolved config (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 _TABLE_TYPES = typing.get_type_hints(Config)
@@ -343,10 +344,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
             raise ConfigError(
                 f"{source}: '{dotted}' is not a config key; use TABLE.KEY with TABLE one of {', '.join(_TABLE_TYPES)}"
             )
-        if isinstance(value, str):
-            hint = typing.get_type_hints(_TABLE_TYPES[table]).get(key)
-            if hint is not str:
-                value = _parse_scalar(value) if hint is not None and typing.get_origin(hint) is not tuple else value
+        hint = typing.get_type_hints(_TABLE_TYPES[table]).get(key)
+        if isinstance(value, str) and hint not in (str, None) and typing.get_origin(hint) is not tuple:
+            value = _parse_scalar(value)  # a tuple's string is split by _coerce, an unknown key refused there
         grouped.setdefault(table, {})[key] = value
     updates = {t: _build_table(t, vals, getattr(cfg, t), source) for t, vals in grouped.items()}
     return dataclasses.replace(cfg, **updates)
@@ -394,15 +394,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return flat
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """JSON-ready dict of the resolved config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
 def config_to_toml(cfg: Config) -> str:
     """The whole resolved config as TOML; ``load_config`` of it gives ``cfg`` back."""
     lines = []
-    for table, values in config_to_dict(cfg).items():
+    for table, values in cfg.to_dict().items():
         lines.append(f"[{table}]")
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")

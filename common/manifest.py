@@ -442,11 +442,8 @@ def check_image_files(manifest: Manifest, progress: bool | None = None, share: t
 
     def problem(image_id: int) -> str | None:
         try:
-            path = confined(image_id)
-            digest = new_digest()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
+            with open(confined(image_id), "rb") as f:
+                digest = hashlib.file_digest(f, new_digest)  # in bounded chunks
         except ImageError as e:
             return f"{manifest.paths[image_id]} ({e.reason})"
         except OSError as e:
@@ -547,7 +544,6 @@ def _read_string_metadata(schema: pa.Schema, key: str, path: object, meaning: st
         raise ManifestError(f"manifest {path}: metadata meal.{key} must be a JSON string{meaning}, not "
                             f"{shown(value)}; {_REBUILD_HINT}")
     return value
-
 
 
 def _first_duplicate(items: Iterable[str]) -> str | None:

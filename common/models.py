@@ -118,12 +118,9 @@ def preprocess_for(model: nn.Module, input_size: int | None = None) -> Preproces
     )
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -336,18 +333,14 @@ def create_model(
     if state is not None:
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
+            mismatch = (f"missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. "
+                        f"{unexpected[:3]}" if missing or unexpected else "")
         except RuntimeError as e:  # shape mismatch, e.g. a classifier for another class count
-            raise WeightsError(
-                f"{weights}: does not fit {timm_name} with {num_classes} classes "
-                f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
-                "Check the model name and the number of classes."
-            ) from e
-        if missing or unexpected:
-            raise WeightsError(
-                f"{weights}: does not fit {timm_name} with {num_classes} classes "
-                f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]}). "
-                "Check the model name and the number of classes."
-            )
+            lines = str(e).splitlines()
+            mismatch = lines[1].strip() if len(lines) > 1 else str(e)
+        if mismatch:
+            raise WeightsError(f"{weights}: does not fit {timm_name} with {num_classes} classes ({mismatch}). "
+                               "Check the model name and the number of classes.")
     pre = preprocess_for(model, input_size)
     if "preprocess" in meta:
         pre = Preprocess.from_dict(meta["preprocess"])
