@@ -454,13 +454,9 @@ def check_image_files(manifest: Manifest, progress: bool | None = None, share: t
 
     ids = range(share[0], manifest.num_images, share[1])
     workers = min(8, os.cpu_count() or 1)
-    bad: list[str] = []
+    found = prefetch(problem, ids, workers=workers, depth=4 * workers, name="check-images")
     hidden = None if progress is None else not progress  # tqdm: None = shown on a terminal only
-    with tqdm(total=len(ids), desc="checking image digests", unit="img", disable=hidden) as bar:
-        for found in prefetch(problem, ids, workers=workers, depth=4 * workers, name="check-images"):
-            if found is not None:
-                bad.append(found)
-            bar.update()
+    bad = [p for p in tqdm(found, total=len(ids), desc="checking image digests", unit="img", disable=hidden) if p]
     if bad:
         more = f" and {len(bad) - _LISTED_MISMATCHES} more" if len(bad) > _LISTED_MISMATCHES else ""
         raise ManifestError(
