@@ -168,10 +168,11 @@ class DaliCropRenderer:
         compare; without them the order is checked here. A box outside its image is an error.
         """
         n, m = len(files), self.crops_per_image
-        boxes = [np.asarray(b, dtype=np.int32).reshape(n, m, 4) for b in boxes]
-        flips = np.asarray(flips).reshape(n, m)
+        # DALI's external sources take C-contiguous rows of their declared dtypes
+        boxes = [np.ascontiguousarray(b, dtype=np.int32).reshape(n, m, 4) for b in boxes]
+        flips = np.ascontiguousarray(flips, dtype=np.int32).reshape(n, m)
         fed_ids = np.arange(n * m, dtype=np.int64).reshape(n, m) if sample_ids is None else \
-            np.asarray(sample_ids, dtype=np.int64).reshape(n, m)
+            np.ascontiguousarray(sample_ids, dtype=np.int64).reshape(n, m)
         parts, ids = [], []
         for start in range(0, n, self.batch_size):
             rows = slice(start, start + self.batch_size)
@@ -194,20 +195,16 @@ class DaliCropRenderer:
         return Rendered([torch.cat(p) for p in zip(*parts)], torch.cat(ids))
 
     def render_encoded(self, encoded: Sequence[np.ndarray], boxes, flips, sample_ids) -> RenderedCrops:
-        """One DALI run over at most ``batch_size`` images.
+        """One DALI run over 1..``batch_size`` images, as :meth:`render` splits and prepares them.
 
-        ``encoded``: n uint8 arrays (file bytes); ``boxes`` one [n, m, 4] per view;
-        ``flips`` [n, m]; ``sample_ids`` [n, m] int64, returned flattened beside the crops.
+        ``encoded``: n uint8 arrays (file bytes); ``boxes`` one int32 [n, m, 4] per view;
+        ``flips`` int32 [n, m]; ``sample_ids`` int64 [n, m], returned flattened beside the crops.
         """
         n, m = len(encoded), self.crops_per_image
-        if not 1 <= n <= self.batch_size:
-            raise ValueError(f"render_encoded takes 1..{self.batch_size} images, got {n}")
-        flips = np.ascontiguousarray(flips, dtype=np.int32).reshape(n, m)
-        sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64).reshape(n, m)
         with self._lock:
             self._pipe.feed_input("encoded", list(encoded))
             for v, view_boxes in enumerate(boxes):
-                self._pipe.feed_input(f"boxes{v}", list(np.ascontiguousarray(view_boxes, dtype=np.int32).reshape(n, m, 4)))
+                self._pipe.feed_input(f"boxes{v}", list(view_boxes))
             self._pipe.feed_input("flips", list(flips))
             self._pipe.feed_input("sample_ids", list(sample_ids))
             outputs = self._pipe.run()

@@ -106,18 +106,6 @@ def resolve_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def preprocess_for(model: nn.Module, input_size: int | None = None) -> Preprocess:
-    cfg = timm.data.resolve_data_config({}, model=model)
-    size = int(input_size) if input_size else int(cfg["input_size"][-1])
-    return Preprocess(
-        input_size=size,
-        interpolation=str(cfg.get("interpolation", "bilinear")),
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-        crop_pct=float(cfg.get("crop_pct", 0.875)),
-    )
-
-
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -341,11 +329,14 @@ def create_model(
         if mismatch:
             raise WeightsError(f"{weights}: does not fit {timm_name} with {num_classes} classes ({mismatch}). "
                                "Check the model name and the number of classes.")
-    pre = preprocess_for(model, input_size)
     if "preprocess" in meta:
         pre = Preprocess.from_dict(meta["preprocess"])
-        if input_size:
-            pre = replace(pre, input_size=int(input_size))
+    else:
+        timm_cfg = timm.data.resolve_data_config({}, model=model)
+        pre = Preprocess.from_dict({"interpolation": "bilinear", "crop_pct": 0.875, **timm_cfg,
+                                    "input_size": timm_cfg["input_size"][-1]})
+    if input_size:
+        pre = replace(pre, input_size=int(input_size))
     return model, pre
 
 

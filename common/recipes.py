@@ -9,6 +9,7 @@ Layering (common/config.py ``load_config``): defaults <- pipeline.toml (or
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +50,8 @@ def recipe_path(name_or_path: str) -> Path:
 
 def read_recipe(name_or_path: str) -> Recipe:
     path = recipe_path(name_or_path)
-    header = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        header.append(line[2:] if line.startswith("# ") else line[1:])
+    comments = itertools.takewhile(lambda line: line.startswith("#"), path.read_text().splitlines())
+    header = [line[2:] if line.startswith("# ") else line[1:] for line in comments]
     first = header[0] if header else ""
     name, sep, summary = first.partition(":")
     if not sep or name.strip() != path.stem:
