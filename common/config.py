@@ -14,7 +14,6 @@ import dataclasses
 import json
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,17 +205,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
             if len(value) == len(args):
                 return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    elif isinstance(annotation, types.UnionType):
-        for a in typing.get_args(annotation):
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
     else:  # pragma: no cover - only reached if a new field type is added
         raise TypeError(f"config field {key}: unsupported annotation {annotation!r}")
-    expected = getattr(annotation, "__name__", None) or str(annotation)
-    if origin is tuple:
-        expected = "a list " + str(annotation).replace("tuple", "")
+    expected = "a list " + str(annotation).replace("tuple", "") if origin is tuple else annotation.__name__
     raise ConfigError(f"config key '{key}': expected {expected}, got {value!r} ({type(value).__name__})")
 
 

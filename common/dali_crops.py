@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,12 +41,6 @@ from common.images import ImageError, open_image
 from common.render import Rendered, View, check_frame, resize_mode
 
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
-
-
-class RenderedCrops(NamedTuple):
-    views: list[torch.Tensor]  # per view uint8 [n*m, 3, S, S], image-major: all m crops of image 0, then image 1...
-    sample_ids: torch.Tensor  # int64 [n*m] (CPU), as fed
-    image_sizes: torch.Tensor  # int64 [n, 2] (CPU): (width, height) of each image after EXIF orientation
 
 
 def device_id_for(runtime) -> int | None:
@@ -179,11 +173,11 @@ class DaliCropRenderer:
             batch_files = list(files[rows])
             encoded = list(self._readers.map(read_encoded, batch_files))
             try:
-                out = self.render_encoded(encoded, [b[rows] for b in boxes], flips[rows], fed_ids[rows])
+                out, image_sizes = self.render_encoded(encoded, [b[rows] for b in boxes], flips[rows], fed_ids[rows])
             except RuntimeError as e:  # DALI's errors are RuntimeErrors that name no file
                 raise decode_failure(batch_files, e) from e
             if frames is not None:
-                for path, size, frame in zip(batch_files, out.image_sizes.tolist(), frames[rows]):
+                for path, size, frame in zip(batch_files, image_sizes.tolist(), frames[rows]):
                     check_frame(path, size, frame)
             if sample_ids is None and not torch.equal(out.sample_ids, torch.from_numpy(fed_ids[rows].reshape(-1))):
                 raise RuntimeError("DALI returned crops in a different order than they were fed")
@@ -194,11 +188,12 @@ class DaliCropRenderer:
                              for v in self.views], torch.empty(0, dtype=torch.int64))
         return Rendered([torch.cat(p) for p in zip(*parts)], torch.cat(ids))
 
-    def render_encoded(self, encoded: Sequence[np.ndarray], boxes, flips, sample_ids) -> RenderedCrops:
+    def render_encoded(self, encoded: Sequence[np.ndarray], boxes, flips, sample_ids) -> tuple[Rendered, torch.Tensor]:
         """One DALI run over 1..``batch_size`` images, as :meth:`render` splits and prepares them.
 
         ``encoded``: n uint8 arrays (file bytes); ``boxes`` one int32 [n, m, 4] per view;
         ``flips`` int32 [n, m]; ``sample_ids`` int64 [n, m], returned flattened beside the crops.
+        Returns the crops and int64 [n, 2] (CPU): (width, height) of each image after EXIF orientation.
         """
         n, m = len(encoded), self.crops_per_image
         with self._lock:
@@ -213,11 +208,7 @@ class DaliCropRenderer:
                      .reshape(n * m, 3, view.size, view.size) for v, view in enumerate(self.views)]
             ids = torch.from_numpy(np.array(outputs[-2].as_tensor()))
             shapes = np.array(outputs[-1].as_tensor())
-        return RenderedCrops(
-            views=views,
-            sample_ids=ids.reshape(n * m),
-            image_sizes=torch.from_numpy(shapes[:, [1, 0]].astype(np.int64)),
-        )
+        return Rendered(views, ids.reshape(n * m)), torch.from_numpy(shapes[:, [1, 0]].astype(np.int64))
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         dense = tensor_list.as_tensor()
