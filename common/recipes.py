@@ -3,9 +3,8 @@
 A recipe is ``recipes/NAME.toml``: a few tables of pipeline.toml with the
 values of one published training run. Its leading comment block documents
 the run; the first line is ``# NAME: summary``, which ``pipeline recipes``
-lists. ``--recipe`` also takes a path to a recipe file of one's own.
-Layering (common/config.py ``load_config``): defaults <- pipeline.toml (or
---config) <- recipe <- --set <- command flags.
+lists. ``--recipe`` also takes a path to a recipe file of one's own; how it
+is laid over the rest is common/config.py ``load_config``.
 """
 from __future__ import annotations
 

@@ -175,14 +175,13 @@ def _scan(root: Path, exclude: set[Path]) -> tuple[list[str], list[tuple[str, in
 
     candidates: list[tuple[str, int]] = []
     for label, name in enumerate(class_names):
-        found = 0
+        before = len(candidates)
         for rel, problem in _walk(root / name, name, exclude):
             if problem:
                 rejects.append(Reject(rel, problem))
             else:
                 candidates.append((rel, label))
-                found += 1
-        if not found:
+        if len(candidates) == before:
             rejects.append(Reject(name, "empty class folder (no image files in it); add images or remove the folder"))
     candidates.sort()
     return class_names, candidates, rejects
