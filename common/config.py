@@ -220,14 +220,12 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _build_table(table: str, values: dict[str, Any], base: Any, source: str) -> Any:
-    cls = type(base)
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(type(base))  # every field of a table, by name
     updates = {}
     for key, value in values.items():
-        if key not in known:
+        if key not in hints:
             raise ConfigError(
-                f"{source}: unknown key '{table}.{key}'. Known keys in [{table}]: {', '.join(sorted(known))}"
+                f"{source}: unknown key '{table}.{key}'. Known keys in [{table}]: {', '.join(sorted(hints))}"
             )
         updates[key] = _coerce(value, hints[key], f"{table}.{key}")
     table_cfg = dataclasses.replace(base, **updates)
