@@ -273,17 +273,14 @@ def write_manifest(
     class_names = [str(c) for c in class_names]
     if not rows:
         raise ManifestError(f"no images to write to {out}: a manifest needs at least one image")
-    duplicate_class = _first_duplicate(class_names)
-    if duplicate_class is not None:
+    if (duplicate_class := _first_duplicate(class_names)) is not None:
         raise ManifestError(f"class name {duplicate_class!r} appears twice: each class needs its own name")
     for i, row in enumerate(rows):
-        problem = check_relative_path(row.path)
-        if problem:
+        if problem := check_relative_path(row.path):
             raise ManifestError(f"row {i}: path {row.path!r}: {problem}")
         if not -1 <= row.label < len(class_names):
             raise ManifestError(f"row {i} ({row.path}): label {row.label} outside -1..{len(class_names) - 1}")
-    duplicates = _first_duplicate([r.path for r in rows])
-    if duplicates:
+    if duplicates := _first_duplicate([r.path for r in rows]):
         raise ManifestError(f"path {duplicates!r} appears twice: list each image once")
     # ManifestRow's fields are SCHEMA's columns after image_id
     columns = {"image_id": pa.array(np.arange(len(rows), dtype=np.int64)),
@@ -353,8 +350,7 @@ def load_manifest(
         raise ManifestError(
             f"manifest {path}: metadata meal.class_names must be a JSON list of strings; {_REBUILD_HINT}"
         )
-    duplicate_class = _first_duplicate(class_names)
-    if duplicate_class is not None:
+    if (duplicate_class := _first_duplicate(class_names)) is not None:
         raise ManifestError(f"manifest {path}: class name {shown(duplicate_class)} appears twice in meal.class_names; "
                             f"{_REBUILD_HINT} from folders with distinct names")
     recorded_root = _read_string_metadata(table.schema, "root", path, " (the image folder)")

@@ -121,7 +121,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; check the path given to --*-weights")
-    meta: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -129,8 +128,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             with safe_open(str(path), framework="pt") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}
                 raw_meta = f.metadata() or {}
-            if "meta" in raw_meta:
-                meta = json.loads(raw_meta["meta"])
+            meta = json.loads(raw_meta["meta"]) if "meta" in raw_meta else {}
         except Exception as e:  # SafetensorError (truncated, bad header), a bad meta JSON
             raise WeightsError(f"{path}: cannot be read as a safetensors file ({cause_text(e)}); "
                                "is it truncated or damaged?") from e

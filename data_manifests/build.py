@@ -214,12 +214,8 @@ def _entries(directory: Path) -> list[os.DirEntry]:
 
 
 def _symlink_reject(rel: str, path: str) -> Reject:
-    target = os.readlink(path)
-    return Reject(
-        rel,
-        f"symbolic link (to {target}); manifests record real files under the root only: "
-        "replace it with a copy of the file",
-    )
+    return Reject(rel, f"symbolic link (to {os.readlink(path)}); manifests record real files under the root only: "
+                       "replace it with a copy of the file")
 
 
 def _path_problem(rel: str) -> str | None:
