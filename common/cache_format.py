@@ -457,9 +457,8 @@ def _check_format(attrs: dict[str, Any], path: str | Path) -> None:
 
 def _check_not_growing(attrs: dict[str, Any], path: str | Path) -> None:
     """A cache mid-grow (stage1_teacher_cache/grow.py) is neither its old self nor the grown one yet."""
-    marker = attrs.get("growing")
-    if marker:
-        more = int(marker.get("to_crops", 0)) - int(marker.get("from_crops", 0))
+    if marker := attrs.get("growing"):
+        more = marker["to_crops"] - marker["from_crops"]  # ints: _check_attrs checked them first
         raise CacheError(
             f"{path}: is being grown from {marker.get('from_crops')} to {marker.get('to_crops')} crops per image "
             f"(started {marker.get('started_at')}) and cannot be used until that finishes; rerun the same "
@@ -507,8 +506,7 @@ class CacheWriter:
             )
         _check_attrs(found, self.path)
         _check_not_growing(found, self.path)
-        diffs = describe_difference(found, wanted)
-        if diffs:
+        if diffs := describe_difference(found, wanted):
             raise CacheError(
                 f"{self.path}: refusing to add to a cache built with different inputs:\n  - "
                 + "\n  - ".join(diffs)
@@ -826,8 +824,7 @@ def _scan(path: str | Path, manifest_hash: str | None, manifest_images: int | No
         start, stop = shard_bounds(s, L.images_per_shard, L.num_images)
         problems[s] = [f"shard {s} (images {start}..{stop - 1}): incomplete (no completion record)"]
     for s in np.flatnonzero(reader.complete).tolist():
-        found = _shard_problems(reader, s)
-        if found:
+        if found := _shard_problems(reader, s):
             problems[s] = found
             damaged.append(s)
     listed = [p for s in sorted(problems) for p in problems[s]]

@@ -4,9 +4,8 @@ The dataclass defaults below are *the* defaults; ``pipeline.toml`` restates ever
 one of them with a comment (``tests/test_config.py`` checks the two agree), so a
 user can read the file to learn every knob and edit it without reading code.
 
-Loading order: dataclass defaults <- the TOML file <- ``--set table.key=value``
-and command flags. Unknown tables/keys and wrong types fail with a message that
-names the key; nothing is silently ignored.
+Layers are laid over the defaults by ``load_config``. Unknown tables/keys and
+wrong types fail with a message that names the key; nothing is silently ignored.
 """
 from __future__ import annotations
 

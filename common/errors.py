@@ -49,8 +49,7 @@ def wrapped_user_error(e: BaseException) -> bool:
 def user_message(e: BaseException) -> str:
     """The message to print for ``e``: its own text, or the original text of a worker's error."""
     text = str(e)
-    header = _WORKER_HEADER.match(text)
-    if header:
+    if header := _WORKER_HEADER.match(text):
         # The formatted traceback ends with "module.Type: message" (after any chained causes).
         name = re.escape(header.group(1))
         ends = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, re.M))

@@ -258,8 +258,7 @@ def load_failure(path: str | Path, e: Exception) -> str:
     # torch raises pickle's UnpicklingError here; matched by name so this module imports no pickle at all
     if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in text:
         accepted = "Only safetensors files and plain tensor state dicts are accepted."
-        refused = _REFUSED_GLOBAL.search(text)
-        if refused:
+        if refused := _REFUSED_GLOBAL.search(text):
             return (f"{path}: cannot be loaded safely: it holds the Python object {refused.group(1)}, "
                     f"not only tensors, and loading it could run code. {accepted}")
         # Other refusals (a reduce call, an opcode) name their cause in the unpickler's first sentence.
