@@ -52,7 +52,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import zarr
@@ -77,8 +77,7 @@ IDENTITY_KEYS = ("manifest", "num_classes", "teachers", "ensemble", "crops", "st
 MAX_METADATA_BYTES = 16 << 20  # per zarr.json; a 1000-class cache's is ~20 KB
 MAX_CHUNK_BYTES = 256 << 20  # one shard of one array, decoded; ImageNet at C=32, k=100 needs 13 MB
 MAX_CACHED_BYTES = 1 << 30  # a reader's shard LRU, whatever the shard size
-ALLOWED_CODECS = frozenset({"bytes", "zstd", "crc32c"})  # what CacheWriter writes
-CODEC_CHAIN = ("bytes", "zstd", "crc32c")  # ... in this order, each once
+CODEC_CHAIN = ("bytes", "zstd", "crc32c")  # what CacheWriter writes, in this order, each once
 # Sane maxima of the declared layout, stated once; the writer is held to them too.
 MAX_IMAGES = (1 << 31) - 1  # image ids are int32 in places (loaders, DALI sample ids)
 MAX_CROPS = 1 << 12  # MEAL V2 / FKD use at most a few hundred crops per image
@@ -98,19 +97,14 @@ def _checksum(a: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).tobytes()) & 0xFFFFFFFF
 
 
-def _store(location: str | Path) -> Path | str:
-    """What zarr opens. file:// URLs become paths on purpose: zarr's LocalStore writes every
-    file atomically (temp + rename), fsspec's local filesystem writes in place, so a kill
-    could leave a torn chunk behind a completion record."""
+def _open_group(location: str | Path, mode: str) -> zarr.Group:
+    """file:// URLs are opened as paths on purpose: zarr's LocalStore writes every file atomically
+    (temp + rename), fsspec's local filesystem writes in place, so a kill could leave a torn chunk
+    behind a completion record."""
     path = local_path(location)
-    if path is not None:
-        return path
-    filesystem(location)  # a missing backend (s3fs, gcsfs) fails here with the extra to install
-    return str(location)
-
-
-def _open_group(path: str | Path, mode: str) -> zarr.Group:
-    return zarr.open_group(store=_store(path), mode=mode, zarr_format=3)
+    if path is None:
+        filesystem(location)  # a missing backend (s3fs, gcsfs) fails here with the extra to install
+    return zarr.open_group(store=str(location) if path is None else path, mode=mode, zarr_format=3)
 
 
 def _file_kind(mode: int) -> str:
@@ -283,7 +277,7 @@ class CacheLayout:
         }
 
 
-def _attr(attrs: dict[str, Any], dotted: str, kind: type | tuple[type, ...], path: str | Path) -> Any:
+def _attr(attrs: dict[str, Any], dotted: str, kind: type, path: str | Path) -> Any:
     """``attrs["a"]["b"]`` for ``"a.b"``, refused by name when missing or not of ``kind``."""
     value: Any = attrs
     for part in dotted.split("."):
@@ -292,9 +286,8 @@ def _attr(attrs: dict[str, Any], dotted: str, kind: type | tuple[type, ...], pat
                              "teacher cache written by this tool")
         value = value[part]
     # bool is an int in Python: `true` must not read as 1
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,))):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} = {shown(value)} must be {names}; "
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} = {shown(value)} must be {kind.__name__}; "
                          "this is not a cache written by this tool")
     return value
 
@@ -305,7 +298,6 @@ def _int_attr(attrs: dict[str, Any], dotted: str, lo: int, hi: int, path: str | 
         raise CacheError(f"{path}: zarr.json: cache attribute {dotted!r} = {value:,} is outside {lo:,}..{hi:,}; "
                          "this is not a cache written by this tool")
     return value
-
 
 
 def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
@@ -331,13 +323,13 @@ def _check_attrs(attrs: dict[str, Any], path: str | Path) -> CacheLayout:
 
 def _check_array_metadata(arr, name: str, path: str | Path) -> None:
     """Codecs, fill value, storage transformers and chunk key encoding exactly as CacheWriter writes them."""
-    codecs = [codec.to_dict()["name"] for codec in arr.metadata.codecs]
-    if not set(codecs) <= ALLOWED_CODECS:
-        raise CacheError(f"{path}: array {name} uses codecs {sorted(set(codecs) - ALLOWED_CODECS)}, "
-                         f"which this tool never writes (it writes {sorted(ALLOWED_CODECS)})")
+    meta = arr.metadata
+    codecs = [codec.to_dict()["name"] for codec in meta.codecs]
+    if not set(codecs) <= set(CODEC_CHAIN):
+        raise CacheError(f"{path}: array {name} uses codecs {sorted(set(codecs) - set(CODEC_CHAIN))}, "
+                         f"which this tool never writes (it writes {sorted(CODEC_CHAIN)})")
     if tuple(codecs) != CODEC_CHAIN:
         raise CacheError(f"{path}: array {name} has codecs {codecs}; this tool writes exactly {list(CODEC_CHAIN)}")
-    meta = arr.metadata
     if meta.storage_transformers:
         raise CacheError(f"{path}: {name}/zarr.json declares storage_transformers, which this tool never writes")
     if meta.fill_value != 0:
@@ -465,9 +457,8 @@ def _check_format(attrs: dict[str, Any], path: str | Path) -> None:
 
 def _check_not_growing(attrs: dict[str, Any], path: str | Path) -> None:
     """A cache mid-grow (stage1_teacher_cache/grow.py) is neither its old self nor the grown one yet."""
-    marker = attrs.get("growing")
-    if marker:
-        more = int(marker.get("to_crops", 0)) - int(marker.get("from_crops", 0))
+    if marker := attrs.get("growing"):
+        more = marker["to_crops"] - marker["from_crops"]  # ints: _check_attrs checked them first
         raise CacheError(
             f"{path}: is being grown from {marker.get('from_crops')} to {marker.get('to_crops')} crops per image "
             f"(started {marker.get('started_at')}) and cannot be used until that finishes; rerun the same "
@@ -515,8 +506,7 @@ class CacheWriter:
             )
         _check_attrs(found, self.path)
         _check_not_growing(found, self.path)
-        diffs = describe_difference(found, wanted)
-        if diffs:
+        if diffs := describe_difference(found, wanted):
             raise CacheError(
                 f"{self.path}: refusing to add to a cache built with different inputs:\n  - "
                 + "\n  - ".join(diffs)
@@ -578,20 +568,15 @@ class CacheWriter:
             for name in DATA_ARRAYS:
                 self.arrays[name][start:stop] = data[name]
             self.arrays[RECORD_ARRAY][shard : shard + 1] = record
-        except OSError as e:
-            raise CacheError(_write_failure(self.path, shard, e)) from e
-
-
-def _write_failure(path: str, shard: int, e: OSError) -> str:
-    """A failed write leaves the shard's record unset (written last, and atomically on local disks)."""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return (
-        f"{path}: writing shard {shard} failed: {e.strerror or e}"
-        + (" (disk full or quota exceeded)" if full else "")
-        + f"; shard {shard} is not marked complete and the shards before it are kept. "
-        + ("Free some space, then rerun" if full else "Fix the cause, then rerun")
-        + " the same command to resume."
-    )
+        except OSError as e:  # the shard's record stays unset (written last, and atomically on local disks)
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise CacheError(
+                f"{self.path}: writing shard {shard} failed: {e.strerror or e}"
+                + (" (disk full or quota exceeded)" if full else "")
+                + f"; shard {shard} is not marked complete and the shards before it are kept. "
+                + ("Free some space, then rerun" if full else "Fix the cause, then rerun")
+                + " the same command to resume."
+            ) from e
 
 
 def _read_records(arr, path: str, present: np.ndarray | None = None) -> np.ndarray:
@@ -761,38 +746,33 @@ class CacheReader:
             self._cached_bytes -= sum(a.nbytes for a in evicted.values())
         return data
 
-    def _by_shard(self, image_ids: np.ndarray) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]]:
-        """(positions in image_ids, shard data, rows in the shard) per shard, one sort (O(n log n))."""
+    def gather(self, image_ids, crop_ids) -> dict[str, np.ndarray]:
+        """Rows for (image_id, crop_id) pairs, in the order given."""
+        crop_ids = np.asarray(crop_ids, dtype=np.int64)
+        if crop_ids.size and (crop_ids.min() < 0 or crop_ids.max() >= self.num_crops):
+            raise CacheError(f"{self.path}: crop index out of range 0..{self.num_crops - 1}")
+        return self._collect(image_ids, 2, lambda array, rows, sel: array[rows, crop_ids[sel]])
+
+    def images(self, image_ids) -> dict[str, np.ndarray]:
+        """Every crop of the given images, in the order given: arrays [len(image_ids), C, ...]."""
+        return self._collect(image_ids, 1, lambda array, rows, sel: array[rows])
+
+    def _collect(self, image_ids, dims_picked: int, pick) -> dict[str, np.ndarray]:
+        """Per data array, ``pick(shard array, rows in the shard, positions in image_ids)`` placed at those
+        positions; each array's shape less its first ``dims_picked`` axes follows. One sort (O(n log n))."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
         if image_ids.size and (image_ids.min() < 0 or image_ids.max() >= self.num_images):
             raise CacheError(f"{self.path}: image id out of range 0..{self.num_images - 1}")
+        specs = self.layout.array_specs()
+        out = {name: np.empty((len(image_ids), *specs[name][0][dims_picked:]), specs[name][2]) for name in DATA_ARRAYS}
         ips = self.layout.images_per_shard
         shard_ids = image_ids // ips
         order = np.argsort(shard_ids, kind="stable")
         shards, starts = np.unique(shard_ids[order], return_index=True)
         for s, sel in zip(shards, np.split(order, starts[1:])):
-            yield sel, self.read_shard(int(s)), image_ids[sel] - s * ips
-
-    def gather(self, image_ids, crop_ids) -> dict[str, np.ndarray]:
-        """Rows for (image_id, crop_id) pairs, in the order given."""
-        image_ids = np.asarray(image_ids, dtype=np.int64)
-        crop_ids = np.asarray(crop_ids, dtype=np.int64)
-        if crop_ids.size and (crop_ids.min() < 0 or crop_ids.max() >= self.num_crops):
-            raise CacheError(f"{self.path}: crop index out of range 0..{self.num_crops - 1}")
-        specs = self.layout.array_specs()  # one row per pair: an array's shape without its [N, C]
-        out = {name: np.empty((len(image_ids), *specs[name][0][2:]), specs[name][2]) for name in DATA_ARRAYS}
-        for sel, data, rows in self._by_shard(image_ids):
+            data, rows = self.read_shard(int(s)), image_ids[sel] - s * ips
             for name in DATA_ARRAYS:
-                out[name][sel] = data[name][rows, crop_ids[sel]]
-        return out
-
-    def images(self, image_ids) -> dict[str, np.ndarray]:
-        """Every crop of the given images, in the order given: arrays [len(image_ids), C, ...]."""
-        image_ids = np.asarray(image_ids, dtype=np.int64)
-        specs = self.layout.array_specs()
-        out = {name: np.empty((len(image_ids), *specs[name][0][1:]), specs[name][2]) for name in DATA_ARRAYS}
-        for sel, data, rows in self._by_shard(image_ids):
-            for name in DATA_ARRAYS:
-                out[name][sel] = data[name][rows]
+                out[name][sel] = pick(data[name], rows, sel)
         return out
 
 
@@ -844,8 +824,7 @@ def _scan(path: str | Path, manifest_hash: str | None, manifest_images: int | No
         start, stop = shard_bounds(s, L.images_per_shard, L.num_images)
         problems[s] = [f"shard {s} (images {start}..{stop - 1}): incomplete (no completion record)"]
     for s in np.flatnonzero(reader.complete).tolist():
-        found = _shard_problems(reader, s)
-        if found:
+        if found := _shard_problems(reader, s):
             problems[s] = found
             damaged.append(s)
     listed = [p for s in sorted(problems) for p in problems[s]]

@@ -76,8 +76,6 @@ def user_errors():
     """
     try:
         yield
-    except click.ClickException:
-        raise
     except (PipelineError, OSError) as e:
         raise click.ClickException(user_message(e)) from None
     except ValueError as e:

@@ -4,9 +4,8 @@ The dataclass defaults below are *the* defaults; ``pipeline.toml`` restates ever
 one of them with a comment (``tests/test_config.py`` checks the two agree), so a
 user can read the file to learn every knob and edit it without reading code.
 
-Loading order: dataclass defaults <- the TOML file <- ``--set table.key=value``
-and command flags. Unknown tables/keys and wrong types fail with a message that
-names the key; nothing is silently ignored.
+Layers are laid over the defaults by ``load_config``. Unknown tables/keys and
+wrong types fail with a message that names the key; nothing is silently ignored.
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import dataclasses
 import json
 import re
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +172,8 @@ class Config:
         return apply_overrides(self, overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
+        """JSON-ready dict of the resolved config (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
 _TABLE_TYPES = typing.get_type_hints(Config)
@@ -205,17 +204,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
             if len(value) == len(args):
                 return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    elif isinstance(annotation, types.UnionType):
-        for a in typing.get_args(annotation):
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
     else:  # pragma: no cover - only reached if a new field type is added
         raise TypeError(f"config field {key}: unsupported annotation {annotation!r}")
-    expected = getattr(annotation, "__name__", None) or str(annotation)
-    if origin is tuple:
-        expected = "a list " + str(annotation).replace("tuple", "")
+    expected = "a list " + str(annotation).replace("tuple", "") if origin is tuple else annotation.__name__
     raise ConfigError(f"config key '{key}': expected {expected}, got {value!r} ({type(value).__name__})")
 
 
@@ -228,14 +219,12 @@ def _parse_scalar(text: str) -> Any:
 
 
 def _build_table(table: str, values: dict[str, Any], base: Any, source: str) -> Any:
-    cls = type(base)
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(type(base))  # every field of a table, by name
     updates = {}
     for key, value in values.items():
-        if key not in known:
+        if key not in hints:
             raise ConfigError(
-                f"{source}: unknown key '{table}.{key}'. Known keys in [{table}]: {', '.join(sorted(known))}"
+                f"{source}: unknown key '{table}.{key}'. Known keys in [{table}]: {', '.join(sorted(hints))}"
             )
         updates[key] = _coerce(value, hints[key], f"{table}.{key}")
     table_cfg = dataclasses.replace(base, **updates)
@@ -343,10 +332,9 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
             raise ConfigError(
                 f"{source}: '{dotted}' is not a config key; use TABLE.KEY with TABLE one of {', '.join(_TABLE_TYPES)}"
             )
-        if isinstance(value, str):
-            hint = typing.get_type_hints(_TABLE_TYPES[table]).get(key)
-            if hint is not str:
-                value = _parse_scalar(value) if hint is not None and typing.get_origin(hint) is not tuple else value
+        hint = typing.get_type_hints(_TABLE_TYPES[table]).get(key)
+        if isinstance(value, str) and hint not in (str, None) and typing.get_origin(hint) is not tuple:
+            value = _parse_scalar(value)  # a tuple's string is split by _coerce, an unknown key refused there
         grouped.setdefault(table, {})[key] = value
     updates = {t: _build_table(t, vals, getattr(cfg, t), source) for t, vals in grouped.items()}
     return dataclasses.replace(cfg, **updates)
@@ -394,15 +382,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return flat
 
 
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """JSON-ready dict of the resolved config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
 def config_to_toml(cfg: Config) -> str:
     """The whole resolved config as TOML; ``load_config`` of it gives ``cfg`` back."""
     lines = []
-    for table, values in config_to_dict(cfg).items():
+    for table, values in cfg.to_dict().items():
         lines.append(f"[{table}]")
         lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")

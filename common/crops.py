@@ -72,10 +72,7 @@ def boxes(
     that broadcast together; the result has their broadcast shape.
     """
     image_id, crop_index, width, height = np.broadcast_arrays(
-        np.asarray(image_id, dtype=np.int64),
-        np.asarray(crop_index, dtype=np.int64),
-        np.asarray(width, dtype=np.int64),
-        np.asarray(height, dtype=np.int64),
+        *(np.asarray(a, dtype=np.int64) for a in (image_id, crop_index, width, height))
     )
     if np.any(image_id < 0) or np.any(crop_index < 0):
         raise ValueError("image_id and crop_index must be >= 0")
@@ -89,10 +86,7 @@ def boxes(
 
     # Evaluate all tries; keep the first that fits (torchvision returns on the first).
     chosen = np.zeros(shape, dtype=bool)
-    x = np.zeros(shape, dtype=np.int64)
-    y = np.zeros(shape, dtype=np.int64)
-    w = np.zeros(shape, dtype=np.int64)
-    h = np.zeros(shape, dtype=np.int64)
+    x, y, w, h = (np.zeros(shape, dtype=np.int64) for _ in range(4))
     for t in range(TRIES):
         target_area = area * (scale[0] + (scale[1] - scale[0]) * u(_AREA + t))
         aspect = np.exp(log_r0 + (log_r1 - log_r0) * u(_RATIO + t))

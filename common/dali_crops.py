@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,12 +41,6 @@ from common.images import ImageError, open_image
 from common.render import Rendered, View, check_frame, resize_mode
 
 _INTERP = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "nearest": types.INTERP_NN}
-
-
-class RenderedCrops(NamedTuple):
-    views: list[torch.Tensor]  # per view uint8 [n*m, 3, S, S], image-major: all m crops of image 0, then image 1...
-    sample_ids: torch.Tensor  # int64 [n*m] (CPU), as fed
-    image_sizes: torch.Tensor  # int64 [n, 2] (CPU): (width, height) of each image after EXIF orientation
 
 
 def device_id_for(runtime) -> int | None:
@@ -168,21 +162,22 @@ class DaliCropRenderer:
         compare; without them the order is checked here. A box outside its image is an error.
         """
         n, m = len(files), self.crops_per_image
-        boxes = [np.asarray(b, dtype=np.int32).reshape(n, m, 4) for b in boxes]
-        flips = np.asarray(flips).reshape(n, m)
+        # DALI's external sources take C-contiguous rows of their declared dtypes
+        boxes = [np.ascontiguousarray(b, dtype=np.int32).reshape(n, m, 4) for b in boxes]
+        flips = np.ascontiguousarray(flips, dtype=np.int32).reshape(n, m)
         fed_ids = np.arange(n * m, dtype=np.int64).reshape(n, m) if sample_ids is None else \
-            np.asarray(sample_ids, dtype=np.int64).reshape(n, m)
+            np.ascontiguousarray(sample_ids, dtype=np.int64).reshape(n, m)
         parts, ids = [], []
         for start in range(0, n, self.batch_size):
             rows = slice(start, start + self.batch_size)
             batch_files = list(files[rows])
             encoded = list(self._readers.map(read_encoded, batch_files))
             try:
-                out = self.render_encoded(encoded, [b[rows] for b in boxes], flips[rows], fed_ids[rows])
+                out, image_sizes = self.render_encoded(encoded, [b[rows] for b in boxes], flips[rows], fed_ids[rows])
             except RuntimeError as e:  # DALI's errors are RuntimeErrors that name no file
                 raise decode_failure(batch_files, e) from e
             if frames is not None:
-                for path, size, frame in zip(batch_files, out.image_sizes.tolist(), frames[rows]):
+                for path, size, frame in zip(batch_files, image_sizes.tolist(), frames[rows]):
                     check_frame(path, size, frame)
             if sample_ids is None and not torch.equal(out.sample_ids, torch.from_numpy(fed_ids[rows].reshape(-1))):
                 raise RuntimeError("DALI returned crops in a different order than they were fed")
@@ -193,21 +188,18 @@ class DaliCropRenderer:
                              for v in self.views], torch.empty(0, dtype=torch.int64))
         return Rendered([torch.cat(p) for p in zip(*parts)], torch.cat(ids))
 
-    def render_encoded(self, encoded: Sequence[np.ndarray], boxes, flips, sample_ids) -> RenderedCrops:
-        """One DALI run over at most ``batch_size`` images.
+    def render_encoded(self, encoded: Sequence[np.ndarray], boxes, flips, sample_ids) -> tuple[Rendered, torch.Tensor]:
+        """One DALI run over 1..``batch_size`` images, as :meth:`render` splits and prepares them.
 
-        ``encoded``: n uint8 arrays (file bytes); ``boxes`` one [n, m, 4] per view;
-        ``flips`` [n, m]; ``sample_ids`` [n, m] int64, returned flattened beside the crops.
+        ``encoded``: n uint8 arrays (file bytes); ``boxes`` one int32 [n, m, 4] per view;
+        ``flips`` int32 [n, m]; ``sample_ids`` int64 [n, m], returned flattened beside the crops.
+        Returns the crops and int64 [n, 2] (CPU): (width, height) of each image after EXIF orientation.
         """
         n, m = len(encoded), self.crops_per_image
-        if not 1 <= n <= self.batch_size:
-            raise ValueError(f"render_encoded takes 1..{self.batch_size} images, got {n}")
-        flips = np.ascontiguousarray(flips, dtype=np.int32).reshape(n, m)
-        sample_ids = np.ascontiguousarray(sample_ids, dtype=np.int64).reshape(n, m)
         with self._lock:
             self._pipe.feed_input("encoded", list(encoded))
             for v, view_boxes in enumerate(boxes):
-                self._pipe.feed_input(f"boxes{v}", list(np.ascontiguousarray(view_boxes, dtype=np.int32).reshape(n, m, 4)))
+                self._pipe.feed_input(f"boxes{v}", list(view_boxes))
             self._pipe.feed_input("flips", list(flips))
             self._pipe.feed_input("sample_ids", list(sample_ids))
             outputs = self._pipe.run()
@@ -216,11 +208,7 @@ class DaliCropRenderer:
                      .reshape(n * m, 3, view.size, view.size) for v, view in enumerate(self.views)]
             ids = torch.from_numpy(np.array(outputs[-2].as_tensor()))
             shapes = np.array(outputs[-1].as_tensor())
-        return RenderedCrops(
-            views=views,
-            sample_ids=ids.reshape(n * m),
-            image_sizes=torch.from_numpy(shapes[:, [1, 0]].astype(np.int64)),
-        )
+        return Rendered(views, ids.reshape(n * m)), torch.from_numpy(shapes[:, [1, 0]].astype(np.int64))
 
     def _to_torch(self, tensor_list) -> torch.Tensor:
         dense = tensor_list.as_tensor()

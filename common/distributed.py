@@ -50,13 +50,6 @@ def all_gather_json(runtime: Runtime, value: Any) -> list[Any]:
     return [json.loads(bytes(g[:n].cpu().numpy())) for g, n in zip(gathered, lengths)]
 
 
-def failure_message(error: BaseException) -> str:
-    """What a peer prints for ``error``: the text the CLI shows for a user error, else type and text."""
-    if isinstance(error, (ValueError, OSError)):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
-
-
 @contextlib.contextmanager
 def fail_together(runtime: Runtime) -> Iterator[None]:
     """Run the block on every rank, then exchange outcomes; raise on every rank if any rank failed.
@@ -72,8 +65,10 @@ def fail_together(runtime: Runtime) -> Iterator[None]:
     try:
         yield
     except Exception as error:
+        # what the peers print: the text the CLI shows for a user error, else type and text
+        message = str(error) if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {error}"
         with contextlib.suppress(Exception):
-            all_gather_json(runtime, failure_message(error))
+            all_gather_json(runtime, message)
         raise
     with peer_may_be_gone("the other ranks to finish this step"):  # a peer that failed before the block
         outcomes = all_gather_json(runtime, None)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import re
 
-# Subclass names, so that a RuntimeError carrying a worker's "Caught ImageError ..." text
-# can be recognised as one of ours without importing anything.
-_NAMES: set[str] = set()
+# The names of PipelineError and its subclasses (each added as it is defined), so that a RuntimeError
+# carrying a worker's "Caught ImageError ..." text can be recognised as one of ours without importing anything.
+_NAMES: set[str] = {"PipelineError"}
 
 _WORKER_HEADER = re.compile(r"\ACaught (\w+) in (?:DataLoader worker process \d+|pin memory thread[^\n]*)\.\n")
 
@@ -33,9 +33,6 @@ class PipelineError(ValueError):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _NAMES.add(cls.__name__)
-
-
-_NAMES.add(PipelineError.__name__)
 
 
 class ConfigError(PipelineError):
@@ -52,8 +49,7 @@ def wrapped_user_error(e: BaseException) -> bool:
 def user_message(e: BaseException) -> str:
     """The message to print for ``e``: its own text, or the original text of a worker's error."""
     text = str(e)
-    header = _WORKER_HEADER.match(text)
-    if header:
+    if header := _WORKER_HEADER.match(text):
         # The formatted traceback ends with "module.Type: message" (after any chained causes).
         name = re.escape(header.group(1))
         ends = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, re.M))

@@ -56,8 +56,6 @@ HASH_ALGORITHM = "sha256"
 # meal.hash_scheme uses 1.
 HASH_SCHEME = 2
 _LEGACY_HASH_SCHEME = 1
-# How each supported meal.hash_algorithm digests a file, for `--check-images`.
-_FILE_DIGESTS = {"sha256": hashlib.sha256}
 _LISTED_MISMATCHES = 5  # files named in a --check-images failure; the rest are counted
 
 SCHEMA = pa.schema(
@@ -273,17 +271,14 @@ def write_manifest(
     class_names = [str(c) for c in class_names]
     if not rows:
         raise ManifestError(f"no images to write to {out}: a manifest needs at least one image")
-    duplicate_class = _first_duplicate(class_names)
-    if duplicate_class is not None:
+    if (duplicate_class := _first_duplicate(class_names)) is not None:
         raise ManifestError(f"class name {duplicate_class!r} appears twice: each class needs its own name")
     for i, row in enumerate(rows):
-        problem = check_relative_path(row.path)
-        if problem:
+        if problem := check_relative_path(row.path):
             raise ManifestError(f"row {i}: path {row.path!r}: {problem}")
         if not -1 <= row.label < len(class_names):
             raise ManifestError(f"row {i} ({row.path}): label {row.label} outside -1..{len(class_names) - 1}")
-    duplicates = _first_duplicate([r.path for r in rows])
-    if duplicates:
+    if duplicates := _first_duplicate([r.path for r in rows]):
         raise ManifestError(f"path {duplicates!r} appears twice: list each image once")
     # ManifestRow's fields are SCHEMA's columns after image_id
     columns = {"image_id": pa.array(np.arange(len(rows), dtype=np.int64)),
@@ -353,8 +348,7 @@ def load_manifest(
         raise ManifestError(
             f"manifest {path}: metadata meal.class_names must be a JSON list of strings; {_REBUILD_HINT}"
         )
-    duplicate_class = _first_duplicate(class_names)
-    if duplicate_class is not None:
+    if (duplicate_class := _first_duplicate(class_names)) is not None:
         raise ManifestError(f"manifest {path}: class name {shown(duplicate_class)} appears twice in meal.class_names; "
                             f"{_REBUILD_HINT} from folders with distinct names")
     recorded_root = _read_string_metadata(table.schema, "root", path, " (the image folder)")
@@ -436,17 +430,13 @@ def check_image_files(manifest: Manifest, progress: bool | None = None, share: t
     """
     if manifest.digests is None:
         raise ValueError("check_image_files needs load_manifest(..., with_digests=True)")
-    new_digest = _FILE_DIGESTS[manifest.hash_algorithm]
     confined = ConfinedPaths(manifest)
     recorded = manifest.digests
 
     def problem(image_id: int) -> str | None:
         try:
-            path = confined(image_id)
-            digest = new_digest()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
+            with open(confined(image_id), "rb") as f:
+                digest = hashlib.file_digest(f, manifest.hash_algorithm)  # a name load_manifest accepted
         except ImageError as e:
             return f"{manifest.paths[image_id]} ({e.reason})"
         except OSError as e:
@@ -457,13 +447,9 @@ def check_image_files(manifest: Manifest, progress: bool | None = None, share: t
 
     ids = range(share[0], manifest.num_images, share[1])
     workers = min(8, os.cpu_count() or 1)
-    bad: list[str] = []
+    found = prefetch(problem, ids, workers=workers, depth=4 * workers, name="check-images")
     hidden = None if progress is None else not progress  # tqdm: None = shown on a terminal only
-    with tqdm(total=len(ids), desc="checking image digests", unit="img", disable=hidden) as bar:
-        for found in prefetch(problem, ids, workers=workers, depth=4 * workers, name="check-images"):
-            if found is not None:
-                bad.append(found)
-            bar.update()
+    bad = [p for p in tqdm(found, total=len(ids), desc="checking image digests", unit="img", disable=hidden) if p]
     if bad:
         more = f" and {len(bad) - _LISTED_MISMATCHES} more" if len(bad) > _LISTED_MISMATCHES else ""
         raise ManifestError(
@@ -547,7 +533,6 @@ def _read_string_metadata(schema: pa.Schema, key: str, path: object, meaning: st
         raise ManifestError(f"manifest {path}: metadata meal.{key} must be a JSON string{meaning}, not "
                             f"{shown(value)}; {_REBUILD_HINT}")
     return value
-
 
 
 def _first_duplicate(items: Iterable[str]) -> str | None:

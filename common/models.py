@@ -106,24 +106,9 @@ def resolve_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
-def preprocess_for(model: nn.Module, input_size: int | None = None) -> Preprocess:
-    cfg = timm.data.resolve_data_config({}, model=model)
-    size = int(input_size) if input_size else int(cfg["input_size"][-1])
-    return Preprocess(
-        input_size=size,
-        interpolation=str(cfg.get("interpolation", "bilinear")),
-        mean=tuple(float(v) for v in cfg["mean"]),
-        std=tuple(float(v) for v in cfg["std"]),
-        crop_pct=float(cfg.get("crop_pct", 0.875)),
-    )
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -136,7 +121,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; check the path given to --*-weights")
-    meta: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -144,8 +128,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             with safe_open(str(path), framework="pt") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}
                 raw_meta = f.metadata() or {}
-            if "meta" in raw_meta:
-                meta = json.loads(raw_meta["meta"])
+            meta = json.loads(raw_meta["meta"]) if "meta" in raw_meta else {}
         except Exception as e:  # SafetensorError (truncated, bad header), a bad meta JSON
             raise WeightsError(f"{path}: cannot be read as a safetensors file ({cause_text(e)}); "
                                "is it truncated or damaged?") from e
@@ -275,8 +258,7 @@ def load_failure(path: str | Path, e: Exception) -> str:
     # torch raises pickle's UnpicklingError here; matched by name so this module imports no pickle at all
     if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in text:
         accepted = "Only safetensors files and plain tensor state dicts are accepted."
-        refused = _REFUSED_GLOBAL.search(text)
-        if refused:
+        if refused := _REFUSED_GLOBAL.search(text):
             return (f"{path}: cannot be loaded safely: it holds the Python object {refused.group(1)}, "
                     f"not only tensors, and loading it could run code. {accepted}")
         # Other refusals (a reduce call, an opcode) name their cause in the unpickler's first sentence.
@@ -336,23 +318,22 @@ def create_model(
     if state is not None:
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
+            mismatch = (f"missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. "
+                        f"{unexpected[:3]}" if missing or unexpected else "")
         except RuntimeError as e:  # shape mismatch, e.g. a classifier for another class count
-            raise WeightsError(
-                f"{weights}: does not fit {timm_name} with {num_classes} classes "
-                f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}). "
-                "Check the model name and the number of classes."
-            ) from e
-        if missing or unexpected:
-            raise WeightsError(
-                f"{weights}: does not fit {timm_name} with {num_classes} classes "
-                f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]}). "
-                "Check the model name and the number of classes."
-            )
-    pre = preprocess_for(model, input_size)
+            lines = str(e).splitlines()
+            mismatch = lines[1].strip() if len(lines) > 1 else str(e)
+        if mismatch:
+            raise WeightsError(f"{weights}: does not fit {timm_name} with {num_classes} classes ({mismatch}). "
+                               "Check the model name and the number of classes.")
     if "preprocess" in meta:
         pre = Preprocess.from_dict(meta["preprocess"])
-        if input_size:
-            pre = replace(pre, input_size=int(input_size))
+    else:
+        timm_cfg = timm.data.resolve_data_config({}, model=model)
+        pre = Preprocess.from_dict({"interpolation": "bilinear", "crop_pct": 0.875, **timm_cfg,
+                                    "input_size": timm_cfg["input_size"][-1]})
+    if input_size:
+        pre = replace(pre, input_size=int(input_size))
     return model, pre
 
 

@@ -3,14 +3,7 @@
 Both stages overlap producing data with computing on it: stage 1 renders the
 next groups of teacher views while the teachers run, stage 2 renders the next
 batches while the student trains and plans the next epoch while the current
-one runs. All of them go through this module:
-
-* :func:`prefetch` -- ``map(fn, items)`` in order, a bounded number of items
-  ahead, on ``workers`` threads. An error is re-raised at its item; closing the
-  generator early (``break``) drops the items not started and waits for the
-  running ones, so a loop that stops also stops its producers.
-* :func:`in_background` -- ``fn()`` started now, its result (or exception)
-  collected later through a :class:`~concurrent.futures.Future`.
+one runs. All of them go through :func:`prefetch` or :func:`in_background`.
 
 The threads are daemon threads, unlike ``ThreadPoolExecutor``'s (which the
 interpreter joins at exit): work nobody will collect -- the plan of an epoch
@@ -72,7 +65,9 @@ def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, depth: int,
     At most ``depth`` items are in flight, counting the one being handed over:
     while the consumer works on item i, items i+1 .. i+depth-1 are being computed
     (or are done and wait). ``workers <= 0`` computes in the caller's thread.
-    ``items`` is iterated in the caller's thread.
+    ``items`` is iterated in the caller's thread. An error is re-raised at its item; closing
+    the generator early (``break``) drops the items not started and waits for the running
+    ones, so a loop that stops also stops its producers.
     """
     if workers <= 0:
         yield from map(fn, items)

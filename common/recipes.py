@@ -3,12 +3,12 @@
 A recipe is ``recipes/NAME.toml``: a few tables of pipeline.toml with the
 values of one published training run. Its leading comment block documents
 the run; the first line is ``# NAME: summary``, which ``pipeline recipes``
-lists. ``--recipe`` also takes a path to a recipe file of one's own.
-Layering (common/config.py ``load_config``): defaults <- pipeline.toml (or
---config) <- recipe <- --set <- command flags.
+lists. ``--recipe`` also takes a path to a recipe file of one's own; how it
+is laid over the rest is common/config.py ``load_config``.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,11 +49,8 @@ def recipe_path(name_or_path: str) -> Path:
 
 def read_recipe(name_or_path: str) -> Recipe:
     path = recipe_path(name_or_path)
-    header = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        header.append(line[2:] if line.startswith("# ") else line[1:])
+    comments = itertools.takewhile(lambda line: line.startswith("#"), path.read_text().splitlines())
+    header = [line[2:] if line.startswith("# ") else line[1:] for line in comments]
     first = header[0] if header else ""
     name, sep, summary = first.partition(":")
     if not sep or name.strip() != path.stem:

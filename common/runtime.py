@@ -106,8 +106,7 @@ def build_runtime(cfg: RuntimeConfig, init_distributed: bool = True) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
 
-    threads = intra_op_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if threads:
+    if threads := intra_op_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
         torch.set_num_threads(threads)
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

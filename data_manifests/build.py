@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,10 +47,12 @@ from common.errors import PipelineError
 from common.images import ImageError, decoded_size
 from common.locations import is_url, remove, write_bytes
 from common.manifest import Manifest, ManifestRow, check_relative_path, load_manifest, write_manifest
+from common.prefetch import prefetch
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 MAX_LISTED_PROBLEMS = 20
-_BATCH = 1024  # files in flight per thread-pool round; bounds memory on huge trees
+_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # ThreadPoolExecutor's default: the threads mostly wait on reads
+_IN_FLIGHT = 1024  # files read and not yet collected; bounds memory on huge trees
 _OUT_HINT = "choose an --out in a folder you can write to"
 
 
@@ -110,7 +111,8 @@ def build_manifest(
     write_manifest(rows, class_names, root, out, description=description)
     try:
         if rejects:
-            _write_rejects(sidecar, rejects)
+            lines = (json.dumps({"path": r.path, "reason": r.reason}, ensure_ascii=False) + "\n" for r in rejects)
+            write_bytes(sidecar, "".join(lines).encode("utf-8"))
             print(f"skipped {len(rejects)} bad input(s) under {root}; listed in {sidecar}", file=sys.stderr)
         else:
             remove(sidecar)  # a stale list from an earlier build would mislead
@@ -173,14 +175,13 @@ def _scan(root: Path, exclude: set[Path]) -> tuple[list[str], list[tuple[str, in
 
     candidates: list[tuple[str, int]] = []
     for label, name in enumerate(class_names):
-        found = 0
+        before = len(candidates)
         for rel, problem in _walk(root / name, name, exclude):
             if problem:
                 rejects.append(Reject(rel, problem))
             else:
                 candidates.append((rel, label))
-                found += 1
-        if not found:
+        if len(candidates) == before:
             rejects.append(Reject(name, "empty class folder (no image files in it); add images or remove the folder"))
     candidates.sort()
     return class_names, candidates, rejects
@@ -213,12 +214,8 @@ def _entries(directory: Path) -> list[os.DirEntry]:
 
 
 def _symlink_reject(rel: str, path: str) -> Reject:
-    target = os.readlink(path)
-    return Reject(
-        rel,
-        f"symbolic link (to {target}); manifests record real files under the root only: "
-        "replace it with a copy of the file",
-    )
+    return Reject(rel, f"symbolic link (to {os.readlink(path)}); manifests record real files under the root only: "
+                       "replace it with a copy of the file")
 
 
 def _path_problem(rel: str) -> str | None:
@@ -231,16 +228,9 @@ def _path_problem(rel: str) -> str | None:
 
 
 def _inspect_all(root: Path, rels: list[str], progress: bool) -> list[tuple[str, int, tuple[int, int]] | Reject]:
-    """Hash and decode every file on a thread pool (Pillow and hashlib release the GIL)."""
-    results: list[tuple[str, int, tuple[int, int]] | Reject] = []
-    with ThreadPoolExecutor() as pool, tqdm(
-        total=len(rels), desc="checking images", unit="img", disable=not progress
-    ) as bar:
-        for start in range(0, len(rels), _BATCH):
-            for result in pool.map(lambda rel: _inspect(root, rel), rels[start : start + _BATCH]):
-                results.append(result)
-                bar.update()
-    return results
+    """Hash and decode every file on threads (Pillow and hashlib release the GIL)."""
+    inspected = prefetch(lambda rel: _inspect(root, rel), rels, workers=_WORKERS, depth=_IN_FLIGHT, name="inspect")
+    return list(tqdm(inspected, total=len(rels), desc="checking images", unit="img", disable=not progress))
 
 
 def _inspect(root: Path, rel: str) -> tuple[str, int, tuple[int, int]] | Reject:
@@ -249,10 +239,8 @@ def _inspect(root: Path, rel: str) -> tuple[str, int, tuple[int, int]] | Reject:
         data = (root / rel).read_bytes()
     except OSError as e:
         return Reject(rel, f"cannot read file ({e.strerror or e})")
-    if not data:
-        return Reject(rel, "zero-byte file")
     try:
-        size = decoded_size(data, rel)
+        size = decoded_size(data, rel)  # an empty file is refused there too
     except ImageError as e:
         return Reject(rel, e.reason)
     return hashlib.sha256(data).hexdigest(), len(data), size
@@ -265,11 +253,6 @@ def _problem_report(root: Path, rejects: list[Reject], sidecar: Path | str) -> s
         lines.append(f"  ... and {len(rejects) - MAX_LISTED_PROBLEMS} more")
     lines.append(f"fix or remove these files, or pass --skip-bad to record them in {sidecar} and continue")
     return "\n".join(lines)
-
-
-def _write_rejects(sidecar: Path | str, rejects: list[Reject]) -> None:
-    lines = (json.dumps({"path": r.path, "reason": r.reason}, ensure_ascii=False) + "\n" for r in rejects)
-    write_bytes(sidecar, "".join(lines).encode("utf-8"))
 
 
 def manifest_info(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> dict[str, Any]:

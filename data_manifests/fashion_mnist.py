@@ -114,8 +114,11 @@ def _write_split(split_dir: Path, images_file: Path, labels_file: Path, limit: i
         "limit": limit,
         **({"skip": skip} if skip else {}),  # absent when 0: trees written before the option stay complete
     }
-    if _read_marker(split_dir).get("source") == identity:
-        return split_dir
+    try:
+        if json.loads((split_dir / MARKER).read_text()).get("source") == identity:
+            return split_dir
+    except (OSError, json.JSONDecodeError):
+        pass  # no complete tree there yet
 
     images = read_idx(images_file, _IMAGES_MAGIC)
     labels = read_idx(labels_file, _LABELS_MAGIC)
@@ -143,13 +146,6 @@ def _write_split(split_dir: Path, images_file: Path, labels_file: Path, limit: i
         shutil.rmtree(split_dir)
     os.replace(tmp, split_dir)
     return split_dir
-
-
-def _read_marker(split_dir: Path) -> dict:
-    try:
-        return json.loads((split_dir / MARKER).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def balanced_subset(labels: np.ndarray, limit: int | None, skip: int = 0) -> np.ndarray:
