@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from benchmarks.harness import (
-    REPO, begin, demo_parser, machine_line, run_header, run_main, run_steps, say, update_marked_section, write_results,
+    REPO, begin, demo_parser, figure, machine_line, run_header, run_main, run_steps, say, update_marked_section,
+    write_results,
 )
 from common.atomic import atomic_write_json
 from stage1_teacher_cache.distill_advice import (
@@ -777,35 +778,26 @@ def margin_table(payload: Mapping[str, Any]) -> str:
 
 def plot_gain(payload: Mapping[str, Any], path: Path) -> Path:
     """Gain (cached - hard) against the rule's first feature: training and held-out regimes, its threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     first = payload["analysis"]["conditions"][0]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for held, marker, label in ((False, "o", "training regimes"), (True, "s", "held-out regimes")):
-        points = [(r["features"][first["feature"]], r["gain"], r["regime"]) for r in payload["regimes"]
-                  if r["held_out"] == held and not r["pretrain"] and r["gain"] is not None
-                  and r["features"].get(first["feature"]) is not None]
-        if points:
-            ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
-            for x, y, name in points:
-                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0.0, color="gray", linewidth=1)
-    tie = payload["analysis"].get("tie_points", 0.0)
-    if tie:
-        ax.axhspan(-tie, tie, color="gray", alpha=0.15, label=f"tie: under {tie:g} point either way")
-    ax.axvline(first["threshold"], color="C3", linestyle="--", linewidth=1,
-               label=f"rule: {payload['analysis']['rule']}")
-    ax.set_xlabel(f"{first['feature']} (before stage 2)")
-    ax.set_ylabel("cached MEAL V2 - hard labels (points)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (6.5, 4.2), dpi=120) as ax:
+        for held, marker, label in ((False, "o", "training regimes"), (True, "s", "held-out regimes")):
+            points = [(r["features"][first["feature"]], r["gain"], r["regime"]) for r in payload["regimes"]
+                      if r["held_out"] == held and not r["pretrain"] and r["gain"] is not None
+                      and r["features"].get(first["feature"]) is not None]
+            if points:
+                ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+                for x, y, name in points:
+                    ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0.0, color="gray", linewidth=1)
+        tie = payload["analysis"].get("tie_points", 0.0)
+        if tie:
+            ax.axhspan(-tie, tie, color="gray", alpha=0.15, label=f"tie: under {tie:g} point either way")
+        ax.axvline(first["threshold"], color="C3", linestyle="--", linewidth=1,
+                   label=f"rule: {payload['analysis']['rule']}")
+        ax.set_xlabel(f"{first['feature']} (before stage 2)")
+        ax.set_ylabel("cached MEAL V2 - hard labels (points)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     return path
 
 

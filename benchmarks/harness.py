@@ -161,6 +161,22 @@ def say(msg: str) -> None:
     print(msg, flush=True)
 
 
+@contextlib.contextmanager
+def figure(path: Path, figsize: tuple[float, float], dpi: int) -> Iterator[Any]:
+    """The axes of a new matplotlib figure (no display needed), laid out and saved as ``path`` at the end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    yield ax
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def run_steps(keys: Sequence[str], step: Callable[[str], Any], module: str, argv: Sequence[str], jobs: int,
               workdir: Path) -> None:
     """Do the steps ``keys`` of a resumable study (unfinished, independent of one another; each records itself
