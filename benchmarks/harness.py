@@ -157,6 +157,26 @@ def module_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def child_args(args: argparse.Namespace, preset: Preset) -> list[str]:
+    """The flags a performance benchmark passes on to its child processes: its preset, seed and --threads."""
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    return ["--preset", preset.name, "--seed", str(args.seed), *threads]
+
+
+def run_child(cmd: Sequence[str], what: str, **kwargs: Any) -> tuple[Any, float, float]:
+    """Runs ``cmd`` in the repository root, its output captured: (the finished process, its wall seconds, the
+    1-minute load average before it). A failure prints the ends of its output and exits, naming ``what``."""
+    import subprocess
+
+    load = loadavg()[0]
+    with Timer() as t:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, **kwargs)
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed ({proc.returncode})")
+    return proc, t.seconds, load
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
 
@@ -629,9 +649,11 @@ def profile_top(fn: Callable[[], Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:10]
 
 
-def profile_table(rows: Iterable[dict[str, Any]]) -> str:
-    return markdown_table(list(rows), [("function", "function"), ("calls", "calls"), ("tottime_s", "tottime s"),
-                                       ("tottime_pct", "% of main-thread time"), ("cumtime_s", "cumtime s")])
+def profile_table(title: str, rows: Iterable[dict[str, Any]]) -> str:
+    """``profile_top``'s rows under a heading that names what was profiled."""
+    return f"\ncProfile, {title}, top 10 by own time:\n\n" + markdown_table(list(rows), [
+        ("function", "function"), ("calls", "calls"), ("tottime_s", "tottime s"),
+        ("tottime_pct", "% of main-thread time"), ("cumtime_s", "cumtime s")])
 
 
 class Timer:
