@@ -19,7 +19,7 @@ import torch
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table,
+    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, ints, machine_info, md_table,
     synthetic_cache_attrs, workdir, write_results,
 )
 from common.cache_format import CacheReader, CacheWriter
@@ -401,7 +401,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=20_000, help="N images in the synthetic cache")
     p.add_argument("--crops", type=int, default=10, help="C crops per image")
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--ks", default="1,5,10,20", help="kept classes to compare")
+    p.add_argument("--ks", type=ints, default="1,5,10,20", help="kept classes to compare")
     p.add_argument("--read-k", type=int, default=10, help="k of the cache used for read rates (pipeline.toml default)")
     p.add_argument("--fkd-k", type=int, default=10, help="k of the FKD-style comparison")
     p.add_argument("--images-per-shard", type=int, default=1024, help="pipeline.toml default")
@@ -418,7 +418,7 @@ def parse_args(argv=None):
     add_out_arg(p)
     add_quick_arg(p, help="smoke run: 500 images, few batches, no ImageNet-scale (< 30 s)")
     args = p.parse_args(argv)
-    args.ks = sorted({int(k) for k in args.ks.split(",")} | {args.read_k, args.fkd_k})
+    args.ks = sorted({*args.ks, args.read_k, args.fkd_k})
     if args.quick:
         args.images, args.batches, args.imagenet_scale = min(args.images, 500), 10, False
     return args

@@ -131,12 +131,9 @@ def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, im
         t3 = time.perf_counter()
         for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2)):
             t[key] += dt
-    n = len(ids)
-    ms = {f"{k}_ms": 1000 * v / n for k, v in t.items()}
-    ms["images"] = n
-    ms["mean_file_kb"] = float(manifest.file_bytes[ids].mean() / 1024)
-    ms["mean_pixels"] = float((manifest.widths[ids].astype(np.int64) * manifest.heights[ids]).mean())
-    return ms
+    return {**{f"{k}_ms": 1000 * v / len(ids) for k, v in t.items()}, "images": len(ids),
+            "mean_file_kb": float(manifest.file_bytes[ids].mean() / 1024),
+            "mean_pixels": float((manifest.widths[ids].astype(np.int64) * manifest.heights[ids]).mean())}
 
 
 # --------------------------------------------------------------------------- main

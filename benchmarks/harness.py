@@ -350,15 +350,10 @@ def disk_usage(path: Path) -> dict[str, int]:
     """Apparent bytes (sum of st_size, like `du --apparent-size -s -B1`) and allocated bytes
     (sum of st_blocks * 512, like `du -s -B1`), directories included as du counts them.
     Small files are rounded up to the filesystem block (4 KiB here), so the two can differ a lot."""
-    apparent = allocated = files = 0
-    for root, dirs, names in os.walk(path):
-        for name in [*dirs, *names]:
-            st = os.lstat(os.path.join(root, name))
-            apparent += st.st_size
-            allocated += st.st_blocks * 512
-            files += name in names
-    st = os.lstat(path)
-    return {"apparent": apparent + st.st_size, "allocated": allocated + st.st_blocks * 512, "files": files}
+    entries = [Path(path), *Path(path).rglob("*")]
+    stats = [entry.lstat() for entry in entries]
+    return {"apparent": sum(st.st_size for st in stats), "allocated": sum(st.st_blocks * 512 for st in stats),
+            "files": sum(not entry.is_dir() for entry in entries)}
 
 
 # --------------------------------------------------------------------------- synthetic images
@@ -731,14 +726,12 @@ class TimedLoader(LimitedLoader):
 
 def timed_epoch(job, epoch: int, warmup: int, max_steps: int | None = None) -> dict[str, Any]:
     """Run the project's ``train_one_epoch`` on ``job`` (from ``train.setup``) through a :class:`TimedLoader`."""
-    import dataclasses
-
     from stage2_student_distill.train import train_one_epoch
 
     timed = TimedLoader(job.train_loader, warmup, job.runtime.device, max_steps)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    out = train_one_epoch(dataclasses.replace(job, train_loader=timed), epoch)
+    out = train_one_epoch(replace(job, train_loader=timed), epoch)
     seconds = time.perf_counter() - t0
     main_cpu, proc_cpu = timed.cpu_ms_per_img
     return {"img_per_s": timed.img_per_s, "epoch_img_per_s": out["img_per_s"], "steps": len(timed),
