@@ -862,9 +862,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.report).write_text(text)
     if args.doc:  # the same report, and the user's page (teachers.md) the rule's table; plots linked from there
         doc = Path(args.doc)
-        for path, text, section in ((doc, report, "bench_distill_regimes"),
-                                    (doc.parent / "teachers.md", margin_table, "bench_distill_regimes[margins]")):
-            update_marked_section(path, text({**payload, "plot": os.path.relpath(args.plot, path.resolve().parent)}),
+        for page, render, section in ((doc, report, "bench_distill_regimes"),
+                                      (doc.parent / "teachers.md", margin_table, "bench_distill_regimes[margins]")):
+            update_marked_section(page, render({**payload, "plot": os.path.relpath(args.plot, page.resolve().parent)}),
                                   section)
     print("\n" + text + f"\nJSON: {path}\nreport: {args.report}\nplot: {args.plot}", flush=True)
     return 0
