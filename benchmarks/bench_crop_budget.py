@@ -312,8 +312,7 @@ def main(argv=None) -> int:
                "caches": st["caches"], "runs": runs, "summary": summary}
     plot(payload, Path(args.plot))
     say(f"plot: {args.plot}")
-    publish("crop_budget", payload, args.out, report(payload), args.doc,
-            f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
+    publish("crop_budget", payload, args.out, report(payload), args.doc, args.doc_tag)
     return 0
 
 

@@ -177,28 +177,26 @@ def full_grid(strong_teacher: str = STRONG_TEACHER) -> list[Regime]:
     resnet = TeacherSpec("resnet10t", 2, 30000, OTHERS)
     regnet = TeacherSpec("regnetx_002", 2, 30000, OTHERS)
 
-    def own(arch: str, epochs: int, n: int) -> TeacherSpec:  # trained on the students' own images
-        return TeacherSpec(arch, epochs, n)
-
+    # the "own" regimes' teachers (skip 0) learn from the students' own images and more
     train = [
         Regime("n500-mid-e60", 500, (mid,), 60, budgets=crop_budgets(60)),
         Regime("n1000-mid-e40", 1000, (mid,), 40, budgets=crop_budgets(40)),
         Regime("n1000-weak-e40", 1000, (weak,), 40),
         Regime("n1000-pair-e40", 1000, (mid, regnet), 40),
-        Regime("n1000-own-e40", 1000, (own("test_resnet", 40, 1000),), 40),
+        Regime("n1000-own-e40", 1000, (TeacherSpec("test_resnet", 40, 1000),), 40),
         Regime("n2000-resnet-e40", 2000, (resnet,), 40),
         Regime("n2000-weakpair-e40", 2000, (weak, mid_byob), 40),
-        Regime("n3000-own-e20", 3000, (own("test_resnet", 20, 3000),), 20),
+        Regime("n3000-own-e20", 3000, (TeacherSpec("test_resnet", 20, 3000),), 20),
         Regime("n5000-mid-e20", 5000, (mid,), 20),
         Regime("n5000-resnet-e12", 5000, (resnet,), 12),
         Regime("n10000-weak-e8", 10000, (weak,), 8),
         Regime("n10000-pair-e8", 10000, (mid, resnet), 8),
-        Regime("n30000-own-e4", 30000, (own("test_resnet", 4, 30000),), 4),
+        Regime("n30000-own-e4", 30000, (TeacherSpec("test_resnet", 4, 30000),), 4),
     ]
     held_out = [
         Regime("n800-weakpair-e40", 800, (weak, mid_byob), 40, held_out=True),  # the issue's case
         Regime("n1500-regnet-e40", 1500, (regnet,), 40, held_out=True),
-        Regime("n4000-own-e20", 4000, (own("test_resnet", 20, 4000),), 20, held_out=True),
+        Regime("n4000-own-e20", 4000, (TeacherSpec("test_resnet", 20, 4000),), 20, held_out=True),
         Regime("n4000-resnet-e20", 4000, (resnet,), 20, held_out=True),
         Regime("n20000-mid-e6", 20000, (mid,), 6, held_out=True),
         # added after the first 18 regimes ran: every held-out regime above had a margin under the rule's

@@ -292,8 +292,7 @@ def main(argv=None) -> int:
             "cached_minus_fresh": fr, "cached_minus_fresh_per_seed": fr_per,
         },
     }
-    publish("fashion_mnist", payload, args.out, report(payload), args.doc,
-            f"bench_fashion_mnist{f'[{args.doc_tag}]' if args.doc_tag else ''}")
+    publish("fashion_mnist", payload, args.out, report(payload), args.doc, args.doc_tag)
     return 0
 
 

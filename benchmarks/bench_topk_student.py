@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         "caches": caches,
         "students": students,
     }
-    publish("topk_student", payload, args.out, report(payload), args.doc, "bench_topk_student")
+    publish("topk_student", payload, args.out, report(payload), args.doc)
     return 0
 
 

@@ -116,7 +116,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 s)",
                   where: str = "JSON under benchmarks/results/quick/") -> None:
     """The one smoke-run flag of every benchmark (``--smoke`` is the same flag); each benchmark maps it to its
-    own small sizes. Its JSON goes to benchmarks/results/quick/ (git-ignored), never over a recorded full run."""
+    own small sizes."""
     parser.add_argument("--quick", "--smoke", dest="quick", action="store_true",
                         help=f"{help}; {where}")
 
@@ -547,13 +547,13 @@ def write_results(name: str, payload: dict[str, Any], out: str | None = None, qu
     return path
 
 
-def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str, doc_section: str) -> Path:
+def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str, tag: str = "") -> Path:
     """The end of an accuracy benchmark: its JSON written, its report printed and put in the marked
-    section ``doc_section`` of ``doc`` ('' = no document)."""
+    section ``bench_NAME`` (``bench_NAME[TAG]`` with a ``tag``) of ``doc`` ('' = no document)."""
     path = write_results(name, payload, out)
     print("\n" + section + f"\nJSON: {path}", flush=True)
     if doc:
-        update_marked_section(Path(doc), section, doc_section)
+        update_marked_section(Path(doc), section, f"bench_{name}" + (f"[{tag}]" if tag else ""))
         print(f"markdown section updated in {doc}")
     return path
 
