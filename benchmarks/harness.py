@@ -359,6 +359,16 @@ def disk_usage(path: Path) -> dict[str, int]:
 # --------------------------------------------------------------------------- synthetic images
 
 
+def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, chunksize: int = 1) -> None:
+    """``fn`` on every job: here with one worker, else in that many processes."""
+    if workers <= 1:
+        for job in jobs:
+            fn(job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(fn, jobs, chunksize=chunksize))
+
+
 def _image_size(rng: np.random.Generator, sizes: tuple[int, int]) -> tuple[int, int]:
     lo, hi = sizes
     short = int(rng.integers(lo, min(hi, int(lo * 1.6)) + 1))
@@ -392,13 +402,7 @@ def make_image_tree(root: Path, num_images: int, num_classes: int, sizes: tuple[
         folder.mkdir(parents=True, exist_ok=True)
         w, h = _image_size(rng, sizes)
         jobs.append((str(folder / f"img{i:06d}.jpg"), w, h, seed * 1_000_003 + i))
-    workers = workers or max(1, min(16, os.cpu_count() or 1))
-    if workers == 1:
-        for job in jobs:
-            _write_one(job)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_one, jobs, chunksize=32))
+    run_jobs(_write_one, jobs, workers or max(1, min(16, os.cpu_count() or 1)), chunksize=32)
     return root
 
 
@@ -502,12 +506,8 @@ def synthetic_cache(path: Path, manifest, num_crops: int, topk: int, images_per_
                                   images_per_shard, seed)
     S = CacheWriter(path, attrs).layout.num_shards  # creates the arrays and attributes
     widths, heights = np.asarray(manifest.widths), np.asarray(manifest.heights)
-    jobs = [(str(path), attrs, widths, heights, list(range(w, S, workers)), seed) for w in range(workers)]
-    if workers <= 1:
-        _write_shards(jobs[0])
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_shards, jobs))
+    run_jobs(_write_shards, [(str(path), attrs, widths, heights, list(range(w, S, workers)), seed)
+                             for w in range(workers)], workers)
     return path
 
 
