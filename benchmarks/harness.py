@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -674,8 +675,6 @@ class LimitedLoader:
         return self.steps
 
     def epoch(self, epoch: int):
-        import itertools
-
         with contextlib.closing(self.loader.epoch(epoch)) as batches:
             yield from itertools.islice(batches, self.steps)
 
