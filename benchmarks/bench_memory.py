@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, LimitedLoader, Timer, add_common_args, announce, child_args, disk_usage, finish, ints,
-    make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, run_child, synthetic_cache,
+    IMAGENET_TRAIN_IMAGES, LimitedLoader, Timer, announce, child_args, disk_usage, finish, ints, make_image_tree,
+    markdown_table, module_command, perf_parser, resolve_preset, rss_bytes, run_child, synthetic_cache,
     synthetic_manifest, workdir,
 )
 
@@ -124,8 +124,7 @@ def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = perf_parser(__doc__)
     parser.add_argument("--sizes", type=ints, default=None, help="comma list of dataset sizes (default 10000,100000,1281167)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per size (default: cpu 20, gpu 200)")
     parser.add_argument("--loader", default="auto", help="optim.loader: auto | dali | torch")

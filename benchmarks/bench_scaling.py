@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from benchmarks.harness import (
-    Timer, add_common_args, announce, child_args, finish, image_dataset, ints, loadavg, markdown_table, median_of,
+    Timer, announce, child_args, finish, image_dataset, ints, loadavg, markdown_table, median_of, perf_parser,
     resolve_preset, run_child, subset_manifest, synthetic_cache, workdir,
 )
 
@@ -78,8 +78,7 @@ def worker(args) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = perf_parser(__doc__)
     parser.add_argument("--worlds", type=ints, default=None, help="comma list of rank counts (default 1,2; --quick: 2, a "
                         "smoke run of the machinery, since each torchrun launch pays ~20-30 s of imports here)")
     parser.add_argument("--loader", default="auto", help="optim.loader for stage 2: auto | dali | torch")

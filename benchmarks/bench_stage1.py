@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_stage1.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import shutil
 import sys
@@ -19,8 +18,8 @@ import torch
 
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
-    Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table,
-    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, workdir,
+    Timer, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table, median_of, perf_parser,
+    profile_table, profile_top, resolve_preset, subset_manifest, sync, workdir,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -112,8 +111,7 @@ def render_only(render, cfg, manifest, group: int, workers: int) -> dict:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = perf_parser(__doc__)
     parser.add_argument("--images", type=int, default=None, help="images in the dataset (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="crops per teacher forward")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")

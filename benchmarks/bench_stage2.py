@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_stage2.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import sys
@@ -20,8 +19,8 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    LimitedLoader, Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg,
-    markdown_table, median_of, names, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
+    LimitedLoader, Timer, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table, median_of,
+    names, perf_parser, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
     timed_epoch, workdir,
 )
 from common.cache_storage import restore_targets
@@ -140,8 +139,7 @@ def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, im
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = perf_parser(__doc__)
     parser.add_argument("--images", type=int, default=None, help="training images (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the steady-state clock")

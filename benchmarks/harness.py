@@ -102,7 +102,10 @@ def demo_parser(doc: str):
     return p, cfg
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def perf_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a performance benchmark (``doc``: its module docstring), with the flags they all take."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu: real teachers/student, bf16; cpu: tiny timm models (default: gpu if CUDA)")
     add_quick_arg(parser)
@@ -112,6 +115,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: the preset's; cpu: 1, gpu: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 s)",
