@@ -344,10 +344,6 @@ def bench_fkd_random(root: Path, rng, num_images: int, num_crops: int, num_class
 # --------------------------------------------------------------------------- environment and report
 
 
-def fmt_rate(x: float) -> str:
-    return f"{x:,.0f}"
-
-
 def report(res: dict) -> str:
     a, out = res["args"], []
     s = res["label_stats"]
@@ -365,7 +361,7 @@ def report(res: dict) -> str:
     out.append(md_table(["k", "B/crop apparent", "B/crop allocated", "index / prob / box+flip B/crop", "files",
                          f"ImageNet-1k x {a['crops']} crops (GB, allocated)", "write s"], rows))
     c1, c8 = ASSUMED_CONSUMPTION["resnet50_1xH100"], ASSUMED_CONSUMPTION["resnet50_8xH100"]
-    rows = [[name, fmt_rate(v["crops_per_s"]), fmt_rate(v["gather_only_crops_per_s"]), v.get("note", ""),
+    rows = [[name, f"{v['crops_per_s']:,.0f}", f"{v['gather_only_crops_per_s']:,.0f}", v.get("note", ""),
              f"{v['crops_per_s'] / c1:.1f}x", f"{v['crops_per_s'] / c8:.2f}x"] for name, v in res["read"].items()]
     out.append(f"\n**2. Read rate, single process, k = {a['read_k']}, batch {a['batch']}** "
                f"(restore_targets on CPU: {res['restore_ms_per_batch']:.2f} ms/batch)\n")
@@ -385,10 +381,10 @@ def report(res: dict) -> str:
          "ImageNet-1k GB (allocated)", "random read crops/s"],
         [["Zarr v1", z["files"], f"{z['apparent'] / 1e6:.2f}", f"{z['allocated'] / 1e6:.2f}",
           f"{z['bytes_per_crop_apparent']:.1f}", f"{z['bytes_per_crop_allocated']:.1f}", f"{z['imagenet_gb']:.2f}",
-          fmt_rate(res["read"]["random, all shards resident"]["crops_per_s"])],
+          f"{res['read']['random, all shards resident']['crops_per_s']:,.0f}"],
          ["FKD per-image", f["files"], f"{f['apparent'] / 1e6:.2f}", f"{f['allocated'] / 1e6:.2f}",
           f"{f['bytes_per_crop_apparent']:.1f}", f"{f['bytes_per_crop_allocated']:.1f}", f"{f['imagenet_gb']:.2f}",
-          fmt_rate(f["random"]["crops_per_s"])],
+          f"{f['random']['crops_per_s']:,.0f}"],
          ["FKD / Zarr", "", f"{f['apparent'] / z['apparent']:.1f}x", f"{f['allocated'] / z['allocated']:.1f}x", "", "", "", ""]]))
     return "\n".join(out)
 

@@ -479,9 +479,8 @@ class Grid:
     def all(self) -> dict[str, dict]:
         """Every phase in order; seed 1 and item 3's regimes decided from the runs before them."""
         self.prepare_data()
-        first, caches, _, _ = plan_steps(self.regimes)
+        first, caches, seed0, _ = plan_steps(self.regimes)  # seed 0, and seed 1 where a regime always has two
         done = {**self.run(first), **self.run(caches)}
-        seed0 = plan_steps(self.regimes, lambda r: (0, 1) if r.always_two_seeds else (0,))[2]
         done.update(self.run(seed0))
         needs_seed1 = {r.name for r in self.regimes if r.always_two_seeds or abs(gain_of(done, r.name, 0)) < 1.0}
         seeds = lambda r: (0, 1) if r.name in needs_seed1 else (0,)  # noqa: E731
