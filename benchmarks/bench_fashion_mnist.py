@@ -122,9 +122,8 @@ def report(payload: dict) -> str:
     lines.append(markdown_table(rows, [("model", "model"), ("seed", "seed"), ("top1", "final top-1 (%)"),
                                        ("best", "best top-1 (%)"), ("epochs", "epochs"),
                                        ("img_s", "train img/s (cache: crops/s)"), ("wall", "wall s")]))
-    lines.append("")
-    lines.append("Teachers' top-1: on these test images, from `teacher-cache`'s evaluation of the cached checkpoints "
-                 "(best = their best epoch on their own validation set). Students: the last epoch's top-1.")
+    lines += ["", "Teachers' top-1: on these test images, from `teacher-cache`'s evaluation of the cached checkpoints "
+                  "(best = their best epoch on their own validation set). Students: the last epoch's top-1."]
     s = payload["summary"]
     lines += ["", "| target | measured (mean over seeds) | met |", "|---|---|---|"]
     for key, target, met in (("cached_minus_hard", "MEAL V2 (cached) - hard labels >= +0.5 points", "met_kd"),
