@@ -19,7 +19,7 @@ import torch
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, machine_info, md_table,
+    IMAGENET_TRAIN_IMAGES, add_out_arg, add_quick_arg, command_line, disk_usage, ints, machine_info, md_table,
     synthetic_cache_attrs, workdir, write_results,
 )
 from common.cache_format import CacheReader, CacheWriter
@@ -344,10 +344,6 @@ def bench_fkd_random(root: Path, rng, num_images: int, num_crops: int, num_class
 # --------------------------------------------------------------------------- environment and report
 
 
-def fmt_rate(x: float) -> str:
-    return f"{x:,.0f}"
-
-
 def report(res: dict) -> str:
     a, out = res["args"], []
     s = res["label_stats"]
@@ -365,7 +361,7 @@ def report(res: dict) -> str:
     out.append(md_table(["k", "B/crop apparent", "B/crop allocated", "index / prob / box+flip B/crop", "files",
                          f"ImageNet-1k x {a['crops']} crops (GB, allocated)", "write s"], rows))
     c1, c8 = ASSUMED_CONSUMPTION["resnet50_1xH100"], ASSUMED_CONSUMPTION["resnet50_8xH100"]
-    rows = [[name, fmt_rate(v["crops_per_s"]), fmt_rate(v["gather_only_crops_per_s"]), v.get("note", ""),
+    rows = [[name, f"{v['crops_per_s']:,.0f}", f"{v['gather_only_crops_per_s']:,.0f}", v.get("note", ""),
              f"{v['crops_per_s'] / c1:.1f}x", f"{v['crops_per_s'] / c8:.2f}x"] for name, v in res["read"].items()]
     out.append(f"\n**2. Read rate, single process, k = {a['read_k']}, batch {a['batch']}** "
                f"(restore_targets on CPU: {res['restore_ms_per_batch']:.2f} ms/batch)\n")
@@ -385,10 +381,10 @@ def report(res: dict) -> str:
          "ImageNet-1k GB (allocated)", "random read crops/s"],
         [["Zarr v1", z["files"], f"{z['apparent'] / 1e6:.2f}", f"{z['allocated'] / 1e6:.2f}",
           f"{z['bytes_per_crop_apparent']:.1f}", f"{z['bytes_per_crop_allocated']:.1f}", f"{z['imagenet_gb']:.2f}",
-          fmt_rate(res["read"]["random, all shards resident"]["crops_per_s"])],
+          f"{res['read']['random, all shards resident']['crops_per_s']:,.0f}"],
          ["FKD per-image", f["files"], f"{f['apparent'] / 1e6:.2f}", f"{f['allocated'] / 1e6:.2f}",
           f"{f['bytes_per_crop_apparent']:.1f}", f"{f['bytes_per_crop_allocated']:.1f}", f"{f['imagenet_gb']:.2f}",
-          fmt_rate(f["random"]["crops_per_s"])],
+          f"{f['random']['crops_per_s']:,.0f}"],
          ["FKD / Zarr", "", f"{f['apparent'] / z['apparent']:.1f}x", f"{f['allocated'] / z['allocated']:.1f}x", "", "", "", ""]]))
     return "\n".join(out)
 
@@ -401,7 +397,7 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=20_000, help="N images in the synthetic cache")
     p.add_argument("--crops", type=int, default=10, help="C crops per image")
     p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--ks", default="1,5,10,20", help="kept classes to compare")
+    p.add_argument("--ks", type=ints, default="1,5,10,20", help="kept classes to compare")
     p.add_argument("--read-k", type=int, default=10, help="k of the cache used for read rates (pipeline.toml default)")
     p.add_argument("--fkd-k", type=int, default=10, help="k of the FKD-style comparison")
     p.add_argument("--images-per-shard", type=int, default=1024, help="pipeline.toml default")
@@ -418,7 +414,7 @@ def parse_args(argv=None):
     add_out_arg(p)
     add_quick_arg(p, help="smoke run: 500 images, few batches, no ImageNet-scale (< 30 s)")
     args = p.parse_args(argv)
-    args.ks = sorted({int(k) for k in args.ks.split(",")} | {args.read_k, args.fkd_k})
+    args.ks = sorted({*args.ks, args.read_k, args.fkd_k})
     if args.quick:
         args.images, args.batches, args.imagenet_scale = min(args.images, 500), 10, False
     return args

@@ -18,8 +18,8 @@ import numpy as np
 
 from benchmarks.bench_fashion_mnist import base_config
 from benchmarks.harness import (
-    REPO, add_device_args, add_quick_arg, begin, demo_parser, ints, markdown_table, names, publish, report_head,
-    run_header, run_main, run_steps, say,
+    REPO, add_device_args, add_quick_arg, begin, demo_parser, figure, ints, markdown_table, names, publish,
+    report_head, run_header, run_main, run_steps, say,
 )
 from common.config import ConfigError, parse_assignments
 from stage2_student_distill import experiment as ex
@@ -312,8 +312,7 @@ def main(argv=None) -> int:
                "caches": st["caches"], "runs": runs, "summary": summary}
     plot(payload, Path(args.plot))
     say(f"plot: {args.plot}")
-    publish("crop_budget", payload, args.out, report(payload), args.doc,
-            f"bench_crop_budget{f'[{args.doc_tag}]' if args.doc_tag else ''}")
+    publish("crop_budget", payload, args.out, report(payload), args.doc, args.doc_tag)
     return 0
 
 
@@ -340,39 +339,31 @@ def summarize(args, ensemble, hard, fresh, replay, cached, best, best_runs) -> d
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs, s = payload["runs"], payload["summary"]
     cached = sorted((r["C"], r["top1"]) for r in runs if r["kind"] == "cached")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c for c, _ in cached], [t for _, t in cached], "o", color="C0", label="MEAL V2 from a cache of C crops")
-    by_c = {}
-    for c, t in cached:
-        by_c.setdefault(c, []).append(t)
-    ax.plot(sorted(by_c), [np.mean(by_c[c]) for c in sorted(by_c)], "-", color="C0")
-    for r in runs:
-        if r["kind"] == "multicrop":
-            ax.plot([r["C"]], [r["top1"]], "s", color="C3", label=f"multi-crop m = {r['m']} (C = {r['C']})")
-        if r["kind"] == "replay":
-            ax.plot([r["C"]], [r["top1"]], "^", color="C4", label=f"online, replaying the C = {r['C']} cache")
-    ax.axhline(s["fresh_top1"], color="C2", ls="--", label="online MEAL V2, fresh crops")
-    ax.axhline(s["hard_top1"], color="C7", ls=":", label="hard labels")
-    # what the soft labels know: a distilled student ends near this line, whatever C
-    ax.axhline(s["ensemble_top1"], color="C1", ls="-.", label="the teachers' ensemble (centre crop)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(by_c), [str(c) for c in sorted(by_c)])
-    ax.set_xlabel("C: cached crops per training image")
-    ax.set_ylabel("top-1 on the test images (%)")
-    a = payload["args"]
-    ax.set_title(f"{a['student']}, {a['student_epochs']} epochs, {a['train_images']:,} images", fontsize=10)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, (6, 4), dpi=110) as ax:
+        ax.plot([c for c, _ in cached], [t for _, t in cached], "o", color="C0",
+                label="MEAL V2 from a cache of C crops")
+        by_c = {}
+        for c, t in cached:
+            by_c.setdefault(c, []).append(t)
+        ax.plot(sorted(by_c), [np.mean(by_c[c]) for c in sorted(by_c)], "-", color="C0")
+        for r in runs:
+            if r["kind"] == "multicrop":
+                ax.plot([r["C"]], [r["top1"]], "s", color="C3", label=f"multi-crop m = {r['m']} (C = {r['C']})")
+            if r["kind"] == "replay":
+                ax.plot([r["C"]], [r["top1"]], "^", color="C4", label=f"online, replaying the C = {r['C']} cache")
+        ax.axhline(s["fresh_top1"], color="C2", ls="--", label="online MEAL V2, fresh crops")
+        ax.axhline(s["hard_top1"], color="C7", ls=":", label="hard labels")
+        # what the soft labels know: a distilled student ends near this line, whatever C
+        ax.axhline(s["ensemble_top1"], color="C1", ls="-.", label="the teachers' ensemble (centre crop)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(by_c), [str(c) for c in sorted(by_c)])
+        ax.set_xlabel("C: cached crops per training image")
+        ax.set_ylabel("top-1 on the test images (%)")
+        a = payload["args"]
+        ax.set_title(f"{a['student']}, {a['student_epochs']} epochs, {a['train_images']:,} images", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
 
 
 def total_minutes(payload: dict) -> float:

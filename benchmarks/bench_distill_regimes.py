@@ -46,7 +46,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from benchmarks.harness import (
-    REPO, begin, demo_parser, machine_line, run_header, run_main, run_steps, say, update_marked_section, write_results,
+    REPO, begin, demo_parser, figure, machine_line, run_header, run_main, run_steps, say, update_marked_section,
+    write_results,
 )
 from common.atomic import atomic_write_json
 from stage1_teacher_cache.distill_advice import (
@@ -176,28 +177,26 @@ def full_grid(strong_teacher: str = STRONG_TEACHER) -> list[Regime]:
     resnet = TeacherSpec("resnet10t", 2, 30000, OTHERS)
     regnet = TeacherSpec("regnetx_002", 2, 30000, OTHERS)
 
-    def own(arch: str, epochs: int, n: int) -> TeacherSpec:  # trained on the students' own images
-        return TeacherSpec(arch, epochs, n)
-
+    # the "own" regimes' teachers (skip 0) learn from the students' own images and more
     train = [
         Regime("n500-mid-e60", 500, (mid,), 60, budgets=crop_budgets(60)),
         Regime("n1000-mid-e40", 1000, (mid,), 40, budgets=crop_budgets(40)),
         Regime("n1000-weak-e40", 1000, (weak,), 40),
         Regime("n1000-pair-e40", 1000, (mid, regnet), 40),
-        Regime("n1000-own-e40", 1000, (own("test_resnet", 40, 1000),), 40),
+        Regime("n1000-own-e40", 1000, (TeacherSpec("test_resnet", 40, 1000),), 40),
         Regime("n2000-resnet-e40", 2000, (resnet,), 40),
         Regime("n2000-weakpair-e40", 2000, (weak, mid_byob), 40),
-        Regime("n3000-own-e20", 3000, (own("test_resnet", 20, 3000),), 20),
+        Regime("n3000-own-e20", 3000, (TeacherSpec("test_resnet", 20, 3000),), 20),
         Regime("n5000-mid-e20", 5000, (mid,), 20),
         Regime("n5000-resnet-e12", 5000, (resnet,), 12),
         Regime("n10000-weak-e8", 10000, (weak,), 8),
         Regime("n10000-pair-e8", 10000, (mid, resnet), 8),
-        Regime("n30000-own-e4", 30000, (own("test_resnet", 4, 30000),), 4),
+        Regime("n30000-own-e4", 30000, (TeacherSpec("test_resnet", 4, 30000),), 4),
     ]
     held_out = [
         Regime("n800-weakpair-e40", 800, (weak, mid_byob), 40, held_out=True),  # the issue's case
         Regime("n1500-regnet-e40", 1500, (regnet,), 40, held_out=True),
-        Regime("n4000-own-e20", 4000, (own("test_resnet", 20, 4000),), 20, held_out=True),
+        Regime("n4000-own-e20", 4000, (TeacherSpec("test_resnet", 20, 4000),), 20, held_out=True),
         Regime("n4000-resnet-e20", 4000, (resnet,), 20, held_out=True),
         Regime("n20000-mid-e6", 20000, (mid,), 6, held_out=True),
         # added after the first 18 regimes ran: every held-out regime above had a margin under the rule's
@@ -480,9 +479,8 @@ class Grid:
     def all(self) -> dict[str, dict]:
         """Every phase in order; seed 1 and item 3's regimes decided from the runs before them."""
         self.prepare_data()
-        first, caches, _, _ = plan_steps(self.regimes)
+        first, caches, seed0, _ = plan_steps(self.regimes)  # seed 0, and seed 1 where a regime always has two
         done = {**self.run(first), **self.run(caches)}
-        seed0 = plan_steps(self.regimes, lambda r: (0, 1) if r.always_two_seeds else (0,))[2]
         done.update(self.run(seed0))
         needs_seed1 = {r.name for r in self.regimes if r.always_two_seeds or abs(gain_of(done, r.name, 0)) < 1.0}
         seeds = lambda r: (0, 1) if r.name in needs_seed1 else (0,)  # noqa: E731
@@ -777,35 +775,26 @@ def margin_table(payload: Mapping[str, Any]) -> str:
 
 def plot_gain(payload: Mapping[str, Any], path: Path) -> Path:
     """Gain (cached - hard) against the rule's first feature: training and held-out regimes, its threshold."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     first = payload["analysis"]["conditions"][0]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for held, marker, label in ((False, "o", "training regimes"), (True, "s", "held-out regimes")):
-        points = [(r["features"][first["feature"]], r["gain"], r["regime"]) for r in payload["regimes"]
-                  if r["held_out"] == held and not r["pretrain"] and r["gain"] is not None
-                  and r["features"].get(first["feature"]) is not None]
-        if points:
-            ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
-            for x, y, name in points:
-                ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.axhline(0.0, color="gray", linewidth=1)
-    tie = payload["analysis"].get("tie_points", 0.0)
-    if tie:
-        ax.axhspan(-tie, tie, color="gray", alpha=0.15, label=f"tie: under {tie:g} point either way")
-    ax.axvline(first["threshold"], color="C3", linestyle="--", linewidth=1,
-               label=f"rule: {payload['analysis']['rule']}")
-    ax.set_xlabel(f"{first['feature']} (before stage 2)")
-    ax.set_ylabel("cached MEAL V2 - hard labels (points)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, (6.5, 4.2), dpi=120) as ax:
+        for held, marker, label in ((False, "o", "training regimes"), (True, "s", "held-out regimes")):
+            points = [(r["features"][first["feature"]], r["gain"], r["regime"]) for r in payload["regimes"]
+                      if r["held_out"] == held and not r["pretrain"] and r["gain"] is not None
+                      and r["features"].get(first["feature"]) is not None]
+            if points:
+                ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, label=label)
+                for x, y, name in points:
+                    ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0.0, color="gray", linewidth=1)
+        tie = payload["analysis"].get("tie_points", 0.0)
+        if tie:
+            ax.axhspan(-tie, tie, color="gray", alpha=0.15, label=f"tie: under {tie:g} point either way")
+        ax.axvline(first["threshold"], color="C3", linestyle="--", linewidth=1,
+                   label=f"rule: {payload['analysis']['rule']}")
+        ax.set_xlabel(f"{first['feature']} (before stage 2)")
+        ax.set_ylabel("cached MEAL V2 - hard labels (points)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     return path
 
 
@@ -870,9 +859,9 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.report).write_text(text)
     if args.doc:  # the same report, and the user's page (teachers.md) the rule's table; plots linked from there
         doc = Path(args.doc)
-        for path, text, section in ((doc, report, "bench_distill_regimes"),
-                                    (doc.parent / "teachers.md", margin_table, "bench_distill_regimes[margins]")):
-            update_marked_section(path, text({**payload, "plot": os.path.relpath(args.plot, path.resolve().parent)}),
+        for page, render, section in ((doc, report, "bench_distill_regimes"),
+                                      (doc.parent / "teachers.md", margin_table, "bench_distill_regimes[margins]")):
+            update_marked_section(page, render({**payload, "plot": os.path.relpath(args.plot, page.resolve().parent)}),
                                   section)
     print("\n" + text + f"\nJSON: {path}\nreport: {args.report}\nplot: {args.plot}", flush=True)
     return 0

@@ -9,7 +9,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_fashion_mnist.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 
@@ -17,10 +16,11 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    add_device_args, begin, demo_parser, ints, markdown_table, names, publish, report_head, run_header, say,
+    LimitedLoader, add_device_args, begin, demo_parser, ints, markdown_table, names, publish, report_head, run_header,
+    run_main, say,
 )
 from common.cache_format import CacheReader
-from common.config import load_config
+from common.config import load_config, parse_assignments
 from common.manifest import load_manifest
 from stage1_teacher_cache.label_agreement import cache_label_agreement
 from stage2_student_distill import experiment as ex
@@ -31,23 +31,19 @@ from stage2_student_distill import experiment as ex
 def compare_targets(cfg, batches: int) -> dict | None:
     """Cached vs. live targets on the same crops: the library's online source replaying the cache
     (``distill.replay_cache``) next to the cache's own targets, over the first ``batches`` batches."""
-    import contextlib
-    import itertools
-
     from stage2_student_distill.train import setup
 
     job = setup(cfg, "distill")
     s = {"samples": 0, "abs_diff_max": 0.0, "abs_diff_sum": 0.0, "kl_sum": 0.0, "argmax_agree": 0}
-    with contextlib.closing(job.train_loader.epoch(0)) as epoch:
-        for batch in itertools.islice(epoch, batches):
-            cached, online = batch.targets.float(), job.targets(batch)
-            diff = (cached - online).abs()
-            kl = (torch.xlogy(online, online) - online * torch.log(cached.clamp_min(1e-12))).sum(-1)
-            s["samples"] += online.shape[0]
-            s["abs_diff_max"] = max(s["abs_diff_max"], float(diff.max()))
-            s["abs_diff_sum"] += float(diff.sum())
-            s["kl_sum"] += float(kl.sum())
-            s["argmax_agree"] += int((cached.argmax(-1) == online.argmax(-1)).sum())
+    for batch in LimitedLoader(job.train_loader, batches).epoch(0):
+        cached, online = batch.targets.float(), job.targets(batch)
+        diff = (cached - online).abs()
+        kl = (torch.xlogy(online, online) - online * torch.log(cached.clamp_min(1e-12))).sum(-1)
+        s["samples"] += online.shape[0]
+        s["abs_diff_max"] = max(s["abs_diff_max"], float(diff.max()))
+        s["abs_diff_sum"] += float(diff.sum())
+        s["kl_sum"] += float(kl.sum())
+        s["argmax_agree"] += int((cached.argmax(-1) == online.argmax(-1)).sum())
     if not s["samples"]:
         return None
     n = s["samples"]
@@ -126,9 +122,8 @@ def report(payload: dict) -> str:
     lines.append(markdown_table(rows, [("model", "model"), ("seed", "seed"), ("top1", "final top-1 (%)"),
                                        ("best", "best top-1 (%)"), ("epochs", "epochs"),
                                        ("img_s", "train img/s (cache: crops/s)"), ("wall", "wall s")]))
-    lines.append("")
-    lines.append("Teachers' top-1: on these test images, from `teacher-cache`'s evaluation of the cached checkpoints "
-                 "(best = their best epoch on their own validation set). Students: the last epoch's top-1.")
+    lines += ["", "Teachers' top-1: on these test images, from `teacher-cache`'s evaluation of the cached checkpoints "
+                  "(best = their best epoch on their own validation set). Students: the last epoch's top-1."]
     s = payload["summary"]
     lines += ["", "| target | measured (mean over seeds) | met |", "|---|---|---|"]
     for key, target, met in (("cached_minus_hard", "MEAL V2 (cached) - hard labels >= +0.5 points", "met_kd"),
@@ -222,7 +217,7 @@ def main(argv=None) -> int:
     base = base_config(args, manifests)
 
     # 2. teachers
-    reuse = dict(item.split("=", 1) for item in args.teacher_run)
+    reuse = parse_assignments(args.teacher_run, "--teacher-run")
     teachers = {}
     for name in args.teachers:
         if name in reuse:
@@ -296,10 +291,9 @@ def main(argv=None) -> int:
             "cached_minus_fresh": fr, "cached_minus_fresh_per_seed": fr_per,
         },
     }
-    publish("fashion_mnist", payload, args.out, report(payload), args.doc,
-            f"bench_fashion_mnist{f'[{args.doc_tag}]' if args.doc_tag else ''}")
+    publish("fashion_mnist", payload, args.out, report(payload), args.doc, args.doc_tag)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -13,16 +13,15 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 
 from benchmarks.harness import (
-    IMAGENET_TRAIN_IMAGES, REPO, Timer, add_common_args, announce, disk_usage, finish, loadavg,
-    make_image_tree, markdown_table, module_command, resolve_preset, rss_bytes, synthetic_cache, synthetic_manifest,
-    workdir,
+    IMAGENET_TRAIN_IMAGES, LimitedLoader, Timer, announce, child_args, disk_usage, finish, ints, make_image_tree,
+    markdown_table, module_command, perf_parser, resolve_preset, rss_bytes, run_child, synthetic_cache,
+    synthetic_manifest, workdir,
 )
 
 WIDTH, HEIGHT = 400, 300
@@ -55,27 +54,20 @@ def child(args) -> None:
     job = setup(cfg, "distill")
     assembled_s = time.perf_counter() - t0
     phases["job_assembled"] = rss_bytes()
-    params = sum(x.numel() * x.element_size() for x in unwrap(job.student).parameters())
-    if job.discriminator is not None:
-        params += sum(x.numel() * x.element_size() for x in unwrap(job.discriminator).parameters())
+    params = sum(x.numel() * x.element_size() for model in (job.student, job.discriminator) if model is not None
+                 for x in unwrap(model).parameters())
     first = {}
 
-    class Probe:  # records RSS once the first batch (epoch plan + gather done) arrives
-        def __init__(self, loader):
-            self.loader, self.num_samples_per_epoch = loader, loader.num_samples_per_epoch
-
-        def __len__(self):
-            return len(self.loader)
-
+    class Probe(LimitedLoader):  # records RSS once the first batch (epoch plan + gather done) arrives
         def epoch(self, e):
             t = time.perf_counter()
-            for i, batch in enumerate(self.loader.epoch(e)):
+            for i, batch in enumerate(super().epoch(e)):
                 if i == 0:
                     first["s"] = time.perf_counter() - t
                     phases["first_batch"] = rss_bytes()
                 yield batch
 
-    probe_job = dataclasses.replace(job, train_loader=Probe(job.train_loader))
+    probe_job = dataclasses.replace(job, train_loader=Probe(job.train_loader, len(job.train_loader)))
     res = timed_epoch(probe_job, 0, warmup=min(2, args.steps - 1), max_steps=args.steps)
     phases["end"] = rss_bytes()
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -132,9 +124,8 @@ def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--sizes", default=None, help="comma list of dataset sizes (default 10000,100000,1281167)")
+    parser = perf_parser(__doc__)
+    parser.add_argument("--sizes", type=ints, default=None, help="comma list of dataset sizes (default 10000,100000,1281167)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per size (default: cpu 20, gpu 200)")
     parser.add_argument("--loader", default="auto", help="optim.loader: auto | dali | torch")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -152,8 +143,7 @@ def main(argv=None) -> int:
         return 0
 
     p = resolve_preset(args)
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
-        [10_000, 50_000] if args.quick else [10_000, 100_000, IMAGENET_TRAIN_IMAGES])
+    sizes = args.sizes or ([10_000, 50_000] if args.quick else [10_000, 100_000, IMAGENET_TRAIN_IMAGES])
     steps = args.steps or (8 if args.quick else (200 if p.name == "gpu" else 20))
     info = announce(
         f"preset {p.name}: student {p.student} @ {p.student_size} px, batch {p.stage2_batch}, {steps} steps "
@@ -170,22 +160,14 @@ def main(argv=None) -> int:
         val = synthetic_manifest(wd / "val.parquet", VAL_IMAGES, p.num_classes, wd / "val-images", WIDTH, HEIGHT).path
         for n in sizes:
             prep = prepare(wd, n, p, steps, args.seed, sources)
-            cmd = module_command("benchmarks.bench_memory", "--child", "--preset", p.name, "--seed", str(args.seed),
-                                 "--manifest", str(prep["manifest"]), "--val-manifest", str(val), "--cache", str(prep["cache"]),
-                   "--run-dir", str(prep["run_dir"]), "--steps", str(steps), "--loader", args.loader)
-            if args.threads is not None:
-                cmd += ["--threads", str(args.threads)]
-            load = loadavg()[0]
-            with Timer() as t:
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            if proc.returncode:
-                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
-                raise SystemExit(f"child for {n} images failed ({proc.returncode})")
+            proc, child_s, load = run_child(module_command(
+                "benchmarks.bench_memory", "--child", *child_args(args, p), "--manifest", str(prep["manifest"]),
+                "--val-manifest", str(val), "--cache", str(prep["cache"]), "--run-dir", str(prep["run_dir"]),
+                "--steps", str(steps), "--loader", args.loader), f"child for {n} images")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            m = subprocess.run(module_command("benchmarks.bench_memory", "--child-manifest", "--manifest",
-                                              str(prep["manifest"])), capture_output=True, text=True, cwd=REPO, check=True)
-            r["manifest_load"] = json.loads(m.stdout.strip().splitlines()[-1])
-            ml = r["manifest_load"]
+            m, _, _ = run_child(module_command("benchmarks.bench_memory", "--child-manifest", "--manifest",
+                                               str(prep["manifest"])), f"load_manifest child for {n} images")
+            r["manifest_load"] = ml = json.loads(m.stdout.strip().splitlines()[-1])
             ph = r["phases"]
             row = {
                 "images": n,
@@ -201,14 +183,14 @@ def main(argv=None) -> int:
                 "img_per_s": r["img_per_s"],
                 "cache_mb_on_disk": prep["cache_bytes"] / MB,
                 "write_s": prep["manifest_s"] + prep["cache_s"],
-                "child_s": t.seconds,
+                "child_s": child_s,
                 "load1": load,
             }
             rows.append(row)
             raw.append({**r, "prepare": prep})
             print(f"  {n:>9,} images: peak RSS {row['peak_rss_mb']:.0f} MB (job assembled {row['job_assembled_mb']:.0f}, "
                   f"after first batch {row['first_batch_mb']:.0f}, end {row['end_mb']:.0f}); epoch start-up "
-                  f"{row['first_batch_s']:.1f} s; data written in {row['write_s']:.1f} s; child {t.seconds:.0f} s "
+                  f"{row['first_batch_s']:.1f} s; data written in {row['write_s']:.1f} s; child {child_s:.0f} s "
                   f"(load {load})", flush=True)
             shutil.rmtree(wd / f"n{n}", ignore_errors=True)  # keep the disk small
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -51,6 +50,7 @@ def smoke_overrides(cfg, size: int, manifest: Path, work: Path) -> dict:
 def run_recipe(name: str, size: int, manifest: Path, workdir: Path) -> dict:
     from common.config import load_config
     from stage1_teacher_cache.run import run as teacher_cache
+    from stage2_student_distill.experiment import timed
     from stage2_student_distill.train import run_distill
 
     work = workdir / name
@@ -60,12 +60,8 @@ def run_recipe(name: str, size: int, manifest: Path, workdir: Path) -> dict:
         cfg = load_config(recipe=name, overrides=smoke_overrides(recipe_cfg, size, manifest, work))
         row.update(teachers=", ".join(cfg.teacher_cache.teachers), student=cfg.distill.student,
                    crops_per_image=cfg.distill.crops_per_image)
-        start = time.perf_counter()
-        teacher_cache(cfg)
-        row["teacher_cache_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        result = run_distill(cfg)
-        row["distill_s"] = time.perf_counter() - start
+        _, row["teacher_cache_s"], _ = timed(teacher_cache, cfg)
+        result, row["distill_s"], _ = timed(run_distill, cfg)
         last = result["last"]
         row.update(outcome="ok", train_loss=last["train_loss"], val_top1=last["val_top1"], lr=last["lr"],
                    disc_lr=last.get("disc_lr"))

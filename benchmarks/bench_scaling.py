@@ -13,14 +13,13 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 
 from benchmarks.harness import (
-    REPO, Timer, add_common_args, announce, finish, image_dataset, loadavg, markdown_table, median_of,
-    resolve_preset, subset_manifest, synthetic_cache, workdir,
+    Timer, announce, child_args, finish, image_dataset, ints, loadavg, markdown_table, median_of, perf_parser,
+    resolve_preset, run_child, subset_manifest, synthetic_cache, workdir,
 )
 
 
@@ -79,9 +78,8 @@ def worker(args) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--worlds", default=None, help="comma list of rank counts (default 1,2; --quick: 2, a "
+    parser = perf_parser(__doc__)
+    parser.add_argument("--worlds", type=ints, default=None, help="comma list of rank counts (default 1,2; --quick: 2, a "
                         "smoke run of the machinery, since each torchrun launch pays ~20-30 s of imports here)")
     parser.add_argument("--loader", default="auto", help="optim.loader for stage 2: auto | dali | torch")
     parser.add_argument("--rounds", type=int, default=None, help="stage 2 repetitions per launch (default 2, quick 1)")
@@ -93,7 +91,7 @@ def parse_args(argv):
     if args.worker:
         return args, None
     p = resolve_preset(args)
-    args.worlds = [int(w) for w in (args.worlds or ("2" if args.quick else "1,2")).split(",")]
+    args.worlds = args.worlds or ([2] if args.quick else [1, 2])
     import torch
 
     if p.device != "cpu" and torch.cuda.is_available() and max(args.worlds) > torch.cuda.device_count():
@@ -125,25 +123,18 @@ def launch(args, p, wd: Path, world: int) -> dict:
     result = wd / f"result-{world}.json"
     # torchrun's module, not its script: a venv made without console scripts has no bin/torchrun
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), "-m",
-           "benchmarks.bench_scaling", "--worker", "--preset", p.name, "--workdir", str(wd), "--result", str(result),
-           "--seed", str(args.seed), "--loader", args.loader, "--rounds", str(args.rounds), "--shard", str(args.shard)]
+           "benchmarks.bench_scaling", "--worker", *child_args(args, p), "--workdir", str(wd), "--result", str(result),
+           "--loader", args.loader, "--rounds", str(args.rounds), "--shard", str(args.shard)]
     if args.quick:
         cmd.append("--quick")
-    if args.threads is not None:
-        cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    load = loadavg()[0]
-    with Timer() as t:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    if proc.returncode:
-        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
-        raise SystemExit(f"torchrun with {world} rank(s) failed ({proc.returncode})")
+    _, launch_s, load = run_child(cmd, f"torchrun with {world} rank(s)", env=env)
     r = json.loads(result.read_text())
-    r["launch_s"], r["load1"] = t.seconds, load
+    r["launch_s"], r["load1"] = launch_s, load
     s2r = {k: max(x["global_img_per_s"] for x in v) for k, v in r["stage2"].items()}
     print(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
           f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
-          f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {t.seconds:.0f} s (load {load})",
+          f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {launch_s:.0f} s (load {load})",
           flush=True)
     return r
 

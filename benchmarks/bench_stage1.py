@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_stage1.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import shutil
 import sys
@@ -19,8 +18,8 @@ import torch
 
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
-    Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table,
-    median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, workdir,
+    Timer, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table, median_of, perf_parser,
+    profile_table, profile_top, resolve_preset, subset_manifest, sync, workdir,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -112,8 +111,7 @@ def render_only(render, cfg, manifest, group: int, workers: int) -> dict:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = perf_parser(__doc__)
     parser.add_argument("--images", type=int, default=None, help="images in the dataset (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None, help="crops per teacher forward")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
@@ -141,30 +139,7 @@ def setup_data(args, p, wd: Path):
     return manifest_path, manifest
 
 
-def measure_rounds(args, p, rounds, wd, manifest_path, manifest, teachers, runtime, render, render_kind, cfg,
-                   limit_batches) -> dict:
-    """Interleaved rounds of the three measurements: the run, the forward limit, the renderer alone."""
-    group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
-    runs = {"run": [], "limit": [], "render": []}
-    for r in range(rounds):
-        out = wd / f"cache-{r}"
-        res = timed_run(config(p, manifest_path, out, args.seed, args.loader))
-        shutil.rmtree(out, ignore_errors=True)
-        runs["run"].append(res)
-        print(f"  round {r + 1}: teacher-cache run     {res['crops_per_s'] or 0:>9.1f} crops/s steady, "
-              f"{res['command_crops_per_s']:.1f} command figure (load {res['load1']})", flush=True)
-        res = forward_limit(teachers, runtime, p.stage1_batch, limit_batches)
-        runs["limit"].append(res)
-        print(f"  round {r + 1}: ensemble forward      {res['crops_per_s']:>9.1f} crops/s (load {res['load1']})",
-              flush=True)
-        res = render_only(render, cfg, manifest, group, runtime.num_workers)
-        runs["render"].append(res)
-        print(f"  round {r + 1}: render only ({render_kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
-              f"(load {res['load1']})", flush=True)
-    return runs
-
-
-def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, render, cfg, on_gpu) -> dict:
+def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, render, cfg, group, on_gpu) -> dict:
     """Where the time goes: cProfile of the run and of the renderer; CUDA syncs of one forward batch."""
     extra = {}
     if not args.quick:
@@ -172,7 +147,6 @@ def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, re
         extra["profile_run_main_thread"] = profile_top(
             lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)))
         shutil.rmtree(out, ignore_errors=True)
-    group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
     jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
     extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs])
     if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
@@ -188,19 +162,34 @@ def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, re
 
 
 def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, dict]:
-    """(the rounds' measurements, the renderer's kind, the forward limit's batches, the profiles)."""
+    """Interleaved rounds of the three measurements (the run, the forward limit, the renderer alone), then the
+    profiles: (the rounds' measurements, the renderer's kind, the forward limit's batches, the profiles)."""
     manifest_path, manifest = setup_data(args, p, wd)
     cfg = config(p, manifest_path, wd / "cache-x", args.seed, args.loader)
     runtime = build_runtime(cfg.runtime)
     teachers = load_teachers(cfg.teacher_cache, manifest.num_classes, runtime, seed=args.seed)
     group = max(1, cfg.teacher_cache.batch_size // p.num_crops)
     render = make_renderer(cfg.teacher_cache.loader, runtime, [t.preprocess for t in teachers], p.num_crops, group)
-    render_kind = render.kind
     limit_batches = max(5, min(40, p.stage1_images * p.num_crops // p.stage1_batch // 3))
-    runs = measure_rounds(args, p, rounds, wd, manifest_path, manifest, teachers, runtime, render, render_kind, cfg,
-                          limit_batches)
+    runs = {"run": [], "limit": [], "render": []}
+    for r in range(rounds):
+        out = wd / f"cache-{r}"
+        res = timed_run(config(p, manifest_path, out, args.seed, args.loader))
+        shutil.rmtree(out, ignore_errors=True)
+        runs["run"].append(res)
+        print(f"  round {r + 1}: teacher-cache run     {res['crops_per_s'] or 0:>9.1f} crops/s steady, "
+              f"{res['command_crops_per_s']:.1f} command figure (load {res['load1']})", flush=True)
+        res = forward_limit(teachers, runtime, p.stage1_batch, limit_batches)
+        runs["limit"].append(res)
+        print(f"  round {r + 1}: ensemble forward      {res['crops_per_s']:>9.1f} crops/s (load {res['load1']})",
+              flush=True)
+        res = render_only(render, cfg, manifest, group, runtime.num_workers)
+        runs["render"].append(res)
+        print(f"  round {r + 1}: render only ({render.kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
+              f"(load {res['load1']})", flush=True)
     extra = {} if args.no_profile else measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime,
-                                                        render, cfg, on_gpu)
+                                                        render, cfg, group, on_gpu)
+    render_kind = render.kind
     del teachers, render
     gc.collect()
     return runs, render_kind, limit_batches, extra
@@ -252,8 +241,7 @@ def report(table_rows: list[dict], targets: dict, render_kind: str, extra: dict)
     for key, title in (("profile_run_main_thread", "run(cfg), main thread"),
                        ("profile_render_one_thread", f"{render_kind} renderer called synchronously")):
         if key in extra:
-            print(f"\ncProfile, {title}, top 10 by own time:\n")
-            print(profile_table(extra[key]))
+            print(profile_table(title, extra[key]))
     if extra.get("cuda_syncs_per_batch"):
         print(f"\nCUDA synchronisations per forward batch: {extra['cuda_syncs_per_batch']}")
     return table

@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_stage2.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import sys
@@ -20,8 +19,8 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
-    LimitedLoader, Timer, add_common_args, announce, count_cuda_syncs, finish, image_dataset, loadavg,
-    markdown_table, median_of, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
+    LimitedLoader, Timer, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table, median_of,
+    names, perf_parser, profile_table, profile_top, resolve_preset, subset_manifest, sync, synthetic_cache,
     timed_epoch, workdir,
 )
 from common.cache_storage import restore_targets
@@ -131,26 +130,22 @@ def render_anatomy(manifest, cache_path: Path, size: int, interpolation: str, im
         t3 = time.perf_counter()
         for key, dt in zip(t, (t1 - t0, t2 - t1, t3 - t2)):
             t[key] += dt
-    n = len(ids)
-    ms = {f"{k}_ms": 1000 * v / n for k, v in t.items()}
-    ms["images"] = n
-    ms["mean_file_kb"] = float(manifest.file_bytes[ids].mean() / 1024)
-    ms["mean_pixels"] = float((manifest.widths[ids].astype(np.int64) * manifest.heights[ids]).mean())
-    return ms
+    return {**{f"{k}_ms": 1000 * v / len(ids) for k, v in t.items()}, "images": len(ids),
+            "mean_file_kb": float(manifest.file_bytes[ids].mean() / 1024),
+            "mean_pixels": float((manifest.widths[ids].astype(np.int64) * manifest.heights[ids]).mean())}
 
 
 # --------------------------------------------------------------------------- main
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = perf_parser(__doc__)
     parser.add_argument("--images", type=int, default=None, help="training images (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from the steady-state clock")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds over all rows (default 3, quick 1); "
                         "each row reports its median round")
-    parser.add_argument("--loaders", default=None, help="comma list of stage 2 loaders to measure: dali,torch "
+    parser.add_argument("--loaders", type=names, default=None, help="comma list of stage 2 loaders to measure: dali,torch "
                         "(default: dali and torch on CPU, the auto choice on CUDA)")
     parser.add_argument("--online-steps", type=int, default=None, help="steps of the online rows (default: all; gpu: 40)")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile run and the render anatomy")
@@ -164,12 +159,9 @@ def parse_args(argv):
     steps = p.stage2_images // p.stage2_batch
     args.warmup = args.warmup if args.warmup is not None else max(1, min(5, steps // 6))
     args.rounds = args.rounds or (1 if args.quick else 3)
-    if args.loaders:
-        args.loaders = [s.strip() for s in args.loaders.split(",") if s.strip()]
-    elif on_gpu:
-        args.loaders = ["auto"]
-    else:
-        args.loaders = (["dali"] if dali_available() else []) + ([] if args.quick and dali_available() else ["torch"])
+    if not args.loaders:
+        args.loaders = ["auto"] if on_gpu else (
+            (["dali"] if dali_available() else []) + ([] if args.quick and dali_available() else ["torch"]))
     args.online_steps = args.online_steps or (min(steps, 40) if on_gpu else None)
     return args, p, on_gpu
 
@@ -219,27 +211,6 @@ def setup_rows(args, p, wd, manifest_path, val_path, cache) -> tuple[list[dict],
     return rows, distill_jobs
 
 
-def measure_rounds(args, rows_spec: list[dict], distill_jobs: dict) -> dict:
-    """Every row warmed once (allocator, autotuning, thread pools), then interleaved rounds; the rows' runs
-    go into ``rows_spec``, the loader-only runs are returned by loader kind."""
-    for spec in rows_spec:
-        timed_epoch(spec["job"], 0, warmup=0, max_steps=2)
-    loader_runs = {kind: [] for kind in distill_jobs}
-    for r in range(args.rounds):
-        for spec in rows_spec:
-            res = timed_epoch(spec["job"], r, args.warmup, spec["max_steps"])
-            spec["runs"].append(res)
-            print(f"  round {r + 1}: {spec['mode']:<22} {spec['loader']:<6} {res['img_per_s']:>8.1f} img/s, "
-                  f"CPU ms/img: main thread {res['main_cpu_ms_per_img']:.2f}, process "
-                  f"{res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
-        for kind, job in distill_jobs.items():
-            res = loader_only(job.train_loader, args.warmup, job.runtime.device)
-            loader_runs[kind].append(res)
-            print(f"  round {r + 1}: loader only (distill)  {kind:<6} {res['img_per_s']:>8.1f} img/s, "
-                  f"CPU ms/img: process {res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
-    return loader_runs
-
-
 def measure_profiles(args, job, manifest, cache: Path, on_gpu: bool) -> dict:
     """Where the time goes: cProfile of the distill loop (main thread), render cost per image, CUDA syncs."""
     extra = {}
@@ -257,10 +228,25 @@ def measure_profiles(args, job, manifest, cache: Path, on_gpu: bool) -> dict:
 
 
 def measure(args, p, wd: Path, on_gpu: bool) -> tuple[list[dict], dict]:
-    """The table's rows (medians over the rounds) and the profiles."""
+    """Every row warmed once (allocator, autotuning, thread pools), then interleaved rounds: the table's rows
+    (medians over the rounds) and the profiles."""
     manifest_path, manifest, val_path, cache = setup_data(args, p, wd)
     rows_spec, distill_jobs = setup_rows(args, p, wd, manifest_path, val_path, cache)
-    loader_runs = measure_rounds(args, rows_spec, distill_jobs)
+    for spec in rows_spec:
+        timed_epoch(spec["job"], 0, warmup=0, max_steps=2)
+    loader_runs = {kind: [] for kind in distill_jobs}
+    for r in range(args.rounds):
+        for spec in rows_spec:
+            res = timed_epoch(spec["job"], r, args.warmup, spec["max_steps"])
+            spec["runs"].append(res)
+            print(f"  round {r + 1}: {spec['mode']:<22} {spec['loader']:<6} {res['img_per_s']:>8.1f} img/s, "
+                  f"CPU ms/img: main thread {res['main_cpu_ms_per_img']:.2f}, process "
+                  f"{res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
+        for kind, job in distill_jobs.items():
+            res = loader_only(job.train_loader, args.warmup, job.runtime.device)
+            loader_runs[kind].append(res)
+            print(f"  round {r + 1}: loader only (distill)  {kind:<6} {res['img_per_s']:>8.1f} img/s, "
+                  f"CPU ms/img: process {res['process_cpu_ms_per_img']:.2f} (load {res['load1']})", flush=True)
     keys = ("img_per_s", "epoch_img_per_s", "main_cpu_ms_per_img", "process_cpu_ms_per_img", "load1")
     rows = [{"mode": spec["mode"], "loader": spec["loader"], **{k: median_of(spec["runs"], k) for k in keys},
              "img_per_s_rounds": [x["img_per_s"] for x in spec["runs"]], "steps": spec["runs"][0]["steps"],
@@ -320,8 +306,8 @@ def report(rows: list[dict], targets: dict, extra: dict) -> str:
           f"teachers' forward costs {t['teacher_cost_over_student_step']:.2f} x the student's step; judged on "
           f"{t['judged_on']}")
     if extra.get("profile_distill_main_thread"):
-        print(f"\ncProfile, distill loop ({extra['profile_loader']} loader), main thread, top 10 by own time:\n")
-        print(profile_table(extra["profile_distill_main_thread"]))
+        print(profile_table(f"distill loop ({extra['profile_loader']} loader), main thread",
+                            extra["profile_distill_main_thread"]))
     if extra.get("render_anatomy"):
         a = extra["render_anatomy"]
         print(f"\ntorch loader, one thread, per image ({a['images']} images, {a['mean_file_kb']:.0f} KB, "

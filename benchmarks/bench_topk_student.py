@@ -8,7 +8,6 @@ Method, targets and sizing: docs/benchmarks.md, section bench_topk_student.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_fashion_mnist import add_student_args, base_config, fmt, run_json
-from benchmarks.harness import begin, demo_parser, markdown_table, names, publish, report_head, run_header
+from benchmarks.harness import begin, demo_parser, markdown_table, names, publish, report_head, run_header, run_main
 from common.cache_format import CacheReader
 from common.cache_storage import restore_targets
 from stage2_student_distill import experiment as ex
@@ -114,16 +113,15 @@ def main(argv=None) -> int:
         path = args.cache if k == reference.topk else str(wd / f"cache-k{k}")
         if k != reference.topk:
             reduce_topk(args.cache, path, k)
-        reduced = CacheReader(path)
         caches[str(k)] = {"path": path, "bytes_per_crop": cache_info(path)["bytes_per_crop"],
-                          **fidelity(reference, reduced)}
+                          **fidelity(reference, CacheReader(path))}
         print(f"k = {k}: {caches[str(k)]}", flush=True)
 
     students: dict[str, dict] = {}
+    names = ([f"k{k}" for k in args.ks] if "topk" in args.variants else []) + (
+        ["hard"] if "hard" in args.variants else [])
     for seed in args.seeds:
         runs = {}
-        names = ([f"k{k}" for k in args.ks] if "topk" in args.variants else []) + \
-                (["hard"] if "hard" in args.variants else [])
         for name in names:
             run = ex.ModelRun("hard" if name == "hard" else "cached", args.student, wd / f"seed{seed}" / name,
                               args.student_epochs, "" if name == "hard" else caches[name[1:]]["path"],
@@ -141,9 +139,9 @@ def main(argv=None) -> int:
         "caches": caches,
         "students": students,
     }
-    publish("topk_student", payload, args.out, report(payload), args.doc, "bench_topk_student")
+    publish("topk_student", payload, args.out, report(payload), args.doc)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -101,7 +102,10 @@ def demo_parser(doc: str):
     return p, cfg
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+def perf_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a performance benchmark (``doc``: its module docstring), with the flags they all take."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="gpu: real teachers/student, bf16; cpu: tiny timm models (default: gpu if CUDA)")
     add_quick_arg(parser)
@@ -111,12 +115,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: the preset's; cpu: 1, gpu: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def add_quick_arg(parser: argparse.ArgumentParser, help: str = "smoke run (< 60 s)",
                   where: str = "JSON under benchmarks/results/quick/") -> None:
     """The one smoke-run flag of every benchmark (``--smoke`` is the same flag); each benchmark maps it to its
-    own small sizes. Its JSON goes to benchmarks/results/quick/ (git-ignored), never over a recorded full run."""
+    own small sizes."""
     parser.add_argument("--quick", "--smoke", dest="quick", action="store_true",
                         help=f"{help}; {where}")
 
@@ -157,8 +162,44 @@ def module_command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def child_args(args: argparse.Namespace, preset: Preset) -> list[str]:
+    """The flags a performance benchmark passes on to its child processes: its preset, seed and --threads."""
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    return ["--preset", preset.name, "--seed", str(args.seed), *threads]
+
+
+def run_child(cmd: Sequence[str], what: str, **kwargs: Any) -> tuple[Any, float, float]:
+    """Runs ``cmd`` in the repository root, its output captured: (the finished process, its wall seconds, the
+    1-minute load average before it). A failure prints the ends of its output and exits, naming ``what``."""
+    import subprocess
+
+    load = loadavg()[0]
+    with Timer() as t:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, **kwargs)
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
+        raise SystemExit(f"{what} failed ({proc.returncode})")
+    return proc, t.seconds, load
+
+
 def say(msg: str) -> None:
     print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def figure(path: Path, figsize: tuple[float, float], dpi: int) -> Iterator[Any]:
+    """The axes of a new matplotlib figure (no display needed), laid out and saved as ``path`` at the end."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    yield ax
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def run_steps(keys: Sequence[str], step: Callable[[str], Any], module: str, argv: Sequence[str], jobs: int,
@@ -314,18 +355,23 @@ def disk_usage(path: Path) -> dict[str, int]:
     """Apparent bytes (sum of st_size, like `du --apparent-size -s -B1`) and allocated bytes
     (sum of st_blocks * 512, like `du -s -B1`), directories included as du counts them.
     Small files are rounded up to the filesystem block (4 KiB here), so the two can differ a lot."""
-    apparent = allocated = files = 0
-    for root, dirs, names in os.walk(path):
-        for name in [*dirs, *names]:
-            st = os.lstat(os.path.join(root, name))
-            apparent += st.st_size
-            allocated += st.st_blocks * 512
-            files += name in names
-    st = os.lstat(path)
-    return {"apparent": apparent + st.st_size, "allocated": allocated + st.st_blocks * 512, "files": files}
+    entries = [Path(path), *Path(path).rglob("*")]
+    stats = [entry.lstat() for entry in entries]
+    return {"apparent": sum(st.st_size for st in stats), "allocated": sum(st.st_blocks * 512 for st in stats),
+            "files": sum(not entry.is_dir() for entry in entries)}
 
 
 # --------------------------------------------------------------------------- synthetic images
+
+
+def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, chunksize: int = 1) -> None:
+    """``fn`` on every job: here with one worker, else in that many processes."""
+    if workers <= 1:
+        for job in jobs:
+            fn(job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(fn, jobs, chunksize=chunksize))
 
 
 def _image_size(rng: np.random.Generator, sizes: tuple[int, int]) -> tuple[int, int]:
@@ -361,13 +407,7 @@ def make_image_tree(root: Path, num_images: int, num_classes: int, sizes: tuple[
         folder.mkdir(parents=True, exist_ok=True)
         w, h = _image_size(rng, sizes)
         jobs.append((str(folder / f"img{i:06d}.jpg"), w, h, seed * 1_000_003 + i))
-    workers = workers or max(1, min(16, os.cpu_count() or 1))
-    if workers == 1:
-        for job in jobs:
-            _write_one(job)
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_one, jobs, chunksize=32))
+    run_jobs(_write_one, jobs, workers or max(1, min(16, os.cpu_count() or 1)), chunksize=32)
     return root
 
 
@@ -471,12 +511,8 @@ def synthetic_cache(path: Path, manifest, num_crops: int, topk: int, images_per_
                                   images_per_shard, seed)
     S = CacheWriter(path, attrs).layout.num_shards  # creates the arrays and attributes
     widths, heights = np.asarray(manifest.widths), np.asarray(manifest.heights)
-    jobs = [(str(path), attrs, widths, heights, list(range(w, S, workers)), seed) for w in range(workers)]
-    if workers <= 1:
-        _write_shards(jobs[0])
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_shards, jobs))
+    run_jobs(_write_shards, [(str(path), attrs, widths, heights, list(range(w, S, workers)), seed)
+                             for w in range(workers)], workers)
     return path
 
 
@@ -516,13 +552,13 @@ def write_results(name: str, payload: dict[str, Any], out: str | None = None, qu
     return path
 
 
-def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str, doc_section: str) -> Path:
+def publish(name: str, payload: dict[str, Any], out: str | None, section: str, doc: str, tag: str = "") -> Path:
     """The end of an accuracy benchmark: its JSON written, its report printed and put in the marked
-    section ``doc_section`` of ``doc`` ('' = no document)."""
+    section ``bench_NAME`` (``bench_NAME[TAG]`` with a ``tag``) of ``doc`` ('' = no document)."""
     path = write_results(name, payload, out)
     print("\n" + section + f"\nJSON: {path}", flush=True)
     if doc:
-        update_marked_section(Path(doc), section, doc_section)
+        update_marked_section(Path(doc), section, f"bench_{name}" + (f"[{tag}]" if tag else ""))
         print(f"markdown section updated in {doc}")
     return path
 
@@ -613,9 +649,11 @@ def profile_top(fn: Callable[[], Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["tottime_s"], reverse=True)[:10]
 
 
-def profile_table(rows: Iterable[dict[str, Any]]) -> str:
-    return markdown_table(list(rows), [("function", "function"), ("calls", "calls"), ("tottime_s", "tottime s"),
-                                       ("tottime_pct", "% of main-thread time"), ("cumtime_s", "cumtime s")])
+def profile_table(title: str, rows: Iterable[dict[str, Any]]) -> str:
+    """``profile_top``'s rows under a heading that names what was profiled."""
+    return f"\ncProfile, {title}, top 10 by own time:\n\n" + markdown_table(list(rows), [
+        ("function", "function"), ("calls", "calls"), ("tottime_s", "tottime s"),
+        ("tottime_pct", "% of main-thread time"), ("cumtime_s", "cumtime s")])
 
 
 class Timer:
@@ -641,8 +679,6 @@ class LimitedLoader:
         return self.steps
 
     def epoch(self, epoch: int):
-        import itertools
-
         with contextlib.closing(self.loader.epoch(epoch)) as batches:
             yield from itertools.islice(batches, self.steps)
 
@@ -693,14 +729,12 @@ class TimedLoader(LimitedLoader):
 
 def timed_epoch(job, epoch: int, warmup: int, max_steps: int | None = None) -> dict[str, Any]:
     """Run the project's ``train_one_epoch`` on ``job`` (from ``train.setup``) through a :class:`TimedLoader`."""
-    import dataclasses
-
     from stage2_student_distill.train import train_one_epoch
 
     timed = TimedLoader(job.train_loader, warmup, job.runtime.device, max_steps)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
-    out = train_one_epoch(dataclasses.replace(job, train_loader=timed), epoch)
+    out = train_one_epoch(replace(job, train_loader=timed), epoch)
     seconds = time.perf_counter() - t0
     main_cpu, proc_cpu = timed.cpu_ms_per_img
     return {"img_per_s": timed.img_per_s, "epoch_img_per_s": out["img_per_s"], "steps": len(timed),

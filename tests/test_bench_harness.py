@@ -17,9 +17,7 @@ from stage1_teacher_cache.label_agreement import record_label_agreement
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser()
-    harness.add_common_args(p)
-    return p
+    return harness.perf_parser("")
 
 
 @pytest.mark.parametrize("flag", ["--quick", "--smoke"])
