@@ -35,7 +35,6 @@ from stage2_student_distill.plan import shard_local_share
 # would need. Target: reader >= 10x consumption, so target lookup is never the
 # bottleneck (and leaves the CPU to JPEG decoding, which is the real one).
 ASSUMED_CONSUMPTION = {"resnet50_1xH100": 3_000, "resnet50_8xH100": 24_000}
-TARGET_RATIO = 10.0
 
 
 # --------------------------------------------------------------------------- synthetic soft labels

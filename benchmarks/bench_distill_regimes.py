@@ -129,14 +129,8 @@ class Step:
 
     @property
     def key(self) -> str:
-        parts = [self.kind, self.name]
-        if self.seed is not None:
-            parts.append(f"seed{self.seed}")
-        if self.C is not None:
-            parts.append(f"C{self.C}")
-        if self.w is not None:
-            parts.append(f"w{self.w:g}")
-        return ":".join(parts)
+        tags = (("seed", self.seed), ("C", self.C), ("w", None if self.w is None else f"{self.w:g}"))
+        return ":".join([self.kind, self.name, *(f"{tag}{value}" for tag, value in tags if value is not None)])
 
     @classmethod
     def parse(cls, key: str) -> "Step":
@@ -358,7 +352,6 @@ class Grid:
         self.steps_dir = Path(getattr(args, "steps_dir", None) or self.wd / "steps")
         self.steps_dir.mkdir(parents=True, exist_ok=True)
         self.teacher_specs = {t.name: t for r in regimes for t in r.teachers}
-        self.base = None  # the config, built on first use (the plan and the report need none)
 
     # ---- the record of finished steps
 
