@@ -732,15 +732,14 @@ def timed_epoch(job, epoch: int, warmup: int, max_steps: int | None = None) -> d
     from stage2_student_distill.train import train_one_epoch
 
     timed = TimedLoader(job.train_loader, warmup, job.runtime.device, max_steps)
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    out = train_one_epoch(replace(job, train_loader=timed), epoch)
-    seconds = time.perf_counter() - t0
+    load = loadavg()[0]
+    with Timer() as t:
+        out = train_one_epoch(replace(job, train_loader=timed), epoch)
     main_cpu, proc_cpu = timed.cpu_ms_per_img
     return {"img_per_s": timed.img_per_s, "epoch_img_per_s": out["img_per_s"], "steps": len(timed),
             "main_cpu_ms_per_img": main_cpu, "process_cpu_ms_per_img": proc_cpu,
-            "warmup_steps": warmup, "timed_images": timed.images, "epoch_s": seconds,
-            "losses": out["losses"], "load1": round(load0, 2)}
+            "warmup_steps": warmup, "timed_images": timed.images, "epoch_s": t.seconds,
+            "losses": out["losses"], "load1": load}
 
 
 # --------------------------------------------------------------------------- CUDA synchronisation points
