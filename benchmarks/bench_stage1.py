@@ -139,28 +139,6 @@ def setup_data(args, p, wd: Path):
     return manifest_path, manifest
 
 
-def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, render, cfg, group, on_gpu) -> dict:
-    """Where the time goes: cProfile of the run and of the renderer; CUDA syncs of one forward batch."""
-    extra = {}
-    if not args.quick:
-        out = wd / "cache-profile"
-        extra["profile_run_main_thread"] = profile_top(
-            lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)))
-        shutil.rmtree(out, ignore_errors=True)
-    jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
-    extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs])
-    if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
-        host = random_views(teachers, p.stage1_batch)
-        dev = [v.to(runtime.device) for v in host]
-        extra["cuda_syncs_per_batch"] = {
-            "host_views (torch renderer)": count_cuda_syncs(
-                lambda: ensemble_topk(teacher_probs(teachers, host, runtime), p.topk)),
-            "device_views (DALI renderer)": count_cuda_syncs(
-                lambda: ensemble_topk(teacher_probs(teachers, dev, runtime), p.topk)),
-        }
-    return extra
-
-
 def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, dict]:
     """Interleaved rounds of the three measurements (the run, the forward limit, the renderer alone), then the
     profiles: (the rounds' measurements, the renderer's kind, the forward limit's batches, the profiles)."""
@@ -187,8 +165,24 @@ def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, di
         runs["render"].append(res)
         print(f"  round {r + 1}: render only ({render.kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
               f"(load {res['load1']})", flush=True)
-    extra = {} if args.no_profile else measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime,
-                                                        render, cfg, group, on_gpu)
+    extra = {}
+    if not args.no_profile:  # where the time goes: cProfile of the run and of the renderer; CUDA syncs
+        if not args.quick:
+            out = wd / "cache-profile"
+            extra["profile_run_main_thread"] = profile_top(
+                lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)))
+            shutil.rmtree(out, ignore_errors=True)
+        jobs = list(render_jobs(cfg, manifest, group, limit_images=8 * group))
+        extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs])
+        if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
+            host = random_views(teachers, p.stage1_batch)
+            dev = [v.to(runtime.device) for v in host]
+            extra["cuda_syncs_per_batch"] = {
+                "host_views (torch renderer)": count_cuda_syncs(
+                    lambda: ensemble_topk(teacher_probs(teachers, host, runtime), p.topk)),
+                "device_views (DALI renderer)": count_cuda_syncs(
+                    lambda: ensemble_topk(teacher_probs(teachers, dev, runtime), p.topk)),
+            }
     render_kind = render.kind
     del teachers, render
     gc.collect()
