@@ -31,7 +31,7 @@ def worker(args) -> None:
     from benchmarks.harness import timed_epoch
     from stage2_student_distill.train import setup
 
-    p = resolve_preset(args, num_workers=1)
+    p = resolve_preset(args, num_workers=1, images_per_shard=args.shard)  # stage 1's shards; stage 2 reads none
     torch.set_num_threads(1)
     wd = Path(args.workdir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -39,12 +39,11 @@ def worker(args) -> None:
     out = {"world_size": world, "loadavg_start": loadavg()}
 
     # stage 1
-    p1 = dataclasses.replace(p, images_per_shard=args.shard)
     from stage1_teacher_cache.run import run
 
     if not args.quick:  # warm-up: page cache, allocator, autotuning
-        run(stage1_config(p1, wd / "s1-warm.parquet", wd / f"w{world}-cache-warm", args.seed))
-    res = timed_run(stage1_config(p1, wd / "s1.parquet", wd / f"w{world}-cache", args.seed))
+        run(stage1_config(p, wd / "s1-warm.parquet", wd / f"w{world}-cache-warm", args.seed))
+    res = timed_run(stage1_config(p, wd / "s1.parquet", wd / f"w{world}-cache", args.seed))
     steady = torch.tensor([res["crops_per_s"] or 0.0, (res["process_cpu_ms_per_crop"] or 0.0) / world],
                           dtype=torch.float64)
     if world > 1:
@@ -70,9 +69,7 @@ def worker(args) -> None:
                 torch.distributed.all_reduce(t[1:2], op=torch.distributed.ReduceOp.MAX)
                 torch.distributed.all_reduce(t[2:])
             results[name].append({**res, "global_img_per_s": float(t[0] / t[1]), "mean_cpu_ms_per_img": float(t[2])})
-    out["stage2"] = results
-    out["stage2_steps_per_rank"] = steps
-    out["loadavg_end"] = loadavg()
+    out.update(stage2=results, stage2_steps_per_rank=steps, loadavg_end=loadavg())
     if rank == 0:
         Path(args.result).write_text(json.dumps(out))
 
