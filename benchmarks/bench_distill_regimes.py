@@ -139,9 +139,9 @@ class Step:
             raise ValueError(f"step key {key!r}: kind must be one of {STEP_KINDS}, then a name")
         fields: dict[str, Any] = {}
         for tag in tags:
-            for prefix, convert, attr in (("seed", int, "seed"), ("C", int, "C"), ("w", float, "w")):
-                if tag.startswith(prefix) and attr not in fields:
-                    fields[attr] = convert(tag[len(prefix):])
+            for field, convert in (("seed", int), ("C", int), ("w", float)):
+                if tag.startswith(field) and field not in fields:
+                    fields[field] = convert(tag[len(field):])
                     break
             else:
                 raise ValueError(f"step key {key!r}: unknown part {tag!r}")
@@ -473,8 +473,7 @@ class Grid:
         """Every phase in order; seed 1 and item 3's regimes decided from the runs before them."""
         self.prepare_data()
         first, caches, seed0, _ = plan_steps(self.regimes)  # seed 0, and seed 1 where a regime always has two
-        done = {**self.run(first), **self.run(caches)}
-        done.update(self.run(seed0))
+        done = {**self.run(first), **self.run(caches), **self.run(seed0)}  # in this order: each needs the one before
         needs_seed1 = {r.name for r in self.regimes if r.always_two_seeds or abs(gain_of(done, r.name, 0)) < 1.0}
         seeds = lambda r: (0, 1) if r.name in needs_seed1 else (0,)  # noqa: E731
         done.update(self.run(plan_steps(self.regimes, seeds)[2]))
