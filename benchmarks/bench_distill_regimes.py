@@ -543,7 +543,7 @@ def outcome(gain: float, tie: float = TIE_POINTS) -> str:
 
 
 def search_rule(rows: Sequence[Mapping[str, Any]], features: Sequence[str] = RELATIVE_FEATURES,
-                max_conditions: int = 2, tie: float = TIE_POINTS) -> Rule:
+                tie: float = TIE_POINTS) -> Rule:
     """The threshold rule on one or two ``features`` that calls the most ``rows`` with a clear outcome right.
 
     ``rows``: {"features": {name: value}, "gain": points}; rows missing a feature or the gain are left out, and
@@ -566,10 +566,8 @@ def search_rule(rows: Sequence[Mapping[str, Any]], features: Sequence[str] = REL
         return min(abs(r["features"][c.feature] - c.threshold) / spans[c.feature] for r in rows for c in conditions)
 
     best, best_score = None, None
-    candidates = [((c,), "and") for c in singles]
-    if max_conditions >= 2:
-        candidates += [((a, b), op) for a, b in itertools.combinations(singles, 2) if a.feature != b.feature
-                       for op in ("and", "or")]
+    candidates = [((c,), "and") for c in singles] + [
+        ((a, b), op) for a, b in itertools.combinations(singles, 2) if a.feature != b.feature for op in ("and", "or")]
     for conditions, op in candidates:
         rule = Rule(conditions, op)
         accuracy = float(np.mean([rule.predicts_gain(r["features"]) == y for r, y in zip(rows, labels)]))
