@@ -102,23 +102,20 @@ def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> 
     d = wd / f"n{n}"
     d.mkdir(parents=True, exist_ok=True)
     root = d / "images"
-    timings = {}
-    with Timer() as t:
+    with Timer() as t_manifest:
         manifest = synthetic_manifest(d / "train.parquet", n, p.num_classes, root, WIDTH, HEIGHT)
-    timings["manifest_s"] = t.seconds
-    with Timer() as t:
+    with Timer() as t_cache:
         synthetic_cache(d / "cache", manifest, 4, 5, 1024, seed=seed, workers=2 if n > 200_000 else 1)
-    timings["cache_s"] = t.seconds
-    with Timer() as t:
+    with Timer() as t_links:
         plan = plan_epoch(n, seed=seed, epoch=0, rank=0, world_size=1, images_per_batch=p.stage2_batch, shuffle=True)
         needed = plan.image_ids[: (steps + 6) * p.stage2_batch]  # + batches the prefetch thread renders ahead
         for i in needed:
             path = root / manifest.paths_fmt.format(int(i) % p.num_classes, int(i))
             path.parent.mkdir(parents=True, exist_ok=True)
             os.link(sources[int(i) % len(sources)], path)
-    timings["links_s"] = t.seconds
-    timings["cache_bytes"] = disk_usage(d / "cache")["allocated"]
-    return {"manifest": manifest.path, "cache": d / "cache", "run_dir": d / "run", **timings}
+    return {"manifest": manifest.path, "cache": d / "cache", "run_dir": d / "run", "manifest_s": t_manifest.seconds,
+            "cache_s": t_cache.seconds, "links_s": t_links.seconds,
+            "cache_bytes": disk_usage(d / "cache")["allocated"]}
 
 
 def main(argv=None) -> int:
