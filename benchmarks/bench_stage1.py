@@ -192,9 +192,8 @@ def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, di
 def summarize(runs: dict, render_kind: str, workers: int, on_gpu: bool) -> tuple[list[dict], dict]:
     """The table's rows (medians over the rounds, x the forward limit) and the targets."""
     def row(label, key, rate_field="crops_per_s"):
-        return {"row": label, "crops_per_s": median_of(runs[key], rate_field), "load1": median_of(runs[key], "load1"),
-                "main_cpu_ms_per_crop": median_of(runs[key], "main_cpu_ms_per_crop"),
-                "process_cpu_ms_per_crop": median_of(runs[key], "process_cpu_ms_per_crop"),
+        return {"row": label, "crops_per_s": median_of(runs[key], rate_field),
+                **{k: median_of(runs[key], k) for k in ("load1", "main_cpu_ms_per_crop", "process_cpu_ms_per_crop")},
                 "rounds": [x[rate_field] for x in runs[key]]}
 
     run_row, limit_row = row("teacher-cache run (steady)", "run"), row("ensemble forward on device tensors (limit)", "limit")
