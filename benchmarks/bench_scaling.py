@@ -153,7 +153,7 @@ def summarize(launches: list[dict]) -> list[dict]:
     rows.sort(key=lambda row: (row["stage"], row["ranks"]))
     one = {row["stage"]: row["rate"] for row in rows if row["ranks"] == 1}
     for row in rows:
-        if row["stage"] in one and one[row["stage"]]:
+        if one.get(row["stage"]):
             row["speedup"] = row["rate"] / one[row["stage"]]
             row["efficiency"] = row["speedup"] / row["ranks"]
     return rows
