@@ -301,8 +301,7 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
     return info
 
 
