@@ -385,12 +385,12 @@ class Grid:
         from stage2_student_distill.app.demo import demo_config
 
         a = self.args
-        base = demo_config(a.config, {
+        return demo_config(a.config, {
             "runtime.device": a.device, "runtime.progress": False, "runtime.num_workers": a.num_workers,
             "optim.log_every": 10**9, "optim.eval_every": 10**6,  # validated after the last epoch only
-            "data.manifest": train_manifest, "data.val_manifest": self.manifest("test", a.val_images)})
-        # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
-        return base.replace(**({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {}))
+            "data.manifest": train_manifest, "data.val_manifest": self.manifest("test", a.val_images),
+            # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
+            **({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {})})
 
     def teachers(self, regime: Regime) -> ex.Teachers:
         return ex.Teachers(tuple(t.arch for t in regime.teachers),
