@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.harness import (
     Timer, announce, child_args, finish, image_dataset, ints, loadavg, markdown_table, median_of, perf_parser,
-    resolve_preset, run_child, subset_manifest, synthetic_cache, workdir,
+    resolve_preset, run_child, say, subset_manifest, synthetic_cache, workdir,
 )
 
 
@@ -112,7 +112,7 @@ def setup_data(args, p, wd: Path) -> None:
         subset_manifest(s2, min(args.s1_images, 2 * args.shard), wd / "s1-warm.parquet")
         if not (wd / "s2-cache").exists():
             synthetic_cache(wd / "s2-cache", s2, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
-    print(f"data in {t.seconds:.1f} s", flush=True)
+    say(f"data in {t.seconds:.1f} s")
 
 
 def launch(args, p, wd: Path, world: int) -> dict:
@@ -129,10 +129,9 @@ def launch(args, p, wd: Path, world: int) -> dict:
     r = json.loads(result.read_text())
     r["launch_s"], r["load1"] = launch_s, load
     s2r = {k: max(x["global_img_per_s"] for x in v) for k, v in r["stage2"].items()}
-    print(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
-          f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
-          f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {launch_s:.0f} s (load {load})",
-          flush=True)
+    say(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
+        f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
+        f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {launch_s:.0f} s (load {load})")
     return r
 
 
