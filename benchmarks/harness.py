@@ -210,9 +210,7 @@ def run_steps(keys: Sequence[str], step: Callable[[str], Any], module: str, argv
     machine a training run uses one core and two runs use both. A child that fails leaves no record and the others
     finish; an interrupt (Ctrl-C, ``kill``) ends the children too, and the next invocation redoes them."""
     if jobs <= 1:
-        for key in keys:
-            step(key)
-        return
+        return run_jobs(step, keys, 1)
     import signal
     import subprocess
 
