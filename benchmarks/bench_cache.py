@@ -378,13 +378,12 @@ def report(res: dict) -> str:
     out.append(md_table(
         ["format", "files", "apparent MB", "allocated MB", "B/crop apparent", "B/crop allocated",
          "ImageNet-1k GB (allocated)", "random read crops/s"],
-        [["Zarr v1", z["files"], f"{z['apparent'] / 1e6:.2f}", f"{z['allocated'] / 1e6:.2f}",
-          f"{z['bytes_per_crop_apparent']:.1f}", f"{z['bytes_per_crop_allocated']:.1f}", f"{z['imagenet_gb']:.2f}",
-          f"{res['read']['random, all shards resident']['crops_per_s']:,.0f}"],
-         ["FKD per-image", f["files"], f"{f['apparent'] / 1e6:.2f}", f"{f['allocated'] / 1e6:.2f}",
-          f"{f['bytes_per_crop_apparent']:.1f}", f"{f['bytes_per_crop_allocated']:.1f}", f"{f['imagenet_gb']:.2f}",
-          f"{f['random']['crops_per_s']:,.0f}"],
-         ["FKD / Zarr", "", f"{f['apparent'] / z['apparent']:.1f}x", f"{f['allocated'] / z['allocated']:.1f}x", "", "", "", ""]]))
+        [[name, v["files"], f"{v['apparent'] / 1e6:.2f}", f"{v['allocated'] / 1e6:.2f}",
+          f"{v['bytes_per_crop_apparent']:.1f}", f"{v['bytes_per_crop_allocated']:.1f}", f"{v['imagenet_gb']:.2f}",
+          f"{random_read['crops_per_s']:,.0f}"]
+         for name, v, random_read in (("Zarr v1", z, res["read"]["random, all shards resident"]),
+                                      ("FKD per-image", f, f["random"]))]
+        + [["FKD / Zarr", "", f"{f['apparent'] / z['apparent']:.1f}x", f"{f['allocated'] / z['allocated']:.1f}x", "", "", "", ""]]))
     return "\n".join(out)
 
 

@@ -35,19 +35,16 @@ SMOKE = {"train_images": 300, "val_images": 200, "teacher_epochs": 1, "student_e
 # --------------------------------------------------------------------------- the record of finished work
 
 
-class Ledger:
-    """WORKDIR/runs.jsonl: one JSON line per finished step (teacher, cache, student run), keyed by ``key``."""
+class Ledger(dict):
+    """WORKDIR/runs.jsonl: one JSON line per finished step (teacher, cache, student run), as a dict by ``key``."""
 
     def __init__(self, path: Path):
-        self.path = path
         lines = path.read_text().splitlines() if path.exists() else []
-        self.rows: dict[str, dict] = {row["key"]: row for row in map(json.loads, filter(str.strip, lines))}
-
-    def get(self, key: str) -> dict | None:
-        return self.rows.get(key)
+        super().__init__((row["key"], row) for row in map(json.loads, filter(str.strip, lines)))
+        self.path = path
 
     def add(self, row: dict) -> dict:
-        self.rows[row["key"]] = row
+        self[row["key"]] = row
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         return row

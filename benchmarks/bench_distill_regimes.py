@@ -139,9 +139,9 @@ class Step:
             raise ValueError(f"step key {key!r}: kind must be one of {STEP_KINDS}, then a name")
         fields: dict[str, Any] = {}
         for tag in tags:
-            for prefix, convert, attr in (("seed", int, "seed"), ("C", int, "C"), ("w", float, "w")):
-                if tag.startswith(prefix) and attr not in fields:
-                    fields[attr] = convert(tag[len(prefix):])
+            for field, convert in (("seed", int), ("C", int), ("w", float)):
+                if tag.startswith(field) and field not in fields:
+                    fields[field] = convert(tag[len(field):])
                     break
             else:
                 raise ValueError(f"step key {key!r}: unknown part {tag!r}")
@@ -385,12 +385,12 @@ class Grid:
         from stage2_student_distill.app.demo import demo_config
 
         a = self.args
-        base = demo_config(a.config, {
+        return demo_config(a.config, {
             "runtime.device": a.device, "runtime.progress": False, "runtime.num_workers": a.num_workers,
             "optim.log_every": 10**9, "optim.eval_every": 10**6,  # validated after the last epoch only
-            "data.manifest": train_manifest, "data.val_manifest": self.manifest("test", a.val_images)})
-        # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
-        return base.replace(**({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {}))
+            "data.manifest": train_manifest, "data.val_manifest": self.manifest("test", a.val_images),
+            # smoke teachers (1 epoch on a few hundred images) may sit at chance: stage 1 would refuse them
+            **({"teacher_cache.min_top1_over_chance": 0.0} if a.smoke else {})})
 
     def teachers(self, regime: Regime) -> ex.Teachers:
         return ex.Teachers(tuple(t.arch for t in regime.teachers),
@@ -473,8 +473,7 @@ class Grid:
         """Every phase in order; seed 1 and item 3's regimes decided from the runs before them."""
         self.prepare_data()
         first, caches, seed0, _ = plan_steps(self.regimes)  # seed 0, and seed 1 where a regime always has two
-        done = {**self.run(first), **self.run(caches)}
-        done.update(self.run(seed0))
+        done = {**self.run(first), **self.run(caches), **self.run(seed0)}  # in this order: each needs the one before
         needs_seed1 = {r.name for r in self.regimes if r.always_two_seeds or abs(gain_of(done, r.name, 0)) < 1.0}
         seeds = lambda r: (0, 1) if r.name in needs_seed1 else (0,)  # noqa: E731
         done.update(self.run(plan_steps(self.regimes, seeds)[2]))
@@ -544,7 +543,7 @@ def outcome(gain: float, tie: float = TIE_POINTS) -> str:
 
 
 def search_rule(rows: Sequence[Mapping[str, Any]], features: Sequence[str] = RELATIVE_FEATURES,
-                max_conditions: int = 2, tie: float = TIE_POINTS) -> Rule:
+                tie: float = TIE_POINTS) -> Rule:
     """The threshold rule on one or two ``features`` that calls the most ``rows`` with a clear outcome right.
 
     ``rows``: {"features": {name: value}, "gain": points}; rows missing a feature or the gain are left out, and
@@ -567,10 +566,8 @@ def search_rule(rows: Sequence[Mapping[str, Any]], features: Sequence[str] = REL
         return min(abs(r["features"][c.feature] - c.threshold) / spans[c.feature] for r in rows for c in conditions)
 
     best, best_score = None, None
-    candidates = [((c,), "and") for c in singles]
-    if max_conditions >= 2:
-        candidates += [((a, b), op) for a, b in itertools.combinations(singles, 2) if a.feature != b.feature
-                       for op in ("and", "or")]
+    candidates = [((c,), "and") for c in singles] + [
+        ((a, b), op) for a, b in itertools.combinations(singles, 2) if a.feature != b.feature for op in ("and", "or")]
     for conditions, op in candidates:
         rule = Rule(conditions, op)
         accuracy = float(np.mean([rule.predicts_gain(r["features"]) == y for r, y in zip(rows, labels)]))

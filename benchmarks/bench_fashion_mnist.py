@@ -34,21 +34,20 @@ def compare_targets(cfg, batches: int) -> dict | None:
     from stage2_student_distill.train import setup
 
     job = setup(cfg, "distill")
-    s = {"samples": 0, "abs_diff_max": 0.0, "abs_diff_sum": 0.0, "kl_sum": 0.0, "argmax_agree": 0}
+    n = agree = 0
+    max_diff = l1 = kl_sum = 0.0
     for batch in LimitedLoader(job.train_loader, batches).epoch(0):
         cached, online = batch.targets.float(), job.targets(batch)
         diff = (cached - online).abs()
         kl = (torch.xlogy(online, online) - online * torch.log(cached.clamp_min(1e-12))).sum(-1)
-        s["samples"] += online.shape[0]
-        s["abs_diff_max"] = max(s["abs_diff_max"], float(diff.max()))
-        s["abs_diff_sum"] += float(diff.sum())
-        s["kl_sum"] += float(kl.sum())
-        s["argmax_agree"] += int((cached.argmax(-1) == online.argmax(-1)).sum())
-    if not s["samples"]:
+        n += online.shape[0]
+        max_diff = max(max_diff, float(diff.max()))
+        l1 += float(diff.sum())
+        kl_sum += float(kl.sum())
+        agree += int((cached.argmax(-1) == online.argmax(-1)).sum())
+    if not n:
         return None
-    n = s["samples"]
-    return {"samples": n, "abs_diff_max": s["abs_diff_max"], "mean_l1": s["abs_diff_sum"] / n,
-            "mean_kl": s["kl_sum"] / n, "argmax_agree": s["argmax_agree"] / n}
+    return {"samples": n, "abs_diff_max": max_diff, "mean_l1": l1 / n, "mean_kl": kl_sum / n, "argmax_agree": agree / n}
 
 
 # --------------------------------------------------------------------------- steps

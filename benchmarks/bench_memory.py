@@ -50,9 +50,8 @@ def child(args) -> None:
         "optim.img_size": p.student_size, "optim.loader": args.loader,
         "distill.student": p.student, "distill.cache": args.cache, "distill.out": args.run_dir,
     })
-    t0 = time.perf_counter()
-    job = setup(cfg, "distill")
-    assembled_s = time.perf_counter() - t0
+    with Timer() as assembly:
+        job = setup(cfg, "distill")
     phases["job_assembled"] = rss_bytes()
     params = sum(x.numel() * x.element_size() for model in (job.student, job.discriminator) if model is not None
                  for x in unwrap(model).parameters())
@@ -80,7 +79,7 @@ def child(args) -> None:
     print(json.dumps({
         "images": manifest.num_images, "phases": phases, "ru_maxrss": usage.ru_maxrss * 1024,
         "param_bytes": params, "model_state_bytes": 3 * params,  # weights + grads + momentum (SGD)
-        "assemble_s": assembled_s, "first_batch_s": first.get("s"), "img_per_s": res["img_per_s"],
+        "assemble_s": assembly.seconds, "first_batch_s": first.get("s"), "img_per_s": res["img_per_s"],
         "steps": res["steps"], "index_bytes": index_bytes, "loader": job.train_loader.kind,
     }))
 
@@ -90,11 +89,10 @@ def child_manifest(args) -> None:
     from common.manifest import load_manifest
 
     before = rss_bytes()
-    t0 = time.perf_counter()
-    m = load_manifest(args.manifest)
-    seconds = time.perf_counter() - t0
+    with Timer() as t:
+        m = load_manifest(args.manifest)
     after = rss_bytes()
-    print(json.dumps({"images": m.num_images, "before": before, "after": after, "seconds": seconds}))
+    print(json.dumps({"images": m.num_images, "before": before, "after": after, "seconds": t.seconds}))
 
 
 def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> dict:
@@ -104,23 +102,20 @@ def prepare(wd: Path, n: int, p, steps: int, seed: int, sources: list[Path]) -> 
     d = wd / f"n{n}"
     d.mkdir(parents=True, exist_ok=True)
     root = d / "images"
-    timings = {}
-    with Timer() as t:
+    with Timer() as t_manifest:
         manifest = synthetic_manifest(d / "train.parquet", n, p.num_classes, root, WIDTH, HEIGHT)
-    timings["manifest_s"] = t.seconds
-    with Timer() as t:
+    with Timer() as t_cache:
         synthetic_cache(d / "cache", manifest, 4, 5, 1024, seed=seed, workers=2 if n > 200_000 else 1)
-    timings["cache_s"] = t.seconds
-    with Timer() as t:
+    with Timer() as t_links:
         plan = plan_epoch(n, seed=seed, epoch=0, rank=0, world_size=1, images_per_batch=p.stage2_batch, shuffle=True)
         needed = plan.image_ids[: (steps + 6) * p.stage2_batch]  # + batches the prefetch thread renders ahead
         for i in needed:
             path = root / manifest.paths_fmt.format(int(i) % p.num_classes, int(i))
             path.parent.mkdir(parents=True, exist_ok=True)
             os.link(sources[int(i) % len(sources)], path)
-    timings["links_s"] = t.seconds
-    timings["cache_bytes"] = disk_usage(d / "cache")["allocated"]
-    return {"manifest": manifest.path, "cache": d / "cache", "run_dir": d / "run", **timings}
+    return {"manifest": manifest.path, "cache": d / "cache", "run_dir": d / "run", "manifest_s": t_manifest.seconds,
+            "cache_s": t_cache.seconds, "links_s": t_links.seconds,
+            "cache_bytes": disk_usage(d / "cache")["allocated"]}
 
 
 def main(argv=None) -> int:
@@ -203,14 +198,10 @@ def main(argv=None) -> int:
     imagenet_peak = base["peak_rss_mb"] + (slope or 0) * (IMAGENET_TRAIN_IMAGES - base["images"]) / MB
     # C=4, k=5 -> C=10, k=10: the per-epoch gathered rows (boxes 16 B + flip 1 + k*(2+2) B per used crop, m=1)
     # grow by 20 B per image; the crop permutation keys (C float64 + C int64 per image) by 96 B.
-    extra_per_image = 20 + 16 * (10 - 4)
-    verdict = {
-        "bytes_per_image": slope,
-        "imagenet_peak_mb": imagenet_peak,
-        "imagenet_peak_mb_c10_k10": imagenet_peak + extra_per_image * IMAGENET_TRAIN_IMAGES / MB,
-        "limit_mb": 4096 + base["model_state_mb"],
-        "met": imagenet_peak + extra_per_image * IMAGENET_TRAIN_IMAGES / MB <= 4096 + base["model_state_mb"],
-    }
+    peak_c10_k10 = imagenet_peak + (20 + 16 * (10 - 4)) * IMAGENET_TRAIN_IMAGES / MB
+    limit = 4096 + base["model_state_mb"]
+    verdict = {"bytes_per_image": slope, "imagenet_peak_mb": imagenet_peak, "imagenet_peak_mb_c10_k10": peak_c10_k10,
+               "limit_mb": limit, "met": peak_c10_k10 <= limit}
     table = markdown_table(rows, [("images", "images"), ("peak_rss_mb", "peak RSS MB"), ("growth_mb", "growth vs smallest MB"),
                                   ("after_imports_mb", "after imports MB"),
                                   ("peak_by_job_assembled_mb", "peak by end of Job assembly MB"),

@@ -74,8 +74,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     for regime in REGIMES:
-        stats_rng = np.random.default_rng(args.seed)
-        full = teacher_softmaxes(stats_rng, args.crops, args.classes, 4, regime).mean(0)
+        full = teacher_softmaxes(np.random.default_rng(args.seed), args.crops, args.classes, 4, regime).mean(0)
         print(f"\n### {regime} ensemble: mean top-1 probability {full.max(-1).mean():.2f}, "
               f"entropy {-(full * np.log(full)).sum(-1).mean():.2f} nats ({args.crops} crops, {args.classes} classes)")
         for name, split in SPLITS.items():

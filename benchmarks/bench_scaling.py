@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.harness import (
     Timer, announce, child_args, finish, image_dataset, ints, loadavg, markdown_table, median_of, perf_parser,
-    resolve_preset, run_child, subset_manifest, synthetic_cache, workdir,
+    resolve_preset, run_child, say, subset_manifest, synthetic_cache, workdir,
 )
 
 
@@ -31,7 +31,7 @@ def worker(args) -> None:
     from benchmarks.harness import timed_epoch
     from stage2_student_distill.train import setup
 
-    p = resolve_preset(args, num_workers=1)
+    p = resolve_preset(args, num_workers=1, images_per_shard=args.shard)  # stage 1's shards; stage 2 reads none
     torch.set_num_threads(1)
     wd = Path(args.workdir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -39,12 +39,11 @@ def worker(args) -> None:
     out = {"world_size": world, "loadavg_start": loadavg()}
 
     # stage 1
-    p1 = dataclasses.replace(p, images_per_shard=args.shard)
     from stage1_teacher_cache.run import run
 
     if not args.quick:  # warm-up: page cache, allocator, autotuning
-        run(stage1_config(p1, wd / "s1-warm.parquet", wd / f"w{world}-cache-warm", args.seed))
-    res = timed_run(stage1_config(p1, wd / "s1.parquet", wd / f"w{world}-cache", args.seed))
+        run(stage1_config(p, wd / "s1-warm.parquet", wd / f"w{world}-cache-warm", args.seed))
+    res = timed_run(stage1_config(p, wd / "s1.parquet", wd / f"w{world}-cache", args.seed))
     steady = torch.tensor([res["crops_per_s"] or 0.0, (res["process_cpu_ms_per_crop"] or 0.0) / world],
                           dtype=torch.float64)
     if world > 1:
@@ -70,9 +69,7 @@ def worker(args) -> None:
                 torch.distributed.all_reduce(t[1:2], op=torch.distributed.ReduceOp.MAX)
                 torch.distributed.all_reduce(t[2:])
             results[name].append({**res, "global_img_per_s": float(t[0] / t[1]), "mean_cpu_ms_per_img": float(t[2])})
-    out["stage2"] = results
-    out["stage2_steps_per_rank"] = steps
-    out["loadavg_end"] = loadavg()
+    out.update(stage2=results, stage2_steps_per_rank=steps, loadavg_end=loadavg())
     if rank == 0:
         Path(args.result).write_text(json.dumps(out))
 
@@ -115,7 +112,7 @@ def setup_data(args, p, wd: Path) -> None:
         subset_manifest(s2, min(args.s1_images, 2 * args.shard), wd / "s1-warm.parquet")
         if not (wd / "s2-cache").exists():
             synthetic_cache(wd / "s2-cache", s2, p.num_crops, p.topk, p.images_per_shard, seed=args.seed)
-    print(f"data in {t.seconds:.1f} s", flush=True)
+    say(f"data in {t.seconds:.1f} s")
 
 
 def launch(args, p, wd: Path, world: int) -> dict:
@@ -132,10 +129,9 @@ def launch(args, p, wd: Path, world: int) -> dict:
     r = json.loads(result.read_text())
     r["launch_s"], r["load1"] = launch_s, load
     s2r = {k: max(x["global_img_per_s"] for x in v) for k, v in r["stage2"].items()}
-    print(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
-          f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
-          f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {launch_s:.0f} s (load {load})",
-          flush=True)
+    say(f"  {world} rank(s): stage 1 {r['stage1']['command_crops_per_s']:.1f} crops/s (command), "
+        f"{r['stage1']['sum_steady_crops_per_s']:.1f} steady; stage 2 distill {s2r['distill']:.1f} img/s, "
+        f"compute limit (DDP) {s2r['compute limit (DDP)']:.1f} img/s; launch {launch_s:.0f} s (load {load})")
     return r
 
 
@@ -156,7 +152,7 @@ def summarize(launches: list[dict]) -> list[dict]:
     rows.sort(key=lambda row: (row["stage"], row["ranks"]))
     one = {row["stage"]: row["rate"] for row in rows if row["ranks"] == 1}
     for row in rows:
-        if row["stage"] in one and one[row["stage"]]:
+        if one.get(row["stage"]):
             row["speedup"] = row["rate"] / one[row["stage"]]
             row["efficiency"] = row["speedup"] / row["ranks"]
     return rows

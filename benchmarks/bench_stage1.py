@@ -19,7 +19,7 @@ import torch
 import stage1_teacher_cache.run as s1
 from benchmarks.harness import (
     Timer, announce, count_cuda_syncs, finish, image_dataset, loadavg, markdown_table, median_of, perf_parser,
-    profile_table, profile_top, resolve_preset, subset_manifest, sync, workdir,
+    profile_table, profile_top, resolve_preset, say, subset_manifest, sync, workdir,
 )
 from common.config import load_config
 from common.runtime import build_runtime
@@ -131,34 +131,12 @@ def setup_data(args, p, wd: Path):
         manifest_path, manifest = image_dataset(wd, f"s1-{p.stage1_images}", p.stage1_images,
                                                 min(p.num_classes, p.stage1_images), sizes=p.image_sizes, seed=args.seed)
         warm_path = subset_manifest(manifest, min(manifest.num_images, 2 * p.images_per_shard), wd / "warm.parquet")
-    print(f"data: {manifest.num_images} JPEGs ({manifest.file_bytes.mean() / 1024:.0f} KB mean, "
-          f"{(manifest.widths.astype(float) * manifest.heights).mean() / 1e3:.0f} kpixel) + manifest in "
-          f"{t_data.seconds:.1f} s", flush=True)
+    say(f"data: {manifest.num_images} JPEGs ({manifest.file_bytes.mean() / 1024:.0f} KB mean, "
+        f"{(manifest.widths.astype(float) * manifest.heights).mean() / 1e3:.0f} kpixel) + manifest in "
+        f"{t_data.seconds:.1f} s")
     s1.run(config(p, warm_path, wd / "cache-warm", args.seed, args.loader))
     shutil.rmtree(wd / "cache-warm", ignore_errors=True)
     return manifest_path, manifest
-
-
-def measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime, render, cfg, group, on_gpu) -> dict:
-    """Where the time goes: cProfile of the run and of the renderer; CUDA syncs of one forward batch."""
-    extra = {}
-    if not args.quick:
-        out = wd / "cache-profile"
-        extra["profile_run_main_thread"] = profile_top(
-            lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)))
-        shutil.rmtree(out, ignore_errors=True)
-    jobs = list(render_jobs(cfg, manifest, group, limit_images=min(manifest.num_images, 8 * group)))
-    extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs])
-    if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
-        host = random_views(teachers, p.stage1_batch)
-        dev = [v.to(runtime.device) for v in host]
-        extra["cuda_syncs_per_batch"] = {
-            "host_views (torch renderer)": count_cuda_syncs(
-                lambda: ensemble_topk(teacher_probs(teachers, host, runtime), p.topk)),
-            "device_views (DALI renderer)": count_cuda_syncs(
-                lambda: ensemble_topk(teacher_probs(teachers, dev, runtime), p.topk)),
-        }
-    return extra
 
 
 def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, dict]:
@@ -177,18 +155,33 @@ def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, di
         res = timed_run(config(p, manifest_path, out, args.seed, args.loader))
         shutil.rmtree(out, ignore_errors=True)
         runs["run"].append(res)
-        print(f"  round {r + 1}: teacher-cache run     {res['crops_per_s'] or 0:>9.1f} crops/s steady, "
-              f"{res['command_crops_per_s']:.1f} command figure (load {res['load1']})", flush=True)
+        say(f"  round {r + 1}: teacher-cache run     {res['crops_per_s'] or 0:>9.1f} crops/s steady, "
+            f"{res['command_crops_per_s']:.1f} command figure (load {res['load1']})")
         res = forward_limit(teachers, runtime, p.stage1_batch, limit_batches)
         runs["limit"].append(res)
-        print(f"  round {r + 1}: ensemble forward      {res['crops_per_s']:>9.1f} crops/s (load {res['load1']})",
-              flush=True)
+        say(f"  round {r + 1}: ensemble forward      {res['crops_per_s']:>9.1f} crops/s (load {res['load1']})")
         res = render_only(render, cfg, manifest, group, runtime.num_workers)
         runs["render"].append(res)
-        print(f"  round {r + 1}: render only ({render.kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
-              f"(load {res['load1']})", flush=True)
-    extra = {} if args.no_profile else measure_profiles(args, p, wd, manifest_path, manifest, teachers, runtime,
-                                                        render, cfg, group, on_gpu)
+        say(f"  round {r + 1}: render only ({render.kind:<5})  {res['crops_per_s']:>9.1f} crops/s "
+            f"(load {res['load1']})")
+    extra = {}
+    if not args.no_profile:  # where the time goes: cProfile of the run and of the renderer; CUDA syncs
+        if not args.quick:
+            out = wd / "cache-profile"
+            extra["profile_run_main_thread"] = profile_top(
+                lambda: s1.run(config(p, manifest_path, out, args.seed, args.loader)))
+            shutil.rmtree(out, ignore_errors=True)
+        jobs = list(render_jobs(cfg, manifest, group, limit_images=8 * group))
+        extra["profile_render_one_thread"] = profile_top(lambda: [render(*job) for job in jobs])
+        if on_gpu:  # host<->device synchronisations of one forward batch (as run() makes it)
+            host = random_views(teachers, p.stage1_batch)
+            dev = [v.to(runtime.device) for v in host]
+            extra["cuda_syncs_per_batch"] = {
+                "host_views (torch renderer)": count_cuda_syncs(
+                    lambda: ensemble_topk(teacher_probs(teachers, host, runtime), p.topk)),
+                "device_views (DALI renderer)": count_cuda_syncs(
+                    lambda: ensemble_topk(teacher_probs(teachers, dev, runtime), p.topk)),
+            }
     render_kind = render.kind
     del teachers, render
     gc.collect()
@@ -198,9 +191,8 @@ def measure(args, p, rounds, wd: Path, on_gpu: bool) -> tuple[dict, str, int, di
 def summarize(runs: dict, render_kind: str, workers: int, on_gpu: bool) -> tuple[list[dict], dict]:
     """The table's rows (medians over the rounds, x the forward limit) and the targets."""
     def row(label, key, rate_field="crops_per_s"):
-        return {"row": label, "crops_per_s": median_of(runs[key], rate_field), "load1": median_of(runs[key], "load1"),
-                "main_cpu_ms_per_crop": median_of(runs[key], "main_cpu_ms_per_crop"),
-                "process_cpu_ms_per_crop": median_of(runs[key], "process_cpu_ms_per_crop"),
+        return {"row": label, "crops_per_s": median_of(runs[key], rate_field),
+                **{k: median_of(runs[key], k) for k in ("load1", "main_cpu_ms_per_crop", "process_cpu_ms_per_crop")},
                 "rounds": [x[rate_field] for x in runs[key]]}
 
     run_row, limit_row = row("teacher-cache run (steady)", "run"), row("ensemble forward on device tensors (limit)", "limit")

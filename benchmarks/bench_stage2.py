@@ -262,10 +262,8 @@ def measure(args, p, wd: Path, on_gpu: bool) -> tuple[list[dict], dict]:
 
 def summarize(rows: list[dict], on_gpu: bool) -> dict:
     """Each row against the compute limit and online MEAL V2 (added to the rows); the targets."""
-    def find(mode, loader=None):
-        return next(r for r in rows if r["mode"] == mode and (loader is None or r["loader"] == loader))
-
-    limit, online, online_limit = find("compute limit", "-"), find("online MEAL V2"), find("online compute limit", "-")
+    by_mode = {r["mode"]: r for r in rows}  # these three modes have one row each
+    limit, online, online_limit = by_mode["compute limit"], by_mode["online MEAL V2"], by_mode["online compute limit"]
     for r in rows:
         r["x_compute_limit"] = r["img_per_s"] / limit["img_per_s"]
         r["x_online"] = r["img_per_s"] / online["img_per_s"]

@@ -210,9 +210,7 @@ def run_steps(keys: Sequence[str], step: Callable[[str], Any], module: str, argv
     machine a training run uses one core and two runs use both. A child that fails leaves no record and the others
     finish; an interrupt (Ctrl-C, ``kill``) ends the children too, and the next invocation redoes them."""
     if jobs <= 1:
-        for key in keys:
-            step(key)
-        return
+        return run_jobs(step, keys, 1)
     import signal
     import subprocess
 
@@ -301,8 +299,7 @@ def machine_info() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_count"] = torch.cuda.device_count()
+        info.update(gpu=torch.cuda.get_device_name(0), gpu_count=torch.cuda.device_count())
     return info
 
 
@@ -732,15 +729,14 @@ def timed_epoch(job, epoch: int, warmup: int, max_steps: int | None = None) -> d
     from stage2_student_distill.train import train_one_epoch
 
     timed = TimedLoader(job.train_loader, warmup, job.runtime.device, max_steps)
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    out = train_one_epoch(replace(job, train_loader=timed), epoch)
-    seconds = time.perf_counter() - t0
+    load = loadavg()[0]
+    with Timer() as t:
+        out = train_one_epoch(replace(job, train_loader=timed), epoch)
     main_cpu, proc_cpu = timed.cpu_ms_per_img
     return {"img_per_s": timed.img_per_s, "epoch_img_per_s": out["img_per_s"], "steps": len(timed),
             "main_cpu_ms_per_img": main_cpu, "process_cpu_ms_per_img": proc_cpu,
-            "warmup_steps": warmup, "timed_images": timed.images, "epoch_s": seconds,
-            "losses": out["losses"], "load1": round(load0, 2)}
+            "warmup_steps": warmup, "timed_images": timed.images, "epoch_s": t.seconds,
+            "losses": out["losses"], "load1": load}
 
 
 # --------------------------------------------------------------------------- CUDA synchronisation points
