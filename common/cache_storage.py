@@ -18,16 +18,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from common.errors import PipelineError
+from common.errors import CacheError  # noqa: F401  (the cache modules' error, raised here and re-exported)
 from common.runtime import to_device
 
 RESIDUAL_RULE = "uniform"
 PROB_DTYPE = "float16"
 MASS_TOLERANCE = 1e-2  # float16 top-k rounded down sums to <= 1; allow for other writers' rounding
-
-
-class CacheError(PipelineError):
-    """The cache is missing, incomplete, damaged or does not match its inputs."""
 
 
 # Describe the source's arrays only: a cache made from another recomputes them (label_agreement) or

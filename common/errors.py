@@ -40,6 +40,11 @@ class ConfigError(PipelineError):
     so that the modules config.py reads, such as common/recipes.py, can raise it without importing config)."""
 
 
+class CacheError(PipelineError):
+    """The cache is missing, incomplete, damaged or does not match its inputs (here, not with the cache's
+    code, so that readers of a cache's records, such as stage 1's teacher_eval, raise it without torch)."""
+
+
 def wrapped_user_error(e: BaseException) -> bool:
     """Whether ``e`` is a DataLoader worker's re-raise of one of our errors under another type."""
     header = _WORKER_HEADER.match(str(e))

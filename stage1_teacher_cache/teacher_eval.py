@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from common.errors import shown
+from common.errors import CacheError, shown
 
 
 def summarize_hits(names: Sequence[str], hits: np.ndarray, num_images: int, num_classes: int,
@@ -77,11 +77,9 @@ def finite_number(x: Any) -> bool:
 
 
 def unreadable_record(where: str, key: str, value: Any,
-                      remedy: str = "score the teachers again (teacher-cache --evaluate-teachers)") -> Exception:
+                      remedy: str = "score the teachers again (teacher-cache --evaluate-teachers)") -> CacheError:
     """The one-line CacheError for a figure of a stored record (``where``: file and attribute) that is not as
     stage 1 writes it; ``remedy`` says how to get a true one."""
-    from common.cache_storage import CacheError  # here: it brings torch, which reading a record does not need
-
     return CacheError(f"{where}.{key}: {shown(value)} is not a figure as stage 1 writes it; this record was not "
                       f"written by this tool: {remedy}")
 
