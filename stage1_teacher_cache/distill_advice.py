@@ -103,11 +103,13 @@ def short_epochs(epochs: int) -> int:
 
 def advise(ensemble: float | None, agreement: float | None, short_hard: float | None, epochs: int,
            rule: Rule = MEASURED_RULE, where: str = "") -> Advice:
-    """The rule's call on these figures (percent; None where unknown), with what to print.
+    """The rule's call on these figures (percent; None where unknown, and a ``short_hard`` of 0:
+    ``distill.hard_label_top1``'s "not measured"), with what to print.
 
     ``epochs``: the distillation's E (the short run is ``short_epochs(E)``); ``where``: the images the
     ensemble was scored on, for the message ("on 10000 images of val.parquet").
     """
+    short_hard = short_hard or None
     f = features_of(ensemble, agreement, short_hard)
     sources = {"ensemble": "the ensemble's top-1 (teacher-cache --evaluate-teachers VAL_MANIFEST)",
                "agreement": "the cache's label agreement (stage 1 computes it where images are labelled)",
@@ -153,7 +155,7 @@ def advise_from_cache(attrs: Mapping[str, Any], short_hard: float | None, epochs
     evaluation = read_teacher_eval(attrs.get("teacher_eval"), f"{where}: zarr.json: teacher_eval")
     agreement = read_label_agreement(attrs.get("label_agreement"), f"{where}: zarr.json: label_agreement")
     return advise((evaluation or {}).get("ensemble", {}).get("top1"), (agreement or {}).get("crops_pct"),
-                  short_hard or None, epochs, where=scored_on(evaluation))
+                  short_hard, epochs, where=scored_on(evaluation))
 
 
 def crop_replays(epochs: int, crops_per_image: int, num_crops: int) -> float:

@@ -233,7 +233,7 @@ def check_before_caching(cfg: Config, train: Manifest, teachers: list[Teacher], 
         for warning in ensemble_warnings(result):  # a weak ensemble is worth a warning, not a refusal
             print(f"warning: {warning}", file=sys.stderr)
         # before the cache is paid for: the measured rule needs only the ensemble and a short hard-label run
-        advice = advise(result["ensemble"]["top1"], None, cfg.distill.hard_label_top1 or None, cfg.optim.epochs,
+        advice = advise(result["ensemble"]["top1"], None, cfg.distill.hard_label_top1, cfg.optim.epochs,
                         where=scored_on(result))
         for line in advice.lines:
             print(line, file=sys.stderr)

@@ -203,6 +203,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     """One pass over ``job.train_loader``; loss sums stay on the device except on log steps."""
     cfg, rt, objective, scaler = job.cfg, job.runtime, job.objective, job.scaler
     optimizers = list(job.optimizers.values())
+    base_lrs = [(o, o.defaults["lr"]) for o in optimizers]  # each one's lr as built; the schedule scales it
     job.student.train()
     if job.discriminator is not None:
         job.discriminator.train()
@@ -218,7 +219,7 @@ def train_one_epoch(job: Job, epoch: int) -> dict[str, Any]:
     watch = NonFiniteWatch(rt.device, loss_scaling=scaler.is_enabled())
     for step, batch in enumerate(job.train_loader.epoch(epoch)):
         clock.fetched()
-        set_learning_rates([(o, o.defaults["lr"]) for o in optimizers], lr_factor(cfg.optim, epoch, step, steps))
+        set_learning_rates(base_lrs, lr_factor(cfg.optim, epoch, step, steps))
         rng = np.random.default_rng([cfg.runtime.seed, epoch, step, rt.rank])
         images, targets = cutmix(batch.images, job.targets(batch), job.cutmix_prob, job.cutmix_alpha, rng)
 
@@ -462,7 +463,7 @@ def _setup_distill(cfg: Config, held: contextlib.ExitStack) -> Job:
     run_dir = _take_run_dir(held, d.out, cfg, d.resume, result_tables(cfg.to_dict()), runtime)
     # The cache's figures against the measured rule (docs/teachers.md), read on every rank: a forged figure then
     # stops every rank with the same one-line error instead of rank 0 alone. Printed once.
-    advice = distill_start_lines(cache.attrs, d.hard_label_top1 or None, cfg.optim.epochs, d.crops_per_image,
+    advice = distill_start_lines(cache.attrs, d.hard_label_top1, cfg.optim.epochs, d.crops_per_image,
                                  cache.num_crops, cache.path) if cache is not None else []
     if runtime.is_main:
         for line in advice:
