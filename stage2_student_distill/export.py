@@ -165,3 +165,11 @@ def export_onnx(
             os.replace(f, out.parent / f.name)
     return {"out": str(out), "format": "onnx", "max_abs_diff": max_diff, "external_data": external,
             "opset": program.model.graph.opset_imports.get("")}
+
+
+def run_export(loaded: LoadedModel, out: str | os.PathLike, fmt: str | None = None, opset: int | None = None,
+               rtol: float = 1e-3, atol: float = 1e-4) -> dict[str, Any]:
+    """`pipeline export`: ``loaded`` written as ``fmt`` (or the format ``out``'s suffix names)."""
+    if infer_format(out, fmt) == "onnx":
+        return export_onnx(loaded, out, opset=opset, rtol=rtol, atol=atol)
+    return export_safetensors(loaded, out)

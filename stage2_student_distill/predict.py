@@ -126,6 +126,24 @@ def predict(
     return out
 
 
+def run_predict(
+    images: Sequence[str | os.PathLike],
+    checkpoint: str | os.PathLike | None = None,
+    hub: str | None = None,
+    hub_weights: str | os.PathLike | None = None,
+    manifest: str | os.PathLike | None = None,
+    topk: int = 5,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> list[Prediction]:
+    """`pipeline predict`: the images checked, the model loaded, the top-k classes of each image."""
+    if not images:
+        raise PredictError("no images given")
+    check_images(images)
+    loaded = load_model(checkpoint, hub, hub_weights, device)
+    return predict(loaded, images, class_names(loaded, manifest), topk, batch_size)
+
+
 def format_predictions(predictions: Sequence[Prediction]) -> str:
     lines = []
     for pred in predictions:

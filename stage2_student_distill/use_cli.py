@@ -47,15 +47,14 @@ def predict_command(ctx: click.Context, images, checkpoint, hub_name, hub_weight
     1000-class models.
     """
     from common.runtime import build_runtime
-    from stage2_student_distill.predict import check_images, class_names, format_predictions, load_model, predict
+    from stage2_student_distill.predict import format_predictions, run_predict
 
     _one_model(checkpoint, hub_name, hub_weights)
     cfg = resolve_config(ctx, {"runtime__device": runtime__device})
     with user_errors():
         device = build_runtime(cfg.runtime, init_distributed=False).device  # ConfigError: e.g. no CUDA
-        check_images(images)
-        loaded = load_model(checkpoint, hub_name, hub_weights, device)
-        predictions = predict(loaded, images, class_names(loaded, manifest), topk, batch_size)
+        predictions = run_predict(images, checkpoint=checkpoint, hub=hub_name, hub_weights=hub_weights,
+                                  manifest=manifest, topk=topk, batch_size=batch_size, device=device)
     click.echo(json.dumps([p.to_dict() for p in predictions], indent=2) if as_json else format_predictions(predictions))
 
 
@@ -74,17 +73,14 @@ def export_command(checkpoint, hub_name, hub_weights, fmt, out, opset, rtol, ato
     The ONNX file is checked against PyTorch with onnxruntime before it is
     written; a mismatch beyond the tolerances fails the command.
     """
-    from stage2_student_distill.export import export_onnx, export_safetensors, infer_format
+    from stage2_student_distill.export import infer_format, run_export
     from stage2_student_distill.predict import load_model
 
     _one_model(checkpoint, hub_name, hub_weights)
     with user_errors():
-        fmt = infer_format(out, fmt)  # fail on a bad --out before loading the model
+        infer_format(out, fmt)  # fail on a bad --out before loading the model
         loaded = load_model(checkpoint, hub_name, hub_weights, device="cpu")
-        if fmt == "onnx":
-            result = export_onnx(loaded, out, opset=opset, rtol=rtol, atol=atol)
-        else:
-            result = export_safetensors(loaded, out)
+        result = run_export(loaded, out, fmt=fmt, opset=opset, rtol=rtol, atol=atol)
     meta, pre = loaded.meta, loaded.preprocess
     line = (f"wrote {result['out']} ({result['format']}): {meta['model']}, {meta['num_classes']} classes, "
             f"input {pre.input_size}px")
